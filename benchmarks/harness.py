@@ -1,0 +1,217 @@
+"""The harness every benchmark script shares.
+
+- ``parse_args``: common flags (``--smoke`` for tiny sizes, ``--device``, ``--output``).
+- ``measure_ceilings``: the device's ceilings measured in the same run: a large copy in
+  GB/s (read + write counted) and a large matmul in TFLOP/s (bf16 on CUDA, fp32 on CPU).
+- ``time_ms``: median milliseconds; on CUDA ``triton.testing.do_bench`` (warm-up, the L2
+  cache flushed between repetitions); on CPU a perf-counter median over repetitions. Pass
+  several argument sets and the calls rotate through them, so a small working set does not
+  sit in cache between calls.
+- ``Record`` / ``write_results``: one JSON per run in ``benchmarks/results/`` with the
+  device, torch/triton/CUDA versions, git commit, and each figure with its roofline
+  fraction and its ratio to the best peer measured in the same run.
+
+Scripts run as ``python benchmarks/bench_<op>.py [--smoke]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, a few repetitions: checks the script runs (CI); figures mean nothing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="folder for the results JSON")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if not args.smoke and args.device == "cpu":
+        print("note: running on CPU; these figures are CPU timings, not GPU ones")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[..., Any], arg_sets: Sequence[tuple] = ((),), *, device: torch.device | str,
+            warmup: int = 25, rep: int = 100, smoke: bool = False) -> float:
+    """Median time in milliseconds of ``fn(*args)``, rotating through ``arg_sets``."""
+    device = torch.device(device)
+    counter = iter(range(1 << 62))
+
+    def call() -> Any:
+        return fn(*arg_sets[next(counter) % len(arg_sets)])
+
+    if smoke:
+        warmup, rep = 1, 3
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(call, warmup=warmup, rep=rep, return_mode="median"))
+    for _ in range(max(1, warmup // 10)):
+        call()
+    samples = []
+    for _ in range(max(3, rep // 10)):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def measure_ceilings(device: torch.device | str, smoke: bool = False) -> dict[str, float]:
+    """Copy bandwidth (GB/s, read + write) and matmul throughput (TFLOP/s) measured now."""
+    device = torch.device(device)
+    numel = (1 << 20) if smoke else (1 << 28 if device.type == "cuda" else 1 << 25)
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device=device, smoke=smoke)
+    copy_gbps = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3) / 1e9
+    n = 256 if smoke else (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms = time_ms(lambda: a @ b, device=device, smoke=smoke)
+    tflops = 2 * n**3 / (mm_ms * 1e-3) / 1e12
+    return {"copy_gbps": copy_gbps, "matmul_tflops": tflops, "matmul_dtype": str(dtype).removeprefix("torch.")}
+
+
+@dataclasses.dataclass
+class Record:
+    """One measured figure: ``name`` (the case), ``provider`` (fastmim-triton, eager, compile, ...)."""
+
+    name: str
+    provider: str
+    ms: float
+    shape: dict[str, Any]
+    bytes_moved: float | None = None
+    flops: float | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gbps: float | None = None
+    tflops: float | None = None
+    roofline_fraction: float | None = None
+    speedup_vs_best_peer: float | None = None
+    best_peer: str | None = None
+
+    def finish(self, ceilings: dict[str, float]) -> None:
+        seconds = self.ms * 1e-3
+        if self.bytes_moved is not None:
+            self.gbps = self.bytes_moved / seconds / 1e9
+            self.roofline_fraction = self.gbps / ceilings["copy_gbps"]
+        if self.flops is not None:
+            self.tflops = self.flops / seconds / 1e12
+            flop_fraction = self.tflops / ceilings["matmul_tflops"]
+            if self.roofline_fraction is None or flop_fraction > self.roofline_fraction:
+                self.roofline_fraction = flop_fraction
+
+
+def compare_to_peers(records: list[Record], ours_prefix: str = "fastmim") -> None:
+    """Fill ``speedup_vs_best_peer`` of each fastmim record: best peer time / our time, per case."""
+    by_case: dict[str, list[Record]] = {}
+    for record in records:
+        by_case.setdefault(record.name, []).append(record)
+    for case in by_case.values():
+        peers = [r for r in case if not r.provider.startswith(ours_prefix)]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r.ms)
+        for record in case:
+            if record.provider.startswith(ours_prefix):
+                record.speedup_vs_best_peer = best.ms / record.ms
+                record.best_peer = best.provider
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton is optional on some CPU platforms
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=Path(__file__).resolve().parent).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        device_name = f"CPU {device_name} ({torch.get_num_threads()} threads)"
+    return {
+        "device": device_name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit,
+        "commit_dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(bench: str, records: list[Record], ceilings: dict[str, float], args: argparse.Namespace,
+                  notes: str = "") -> Path:
+    """Finish every record, write the run's JSON and print a table; returns the JSON's path."""
+    for record in records:
+        record.finish(ceilings)
+    compare_to_peers(records)
+    env = environment(args.device)
+    kind = "smoke" if args.smoke else ("measured-gpu" if env["device_type"] == "cuda" else "measured-cpu")
+    payload = {
+        "benchmark": bench,
+        "kind": kind,
+        "environment": env,
+        "ceilings": ceilings,
+        "notes": notes,
+        "records": [dataclasses.asdict(r) for r in records],
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    stamp = env["date"].replace(":", "").replace("-", "")[:15]
+    path = args.output / f"{bench}-{kind}-{env['device_type']}-{stamp}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    print(format_table(records))
+    print(f"[{kind}] {env['device']}  copy {ceilings['copy_gbps']:.1f} GB/s  "
+          f"matmul {ceilings['matmul_tflops']:.2f} TFLOP/s  -> {path}")
+    return path
+
+
+def format_table(records: list[Record]) -> str:
+    header = "| case | provider | ms (median) | GB/s | TFLOP/s | roofline | vs best peer |"
+    lines = [header, "|" + "---|" * 7]
+    for r in records:
+        lines.append(
+            f"| {r.name} | {r.provider} | {r.ms:.4f} | {_fmt(r.gbps, '.1f')} | {_fmt(r.tflops, '.2f')} | "
+            f"{_fmt(r.roofline_fraction, '.1%')} | "
+            + (f"{r.speedup_vs_best_peer:.2f}x vs {r.best_peer}" if r.speedup_vs_best_peer else "") + " |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)

@@ -1,0 +1,10 @@
+"""The public fused ops of fastmim.
+
+Each op has a plain-PyTorch reference (the definition of its result), a Triton kernel for
+CUDA tensors, and optionally a compiled csrc kernel; :mod:`fastmim.ops._dispatch` picks one
+per call (``FASTMIM_BACKEND`` or :func:`use_backend` force one).
+"""
+
+from fastmim.ops._dispatch import BACKENDS, backend_status, forced_backend, select_backend, use_backend
+
+__all__ = ["BACKENDS", "backend_status", "forced_backend", "select_backend", "use_backend"]

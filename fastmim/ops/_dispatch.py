@@ -1,0 +1,130 @@
+"""Backend selection for the fused ops.
+
+Every op in ``fastmim.ops`` has up to three implementations:
+
+- ``reference``: plain PyTorch, the definition of the result; runs anywhere.
+- ``triton``: the Triton kernels in ``fastmim/kernels/``; CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before triton was imported (how the test suite runs them).
+- ``csrc``: the compiled extension ``fastmim._C`` (CPU C++ and CUDA), when it was built.
+
+Default choice per call: a CUDA tensor goes to the op's preferred GPU backend (Triton unless
+benchmarks showed csrc winning for that op); a CPU tensor goes to the op's preferred CPU
+backend (csrc where built and implemented, else the reference). ``FASTMIM_BACKEND`` (or
+:func:`use_backend`) forces one backend for every op that implements it; ops that do not
+implement the forced backend keep their default, so forcing ``csrc`` never disables the
+attention kernels. Forcing a backend that cannot run here raises ``RuntimeError`` naming why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+BACKENDS = ("reference", "triton", "csrc")
+
+_forced: str | None = None
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # an import of triton can fail in many ways on odd machines
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.cache
+def _csrc_import_error() -> str | None:
+    if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
+        return "disabled by FASTMIM_NO_EXT=1"
+    try:
+        from fastmim.ops import _csrc
+    except ImportError as exc:
+        return f"fastmim._C loader missing ({exc})"
+    return _csrc.load_error()
+
+
+def backend_status(device: torch.device | str | None = None) -> dict[str, str | None]:
+    """Map each backend to ``None`` if it can run on ``device`` here, else to the reason why not.
+
+    ``device`` defaults to CUDA when available, else CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    status: dict[str, str | None] = {"reference": None}
+    triton_error = _triton_import_error()
+    if triton_error is None and device.type == "cuda" and not torch.cuda.is_available():
+        triton_error = "no CUDA device"
+    if triton_error is None and device.type == "cpu" and not triton_interpret():
+        triton_error = "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+    if triton_error is None and device.type not in ("cpu", "cuda"):
+        triton_error = f"device type {device.type!r} is not supported"
+    status["triton"] = triton_error
+    csrc_error = _csrc_import_error()
+    if csrc_error is None and device.type == "cuda":
+        from fastmim.ops import _csrc
+
+        if not _csrc.has_cuda():
+            csrc_error = "fastmim._C was built without CUDA"
+    status["csrc"] = csrc_error
+    return status
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or ``FASTMIM_BACKEND``, if any."""
+    backend = _forced or os.environ.get("FASTMIM_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"FASTMIM_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """Force ``backend`` for the ops called inside the block (``None`` restores the default)."""
+    global _forced
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    previous, _forced = _forced, backend
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def select_backend(
+    op: str,
+    device: torch.device,
+    implemented: Sequence[str] = ("reference", "triton"),
+    prefer_cuda: Sequence[str] = ("triton",),
+    prefer_cpu: Sequence[str] = ("reference",),
+) -> str:
+    """Pick the backend that runs ``op`` on ``device``.
+
+    ``implemented`` lists the backends the op has; ``prefer_cuda`` / ``prefer_cpu`` list, best
+    first, the backends to try by default on each device type (the reference is always the
+    last resort).
+    """
+    forced = forced_backend()
+    if forced is not None and forced in implemented:
+        reason = backend_status(device)[forced]
+        if reason is not None:
+            raise RuntimeError(f"fastmim op {op!r}: backend {forced!r} was forced but is unavailable: {reason}")
+        return forced
+    status = backend_status(device)
+    preferred = prefer_cuda if device.type == "cuda" else prefer_cpu
+    for backend in preferred:
+        if backend in implemented and status[backend] is None:
+            return backend
+    return "reference"

@@ -1,0 +1,63 @@
+"""Helpers for comparing a fast path with its reference (used by fastmim's tests).
+
+The rule: relative error ``||out - ref|| / ||ref||`` (Frobenius norm, computed in float64)
+against a per-dtype tolerance; outputs are poisoned with NaN before the fast path runs so a
+kernel that skips an element cannot pass by inheriting a correct value.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Tolerances on the relative error of a whole tensor. They sit a small factor above the
+# rounding error of one pass through the dtype (bf16 has 8 mantissa bits, fp16 11), so an
+# off-by-one index or a missing term (errors of order 1) cannot hide under them.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (0 when both are zero; inf if ``out`` has NaN)."""
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: got {tuple(out.shape)}, expected {tuple(ref.shape)}")
+    if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+        return float("inf")
+    denom = ref.norm().item()
+    num = (out - ref).norm().item()
+    if denom == 0.0:
+        return num
+    return num / denom
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None,
+                     tol: float | None = None, name: str = "output") -> None:
+    """Assert the relative error of ``out`` against ``ref`` is within the tolerance of ``dtype``."""
+    if tol is None:
+        tol = TOLERANCES[dtype if dtype is not None else out.dtype]
+    err = rel_error(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} exceeds tolerance {tol:.1e} ({out.dtype})"
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``t`` filled with NaN (or the dtype's max for integers)."""
+    if t.dtype.is_floating_point:
+        return torch.full_like(t, float("nan"))
+    return torch.full_like(t, torch.iinfo(t.dtype).max)
+
+
+def kernel_devices() -> list[str]:
+    """Devices the Triton kernels can be tested on here: CUDA if present, CPU under the interpreter."""
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        devices.append("cpu")
+    return devices

@@ -1,0 +1,32 @@
+"""Test configuration: Triton kernels run through the interpreter on CPU, natively on CUDA.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is decided here, at
+collection start. With a GPU the kernels run on it and tests marked ``cuda`` run too;
+``pytest -m cuda`` runs only those.
+"""
+
+import os
+import sys
+
+if "triton" in sys.modules:  # pragma: no cover - a plugin imported triton before us
+    raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")
+
+import torch  # noqa: E402  (torch does not import triton at import time)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
