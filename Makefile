@@ -1,0 +1,13 @@
+# The two commands of the README. Both set up the environment first (scripts/env.sh).
+.PHONY: demo test bench-smoke lint
+
+# A short MAE pretraining run on the bundled dataset (CPU: a few minutes), with plots.
+demo:
+	scripts/env.sh fastmim train --method mae --data default --output runs/demo
+
+# The whole test suite (Triton kernels through the interpreter on CPU; natively with a GPU).
+test:
+	scripts/env.sh python -m pytest
+
+lint:
+	scripts/env.sh ruff check fastmim tests benchmarks

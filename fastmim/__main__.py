@@ -1,0 +1,5 @@
+import sys
+
+from fastmim.cli import main
+
+sys.exit(main())
