@@ -1,0 +1,56 @@
+"""fastmim's models: thin modules on timm blocks that call the fused ops.
+
+- :func:`create_model` (``method``, ``preset``, ``**overrides``) builds any registered method
+  (:func:`list_methods`) at any preset size (:func:`list_presets`).
+- :class:`MaskedAutoencoderViT`: a drop-in for the official MAE model (``models_mae.py``).
+- :class:`SupervisedMIM`: a classifier ViT trained jointly with a shallow MIM decoder.
+"""
+
+from fastmim.models.mae import (
+    MaskedAutoencoderViT,
+    PackedTokens,
+    encoder_state_dict_for_timm,
+    load_encoder_into_timm,
+    mae_vit_base_patch16,
+    mae_vit_base_patch16_dec512d8b,
+    mae_vit_huge_patch14,
+    mae_vit_huge_patch14_dec512d8b,
+    mae_vit_large_patch16,
+    mae_vit_large_patch16_dec512d8b,
+)
+from fastmim.models.presets import (
+    DEFAULT_PRESET,
+    PRESETS,
+    ViTPreset,
+    create_model,
+    get_preset,
+    list_methods,
+    list_presets,
+    register_method,
+)
+from fastmim.models.vit import Attention, Block, get_2d_sincos_pos_embed, set_attn_backend
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "Attention",
+    "Block",
+    "MaskedAutoencoderViT",
+    "PackedTokens",
+    "ViTPreset",
+    "create_model",
+    "encoder_state_dict_for_timm",
+    "get_2d_sincos_pos_embed",
+    "get_preset",
+    "list_methods",
+    "list_presets",
+    "load_encoder_into_timm",
+    "mae_vit_base_patch16",
+    "mae_vit_base_patch16_dec512d8b",
+    "mae_vit_huge_patch14",
+    "mae_vit_huge_patch14_dec512d8b",
+    "mae_vit_large_patch16",
+    "mae_vit_large_patch16_dec512d8b",
+    "register_method",
+    "set_attn_backend",
+]

@@ -1,0 +1,518 @@
+"""MAE (He et al., 2021): a drop-in for the official ``models_mae.py`` with fastmim's fused ops.
+
+:class:`MaskedAutoencoderViT` keeps the official constructor arguments and defaults, the
+method names (``patchify``, ``unpatchify``, ``random_masking``, ``forward_encoder``,
+``forward_decoder``, ``forward_loss``, ``forward``), ``forward(imgs, mask_ratio=0.75) ->
+(loss, pred, mask)`` and the ``state_dict`` keys and shapes, so official checkpoints load
+and official training scripts run unchanged. What it adds:
+
+- ``fused=True`` (default): masking, the visible-token gather, the decoder's un-shuffle and
+  the loss are fastmim ops (``random_masking``, ``gather_visible``, ``unshuffle``,
+  ``masked_patch_mse``) and attention goes to ``attn_backend``. ``fused=False`` runs the
+  official plain-PyTorch steps. Both compute the same function; with the same ``noise`` they
+  give the same loss.
+- ``pred_masked_only=True``: the decoder's output projection and the loss see the masked
+  tokens only; ``pred`` is then ``(B, L - K, p*p*C)``, the masked patches in increasing
+  patch index (``pred`` fills ``mask.bool()`` in order). Same loss.
+- a per-sample mask ratio (a sequence of ``B`` floats): the encoder runs on packed
+  variable-length sequences (``cu_seqlens``), no padding.
+- ``encode(imgs)``: features of the unmasked image for k-NN / linear probing.
+- :func:`load_encoder_into_timm`: the encoder into a timm ``VisionTransformer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from fastmim.models.presets import ViTPreset, register_method
+from fastmim.models.vit import (
+    Block,
+    PatchEmbed,
+    check_images,
+    check_mask_ratio,
+    check_patch_grid,
+    get_2d_sincos_pos_embed,
+    init_mae_weights,
+)
+
+
+class PackedTokens(NamedTuple):
+    """Variable-length token sequences packed along one axis.
+
+    ``tokens``: ``(total, D)``, sequence ``s`` at rows ``cu_seqlens[s]:cu_seqlens[s + 1]``
+    (each one cls token then that sample's visible tokens); ``max_seqlen``: the longest, a
+    Python int; ``index``: ``(total,)`` row of each token in the ``(B * (L + 1))`` flattened
+    shuffled sequence (``[cls, ids_shuffle...]`` per sample); ``lengths``: each sequence's
+    length on the host.
+    """
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    index: torch.Tensor
+    lengths: tuple[int, ...]
+
+
+class _Masking(NamedTuple):
+    ids_keep: torch.Tensor | None  # (B, K): dense only
+    ids_restore: torch.Tensor  # (B, L)
+    mask: torch.Tensor  # (B, L) float, 1 = removed
+    ids_shuffle: torch.Tensor | None  # (B, L) when known
+    num_visible: list[int] | None  # per sample, packed only
+
+
+def _num_visible(num_patches: int, mask_ratio: float) -> int:
+    keep = int(num_patches * (1 - mask_ratio))
+    if keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
+    return keep
+
+
+def _normalize_mask_ratio(mask_ratio: Any, batch: int) -> float | list[float]:
+    """A float, or one float per sample (a sequence or a 1-D tensor, read on the host)."""
+    if isinstance(mask_ratio, torch.Tensor):
+        if mask_ratio.dim() == 0:
+            return check_mask_ratio(float(mask_ratio))
+        mask_ratio = mask_ratio.detach().cpu().tolist()
+    if isinstance(mask_ratio, Sequence) and not isinstance(mask_ratio, str):
+        if len(mask_ratio) != batch:
+            raise ValueError(f"a per-sample mask_ratio must have one value per image ({batch}), got {len(mask_ratio)}")
+        return [check_mask_ratio(r, "mask_ratio[i]") for r in mask_ratio]
+    return check_mask_ratio(mask_ratio)
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked autoencoder with a ViT backbone (official MAE arguments, plus fastmim's options).
+
+    Args (official): ``img_size, patch_size, in_chans, embed_dim, depth, num_heads,
+    decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer,
+    norm_pix_loss`` with the official defaults (ViT-L encoder, 512x8 decoder, ``nn.LayerNorm``
+    with eps 1e-5: the factories pass eps 1e-6).
+
+    Args (fastmim, keyword only): ``fused`` (fastmim ops vs the official plain steps),
+    ``attn_backend`` (``"fastmim" | "sdpa" | "xformers" | "reference" | None``; ``None``
+    lets fastmim choose when fused, SDPA otherwise), ``pred_masked_only``, ``drop_path_rate``.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
+                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
+                 mlp_ratio: float = 4., norm_layer: type[nn.Module] = nn.LayerNorm, norm_pix_loss: bool = False,
+                 *, fused: bool = True, attn_backend: str | None = None, pred_masked_only: bool = False,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        grid = check_patch_grid(img_size, patch_size)
+        if not isinstance(patch_size, int):
+            patch_size = patch_size[0]
+        self.fused = fused
+        self.pred_masked_only = pred_masked_only
+        self.in_chans = in_chans
+        block_backend = attn_backend if (attn_backend is not None or fused) else "sdpa"
+
+        # ----- encoder
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)  # fixed
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 0 else []
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=dpr[i],
+                  attn_backend=block_backend)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        # ----- decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                  attn_backend=block_backend)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = self._make_decoder_pred(decoder_embed_dim, patch_size**2 * in_chans)
+
+        self.norm_pix_loss = norm_pix_loss
+        self.grid_size = grid
+        self.initialize_weights()
+
+    def _make_decoder_pred(self, decoder_embed_dim: int, patch_dim: int) -> nn.Module:
+        return nn.Linear(decoder_embed_dim, patch_dim, bias=True)
+
+    def _fused_op(self, name: str):
+        """The fastmim op ``name`` when this model runs fused (``None``: take the plain step)."""
+        if not self.fused:
+            return None
+        import fastmim.ops
+
+        return getattr(fastmim.ops, name, None)
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        """Official MAE init: sin-cos position embeddings, xavier-uniform linears and patch embed, tokens N(0, .02)."""
+        self.pos_embed.data.copy_(
+            get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size, cls_token=True)[None])
+        self.decoder_pos_embed.data.copy_(
+            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True)[None])
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.normal_(self.cls_token, std=.02)
+        nn.init.normal_(self.mask_token, std=.02)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        init_mae_weights(m)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, L, p*p*C)``, within a patch row, column, channel (``nchpwq -> nhwpqc``)."""
+        p = self.patch_size
+        if imgs.dim() != 4 or imgs.shape[2] % p != 0 or imgs.shape[3] % p != 0:
+            raise ValueError(f"imgs must be (B, C, H, W) with H and W multiples of the patch size {p}, "
+                             f"got {tuple(imgs.shape)}")
+        n, c, hp, wp = imgs.shape
+        h, w = hp // p, wp // p
+        x = imgs.reshape(n, c, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, h * w, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, p*p*C) -> (B, C, H, W)``, the inverse of :meth:`patchify` (grid of this model)."""
+        p = self.patch_size
+        h, w = self.grid_size
+        c = x.shape[-1] // (p * p)
+        if x.dim() != 3 or x.shape[1] != h * w or c * p * p != x.shape[-1]:
+            raise ValueError(f"x must be (B, {h * w}, {p}*{p}*C), got {tuple(x.shape)}")
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    # ------------------------------------------------------------------ masking
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Official per-sample random masking by argsort of noise: ``(x_masked, mask, ids_restore)``.
+
+        ``x``: ``(B, L, D)``; keeps ``K = int(L * (1 - mask_ratio))`` tokens per sample; ``mask``
+        is 1 on removed patches. ``noise`` (``(B, L)``) replaces ``torch.rand`` when given.
+        """
+        n, length, d = x.shape
+        len_keep = _num_visible(length, check_mask_ratio(mask_ratio))
+        if noise is None:
+            noise = torch.rand(n, length, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, d))
+        mask = torch.ones([n, length], device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, dim=1, index=ids_restore)
+        return x_masked, mask, ids_restore
+
+    def _masking(self, batch: int, device: torch.device, mask_ratio: float | list[float],
+                 noise: torch.Tensor | None) -> _Masking:
+        """Indices and mask for the fused dense path and for every packed path."""
+        length = self.num_patches
+        if noise is not None and tuple(noise.shape) != (batch, length):
+            raise ValueError(f"noise must be (B, L) = {(batch, length)}, got {tuple(noise.shape)}")
+        if isinstance(mask_ratio, float):
+            keep = _num_visible(length, mask_ratio)
+            random_masking = self._fused_op("random_masking")
+            if noise is None and random_masking is not None:
+                ids_keep, ids_restore, mask = random_masking(batch, length, mask_ratio, device=device)
+                return _Masking(ids_keep, ids_restore, mask, None, None)
+            ids_shuffle = torch.argsort(noise if noise is not None else torch.rand(batch, length, device=device), dim=1)
+            ids_restore = torch.argsort(ids_shuffle, dim=1)
+            mask = (ids_restore >= keep).to(torch.float32)
+            return _Masking(ids_shuffle[:, :keep], ids_restore, mask, ids_shuffle, None)
+        counts = [_num_visible(length, r) for r in mask_ratio]
+        if noise is None:
+            noise = torch.rand(batch, length, device=device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        keep = torch.tensor(counts, device=device)
+        mask = (ids_restore >= keep[:, None]).to(torch.float32)
+        return _Masking(None, ids_restore, mask, ids_shuffle, counts)
+
+    # ------------------------------------------------------------------ encoder
+    def _check_inputs(self, imgs: torch.Tensor) -> None:
+        check_images(imgs, self.in_chans, self.patch_embed.img_size, self.patch_size)
+
+    def _run_blocks(self, x: torch.Tensor | PackedTokens, blocks: nn.ModuleList) -> torch.Tensor | PackedTokens:
+        if isinstance(x, PackedTokens):
+            tokens = x.tokens
+            for blk in blocks:
+                tokens = blk(tokens, cu_seqlens=x.cu_seqlens, max_seqlen=x.max_seqlen)
+            return x._replace(tokens=tokens)
+        for blk in blocks:
+            x = blk(x)
+        return x
+
+    def _pack_visible(self, x: torch.Tensor, cls: torch.Tensor, masking: _Masking) -> PackedTokens:
+        """``[cls, visible tokens]`` of every sample packed into ``(total, D)``."""
+        batch, length, dim = x.shape
+        counts = masking.num_visible
+        x = torch.gather(x, 1, masking.ids_shuffle.unsqueeze(-1).expand(-1, -1, dim))
+        seq = torch.cat([cls.expand(batch, -1, -1), x], dim=1).reshape(batch * (length + 1), dim)
+        # Index built on the host from the host-known counts: no device sync.
+        index = torch.cat([torch.arange(k + 1) + b * (length + 1) for b, k in enumerate(counts)]).to(x.device)
+        offsets = [0]
+        for k in counts:
+            offsets.append(offsets[-1] + k + 1)
+        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=x.device)
+        lengths = tuple(k + 1 for k in counts)
+        return PackedTokens(seq.index_select(0, index), cu_seqlens, max(lengths), index, lengths)
+
+    def _encode_masked(self, imgs: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None,
+                       ) -> tuple[torch.Tensor | PackedTokens, torch.Tensor, torch.Tensor, _Masking | None]:
+        """Encoder on the visible tokens, before the final norm: ``(x, mask, ids_restore, masking)``."""
+        self._check_inputs(imgs)
+        mask_ratio = _normalize_mask_ratio(mask_ratio, imgs.shape[0])
+        x = self.patch_embed(imgs)
+        cls = self.cls_token + self.pos_embed[:, :1, :]
+        if isinstance(mask_ratio, float) and not self.fused:
+            # The official steps, in the official order (same RNG draws as models_mae.py).
+            x = x + self.pos_embed[:, 1:, :]
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+            x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)
+            return self._run_blocks(x, self.blocks), mask, ids_restore, None
+        masking = self._masking(imgs.shape[0], imgs.device, mask_ratio, noise)
+        gather_visible = self._fused_op("gather_visible")
+        if masking.num_visible is None:
+            if gather_visible is not None:
+                x = gather_visible(x, masking.ids_keep, pos_embed=self.pos_embed[0, 1:, :])
+            else:
+                x = x + self.pos_embed[:, 1:, :]
+                x = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat((cls.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+        else:
+            x = self._pack_visible(x + self.pos_embed[:, 1:, :], cls, masking)
+        return self._run_blocks(x, self.blocks), masking.mask, masking.ids_restore, masking
+
+    def _apply_norm(self, x: torch.Tensor | PackedTokens, norm: nn.Module) -> torch.Tensor | PackedTokens:
+        return x._replace(tokens=norm(x.tokens)) if isinstance(x, PackedTokens) else norm(x)
+
+    def forward_encoder(self, x: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None = None):
+        """``imgs -> (latent, mask, ids_restore)``; ``latent`` is ``(B, K + 1, D)`` after the final norm.
+
+        With a per-sample ``mask_ratio`` the latent is a :class:`PackedTokens`.
+        """
+        latent, mask, ids_restore, _ = self._encode_masked(x, mask_ratio, noise)
+        return self._apply_norm(latent, self.norm), mask, ids_restore
+
+    # ------------------------------------------------------------------ decoder
+    def _decoder_input(self, x: torch.Tensor | PackedTokens, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Decoder tokens ``(B, L + 1, Dd)``: visible tokens back in place, mask tokens elsewhere, + pos embed."""
+        if isinstance(x, PackedTokens):
+            tokens = self.decoder_embed(x.tokens)
+            batch, length = ids_restore.shape
+            dim = tokens.shape[-1]
+            filler = self.mask_token.reshape(1, dim).to(tokens.dtype).expand(batch * (length + 1), dim)
+            full = filler.index_copy(0, x.index, tokens).reshape(batch, length + 1, dim)
+            body = torch.gather(full[:, 1:], 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+            return torch.cat([full[:, :1], body], dim=1) + self.decoder_pos_embed
+        x = self.decoder_embed(x)
+        unshuffle = self._fused_op("unshuffle")
+        if unshuffle is not None:
+            return unshuffle(x, ids_restore, self.mask_token.reshape(-1), pos_embed=self.decoder_pos_embed[0],
+                             has_cls=True)
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1)
+        return x + self.decoder_pos_embed
+
+    def forward_decoder(self, x: torch.Tensor | PackedTokens, ids_restore: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``latent -> pred`` ``(B, L, p*p*C)``.
+
+        With ``pred_masked_only`` (pass ``mask``) only the masked tokens reach ``decoder_pred``:
+        ``(B, L - K, p*p*C)``, or ``(total masked, p*p*C)`` for a packed latent, in
+        ``mask.bool()`` order (sample by sample, increasing patch index).
+        """
+        tokens = self._decoder_input(x, ids_restore)
+        tokens = self._run_blocks(tokens, self.decoder_blocks)
+        tokens = self.decoder_norm(tokens)[:, 1:, :]
+        if self.pred_masked_only:
+            if mask is None:
+                raise ValueError("pred_masked_only=True: forward_decoder needs the mask")
+            tokens = self._select_masked(tokens, mask, _visible_counts(x))
+        return self.decoder_pred(tokens)
+
+    @staticmethod
+    def _select_masked(t: torch.Tensor, mask: torch.Tensor, num_visible: int | list[int]) -> torch.Tensor:
+        """Rows of ``t`` (``(B, L, C)``) at the masked patches, in ``mask.bool()`` order.
+
+        ``num_visible`` (host ints, so no device sync): one count for a dense batch ->
+        ``(B, L - K, C)``; one per sample -> packed ``(sum(L - K_b), C)``.
+        """
+        batch, length, channels = t.shape
+        order = torch.argsort(mask, dim=1, stable=True)  # visible first, then masked, each by patch index
+        if isinstance(num_visible, int):
+            return torch.gather(t, 1, order[:, num_visible:].unsqueeze(-1).expand(-1, -1, channels))
+        rows = torch.cat([torch.arange(k, length) + b * length for b, k in enumerate(num_visible)]).to(t.device)
+        flat = (order + torch.arange(batch, device=t.device)[:, None] * length).reshape(-1)[rows]
+        return t.reshape(batch * length, channels).index_select(0, flat)
+
+    # ------------------------------------------------------------------ loss
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error on the removed patches (normalised per patch when ``norm_pix_loss``).
+
+        ``pred``: ``(B, L, p*p*C)``, or the masked rows only (``pred_masked_only``).
+        """
+        masked_patch_mse = self._fused_op("masked_patch_mse")
+        if masked_patch_mse is not None and pred.dim() == 3 and pred.shape[1] == mask.shape[1]:
+            return masked_patch_mse(pred, imgs, mask, patch_size=self.patch_size, norm_pix=self.norm_pix_loss)
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.e-6)**.5
+        if pred.dim() == 2 or pred.shape[1] != mask.shape[1]:  # masked rows only: every row counts
+            if pred.dim() == 3:
+                num_visible = mask.shape[1] - pred.shape[1]
+            else:  # packed: per-sample counts read back from the mask (this path syncs once)
+                num_visible = (mask.shape[1] - mask.sum(dim=1)).long().tolist()
+            target = self._select_masked(target, mask, num_visible)
+            return ((pred - target) ** 2).mean()
+        loss = (pred - target) ** 2
+        loss = loss.mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: Any = 0.75, noise: torch.Tensor | None = None):
+        """``(loss, pred, mask)`` as in the official model.
+
+        ``mask_ratio``: a float in [0, 1), or one per image (packed encoder). ``noise``
+        (``(B, L)``, optional): the masking noise, for reproducible masks across models.
+        """
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore, mask)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    # ------------------------------------------------------------------ evaluation
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """All tokens of the unmasked image after the final norm: ``(B, L + 1, D)``."""
+        self._check_inputs(imgs)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = self._run_blocks(torch.cat((cls, x), dim=1), self.blocks)
+        return self.norm(x)
+
+    def encode(self, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """``(B, D)`` features of the unmasked image: the cls token after the final norm (``pool="cls"``)
+        or the mean of the normalised patch tokens (``pool="mean"``). For k-NN / linear probing."""
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        x = self.forward_features(imgs)
+        return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
+
+
+def _visible_counts(latent: torch.Tensor | PackedTokens) -> int | list[int]:
+    """Visible patches per sample, from the latent's shape (dense) or its host-side lengths (packed)."""
+    if isinstance(latent, PackedTokens):
+        return [n - 1 for n in latent.lengths]
+    return latent.shape[1] - 1
+
+
+# ---------------------------------------------------------------------------------- factories
+
+_ln = partial(nn.LayerNorm, eps=1e-6)
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs: Any) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_ln, **kwargs)
+
+
+def mae_vit_large_patch16_dec512d8b(**kwargs: Any) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_ln, **kwargs)
+
+
+def mae_vit_huge_patch14_dec512d8b(**kwargs: Any) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_ln, **kwargs)
+
+
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
+
+
+@register_method("mae")
+def _build_mae(preset: ViTPreset, **overrides: Any) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(**{**preset.mae_kwargs(), "norm_layer": _ln, **overrides})
+
+
+# ---------------------------------------------------------------------------------- timm export
+
+def encoder_state_dict_for_timm(state_dict: dict[str, torch.Tensor], timm_model: nn.Module,
+                                ) -> dict[str, torch.Tensor]:
+    """The encoder entries of a fastmim / official MAE ``state_dict``, shaped for ``timm_model``.
+
+    Decoder entries and the mask token are dropped; ``pos_embed`` is resampled when the timm
+    model's grid differs; ``norm.*`` is dropped when the timm model pools with ``fc_norm``
+    (``global_pool="avg"``: MAE fine-tuning); ``head.*`` is kept only if its shape matches.
+    """
+    target = timm_model.state_dict()
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("decoder_") or key == "mask_token" or key not in target:
+            continue
+        if key == "pos_embed" and value.shape != target[key].shape:
+            from timm.layers import resample_abs_pos_embed
+
+            grid = timm_model.patch_embed.grid_size
+            value = resample_abs_pos_embed(value, new_size=list(grid), num_prefix_tokens=1)
+        if value.shape != target[key].shape:
+            if key.startswith("head."):
+                continue
+            raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit the timm model's "
+                             f"{tuple(target[key].shape)} (different width, depth or patch size?)")
+        out[key] = value
+    return out
+
+
+def load_encoder_into_timm(model: nn.Module | dict[str, torch.Tensor], timm_model: nn.Module):
+    """Load a MAE encoder (a fastmim / official MAE model or its ``state_dict``) into a timm ViT.
+
+    Example (fine-tuning a fastmim MAE ViT-B/16)::
+
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=1000, global_pool="avg")
+        load_encoder_into_timm(mae, vit)
+
+    Returns the ``load_state_dict`` result; raises ``ValueError`` if anything besides the
+    classifier (``head``, ``fc_norm``) is left unloaded.
+    """
+    state_dict = model.state_dict() if isinstance(model, nn.Module) else model
+    result = timm_model.load_state_dict(encoder_state_dict_for_timm(state_dict, timm_model), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))]
+    if missing:
+        raise ValueError(f"the timm model has encoder weights the MAE state dict lacks: {missing}")
+    return result
+
+
+__all__ = [
+    "MaskedAutoencoderViT",
+    "PackedTokens",
+    "encoder_state_dict_for_timm",
+    "load_encoder_into_timm",
+    "mae_vit_base_patch16",
+    "mae_vit_base_patch16_dec512d8b",
+    "mae_vit_huge_patch14",
+    "mae_vit_huge_patch14_dec512d8b",
+    "mae_vit_large_patch16",
+    "mae_vit_large_patch16_dec512d8b",
+]

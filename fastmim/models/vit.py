@@ -1,0 +1,248 @@
+"""ViT building blocks shared by every fastmim model.
+
+timm's ``PatchEmbed``, ``Block`` and ``Mlp`` with timm's ``Attention`` swapped for
+:class:`Attention`, which sends ``q, k, v`` to the attention backend chosen per call
+(fastmim's ``visible_attention``, PyTorch SDPA, xformers, or the plain math path). The
+parameter names are timm's (``attn.qkv``, ``attn.proj``, ``mlp.fc1`` ...), so state dicts
+of the official MAE code and of timm's ``VisionTransformer`` load unchanged.
+
+A block runs on a dense batch ``(B, N, C)`` or on packed variable-length sequences
+``(total, C)`` with ``cu_seqlens`` (``(S + 1,)`` int32 offsets) and a static ``max_seqlen``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed  # noqa: F401  (re-exported: the models build on them)
+from timm.models.vision_transformer import Block as TimmBlock
+from torch import nn
+
+ATTN_BACKENDS = ("fastmim", "sdpa", "xformers", "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position embeddings (MAE's util/pos_embed.py, computed in float64)
+# --------------------------------------------------------------------------------------------
+
+def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """``(M, embed_dim)``: ``[sin(pos * w_d), cos(pos * w_d)]`` with ``w_d = 10000^(-2d / embed_dim)``."""
+    if embed_dim % 2 != 0:
+        raise ValueError(f"embed_dim must be even for a sin-cos embedding, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding, ``(gh * gw [+ 1], embed_dim)`` float32, row-major over the grid.
+
+    Same values as the official MAE ``get_2d_sincos_pos_embed``: the first half of the
+    channels encodes the column index, the second half the row index (MAE builds the grid
+    with ``np.meshgrid(grid_w, grid_h)``, so its "h" half is the column); a zero row first
+    when ``cls_token``.
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos embedding, got {embed_dim}")
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    rows = torch.arange(gh, dtype=torch.float64)[:, None].expand(gh, gw)
+    cols = torch.arange(gw, dtype=torch.float64)[None, :].expand(gh, gw)
+    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)],
+                    dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with a selectable backend
+# --------------------------------------------------------------------------------------------
+
+def _check_backend(backend: str | None) -> str | None:
+    if backend is not None and backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``(total,)`` index of the sequence each packed token belongs to (no host sync)."""
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                        ) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` with the ``(.., N, N)`` score matrix materialised (timm's math path)."""
+    scale = q.shape[-1] ** -0.5
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf"))
+    return attn.softmax(dim=-1) @ v
+
+
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """``(B, H, N, D)`` attention through a PyTorch-level backend (no fastmim kernel)."""
+    if backend == "reference":
+        return attention_reference(q, k, v)
+    if backend == "xformers":
+        import xformers.ops as xops  # optional peer; ImportError names the missing package
+
+        return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _varlen_attention_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               backend: str) -> torch.Tensor:
+    """Packed ``(total, H, D)`` attention as one block-diagonal masked attention (O(total^2) memory)."""
+    seg = _segment_ids(cu_seqlens, q.shape[0])
+    allowed = seg[:, None] == seg[None, :]
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D)
+    if backend == "reference":
+        out = attention_reference(qh, kh, vh, allowed)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
+                        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+    """Attention over ``(B, H, N, D)`` (or packed ``(total, H, D)`` with ``cu_seqlens``) on ``backend``.
+
+    ``backend``: ``"fastmim"`` (fastmim's ``visible_attention``), ``"sdpa"``, ``"xformers"``,
+    ``"reference"`` (the score matrix materialised), or ``None`` (fastmim's choice for the
+    device). Until fastmim's attention op is importable, ``"fastmim"``/``None`` fall back to SDPA.
+    """
+    try:
+        from fastmim.ops import attention as _attn_ops
+    except ImportError:
+        _attn_ops = None
+    if _attn_ops is not None and backend in (None, "fastmim"):
+        if cu_seqlens is not None:
+            return _attn_ops.visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return _attn_ops.visible_attention(q, k, v)
+    backend = "sdpa" if backend in (None, "fastmim") else backend
+    if cu_seqlens is not None:
+        return _varlen_attention_fallback(q, k, v, cu_seqlens, backend)
+    return _dense_attention(q, k, v, backend)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter layout (``qkv``, ``proj``) and a backend switch.
+
+    ``attn_backend`` is read at every call, so it can be changed on a built model
+    (see :func:`set_attn_backend`).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_backend: str | None = None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_backend = _check_backend(attn_backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                ) -> torch.Tensor:
+        if cu_seqlens is not None:  # packed (total, C)
+            total, channels = x.shape
+            q, k, v = self.qkv(x).reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
+            out = multihead_attention(q, k, v, backend=self.attn_backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            return self.proj(out.reshape(total, channels))
+        batch, n, channels = x.shape
+        q, k, v = self.qkv(x).reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = multihead_attention(q, k, v, backend=self.attn_backend)
+        return self.proj(out.transpose(1, 2).reshape(batch, n, channels))
+
+
+class Block(TimmBlock):
+    """timm's pre-norm ViT block with :class:`Attention` in place of timm's; also runs packed sequences."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_layer: type[nn.Module] = nn.LayerNorm, drop_path: float = 0.0, attn_backend: str | None = None):
+        super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer,
+                         drop_path=drop_path)
+        # Replaced rather than passed as timm's attn_layer: that argument only exists in recent timm.
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_backend=attn_backend)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                ) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def set_attn_backend(module: nn.Module, backend: str | None) -> None:
+    """Set the attention backend of every :class:`Attention` inside ``module``."""
+    _check_backend(backend)
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.attn_backend = backend
+
+
+# --------------------------------------------------------------------------------------------
+# Shared checks and init
+# --------------------------------------------------------------------------------------------
+
+def to_2tuple(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value
+
+
+def check_patch_grid(img_size: int | Sequence[int], patch_size: int | Sequence[int]) -> tuple[int, int]:
+    """Grid ``(H / p, W / p)``; ``ValueError`` when the image size is not a multiple of the patch size."""
+    h, w = to_2tuple(img_size, "img_size")
+    ph, pw = to_2tuple(patch_size, "patch_size")
+    if ph != pw:
+        raise ValueError(f"patch_size must be square, got {(ph, pw)}")
+    if h <= 0 or w <= 0 or h % ph != 0 or w % pw != 0:
+        raise ValueError(f"img_size {(h, w)} is not divisible by patch_size {ph}: "
+                         "the image height and width must be positive multiples of the patch size")
+    return h // ph, w // pw
+
+
+def check_images(imgs: torch.Tensor, in_chans: int, img_size: tuple[int, int], patch_size: int) -> None:
+    """``ValueError`` unless ``imgs`` is ``(B, in_chans, H, W)`` with the size the model was built for."""
+    if not isinstance(imgs, torch.Tensor):
+        raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
+    if imgs.dim() != 4 or imgs.shape[0] == 0:
+        raise ValueError(f"imgs must be (B, C, H, W) with B >= 1, got shape {tuple(imgs.shape)}")
+    h, w = imgs.shape[-2:]
+    if h % patch_size != 0 or w % patch_size != 0:
+        raise ValueError(f"image size {(h, w)} is not divisible by the patch size {patch_size}")
+    if imgs.shape[1] != in_chans or (h, w) != tuple(img_size):
+        raise ValueError(f"imgs must be (B, {in_chans}, {img_size[0]}, {img_size[1]}) for this model "
+                         f"(in_chans={in_chans}, img_size={tuple(img_size)}), got {tuple(imgs.shape)}")
+    if not imgs.is_floating_point():
+        raise TypeError(f"imgs must be a floating-point tensor, got {imgs.dtype}")
+
+
+def check_mask_ratio(mask_ratio: float, name: str = "mask_ratio") -> float:
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {mask_ratio!r}")
+    if not 0.0 <= float(mask_ratio) < 1.0 or math.isnan(mask_ratio):
+        raise ValueError(f"{name} must be in [0, 1), got {mask_ratio}")
+    return float(mask_ratio)
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's ``_init_weights``: linears xavier-uniform with zero bias, LayerNorm weight 1 bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+    elif isinstance(module, nn.LayerNorm):
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+        if module.weight is not None:
+            nn.init.constant_(module.weight, 1.0)
