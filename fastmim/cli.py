@@ -64,7 +64,8 @@ def _register_optional_subcommands() -> None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            # Only the subcommand module (or its package) being absent is expected.
+            if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
                 raise
 
 
