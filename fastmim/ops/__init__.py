@@ -6,5 +6,7 @@ per call (``FASTMIM_BACKEND`` or :func:`use_backend` force one).
 """
 
 from fastmim.ops._dispatch import BACKENDS, backend_status, forced_backend, select_backend, use_backend
+from fastmim.ops.loss import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify
 
 __all__ = ["BACKENDS", "backend_status", "forced_backend", "select_backend", "use_backend"]
+__all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]

@@ -1,0 +1,387 @@
+"""MAE's reconstruction loss as one fused op: :func:`masked_patch_mse`.
+
+The official ``forward_loss`` (facebookresearch/mae, ``models_mae.py``) patchifies the image
+into a copy, normalises every patch into another copy (``norm_pix_loss``), builds the
+element-wise squared error, averages it per patch and weights it by the mask, then does as
+much again in backward. :func:`masked_patch_mse` reads the image in place by index math and
+computes the loss and the gradient with respect to ``pred`` in one pass; backward only scales
+that saved gradient by ``grad_output``.
+
+Also here: :func:`patchify` / :func:`unpatchify` (the official ``nchpwq -> nhwpqc`` layout,
+non-square images allowed) and :func:`masked_patch_mse_reference`, the plain-PyTorch
+definition of the op's result.
+
+Registered ops (for ``torch.compile`` and for other backends to implement):
+
+- ``fastmim::masked_patch_mse(Tensor pred, Tensor imgs, Tensor? mask, Tensor? ids_masked,
+  int patch_size, bool norm_pix, float eps, str reduction, bool compute_grad)
+  -> (Tensor loss, Tensor grad_pred)``: ``grad_pred`` is the gradient of ``loss`` (summed
+  over rows for ``"none"``) with respect to ``pred``, contiguous, dtype of ``pred``; an empty
+  tensor when ``compute_grad`` is false. Inputs already validated, ``mask`` a float tensor.
+- ``fastmim::masked_patch_mse_backward(Tensor(a!) grad_pred, Tensor grad_output) -> ()``:
+  multiplies the saved ``grad_pred`` in place by ``grad_output`` (a scalar, or one factor
+  per row for ``"none"``); with a scalar 1 it may leave it untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.ops._dispatch import select_backend
+
+__all__ = ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# References (the spec)
+# --------------------------------------------------------------------------------------------
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``imgs (B, C, H, W) -> (B, L, p*p*C)``, ``L = (H/p) * (W/p)``, patches in raster order.
+
+    Within a patch the order is row, column, channel (the official ``nchpwq -> nhwpqc``).
+    """
+    _check_image_geometry(imgs, patch_size, "imgs")
+    batch, channels, height, width = imgs.shape
+    p = patch_size
+    h, w = height // p, width // p
+    x = imgs.reshape(batch, channels, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(batch, h * w, p * p * channels)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``x (B, L, p*p*C) -> (B, C, H, W)``."""
+    p = patch_size
+    if not isinstance(p, int) or p < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if height % p or width % p:
+        raise ValueError(f"height and width must be divisible by patch_size={p}, got {height}x{width}")
+    h, w = height // p, width // p
+    expected = (h * w, p * p * channels)
+    if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"x must have shape (B, {expected[0]}, {expected[1]}) for a {channels}x{height}x{width} "
+                         f"image and patch_size={p}, got {tuple(x.shape)}")
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+def _loss_dtype(pred: torch.Tensor, imgs: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), torch.float32)
+
+
+def _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps):
+    """The target of each row of ``pred`` (official patchify and norm_pix) and its weight."""
+    compute_dtype = _loss_dtype(pred, imgs)
+    target = patchify(imgs, patch_size).to(compute_dtype)           # (B, L, N)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)                        # unbiased (N - 1)
+        target = (target - mean) / (var + eps) ** 0.5
+    weight = None if mask is None else mask.to(compute_dtype)
+    if ids_masked is not None and pred.dim() == 3:                    # pred (B, K, N)
+        index = ids_masked.long()
+        target = target.gather(1, index[..., None].expand(-1, -1, target.shape[-1]))
+        weight = None if weight is None else weight.gather(1, index)
+    elif ids_masked is not None:                                      # pred (T, N), flat ids
+        index = ids_masked.long()
+        target = target.reshape(-1, target.shape[-1])[index]
+        weight = None if weight is None else weight.reshape(-1)[index]
+    if weight is None:
+        weight = torch.ones(pred.shape[:-1], dtype=compute_dtype, device=pred.device)
+    return target, weight
+
+
+def masked_patch_mse_reference(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+    ids_masked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The definition of :func:`masked_patch_mse` in plain PyTorch (differentiable).
+
+    The official MAE ``forward_loss``, computed in float32 (float64 if an input is float64)
+    as the official code does under autocast with float32 images. Two defined extensions: the
+    rows of ``pred`` may be a selection of patches (``ids_masked``), and an all-zero mask
+    gives 0 instead of 0 / 0.
+    """
+    target, weight = _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps)
+    loss = (pred.to(target.dtype) - target) ** 2
+    loss = loss.mean(dim=-1)                                         # mean loss per patch
+    loss = loss * weight
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    weight_sum = weight.sum()
+    return loss.sum() / torch.where(weight_sum == 0, torch.ones_like(weight_sum), weight_sum)
+
+
+# --------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------
+
+
+def masked_patch_mse(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+    ids_masked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MAE's reconstruction loss straight from the image, forward and backward in one pass.
+
+    With ``N = patch_size**2 * C`` and ``L = (H / p) * (W / p)``, per patch ``l`` of sample
+    ``b``: ``t`` = the patch of ``imgs`` (row, column, channel order, as :func:`patchify`);
+    with ``norm_pix``, ``t = (t - mean(t)) / sqrt(var(t) + eps)`` with the unbiased variance;
+    ``patch_loss = mean_j (pred_j - t_j)**2``. Then ``"mean"`` gives
+    ``sum(mask * patch_loss) / sum(mask)`` (the official loss), ``"sum"`` the numerator,
+    ``"none"`` ``mask * patch_loss`` per row of ``pred``.
+
+    Args:
+        pred: predictions, one of three layouts:
+            ``(B, L, N)``: every patch (the official decoder output); ``mask`` required.
+            ``(B, K, N)`` with ``ids_masked (B, K)``: only the patches ``ids_masked[b, k]``
+            in ``[0, L)`` (with MAE's random masking, the masked patches are
+            ``ids_shuffle[:, L - num_masked:]``), so a decoder can skip its output projection
+            on visible tokens.
+            ``(T, N)`` with ``ids_masked (T,)``: packed rows, ``ids_masked[t] = b * L + l``.
+            The last dimension must be contiguous; other strides are read as they are (e.g.
+            ``decoder_out[:, 1:]`` needs no copy).
+        imgs: ``(B, C, H, W)``, H and W divisible by ``patch_size``; any strides (read in
+            place). float16, bfloat16, float32 or float64, like ``pred`` (may differ).
+        mask: ``(B, L)`` patch weights, 1 = masked (loss counted), 0 = visible; float or bool
+            (bool is converted to float32, a small copy). With ``ids_masked`` it is optional:
+            the weight of a row is ``mask[b, l]`` of its patch, or 1 without ``mask``.
+        patch_size: ``p``.
+        norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
+        eps: added to the variance inside the square root (a constant patch gives a finite
+            loss and gradient).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ids_masked: the patch indices of the rows of ``pred`` (int64 or int32), see ``pred``.
+            Not checked against ``L`` (that would sync with the device): out-of-range
+            indices give undefined results (the reference raises).
+
+    Returns:
+        float32 (float64 if an input is float64): a scalar, or ``pred.shape[:-1]`` for
+        ``"none"``. When the weights sum to 0 (e.g. ``mask_ratio=0``), ``"mean"`` returns 0
+        and a zero gradient (the official code returns NaN). Rows of weight 0 are not read,
+        so non-finite values there do not propagate.
+
+    Gradient flows to ``pred`` only; ``imgs`` and ``mask`` must not require grad. When
+    ``pred`` requires grad the forward also writes ``d loss / d pred`` (one tensor like
+    ``pred``), kept for backward, which scales it in place by ``grad_output``: backward once
+    per graph (``retain_graph`` re-use of this node raises autograd's in-place error).
+    Statistics and sums are fp32 for bf16/fp16 inputs. No host sync.
+    """
+    mask = _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked)
+    compute_grad = pred.requires_grad and torch.is_grad_enabled()
+    loss, _ = torch.ops.fastmim.masked_patch_mse(
+        pred, imgs, mask, ids_masked, patch_size, norm_pix, float(eps), reduction, compute_grad)
+    return loss
+
+
+def _check_image_geometry(imgs: torch.Tensor, patch_size: int, name: str) -> None:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not isinstance(imgs, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(imgs).__name__}")
+    if imgs.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(imgs.shape)}")
+    height, width = imgs.shape[2], imgs.shape[3]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"{name} height and width must be divisible by patch_size={patch_size}, "
+                         f"got {height}x{width}")
+
+
+def _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked) -> torch.Tensor | None:
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
+    _check_image_geometry(imgs, patch_size, "imgs")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    for name, t in (("pred", pred), ("imgs", imgs)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    batch, channels, height, width = imgs.shape
+    p = patch_size
+    num_patches = (height // p) * (width // p)
+    n = p * p * channels
+    if norm_pix and n < 2:
+        raise ValueError(f"norm_pix needs at least 2 values per patch (p*p*C = {n}): the unbiased variance "
+                         "of one value is undefined")
+    if ids_masked is None:
+        expected = (batch, num_patches, n)
+        if tuple(pred.shape) != expected:
+            raise ValueError(f"pred must have shape (B, L, p*p*C) = {expected} for imgs {tuple(imgs.shape)} and "
+                             f"patch_size={p}, got {tuple(pred.shape)} (pass ids_masked for a subset of patches)")
+        if mask is None:
+            raise ValueError("mask (B, L) is required when pred holds every patch (ids_masked is None)")
+    else:
+        if not isinstance(ids_masked, torch.Tensor):
+            raise TypeError(f"ids_masked must be a torch.Tensor, got {type(ids_masked).__name__}")
+        if ids_masked.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ids_masked must be int64 or int32, got {ids_masked.dtype}")
+        if ids_masked.device != pred.device:
+            raise ValueError(f"ids_masked is on {ids_masked.device}, expected pred's device {pred.device}")
+        if pred.dim() == 3:
+            if pred.shape[0] != batch or pred.shape[2] != n:
+                raise ValueError(f"pred must have shape (B, K, p*p*C) = ({batch}, K, {n}) with ids_masked, "
+                                 f"got {tuple(pred.shape)}")
+            if tuple(ids_masked.shape) != tuple(pred.shape[:2]):
+                raise ValueError(f"ids_masked must have shape (B, K) = {tuple(pred.shape[:2])} like pred's first "
+                                 f"two dimensions, got {tuple(ids_masked.shape)}")
+            if pred.shape[1] > num_patches:
+                raise ValueError(f"pred has K={pred.shape[1]} rows per sample, more than L={num_patches} patches")
+        elif pred.dim() == 2:
+            if pred.shape[1] != n:
+                raise ValueError(f"pred must have shape (T, p*p*C) = (T, {n}) in the packed layout, "
+                                 f"got {tuple(pred.shape)}")
+            if tuple(ids_masked.shape) != (pred.shape[0],):
+                raise ValueError(f"ids_masked must have shape (T,) = ({pred.shape[0]},) in the packed layout, "
+                                 f"got {tuple(ids_masked.shape)}")
+        else:
+            raise ValueError(f"pred must have shape (B, K, p*p*C) or (T, p*p*C) with ids_masked, "
+                             f"got {tuple(pred.shape)}")
+    if pred.shape[-1] > 0 and pred.stride(-1) != 1:
+        raise ValueError(f"pred's last dimension must be contiguous (stride 1), got strides {pred.stride()}")
+    if imgs.device != pred.device:
+        raise ValueError(f"imgs is on {imgs.device}, expected pred's device {pred.device}")
+    if imgs.requires_grad:
+        raise ValueError("imgs requires grad, but masked_patch_mse gives gradients to pred only: "
+                         "pass imgs.detach()")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != (batch, num_patches):
+            raise ValueError(f"mask must have shape (B, L) = {(batch, num_patches)}, got {tuple(mask.shape)}")
+        if mask.device != pred.device:
+            raise ValueError(f"mask is on {mask.device}, expected pred's device {pred.device}")
+        if mask.dtype == torch.bool:
+            mask = mask.to(torch.float32)
+        elif mask.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"mask must be a float or bool tensor, got {mask.dtype}")
+        if mask.requires_grad:
+            raise ValueError("mask requires grad, but masked_patch_mse gives gradients to pred only: "
+                             "pass mask.detach()")
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Backends, registration, autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad):
+    """Loss and its closed-form gradient: d/dpred of w * mean_j (pred_j - t_j)^2 = 2 w (pred - t) / N."""
+    target, weight = _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps)
+    diff = pred.to(target.dtype) - target
+    row_loss = (diff * diff).mean(dim=-1) * weight
+    if reduction == "mean":
+        weight_sum = weight.sum()
+        scale = torch.where(weight_sum == 0, torch.zeros_like(weight_sum), 1.0 / weight_sum)
+        loss = row_loss.sum() * scale
+    else:
+        scale = torch.ones((), dtype=target.dtype, device=pred.device)
+        loss = row_loss.sum() if reduction == "sum" else row_loss
+    if not compute_grad:
+        return loss, pred.new_empty(0)
+    coef = weight * scale * (2.0 / pred.shape[-1])
+    grad = (diff * coef[..., None]).to(pred.dtype).contiguous()
+    return loss, grad
+
+
+def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad):
+    from fastmim.kernels import loss as kernels
+
+    if ids_masked is None:
+        layout = kernels.LAYOUT_FULL
+    elif pred.dim() == 3:
+        layout = kernels.LAYOUT_SELECTED
+    else:
+        layout = kernels.LAYOUT_PACKED
+    loss, grad = kernels.masked_patch_mse_forward(
+        pred, imgs, mask, ids_masked, layout=layout, patch_size=patch_size, norm_pix=norm_pix, eps=eps,
+        reduction=reduction, compute_grad=compute_grad)
+    return loss, grad
+
+
+@torch.library.custom_op("fastmim::masked_patch_mse", mutates_args=())
+def _masked_patch_mse_op(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor | None,
+    ids_masked: torch.Tensor | None,
+    patch_size: int,
+    norm_pix: bool,
+    eps: float,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = select_backend("masked_patch_mse", pred.device, implemented=("reference", "triton"))
+    if backend == "triton" and pred.dtype in _TRITON_DTYPES and imgs.dtype in _TRITON_DTYPES:
+        return _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad)
+    # float64 inputs always take the reference (the kernels compute in fp32).
+    return _reference_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad)
+
+
+@_masked_patch_mse_op.register_fake
+def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad):
+    loss_shape = pred.shape[:-1] if reduction == "none" else ()
+    loss = pred.new_empty(loss_shape, dtype=_loss_dtype(pred, imgs))
+    grad = pred.new_empty(pred.shape) if compute_grad else pred.new_empty(0)  # contiguous
+    return loss, grad
+
+
+@torch.library.custom_op("fastmim::masked_patch_mse_backward", mutates_args=("grad_pred",))
+def _masked_patch_mse_backward_op(grad_pred: torch.Tensor, grad_output: torch.Tensor) -> None:
+    backend = select_backend("masked_patch_mse", grad_pred.device, implemented=("reference", "triton"))
+    if backend == "triton" and grad_pred.dtype in _TRITON_DTYPES:
+        from fastmim.kernels import loss as kernels
+
+        kernels.masked_patch_mse_scale_grad_(grad_pred, grad_output)
+        return
+    factor = grad_output if grad_output.dim() == 0 else grad_output[..., None]
+    grad_pred.copy_(grad_pred * factor)
+
+
+@_masked_patch_mse_backward_op.register_fake
+def _(grad_pred, grad_output):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    compute_grad = inputs[-1]
+    ctx.compute_grad = compute_grad
+    ctx.mark_non_differentiable(output[1])
+    if compute_grad:
+        ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, grad_grad_pred):
+    if not ctx.compute_grad:
+        raise RuntimeError("fastmim::masked_patch_mse was called with compute_grad=False, so it saved no gradient; "
+                           "call it through fastmim.ops.masked_patch_mse with pred requiring grad")
+    (grad_pred,) = ctx.saved_tensors
+    torch.ops.fastmim.masked_patch_mse_backward(grad_pred, grad_loss)
+    return grad_pred, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastmim::masked_patch_mse", _backward, setup_context=_setup_context)
