@@ -1,0 +1,196 @@
+"""The cost model of a training step, held to reality on CPU.
+
+- FLOPs and activation bytes counted on the meta device equal those of a real CPU run of
+  the same step, measured independently (``torch.utils.flop_counter.FlopCounterMode`` and a
+  ``saved_tensors_hooks`` pair keyed by storage address);
+- the accounting rules (bytes, launches, families, multi-tensor launches) on small cases
+  worked out by hand.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from costs import counter as cm  # noqa: E402
+from costs.devices import H100_SXM  # noqa: E402
+from costs.step import FusedAdamW, count_step, mae_loss  # noqa: E402
+
+aten = torch.ops.aten
+
+
+class ToyMAE(nn.Module):
+    """A tiny MAE as the official code writes it: argsort masking, timm blocks (SDPA), norm-pix loss."""
+
+    def __init__(self, img=32, patch=8, dim=32, depth=2, heads=2, dec_dim=16, dec_depth=1):
+        super().__init__()
+        self.patch = patch
+        self.patch_embed = PatchEmbed(img, patch, 3, dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02, requires_grad=False)
+        self.blocks = nn.ModuleList(Block(dim, heads, 4.0, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.decoder_embed = nn.Linear(dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dec_dim) * 0.02)
+        self.decoder_pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dec_dim) * 0.02, requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(Block(dec_dim, 2, 4.0, qkv_bias=True) for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_dim)
+        self.decoder_pred = nn.Linear(dec_dim, patch * patch * 3)
+
+    def patchify(self, imgs):
+        p = self.patch
+        h = imgs.shape[2] // p
+        x = imgs.reshape(imgs.shape[0], 3, h, p, h, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(imgs.shape[0], h * h, p * p * 3)
+
+    def random_masking(self, x, mask_ratio):
+        n, length, d = x.shape
+        keep = int(length * (1 - mask_ratio))
+        ids_shuffle = torch.argsort(torch.rand(n, length, device=x.device), dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        x_masked = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, d))
+        mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+        mask[:, :keep] = 0
+        return x_masked, torch.gather(mask, 1, ids_restore), ids_restore
+
+    def forward_loss(self, imgs, pred, mask):
+        target = self.patchify(imgs)
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75):
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.norm(x))
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def _cpu_flash_flops(query, key, value, *args, out_val=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _measure_cpu_step(model, imgs):
+    """FLOPs and saved-for-backward bytes of a real CPU step, with PyTorch's own instruments."""
+    optimizer = FusedAdamW(model)
+    mae_loss(model, imgs).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    # PyTorch's CPU SDPA runs its flash kernel, which the flop counter has no entry for: give it torch's formula.
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as flop_counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = mae_loss(model, imgs)
+        loss.backward()
+        optimizer.step()
+    return flop_counter.get_total_flops(), sum(saved.values())
+
+
+@pytest.mark.parametrize("batch,depth", [(4, 2), (3, 1)])
+def test_meta_flops_and_activation_bytes_equal_a_real_cpu_step(batch, depth):
+    model = ToyMAE(depth=depth)
+    imgs = torch.randn(batch, 3, 32, 32)
+    with torch.device("meta"):
+        meta_model = ToyMAE(depth=depth)
+    cost = count_step(meta_model, [torch.empty_like(imgs, device="meta")])
+    flops, activation_bytes = _measure_cpu_step(model, imgs)
+    assert flops > 0
+    assert cost.total("flops") == flops
+    # The CUDA flash kernel also saves its RNG seed and offset (16 bytes each) that the CPU one does not.
+    assert cost.activation_bytes == pytest.approx(activation_bytes, rel=0.01)
+
+
+def test_sdpa_is_counted_as_the_flash_kernel_and_families_follow_the_regions():
+    with torch.device("meta"):
+        model = ToyMAE().to(torch.bfloat16)
+    cost = count_step(model, [torch.empty(4, 3, 32, 32, device="meta", dtype=torch.bfloat16)])
+    ops = {(r.phase, r.op): r for r in cost.ops}
+    assert ("forward", "aten::_scaled_dot_product_flash_attention") in ops
+    flash_bwd = ops[("backward", "aten::_scaled_dot_product_flash_attention_backward")]
+    assert flash_bwd.launches == 3 and flash_bwd.family == "attention" and flash_bwd.tensor_core
+    assert not any("bmm" in r.op or "_softmax" in r.op for r in cost.ops)
+    families = {(r.phase, r.op.split("::")[1]): r.family for r in cost.ops}
+    assert families[("forward", "sort")] == "masking"
+    assert families[("forward", "var")] == "loss"  # inside forward_loss
+    assert families[("backward", "pow")] == "loss"  # its backward, through the autograd node's region
+    assert families[("forward", "native_layer_norm")] == "layernorm"
+    assert families[("backward", "gelu_backward")] == "activation"
+    assert families[("forward", "addmm")] == "gemm"
+    assert families[("backward", "stack")] == "attention"  # timm's q, k, v unbind, in backward
+    assert {r.family for r in cost.ops if r.phase == "optimizer"} == {"optimizer"}
+    assert cost.activation_bytes > 0 and cost.peak_bytes > cost.resident_bytes > 0
+
+
+def test_bytes_rules_on_hand_worked_ops():
+    x = torch.empty(8, 16, device="meta")
+    y = torch.empty(8, 16, device="meta")
+    bias = torch.empty(16, device="meta")
+    counter = cm.StepCounter()
+    with counter.phase("forward"):
+        z = x + y  # read 2, write 1
+        z.add_(bias)  # read z and the bias, write z
+        z.copy_(x)  # write-only destination
+        w = x.t()  # a view: nothing
+        z2 = x + bias.expand(8, 16)  # the broadcast bias is read once
+        del w, z2
+    b = 8 * 16 * 4
+    assert [(r.op, r.bytes, r.launches) for r in counter.ops] == [
+        ("aten::add", 3 * b, 1), ("aten::add_", 2 * b + 64, 1), ("aten::copy_", 2 * b, 1),
+        ("aten::add", 2 * b + 64, 1)]
+
+
+def test_multi_tensor_launches_follow_aten_limits():
+    assert cm.multi_tensor_launches([10] * 36, depth=4) == 1
+    assert cm.multi_tensor_launches([10] * 37, depth=4) == 2
+    assert cm.multi_tensor_launches([65536 * 320], depth=4) == 1
+    assert cm.multi_tensor_launches([65536 * 320 + 1], depth=4) == 2
+    assert cm.multi_tensor_launches([0, 0], depth=1) == 0
+
+
+def test_roofline_takes_the_slowest_of_compute_memory_and_launch():
+    ops = [cm.OpRecord("aten::mm", "gemm", "forward", flops=int(790e12), bytes=0, launches=1, dtype="bfloat16",
+                       tensor_core=True),
+           cm.OpRecord("aten::add", "elementwise", "forward", flops=0, bytes=int(3e12), launches=1,
+                       dtype="bfloat16", tensor_core=False),
+           cm.OpRecord("aten::fill_", "elementwise", "forward", flops=0, bytes=4, launches=2, dtype="float32",
+                       tensor_core=False)]
+    cost = cm.StepCost(ops=ops, activation_bytes=0, peak_bytes=0, resident_bytes=0, saved_tensors=0)
+    total = cm.project(cost, H100_SXM)
+    assert ops[0].time_s == pytest.approx(1.0)
+    assert ops[1].time_s == pytest.approx(1.0)
+    assert ops[2].time_s == pytest.approx(2 * H100_SXM.launch_floor_s)
+    assert total == pytest.approx(2.0 + 2 * H100_SXM.launch_floor_s)
