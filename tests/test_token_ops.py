@@ -336,6 +336,28 @@ def test_unshuffle_triton_matches_reference(device, dtype, B, L, D, K, pos_kind,
         assert_rel_close(got, want, dtype, name="mask/pos grad")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [192, 384, 512, 768, 1024, 1280, 200])
+def test_model_widths_forward_and_backward(device, D):
+    # the ViT widths (768 and 1280 are not powers of two: 3 and 5 blocks of 256) and an odd one
+    B, L, K = 2, 10, 3
+    x, ids_keep, pos, cls = _make_gather_inputs(B, L, D, K, torch.float32, device, "1L+1", True)
+    ref_out, ref_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c), (x, pos, cls))
+    with use_backend("triton"):
+        out, grads = _grads(lambda x, p, c: gather_visible(x, ids_keep, p, cls_token=c), (x, pos, cls))
+    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+        assert_rel_close(got, want, torch.float32)
+    restore = random_masking_reference(B, L, num_keep=K, seed=1).ids_restore.to(device)
+    mt = torch.randn(D, device=device)
+    ref_out, ref_grads = _grads(lambda v, m, p: unshuffle_reference(v, restore, m, p, has_cls=True), (out, mt, pos))
+    with use_backend("triton"):
+        dec, grads = _grads(lambda v, m, p: unshuffle(v, restore, m, p, has_cls=True), (out, mt, pos))
+    assert torch.equal(dec, ref_out) and torch.equal(grads[0], ref_grads[0])
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+        assert_rel_close(got, want, torch.float32)
+
+
 # ----------------------------------------------------------------------------- varlen
 
 
