@@ -6,6 +6,13 @@ per call (``FASTMIM_BACKEND`` or :func:`use_backend` force one).
 """
 
 from fastmim.ops._dispatch import BACKENDS, backend_status, forced_backend, select_backend, use_backend
+from fastmim.ops.attention import (
+    ATTN_BACKENDS,
+    attention,
+    choose_attn_backend,
+    visible_attention,
+    visible_attention_reference,
+)
 from fastmim.ops.loss import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify
 from fastmim.ops.token_ops import (
     Masking,
@@ -21,6 +28,7 @@ from fastmim.ops.token_ops import (
 )
 
 __all__ = ["BACKENDS", "backend_status", "forced_backend", "select_backend", "use_backend"]
+__all__ += ["ATTN_BACKENDS", "attention", "choose_attn_backend", "visible_attention", "visible_attention_reference"]
 __all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
 __all__ += ["Masking", "PackedMasking", "gather_visible", "gather_visible_reference", "random_masking",
             "random_masking_reference", "random_permutation", "random_permutation_reference", "unshuffle",

@@ -1,0 +1,511 @@
+"""``visible_attention``: flash attention over visible tokens, and the attention backend choice.
+
+Three modes (all non-causal, softmax scale ``D**-0.5`` unless given):
+
+- **dense**: ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)`` -> ``(B, H, Nq, D)``.
+- **varlen packed**: ``q, k, v (T, H, D)`` with ``cu_seqlens (B+1,)`` int32 (sequence ``b`` is rows
+  ``cu_seqlens[b]:cu_seqlens[b+1]`` and attends only to itself) and ``max_seqlen``, a Python int
+  bound on the sequence lengths, so the op never reads ``cu_seqlens`` on the host (no sync, and
+  ``torch.compile`` traces it). ``cu_seqlens`` must start at 0, be non-decreasing, end at ``T``,
+  and no sequence may be longer than ``max_seqlen``: this is not checked (it would need a sync).
+- **key-visibility**: ``q, k, v (B, H, L, D)`` with ``key_visible``, either a boolean mask
+  ``(B, L)`` (True = visible) or an integer index set ``(B, K)`` of distinct key positions in
+  ``[0, L)`` (not checked on the device). Every query attends only to its sample's visible keys;
+  no gathered copy of ``k``/``v`` is made (the kernel reads the visible rows in place). Keys
+  that are not visible get zero gradient.
+
+A query whose visible key set is empty (a boolean mask row with no True, an index set with
+``K = 0``, a varlen sequence of length 0 has no queries) gets output **0** and
+``lse = -inf``, and contributes **zero** gradient to q, k and v (no NaN).
+
+Backends inside the op (see :mod:`fastmim.ops._dispatch`): ``triton`` (``fastmim/kernels/attention.py``,
+CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) for fp16/bf16/fp32 and head dims up to
+256; ``reference`` (plain PyTorch, fp32 math; float64 inputs always take it). Inputs whose last
+dimension is not contiguous are copied once (``.contiguous()``); other strides are read as they are.
+
+:func:`attention` is the entry point of the models' attention module: it chooses between this op
+(``"fastmim"``), PyTorch SDPA, xformers and the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastmim.ops._dispatch import select_backend
+
+__all__ = ["ATTN_BACKENDS", "attention", "choose_attn_backend", "visible_attention", "visible_attention_reference"]
+
+ATTN_BACKENDS = ("fastmim", "sdpa", "xformers", "reference")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+_MAX_KERNEL_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the definition of the result
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_key_visible(key_visible: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``key_visible`` -> ``(key_index, key_mask)``: a boolean tensor is a mask, an integer one an index set."""
+    if key_visible is None:
+        return None, None
+    if key_visible.dtype == torch.bool:
+        return None, key_visible
+    return key_visible, None
+
+
+def _varlen_allowed(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T, T) boolean: row t may attend to column u iff both lie in the same sequence."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    seq_id = torch.searchsorted(cu_seqlens[1:].to(torch.int64), rows, right=True)
+    return seq_id[:, None] == seq_id[None, :]
+
+
+def _key_mask_from(key_index: torch.Tensor | None, key_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    if key_mask is not None:
+        return key_mask
+    if key_index is not None:
+        mask = torch.zeros(key_index.shape[0], length, dtype=torch.bool, device=key_index.device)
+        return mask.scatter(1, key_index.to(torch.int64), True)
+    return None
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _attention_math(q, k, v, allowed, scale):
+    """Softmax attention on (B, H, N, D) tensors; ``allowed`` broadcasts to (B, H, Nq, Nk) or is None.
+
+    ``lse_i = log sum_{j allowed} exp(s_ij)``, ``out_i = sum_{j allowed} exp(s_ij - lse_i) v_j`` with
+    ``s = scale * q k^T``; a row with no allowed key has ``out_i = 0``, ``lse_i = -inf``.
+    """
+    s = (q @ k.transpose(-2, -1)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    row_max = s.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # empty row: exp(-inf) = 0
+    e = torch.exp(s - row_max)
+    denom = e.sum(-1, keepdim=True)  # >= 1 unless the row is empty
+    out = (e @ v) / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+    lse = (row_max + denom.log()).squeeze(-1)
+    return out, lse
+
+
+def _to_bhnd(q, k, v, cu_seqlens, key_index, key_mask, upcast=True):
+    """Any mode as dense (B, H, N, D) math tensors plus the ``allowed`` pattern."""
+    dtype = _math_dtype(q.dtype) if upcast else q.dtype
+    if cu_seqlens is not None:
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0).to(dtype) for t in (q, k, v))  # (1, H, T, D)
+        return q4, k4, v4, _varlen_allowed(cu_seqlens, q.shape[0])
+    mask = _key_mask_from(key_index, key_mask, k.shape[2])
+    allowed = None if mask is None else mask[:, None, None, :]
+    return q.to(dtype), k.to(dtype), v.to(dtype), allowed
+
+
+def _from_bhnd(t: torch.Tensor, varlen: bool) -> torch.Tensor:
+    return t[0].transpose(0, 1) if varlen else t
+
+
+def visible_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                                key_visible: torch.Tensor | None = None, scale: float | None = None,
+                                return_lse: bool = False, upcast: bool = True):
+    """Plain-PyTorch attention over visible tokens (fp32 math, float64 for float64 inputs).
+
+    Same arguments as :func:`visible_attention`. ``out_i = sum_j softmax_j(scale * q_i . k_j) v_j`` over
+    the keys ``j`` that query ``i`` may see (its own sequence in varlen mode, the visible keys in
+    key-visibility mode); an empty key set gives ``out_i = 0`` and ``lse_i = -inf``. Returns ``out``
+    (dtype of q) and, if ``return_lse``, ``lse`` (float32; (B, H, Nq), or (H, T) in varlen mode).
+    ``upcast=False`` does the math in the input dtype: the error of that naive low-precision
+    attention is the yardstick the tests hold the kernels to.
+    """
+    del max_seqlen  # only a bound for the kernels' grid
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    key_index, key_mask = _split_key_visible(key_visible)
+    out, lse = _attention_math(*_to_bhnd(q, k, v, cu_seqlens, key_index, key_mask, upcast), scale)
+    varlen = cu_seqlens is not None
+    out = _from_bhnd(out, varlen).to(q.dtype)
+    lse = (lse[0] if varlen else lse).to(torch.promote_types(torch.float32, lse.dtype))
+    return (out, lse) if return_lse else out
+
+
+def _reference_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens, key_index, key_mask, scale):
+    """The gradient, written out: ``P = exp(s - lse)``, ``dV = P^T dO``, ``dP = dO V^T``,
+    ``dS = P * (dP - rowsum(dO * O) + dlse)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``."""
+    varlen = cu_seqlens is not None
+    q4, k4, v4, allowed = _to_bhnd(q, k, v, cu_seqlens, key_index, key_mask)
+    dtype = q4.dtype
+    go4, o4 = (t.transpose(0, 1).unsqueeze(0).to(dtype) if varlen else t.to(dtype) for t in (grad_out, out))
+    lse4 = (lse.unsqueeze(0) if varlen else lse).to(dtype)
+    lse4 = torch.where(lse4 == float("-inf"), float("inf"), lse4)  # empty row: P = 0
+    p = torch.exp((q4 @ k4.transpose(-2, -1)) * scale - lse4[..., None])
+    if allowed is not None:
+        p = p.masked_fill(~allowed, 0.0)
+    delta = (go4 * o4).sum(-1)
+    if grad_lse is not None:
+        delta = delta - (grad_lse.unsqueeze(0) if varlen else grad_lse).to(dtype)
+    ds = p * (go4 @ v4.transpose(-2, -1) - delta[..., None])
+    dq, dk, dv = (ds @ k4) * scale, (ds.transpose(-2, -1) @ q4) * scale, p.transpose(-2, -1) @ go4
+    return tuple(_from_bhnd(g, varlen).to(t.dtype) for g, t in zip((dq, dk, dv), (q, k, v), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops (torch.library): the forward returns (out, lse); the backward is an op too
+# ---------------------------------------------------------------------------------------------
+
+
+def _backend_for(q: torch.Tensor) -> str:
+    if q.dtype not in _KERNEL_DTYPES or q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
+        return "reference"
+    return select_backend("visible_attention", q.device, implemented=("reference", "triton"))
+
+
+@torch.library.custom_op("fastmim::visible_attention", mutates_args=())
+def _visible_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                          key_index: torch.Tensor | None, key_mask: torch.Tensor | None, max_seqlen: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _backend_for(q) == "triton":
+        from fastmim.kernels.attention import attention_forward
+
+        return attention_forward(q, k, v, scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                 key_index=key_index, key_mask=key_mask)
+    out, lse = _attention_math(*_to_bhnd(q, k, v, cu_seqlens, key_index, key_mask), scale)
+    varlen = cu_seqlens is not None
+    return _from_bhnd(out, varlen).to(q.dtype).contiguous(), (lse[0] if varlen else lse).contiguous()
+
+
+@_visible_attention_op.register_fake
+def _(q, k, v, cu_seqlens, key_index, key_mask, max_seqlen, scale):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else q.shape[:3]
+    lse = q.new_empty(lse_shape, dtype=_math_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("fastmim::visible_attention_backward", mutates_args=())
+def _visible_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
+                                   cu_seqlens: torch.Tensor | None, key_index: torch.Tensor | None,
+                                   key_mask: torch.Tensor | None, max_seqlen: int,
+                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _backend_for(q) == "triton":
+        from fastmim.kernels.attention import attention_backward
+
+        return attention_backward(grad_out.contiguous(), q, k, v, out, lse, scale, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen, key_index=key_index, key_mask=key_mask, grad_lse=grad_lse)
+    grads = _reference_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens, key_index, key_mask, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_visible_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens, key_index, key_mask, max_seqlen, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, key_index, key_mask, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_index, key_mask)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, key_index, key_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fastmim.visible_attention_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens,
+                                                              key_index, key_mask, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("fastmim::visible_attention", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"visible_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"visible_attention: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"visible_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"visible_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"visible_attention: scale must be a Python float or None, got {type(scale).__name__}")
+    if cu_seqlens is not None:
+        if key_visible is not None:
+            raise ValueError("visible_attention: key_visible is for the dense (B, H, L, D) layout, not with cu_seqlens")
+        if q.dim() != 3:
+            raise ValueError(f"visible_attention: with cu_seqlens, q must be packed (T, H, D), got shape {_shape(q)}")
+        if _shape(k) != _shape(q) or _shape(v) != _shape(q):
+            raise ValueError(f"visible_attention: with cu_seqlens, k and v must be shaped like q {_shape(q)}, "
+                             f"got k {_shape(k)}, v {_shape(v)}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+            got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+            raise TypeError(f"visible_attention: cu_seqlens must be an int32 tensor, got {got}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"visible_attention: cu_seqlens must be 1-D (B+1,) with B >= 1, got shape "
+                             f"{_shape(cu_seqlens)}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"visible_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"visible_attention: max_seqlen must be a Python int >= 1 bounding every sequence "
+                             f"length (no host sync is made to find it), got {max_seqlen!r}")
+        return
+    if max_seqlen is not None:
+        raise ValueError("visible_attention: max_seqlen is only meaningful with cu_seqlens")
+    if q.dim() != 4:
+        raise ValueError(f"visible_attention: q must be (B, H, N, D) (or (T, H, D) with cu_seqlens), got shape "
+                         f"{_shape(q)}")
+    if k.dim() != 4 or _shape(k) != _shape(v) or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"visible_attention: k and v must be (B, H, Nk, D) matching q {_shape(q)} in B, H, D, "
+                         f"got k {_shape(k)}, v {_shape(v)}")
+    if k.shape[2] == 0:
+        raise ValueError(f"visible_attention: k has no keys (shape {_shape(k)})")
+    if key_visible is None:
+        return
+    if not isinstance(key_visible, torch.Tensor):
+        raise TypeError(f"visible_attention: key_visible must be a tensor, got {type(key_visible).__name__}")
+    batch, length = q.shape[0], k.shape[2]
+    if q.shape[2] != length:
+        raise ValueError(f"visible_attention: key_visible needs q and k of the same length L, got q {_shape(q)}, "
+                         f"k {_shape(k)}")
+    if key_visible.device != q.device:
+        raise ValueError(f"visible_attention: key_visible is on {key_visible.device}, q on {q.device}")
+    if key_visible.dtype == torch.bool:
+        if _shape(key_visible) != (batch, length):
+            raise ValueError(f"visible_attention: boolean key_visible must be (B, L) = {(batch, length)}, "
+                             f"got {_shape(key_visible)}")
+    elif key_visible.dtype in (torch.int32, torch.int64):
+        if key_visible.dim() != 2 or key_visible.shape[0] != batch or key_visible.shape[1] > length:
+            raise ValueError(f"visible_attention: integer key_visible must be (B, K) = ({batch}, K <= {length}), "
+                             f"got {_shape(key_visible)}")
+    else:
+        raise TypeError(f"visible_attention: key_visible must be bool (B, L) or int32/int64 (B, K), "
+                        f"got {key_visible.dtype}")
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                      max_seqlen: int | None = None, key_visible: torch.Tensor | None = None,
+                      scale: float | None = None, return_lse: bool = False):
+    """Flash attention over visible tokens (dense, varlen packed, or key-visibility; see the module doc).
+
+    Args:
+        q, k, v: ``(B, H, N, D)`` (dense / key-visibility; k, v may have another length ``Nk`` when
+            ``key_visible`` is None) or ``(T, H, D)`` packed with ``cu_seqlens``. fp16, bf16, fp32
+            (float64 runs the reference).
+        cu_seqlens: ``(B+1,)`` int32 offsets of the packed sequences.
+        max_seqlen: Python int, an upper bound on the sequence lengths (required with ``cu_seqlens``).
+        key_visible: bool ``(B, L)`` mask or int ``(B, K)`` index set of the keys each sample's
+            queries may attend to.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of the scores (natural log), ``(B, H, N)`` or ``(H, T)``,
+            fp32 (float64 for float64 inputs); differentiable.
+
+    Returns ``out`` shaped like ``q`` (and ``lse``). An empty key set gives ``out = 0``, ``lse = -inf``.
+    """
+    _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    key_index, key_mask = _split_key_visible(key_visible)
+    if key_index is not None:
+        key_index = key_index.contiguous()
+    if key_mask is not None:
+        key_mask = key_mask.contiguous()
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    out, lse = _visible_attention_op(q, k, v, cu_seqlens, key_index, key_mask,
+                                     0 if max_seqlen is None else max_seqlen, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention backend of the models: fastmim | sdpa | xformers | reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _sdpa_key_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA gives NaN for a query with no allowed key: such samples see every key, and are zeroed after."""
+    nonempty = mask.any(-1, keepdim=True)
+    return mask | ~nonempty, nonempty
+
+
+def _varlen_pad_index(cu_seqlens: torch.Tensor, total: int, max_seqlen: int):
+    """(sequence id, position in sequence) of each packed row, and the (B, max_seqlen) validity mask."""
+    cu = cu_seqlens.to(torch.int64)
+    rows = torch.arange(total, device=cu.device)
+    seq_id = torch.searchsorted(cu[1:], rows, right=True)
+    pos = rows - cu[seq_id]
+    lengths = cu[1:] - cu[:-1]
+    valid = torch.arange(max_seqlen, device=cu.device)[None, :] < lengths[:, None]
+    return seq_id, pos, valid
+
+
+def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    """Packed varlen attention through padded SDPA: pad to (B, H, max_seqlen, D), mask padded keys, unpad."""
+    total, heads, dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    seq_id, pos, valid = _varlen_pad_index(cu_seqlens, total, max_seqlen)
+
+    def pad(t):
+        return t.new_zeros(batch, max_seqlen, heads, dim).index_put((seq_id, pos), t).transpose(1, 2)
+
+    key_mask, _ = _sdpa_key_mask(valid)
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_mask[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)[seq_id, pos]
+
+
+def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale):
+    if cu_seqlens is not None:
+        return sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    if key_visible is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    key_index, key_mask = _split_key_visible(key_visible)
+    key_mask, nonempty = _sdpa_key_mask(_key_mask_from(key_index, key_mask, k.shape[2]))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], scale=scale)
+    return out * nonempty[:, None, None, :].to(out.dtype)
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError as exc:
+        raise ImportError("attention backend 'xformers' was requested but xformers cannot be imported "
+                          f"({exc}); install xformers or use backend='fastmim' or 'sdpa'") from exc
+    return xops
+
+
+def _xformers_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale):
+    xops = _xformers_ops()
+    if key_visible is not None:
+        raise ValueError("attention backend 'xformers' does not support key_visible; use 'fastmim' or 'sdpa'")
+    if cu_seqlens is not None:
+        # BlockDiagonalMask needs the lengths on the host: a device sync (unlike backend='fastmim').
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        bias = xops.fmha.BlockDiagonalMask.from_seqlens(lengths)
+        return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+_CHOICE_CACHE: dict[tuple, str] = {}
+
+
+def _xformers_available() -> bool:
+    try:
+        _xformers_ops()
+    except ImportError:
+        return False
+    return True
+
+
+def _time_backend(backend: str, args: tuple, kwargs: dict, backward: bool, reps: int = 10) -> float:
+    q, k, v = (t.detach().clone().requires_grad_(backward) for t in args)
+
+    def step():
+        out = attention(q, k, v, backend=backend, **kwargs)
+        if backward:
+            out.backward(torch.ones_like(out))
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(q.device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    torch.cuda.synchronize(q.device)
+    return (time.perf_counter() - start) / reps
+
+
+def choose_attn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                        max_seqlen: int | None = None, key_visible: torch.Tensor | None = None,
+                        scale: float | None = None) -> str:
+    """The backend ``attention(..., backend=None)`` uses for these inputs.
+
+    ``FASTMIM_ATTN_BACKEND`` forces one. On CPU: ``"sdpa"``. On CUDA: the fastest of ``fastmim``,
+    ``sdpa`` (and ``xformers`` if importable and the mode is supported) measured once per
+    (device, mode, shape, dtype, grad) on the first eager call, like ``cudnn.benchmark``; while
+    ``torch.compile`` traces or a CUDA graph is captured, an unmeasured case takes ``"fastmim"``.
+    """
+    forced = os.environ.get("FASTMIM_ATTN_BACKEND") or None
+    if forced is not None:
+        if forced not in ATTN_BACKENDS:
+            raise ValueError(f"FASTMIM_ATTN_BACKEND must be one of {ATTN_BACKENDS}, got {forced!r}")
+        return forced
+    if q.device.type != "cuda":
+        return "sdpa"
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    mode = "varlen" if cu_seqlens is not None else ("keys" if key_visible is not None else "dense")
+    key = (q.device.index, mode, _shape(q), _shape(k), q.dtype, max_seqlen,
+           None if key_visible is None else (key_visible.dtype, _shape(key_visible)), needs_grad)
+    if key in _CHOICE_CACHE:
+        return _CHOICE_CACHE[key]
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return "fastmim"
+    candidates = ["fastmim", "sdpa"]
+    if key_visible is None and _xformers_available():
+        candidates.append("xformers")
+    kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_visible=key_visible, scale=scale)
+    with torch.enable_grad() if needs_grad else torch.no_grad():
+        times = {}
+        for backend in candidates:
+            try:
+                times[backend] = _time_backend(backend, (q, k, v), kwargs, needs_grad)
+            except (RuntimeError, ValueError):  # e.g. an SDPA kernel missing for this dtype / head dim
+                times[backend] = math.inf
+    _CHOICE_CACHE[key] = min(times, key=times.get)
+    return _CHOICE_CACHE[key]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+              key_visible: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Attention for the models' attention module: ``q, k, v (B, H, N, D)`` -> ``(B, H, N, D)``.
+
+    Same modes and arguments as :func:`visible_attention` (varlen ``(T, H, D)`` with ``cu_seqlens``
+    and ``max_seqlen``; ``key_visible`` mask or index set), computed by ``backend``:
+
+    - ``"fastmim"``: :func:`visible_attention` (Triton on CUDA);
+    - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (varlen padded to
+      ``max_seqlen``; key visibility as a boolean ``attn_mask``);
+    - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (dense and varlen, the latter with a
+      host sync to build its ``BlockDiagonalMask``); ImportError if xformers is missing;
+    - ``"reference"``: :func:`visible_attention_reference`;
+    - ``None``: :func:`choose_attn_backend`.
+
+    All backends give the same result up to rounding, including an empty key set (output 0).
+    """
+    if backend is None:
+        backend = choose_attn_backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                      key_visible=key_visible, scale=scale)
+    if backend == "fastmim":
+        return visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_visible=key_visible,
+                                 scale=scale)
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attention: backend must be one of {ATTN_BACKENDS} or None, got {backend!r}")
+    _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    if backend == "xformers":
+        return _xformers_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    return visible_attention_reference(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                       key_visible=key_visible, scale=scale)

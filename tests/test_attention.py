@@ -1,0 +1,449 @@
+"""visible_attention: Triton kernels and the reference against float64 math, in every mode.
+
+Tolerance rule (as in flash-attention's tests): the kernel's relative error against the float64
+reference must stay within twice the error of a naive attention computed in the same low
+precision (``upcast=False``), plus a small floor. Errors of order 1 (a missing key, a wrong
+row) are far above it. The CPU interpreter runs every (N, D) pair of the grid in one dtype; the
+full (N, D, dtype) grid and a few larger cases are marked ``cuda``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastmim.ops import use_backend
+from fastmim.ops.attention import (
+    ATTN_BACKENDS,
+    attention,
+    choose_attn_backend,
+    visible_attention,
+    visible_attention_reference,
+)
+from fastmim.testing import kernel_devices, poison_like, rel_error
+
+DEVICES = kernel_devices()
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Floor of the tolerance: rounding that a naive low-precision attention can dodge by luck.
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+N_VALUES = (1, 17, 50, 64, 197)
+HEAD_DIMS = (32, 64, 80, 128)
+# The CPU interpreter runs every (N, head dim) pair in one dtype (rotating through the three);
+# CUDA runs the full grid.
+PAIRS = [(n, d) for n in N_VALUES for d in HEAD_DIMS]
+CPU_GRID = [(n, d, DTYPES[i % len(DTYPES)]) for i, (n, d) in enumerate(PAIRS)]
+FULL_GRID = [(n, d, dt) for n, d in PAIRS for dt in DTYPES]
+GRID = [pytest.param(*c, marks=() if c in CPU_GRID else pytest.mark.cuda) for c in FULL_GRID]
+
+
+def _randn(*shape, dtype, device):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _forward_backward(fn, tensors, grad_out):
+    """``fn(*tensors)`` and the gradients of ``<out, grad_out>`` w.r.t. each tensor."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _check(fast, ref, tensors, dtype, device, names=("q", "k", "v")):
+    """Compare ``fast`` (on ``device``, in ``dtype``) with ``ref`` in float64 and in ``dtype`` (the yardstick)."""
+    cpu = [t.cpu() for t in tensors]
+    low = [t.to(dtype) for t in cpu]
+    grad_out = torch.randn_like(ref(*[t.double() for t in low])).float()
+    out64, grads64 = _forward_backward(ref, [t.double() for t in low], grad_out.double())
+    out_lp, grads_lp = _forward_backward(lambda *a: ref(*a, upcast=False), low, grad_out)
+    out, grads = _forward_backward(fast, [t.to(device) for t in low], grad_out.to(device))
+    for name, got, yard, want in zip(("out", *names), [out, *grads], [out_lp, *grads_lp], [out64, *grads64],
+                                     strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        err, err_lp = rel_error(got, want), rel_error(yard, want)
+        tol = 2 * err_lp + FLOOR[dtype]
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.2e} (naive {dtype} attention: {err_lp:.2e})"
+
+
+def _triton(fn):
+    def run(*args, **kwargs):
+        with use_backend("triton"):
+            return fn(*args, **kwargs)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# dense
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, head_dim, dtype", GRID)
+def test_dense_matches_reference(device, n, head_dim, dtype):
+    q, k, v = (_randn(1, 2, n, head_dim, dtype=torch.float32, device="cpu") for _ in range(3))
+    _check(_triton(visible_attention), visible_attention_reference, (q, k, v), dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_cross_lengths_strided_and_scale(device):
+    """k/v longer than q; q read through strides of a (B, N, H, D) buffer; explicit scale."""
+    q = _randn(2, 23, 3, 64, dtype=torch.float32, device="cpu").transpose(1, 2)  # non-contiguous view
+    k, v = (_randn(2, 3, 70, 64, dtype=torch.float32, device="cpu") for _ in range(2))
+    _check(_triton(lambda q, k, v: visible_attention(q, k, v, scale=0.3)),
+           lambda q, k, v, upcast=True: visible_attention_reference(q, k, v, scale=0.3, upcast=upcast),
+           (q, k, v), torch.float16, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [50, 197])
+def test_kernels_write_every_element(device, n, monkeypatch):
+    """Output, lse and gradients come from the kernels, not from what the memory held (NaN poison)."""
+    from fastmim.kernels import attention as kernels
+
+    q, k, v = (_randn(1, 2, n, 80, dtype=torch.bfloat16, device=device) for _ in range(3))
+    real_empty_like, real_empty = torch.empty_like, torch.empty
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison_like(real_empty_like(*a, **kw)))
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison_like(real_empty(*a, **kw)))
+    out, lse = kernels.attention_forward(q, k, v, 80**-0.5)
+    dq, dk, dv = kernels.attention_backward(torch.randn_like(out), q, k, v, out, lse, 80**-0.5)
+    monkeypatch.undo()
+    for t in (out, lse, dq, dk, dv):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_heads_per_program(device):
+    """A program covering several heads computes the same as one head per program."""
+    from fastmim.kernels.attention import attention_forward
+
+    q, k, v = (_randn(2, 4, 17, 32, dtype=torch.float16, device=device) for _ in range(3))
+    one, lse_one = attention_forward(q, k, v, 0.2, heads_per_program=1)
+    four, lse_four = attention_forward(q, k, v, 0.2, heads_per_program=4)
+    assert torch.equal(one, four) and torch.equal(lse_one, lse_four)
+    ref = visible_attention_reference(q.double(), k.double(), v.double(), scale=0.2)
+    assert rel_error(four, ref) < 2e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lse_and_its_gradient(device):
+    q, k, v = (_randn(1, 2, 33, 32, dtype=torch.float32, device="cpu") for _ in range(3))
+
+    def fast(q, k, v):
+        out, lse = visible_attention(q, k, v, return_lse=True)
+        return out.sum(-1) + lse  # a loss through both outputs
+
+    def ref(q, k, v, upcast=True):
+        out, lse = visible_attention_reference(q, k, v, return_lse=True, upcast=upcast)
+        return out.sum(-1) + lse.to(out.dtype)
+
+    _check(_triton(fast), ref, (q, k, v), torch.float32, device)
+
+
+def _out_plus_lse(out, lse):
+    return out.sum(-1) + lse
+
+
+def test_reference_gradcheck_float64():
+    """The reference backward (explicit formula, used by the op's reference backend) is the true gradient."""
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[True, False, True, True, False]])
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda q, k, v: visible_attention(q, k, v), (q, k, v))
+        assert torch.autograd.gradcheck(lambda q, k, v: visible_attention(q, k, v, key_visible=mask), (q, k, v))
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: visible_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                              cu_seqlens=cu, max_seqlen=3), (q, k, v))
+        assert torch.autograd.gradcheck(lambda q, k, v: _out_plus_lse(*visible_attention(q, k, v, return_lse=True)),
+                                        (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# varlen packed
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_sample_dense(lengths):
+    """Varlen attention computed as one dense reference call per sample (the definition)."""
+    def ref(q, k, v, upcast=True):
+        outs, start = [], 0
+        for n in lengths:
+            sl = slice(start, start + n)
+            dense = [t[sl].transpose(0, 1)[None] for t in (q, k, v)]
+            if n:  # a sequence of length 0 has no rows
+                outs.append(visible_attention_reference(*dense, upcast=upcast)[0].transpose(0, 1))
+            start += n
+        return torch.cat(outs)
+    return ref
+
+
+VARLEN_CASES = [
+    pytest.param([1, 17, 50], 32, torch.bfloat16, 64, id="short-bf16"),
+    pytest.param([50, 1, 0, 23], 80, torch.float16, 50, id="hd80-empty-seq"),
+    pytest.param([197, 64, 1], 32, torch.bfloat16, 197, id="decoder-len"),
+    pytest.param([64, 50, 17, 1, 197], 128, torch.float16, 256, marks=pytest.mark.cuda, id="hd128-loose-bound"),
+    pytest.param([20, 3], 128, torch.bfloat16, 32, id="hd128-loose-bound-small"),
+    pytest.param([49, 33, 1], 64, torch.float32, 49, id="fp32"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths, head_dim, dtype, max_seqlen", VARLEN_CASES)
+def test_varlen_equals_per_sample_dense(device, lengths, head_dim, dtype, max_seqlen):
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q, k, v = (_randn(total, 3, head_dim, dtype=torch.float32, device="cpu") for _ in range(3))
+    fast = _triton(lambda q, k, v: visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen))
+    _check(fast, _per_sample_dense(lengths), (q, k, v), dtype, device)
+    # The op's own reference (block-diagonal mask) agrees with the per-sample definition.
+    ref = visible_attention_reference(q.double(), k.double(), v.double(), cu_seqlens=cu.cpu(), max_seqlen=max_seqlen)
+    assert rel_error(ref, _per_sample_dense(lengths)(q.double(), k.double(), v.double())) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# key-visibility
+# ---------------------------------------------------------------------------------------------
+
+
+def _visible_sets(batch, length, num_visible, device):
+    ids = torch.stack([torch.randperm(length)[:num_visible] for _ in range(batch)]).to(device)
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=device).scatter(1, ids, True)
+    return ids, mask
+
+
+def _gathered_dense(ids):
+    """Key-visibility as dense attention on gathered keys (the definition)."""
+    def ref(q, k, v, upcast=True):
+        index = ids.cpu()[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        return visible_attention_reference(q, k.gather(2, index), v.gather(2, index), upcast=upcast)
+    return ref
+
+
+KEY_CASES = [
+    pytest.param(50, 13, 32, torch.bfloat16, id="L50-K13"),
+    pytest.param(197, 49, 32, torch.bfloat16, id="decoder-L197-K49"),
+    pytest.param(64, 64, 80, torch.float16, id="all-visible-hd80"),
+    pytest.param(17, 1, 64, torch.float16, id="one-key"),
+    pytest.param(197, 150, 128, torch.float16, marks=pytest.mark.cuda, id="L197-K150-hd128"),
+    pytest.param(40, 30, 128, torch.bfloat16, id="L40-K30-hd128"),
+    pytest.param(50, 20, 64, torch.float32, id="fp32"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["index", "mask"])
+@pytest.mark.parametrize("length, num_visible, head_dim, dtype", KEY_CASES)
+def test_key_visibility_equals_dense_on_gathered_keys(device, kind, length, num_visible, head_dim, dtype):
+    ids, mask = _visible_sets(2, length, num_visible, device)
+    key_visible = ids if kind == "index" else mask
+    q, k, v = (_randn(2, 2, length, head_dim, dtype=torch.float32, device="cpu") for _ in range(3))
+    fast = _triton(lambda q, k, v: visible_attention(q, k, v, key_visible=key_visible))
+    _check(fast, _gathered_dense(ids), (q, k, v), dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_visibility_invisible_keys_get_zero_gradient(device):
+    ids, mask = _visible_sets(2, 30, 7, device)
+    q, k, v = (_randn(2, 2, 30, 32, dtype=torch.float16, device=device).requires_grad_() for _ in range(3))
+    with use_backend("triton"):
+        visible_attention(q, k, v, key_visible=ids.to(torch.int32)).sum().backward()
+    hidden = ~mask[:, None, :, None].expand_as(k)
+    assert k.grad[hidden].abs().max() == 0 and v.grad[hidden].abs().max() == 0
+    assert v.grad[~hidden].abs().min() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# empty key set: output 0, lse -inf, zero gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["index", "mask"])
+def test_fully_masked_key_set(backend, kind):
+    if backend == "triton" and not DEVICES:
+        pytest.skip("no device for the Triton kernels")
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    length = 20
+    ids = torch.stack([torch.arange(0), torch.arange(0)]) if kind == "index" else None
+    mask = torch.zeros(2, length, dtype=torch.bool, device=device)
+    mask[1, :5] = True
+    key_visible = ids.to(device) if kind == "index" else mask
+    q, k, v = (_randn(2, 2, length, 32, dtype=torch.bfloat16, device=device).requires_grad_() for _ in range(3))
+    with use_backend(backend):
+        out, lse = visible_attention(q, k, v, key_visible=key_visible, return_lse=True)
+        out.backward(torch.randn_like(out))
+    empty = slice(None) if kind == "index" else 0
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert torch.all(lse[empty] == float("-inf"))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[empty], torch.zeros_like(t.grad[empty]))
+    if kind == "mask":  # the other sample is unaffected
+        ref = visible_attention_reference(q[1:].double(), k[1:, :, :5].double(), v[1:, :, :5].double())
+        assert rel_error(out[1:], ref) < 1.6e-2
+
+
+def test_fully_masked_key_set_sdpa_backend():
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 3:] = True
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, backend="sdpa", key_visible=mask)
+    out.sum().backward()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert all(torch.isfinite(t.grad).all() and torch.equal(t.grad[0], torch.zeros_like(t.grad[0])) for t in (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention(): the models' backend choice
+# ---------------------------------------------------------------------------------------------
+
+
+def _mode_inputs(mode):
+    if mode == "varlen":
+        cu = torch.tensor([0, 5, 6, 17], dtype=torch.int32)
+        return [torch.randn(17, 2, 32) for _ in range(3)], dict(cu_seqlens=cu, max_seqlen=11)
+    kwargs = {}
+    if mode == "index":
+        kwargs["key_visible"] = torch.stack([torch.randperm(12)[:5] for _ in range(2)])
+    if mode == "mask":
+        kwargs["key_visible"] = torch.rand(2, 12) < 0.5
+    return [torch.randn(2, 3, 12, 32) for _ in range(3)], kwargs
+
+
+@pytest.mark.parametrize("mode", ["dense", "varlen", "index", "mask"])
+@pytest.mark.parametrize("backend", ["fastmim", "sdpa", None])
+def test_attention_backends_agree(mode, backend):
+    tensors, kwargs = _mode_inputs(mode)
+    ref = attention(*tensors, backend="reference", **kwargs)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = attention(*leaves, backend=backend, **kwargs)
+    out.sum().backward()
+    assert rel_error(out, ref) < 1e-5
+    ref_leaves = [t.clone().requires_grad_() for t in tensors]
+    attention(*ref_leaves, backend="reference", **kwargs).sum().backward()
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        assert rel_error(got.grad, want.grad) < 1e-5
+
+
+def test_attention_backend_names_and_default():
+    q = torch.randn(1, 1, 4, 16)
+    assert ATTN_BACKENDS == ("fastmim", "sdpa", "xformers", "reference")
+    assert choose_attn_backend(q, q, q) == "sdpa"  # CPU default
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention(q, q, q, backend="flash")
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="xformers"):
+            attention(q, q, q, backend="xformers")
+
+
+def test_attention_backend_env_override(monkeypatch):
+    q = torch.randn(1, 1, 4, 16)
+    monkeypatch.setenv("FASTMIM_ATTN_BACKEND", "reference")
+    assert choose_attn_backend(q, q, q) == "reference"
+    monkeypatch.setenv("FASTMIM_ATTN_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="FASTMIM_ATTN_BACKEND"):
+        choose_attn_backend(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, cu_seqlens=None, key_visible=None):
+        qkv = self.qkv(x)
+        if cu_seqlens is not None:  # (T, C)
+            q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(1)
+            return visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=8).flatten(1)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        return visible_attention(q, k, v, key_visible=key_visible).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("mode", ["dense", "varlen", "index"])
+def test_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    block = _Block()
+    if mode == "varlen":
+        x, kwargs = torch.randn(13, 32), dict(cu_seqlens=torch.tensor([0, 8, 13], dtype=torch.int32))
+    else:
+        x = torch.randn(2, 10, 32)
+        kwargs = dict(key_visible=torch.tensor([[0, 3, 4], [9, 1, 2]])) if mode == "index" else {}
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, **kwargs)
+    out.sum().backward()
+    assert torch.allclose(out, block(x, **kwargs), atol=1e-6)
+    assert block.qkv.weight.grad is not None and torch.isfinite(block.qkv.weight.grad).all()
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(7, 2, 80, dtype=torch.bfloat16)
+        out, lse = visible_attention(q, q, q, cu_seqlens=torch.empty(3, dtype=torch.int32), max_seqlen=4,
+                                     return_lse=True)
+        assert out.shape == (7, 2, 80) and lse.shape == (2, 7) and lse.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    x = torch.randn(2, 3, 8, 16)
+    p = torch.randn(8, 3, 16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    return [
+        ((x, x, x.half()), {}, TypeError, "share a dtype"),
+        ((x.int(), x, x), {}, TypeError, "q must be float16"),
+        ((x[0], x[0], x[0]), {}, ValueError, r"q must be \(B, H, N, D\)"),
+        ((x, x[:, :2], x[:, :2]), {}, ValueError, "k and v must be"),
+        ((x, x[..., :0, :], x[..., :0, :]), {}, ValueError, "no keys"),
+        ((p, p, p), dict(cu_seqlens=cu), ValueError, "max_seqlen must be a Python int"),
+        ((p, p, p), dict(cu_seqlens=cu, max_seqlen=torch.tensor(5)), ValueError, "max_seqlen must be a Python int"),
+        ((p, p, p), dict(cu_seqlens=cu.long(), max_seqlen=5), TypeError, "cu_seqlens must be an int32"),
+        ((p, p, p), dict(cu_seqlens=cu[:1], max_seqlen=5), ValueError, r"cu_seqlens must be 1-D \(B\+1,\)"),
+        ((x, x, x), dict(cu_seqlens=cu, max_seqlen=5), ValueError, r"q must be packed \(T, H, D\)"),
+        ((p, p[:5], p[:5]), dict(cu_seqlens=cu, max_seqlen=5), ValueError, "shaped like q"),
+        ((x, x, x), dict(max_seqlen=5), ValueError, "only meaningful with cu_seqlens"),
+        ((p, p, p), dict(cu_seqlens=cu, max_seqlen=5, key_visible=torch.ones(2, 8, dtype=torch.bool)),
+         ValueError, "not with cu_seqlens"),
+        ((x, x, x), dict(key_visible=torch.ones(2, 7, dtype=torch.bool)), ValueError, r"boolean key_visible must"),
+        ((x, x, x), dict(key_visible=torch.zeros(2, 9, dtype=torch.int64)), ValueError, "integer key_visible must"),
+        ((x, x, x), dict(key_visible=torch.zeros(2, 3)), TypeError, "key_visible must be bool"),
+        ((x, torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)),
+         dict(key_visible=torch.zeros(2, 3, dtype=torch.int64)), ValueError, "same length L"),
+        ((x, x, x), dict(scale="big"), TypeError, "scale must be"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_inputs(case):
+    args, kwargs, error, match = _bad_cases()[case]
+    with pytest.raises(error, match=match):
+        visible_attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="kernels not runnable here")
+def test_kernel_module_imports_only_torch_and_triton():
+    import ast
+    import inspect
+
+    from fastmim.kernels import attention as kernels
+
+    tree = ast.parse(inspect.getsource(kernels))
+    roots = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert roots <= {"__future__", "os", "torch", "triton"}
