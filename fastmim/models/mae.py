@@ -22,6 +22,7 @@ and official training scripts run unchanged. What it adds:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -42,28 +43,29 @@ from fastmim.models.vit import (
 
 
 class PackedTokens(NamedTuple):
-    """Variable-length token sequences packed along one axis.
+    """Variable-length token sequences packed along one axis (the per-sample mask ratio path).
 
-    ``tokens``: ``(total, D)``, sequence ``s`` at rows ``cu_seqlens[s]:cu_seqlens[s + 1]``
-    (each one cls token then that sample's visible tokens); ``max_seqlen``: the longest, a
-    Python int; ``index``: ``(total,)`` row of each token in the ``(B * (L + 1))`` flattened
-    shuffled sequence (``[cls, ids_shuffle...]`` per sample); ``lengths``: each sequence's
-    length on the host.
+    ``tokens``: ``(B + T, D)``; sample ``b`` at rows ``cu_seqlens[b]:cu_seqlens[b + 1]``: its cls
+    token, then its ``K_b`` visible tokens in shuffled order (the layout of
+    ``fastmim.ops.gather_visible`` with ``cls_token`` and ``cu_seqlens``). ``max_seqlen``: the
+    longest sequence (cls included), a Python int. ``visible_cu_seqlens``: the same offsets
+    without the cls rows (``(B + 1,)`` int32, cumulative ``K_b``). ``num_visible``: the ``K_b``
+    on the host.
     """
 
     tokens: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    index: torch.Tensor
-    lengths: tuple[int, ...]
+    visible_cu_seqlens: torch.Tensor
+    num_visible: tuple[int, ...]
 
 
 class _Masking(NamedTuple):
-    ids_keep: torch.Tensor | None  # (B, K): dense only
+    ids_keep: torch.Tensor  # (B, K), or packed (T,) with cu_seqlens
     ids_restore: torch.Tensor  # (B, L)
-    mask: torch.Tensor  # (B, L) float, 1 = removed
-    ids_shuffle: torch.Tensor | None  # (B, L) when known
-    num_visible: list[int] | None  # per sample, packed only
+    mask: torch.Tensor  # (B, L) float32, 1 = removed
+    cu_seqlens: torch.Tensor | None  # (B + 1,) int32 cumulative keep counts: packed only
+    num_visible: tuple[int, ...] | None  # per sample: packed only
 
 
 def _num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -119,7 +121,7 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)  # fixed
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 0 else []
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule of timm
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=dpr[i],
                   attn_backend=block_backend)
@@ -222,28 +224,34 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _masking(self, batch: int, device: torch.device, mask_ratio: float | list[float],
                  noise: torch.Tensor | None) -> _Masking:
-        """Indices and mask for the fused dense path and for every packed path."""
+        """Keep indices, ``ids_restore`` and mask: fastmim's ``random_masking`` (counter-based RNG,
+        seeded from the default torch generator), or ``argsort(noise)`` when ``noise`` is given or
+        the model is not fused (the official rule)."""
         length = self.num_patches
         if noise is not None and tuple(noise.shape) != (batch, length):
             raise ValueError(f"noise must be (B, L) = {(batch, length)}, got {tuple(noise.shape)}")
-        if isinstance(mask_ratio, float):
-            keep = _num_visible(length, mask_ratio)
-            random_masking = self._fused_op("random_masking")
-            if noise is None and random_masking is not None:
-                ids_keep, ids_restore, mask = random_masking(batch, length, mask_ratio, device=device)
-                return _Masking(ids_keep, ids_restore, mask, None, None)
-            ids_shuffle = torch.argsort(noise if noise is not None else torch.rand(batch, length, device=device), dim=1)
-            ids_restore = torch.argsort(ids_shuffle, dim=1)
-            mask = (ids_restore >= keep).to(torch.float32)
-            return _Masking(ids_shuffle[:, :keep], ids_restore, mask, ids_shuffle, None)
-        counts = [_num_visible(length, r) for r in mask_ratio]
+        per_sample = not isinstance(mask_ratio, float)
+        counts = [_num_visible(length, r) for r in mask_ratio] if per_sample else _num_visible(length, mask_ratio)
+        random_masking = self._fused_op("random_masking")
+        if noise is None and random_masking is not None:
+            if per_sample:
+                m = random_masking(batch, length, num_keep=counts, device=device)
+                return _Masking(m.ids_keep, m.ids_restore, m.mask, m.cu_seqlens, tuple(counts))
+            m = random_masking(batch, length, mask_ratio, device=device)
+            return _Masking(m.ids_keep, m.ids_restore, m.mask, None, None)
         if noise is None:
             noise = torch.rand(batch, length, device=device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
+        if not per_sample:
+            mask = (ids_restore >= counts).to(torch.float32)
+            return _Masking(ids_shuffle[:, :counts], ids_restore, mask, None, None)
         keep = torch.tensor(counts, device=device)
         mask = (ids_restore >= keep[:, None]).to(torch.float32)
-        return _Masking(None, ids_restore, mask, ids_shuffle, counts)
+        # Packed keep indices built from host-known counts: no device sync.
+        rows = torch.cat([torch.arange(k) + b * length for b, k in enumerate(counts)]).to(device)
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=device)
+        return _Masking(ids_shuffle.reshape(-1)[rows], ids_restore, mask, cu_seqlens, tuple(counts))
 
     # ------------------------------------------------------------------ encoder
     def _check_inputs(self, imgs: torch.Tensor) -> None:
@@ -259,46 +267,46 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return x
 
-    def _pack_visible(self, x: torch.Tensor, cls: torch.Tensor, masking: _Masking) -> PackedTokens:
-        """``[cls, visible tokens]`` of every sample packed into ``(total, D)``."""
+    def _gather_visible(self, x: torch.Tensor, masking: _Masking) -> torch.Tensor:
+        """``[cls + pos, visible tokens + pos]`` per sample: ``(B, K + 1, D)``, or packed ``(B + T, D)``."""
+        gather_visible = self._fused_op("gather_visible")
+        if gather_visible is not None:
+            max_seqlen = None if masking.num_visible is None else max(masking.num_visible)
+            return gather_visible(x, masking.ids_keep, self.pos_embed, cls_token=self.cls_token,
+                                  cu_seqlens=masking.cu_seqlens, max_seqlen=max_seqlen)
         batch, length, dim = x.shape
-        counts = masking.num_visible
-        x = torch.gather(x, 1, masking.ids_shuffle.unsqueeze(-1).expand(-1, -1, dim))
-        seq = torch.cat([cls.expand(batch, -1, -1), x], dim=1).reshape(batch * (length + 1), dim)
-        # Index built on the host from the host-known counts: no device sync.
-        index = torch.cat([torch.arange(k + 1) + b * (length + 1) for b, k in enumerate(counts)]).to(x.device)
-        offsets = [0]
-        for k in counts:
-            offsets.append(offsets[-1] + k + 1)
-        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=x.device)
-        lengths = tuple(k + 1 for k in counts)
-        return PackedTokens(seq.index_select(0, index), cu_seqlens, max(lengths), index, lengths)
+        x = x + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype)
+        if masking.num_visible is None:
+            x = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+            return torch.cat((cls.expand(batch, -1, -1), x), dim=1)
+        # Packed: sample b's rows are [cls, x[b, its kept ids]]; one index into the rows [cls; x].
+        counts = torch.tensor(masking.num_visible)
+        batch_of_row = torch.repeat_interleave(torch.arange(batch), counts).to(x.device)
+        out_rows = torch.arange(batch_of_row.shape[0], device=x.device) + batch_of_row + 1  # after b + 1 cls rows
+        src = torch.zeros(batch_of_row.shape[0] + batch, dtype=torch.long, device=x.device)
+        src = src.index_put((out_rows,), masking.ids_keep + batch_of_row * length + 1)
+        return torch.cat([cls.reshape(1, dim), x.reshape(batch * length, dim)]).index_select(0, src)
 
     def _encode_masked(self, imgs: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None,
-                       ) -> tuple[torch.Tensor | PackedTokens, torch.Tensor, torch.Tensor, _Masking | None]:
-        """Encoder on the visible tokens, before the final norm: ``(x, mask, ids_restore, masking)``."""
+                       ) -> tuple[torch.Tensor | PackedTokens, torch.Tensor, torch.Tensor]:
+        """Encoder on the visible tokens, before the final norm: ``(x, mask, ids_restore)``."""
         self._check_inputs(imgs)
         mask_ratio = _normalize_mask_ratio(mask_ratio, imgs.shape[0])
         x = self.patch_embed(imgs)
-        cls = self.cls_token + self.pos_embed[:, :1, :]
         if isinstance(mask_ratio, float) and not self.fused:
-            # The official steps, in the official order (same RNG draws as models_mae.py).
+            # The official steps, in the official order (the same RNG draws as models_mae.py).
             x = x + self.pos_embed[:, 1:, :]
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+            cls = self.cls_token + self.pos_embed[:, :1, :]
             x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)
-            return self._run_blocks(x, self.blocks), mask, ids_restore, None
+            return self._run_blocks(x, self.blocks), mask, ids_restore
         masking = self._masking(imgs.shape[0], imgs.device, mask_ratio, noise)
-        gather_visible = self._fused_op("gather_visible")
-        if masking.num_visible is None:
-            if gather_visible is not None:
-                x = gather_visible(x, masking.ids_keep, pos_embed=self.pos_embed[0, 1:, :])
-            else:
-                x = x + self.pos_embed[:, 1:, :]
-                x = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            x = torch.cat((cls.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        else:
-            x = self._pack_visible(x + self.pos_embed[:, 1:, :], cls, masking)
-        return self._run_blocks(x, self.blocks), masking.mask, masking.ids_restore, masking
+        x = self._gather_visible(x, masking)
+        if masking.num_visible is not None:
+            with_cls = masking.cu_seqlens + torch.arange(imgs.shape[0] + 1, device=imgs.device, dtype=torch.int32)
+            x = PackedTokens(x, with_cls, max(masking.num_visible) + 1, masking.cu_seqlens, masking.num_visible)
+        return self._run_blocks(x, self.blocks), masking.mask, masking.ids_restore
 
     def _apply_norm(self, x: torch.Tensor | PackedTokens, norm: nn.Module) -> torch.Tensor | PackedTokens:
         return x._replace(tokens=norm(x.tokens)) if isinstance(x, PackedTokens) else norm(x)
@@ -308,25 +316,27 @@ class MaskedAutoencoderViT(nn.Module):
 
         With a per-sample ``mask_ratio`` the latent is a :class:`PackedTokens`.
         """
-        latent, mask, ids_restore, _ = self._encode_masked(x, mask_ratio, noise)
+        latent, mask, ids_restore = self._encode_masked(x, mask_ratio, noise)
         return self._apply_norm(latent, self.norm), mask, ids_restore
 
     # ------------------------------------------------------------------ decoder
     def _decoder_input(self, x: torch.Tensor | PackedTokens, ids_restore: torch.Tensor) -> torch.Tensor:
         """Decoder tokens ``(B, L + 1, Dd)``: visible tokens back in place, mask tokens elsewhere, + pos embed."""
-        if isinstance(x, PackedTokens):
-            tokens = self.decoder_embed(x.tokens)
-            batch, length = ids_restore.shape
-            dim = tokens.shape[-1]
-            filler = self.mask_token.reshape(1, dim).to(tokens.dtype).expand(batch * (length + 1), dim)
-            full = filler.index_copy(0, x.index, tokens).reshape(batch, length + 1, dim)
-            body = torch.gather(full[:, 1:], 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
-            return torch.cat([full[:, :1], body], dim=1) + self.decoder_pos_embed
-        x = self.decoder_embed(x)
+        packed = isinstance(x, PackedTokens)
+        tokens = self.decoder_embed(x.tokens if packed else x)
         unshuffle = self._fused_op("unshuffle")
         if unshuffle is not None:
-            return unshuffle(x, ids_restore, self.mask_token.reshape(-1), pos_embed=self.decoder_pos_embed[0],
-                             has_cls=True)
+            return unshuffle(tokens, ids_restore, self.mask_token, self.decoder_pos_embed, has_cls=True,
+                             cu_seqlens=x.visible_cu_seqlens if packed else None)
+        if packed:  # scatter each sample's [cls, visible] rows into a (B, L + 1) shuffled sequence first
+            batch, length = ids_restore.shape
+            dim = tokens.shape[-1]
+            rows = torch.cat([torch.arange(k + 1) + b * (length + 1) for b, k in enumerate(x.num_visible)])
+            filler = self.mask_token.reshape(1, dim).to(tokens.dtype).expand(batch * (length + 1), dim)
+            full = filler.index_copy(0, rows.to(tokens.device), tokens).reshape(batch, length + 1, dim)
+            body = torch.gather(full[:, 1:], 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+            return torch.cat([full[:, :1], body], dim=1) + self.decoder_pos_embed
+        x = tokens
         mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
         x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
@@ -334,58 +344,59 @@ class MaskedAutoencoderViT(nn.Module):
         return x + self.decoder_pos_embed
 
     def forward_decoder(self, x: torch.Tensor | PackedTokens, ids_restore: torch.Tensor,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
+                        ids_masked: torch.Tensor | None = None) -> torch.Tensor:
         """``latent -> pred`` ``(B, L, p*p*C)``.
 
-        With ``pred_masked_only`` (pass ``mask``) only the masked tokens reach ``decoder_pred``:
-        ``(B, L - K, p*p*C)``, or ``(total masked, p*p*C)`` for a packed latent, in
-        ``mask.bool()`` order (sample by sample, increasing patch index).
+        With ``ids_masked`` (see :meth:`masked_ids`; ``forward`` passes it when
+        ``pred_masked_only``) only those tokens reach ``decoder_pred``: ``(B, L - K, p*p*C)``, or
+        ``(total masked, p*p*C)`` for a packed latent, in ``mask.bool()`` order.
         """
         tokens = self._decoder_input(x, ids_restore)
         tokens = self._run_blocks(tokens, self.decoder_blocks)
         tokens = self.decoder_norm(tokens)[:, 1:, :]
-        if self.pred_masked_only:
-            if mask is None:
-                raise ValueError("pred_masked_only=True: forward_decoder needs the mask")
-            tokens = self._select_masked(tokens, mask, _visible_counts(x))
+        if ids_masked is not None:
+            tokens = _take_rows(tokens, ids_masked)
         return self.decoder_pred(tokens)
 
     @staticmethod
-    def _select_masked(t: torch.Tensor, mask: torch.Tensor, num_visible: int | list[int]) -> torch.Tensor:
-        """Rows of ``t`` (``(B, L, C)``) at the masked patches, in ``mask.bool()`` order.
+    def masked_ids(mask: torch.Tensor, num_visible: int | Sequence[int] | None = None) -> torch.Tensor:
+        """Indices of the masked patches, in ``mask.bool()`` order (sample by sample, increasing patch index).
 
         ``num_visible`` (host ints, so no device sync): one count for a dense batch ->
-        ``(B, L - K, C)``; one per sample -> packed ``(sum(L - K_b), C)``.
+        ``(B, L - K)`` patch indices; one per sample -> packed ``(sum(L - K_b),)`` indices
+        ``b * L + l``. ``None`` reads the counts from ``mask`` (a device sync).
         """
-        batch, length, channels = t.shape
+        batch, length = mask.shape
+        if num_visible is None:
+            counts = (length - mask.sum(dim=1)).round().long().tolist()
+            num_visible = counts[0] if len(set(counts)) == 1 else counts
         order = torch.argsort(mask, dim=1, stable=True)  # visible first, then masked, each by patch index
         if isinstance(num_visible, int):
-            return torch.gather(t, 1, order[:, num_visible:].unsqueeze(-1).expand(-1, -1, channels))
-        rows = torch.cat([torch.arange(k, length) + b * length for b, k in enumerate(num_visible)]).to(t.device)
-        flat = (order + torch.arange(batch, device=t.device)[:, None] * length).reshape(-1)[rows]
-        return t.reshape(batch * length, channels).index_select(0, flat)
+            return order[:, num_visible:]
+        rows = torch.cat([torch.arange(k, length) + b * length for b, k in enumerate(num_visible)]).to(mask.device)
+        return (order + torch.arange(batch, device=mask.device)[:, None] * length).reshape(-1)[rows]
 
     # ------------------------------------------------------------------ loss
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                     ids_masked: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error on the removed patches (normalised per patch when ``norm_pix_loss``).
 
-        ``pred``: ``(B, L, p*p*C)``, or the masked rows only (``pred_masked_only``).
+        ``pred``: ``(B, L, p*p*C)``, or the rows at ``ids_masked`` only (``pred_masked_only``;
+        when ``ids_masked`` is not given it is recomputed from ``mask``).
         """
+        if ids_masked is None and not (pred.dim() == 3 and pred.shape[1] == mask.shape[1]):
+            ids_masked = self.masked_ids(mask, mask.shape[1] - pred.shape[1] if pred.dim() == 3 else None)
         masked_patch_mse = self._fused_op("masked_patch_mse")
-        if masked_patch_mse is not None and pred.dim() == 3 and pred.shape[1] == mask.shape[1]:
-            return masked_patch_mse(pred, imgs, mask, patch_size=self.patch_size, norm_pix=self.norm_pix_loss)
+        if masked_patch_mse is not None:
+            return masked_patch_mse(pred, imgs, None if ids_masked is not None else mask, patch_size=self.patch_size,
+                                    norm_pix=self.norm_pix_loss, ids_masked=ids_masked)
         target = self.patchify(imgs)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.e-6)**.5
-        if pred.dim() == 2 or pred.shape[1] != mask.shape[1]:  # masked rows only: every row counts
-            if pred.dim() == 3:
-                num_visible = mask.shape[1] - pred.shape[1]
-            else:  # packed: per-sample counts read back from the mask (this path syncs once)
-                num_visible = (mask.shape[1] - mask.sum(dim=1)).long().tolist()
-            target = self._select_masked(target, mask, num_visible)
-            return ((pred - target) ** 2).mean()
+        if ids_masked is not None:  # every row of pred is a masked patch
+            return ((pred - _take_rows(target, ids_masked)) ** 2).mean()
         loss = (pred - target) ** 2
         loss = loss.mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
@@ -397,8 +408,9 @@ class MaskedAutoencoderViT(nn.Module):
         (``(B, L)``, optional): the masking noise, for reproducible masks across models.
         """
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore, mask)
-        loss = self.forward_loss(imgs, pred, mask)
+        ids_masked = self.masked_ids(mask, _visible_counts(latent)) if self.pred_masked_only else None
+        pred = self.forward_decoder(latent, ids_restore, ids_masked)
+        loss = self.forward_loss(imgs, pred, mask, ids_masked)
         return loss, pred, mask
 
     # ------------------------------------------------------------------ evaluation
@@ -419,10 +431,17 @@ class MaskedAutoencoderViT(nn.Module):
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
 
 
+def _take_rows(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``t[b, ids[b, k]]`` for ``(B, K)`` ids, or ``t.flatten(0, 1)[ids]`` for packed ``(T,)`` ids."""
+    if ids.dim() == 2:
+        return torch.gather(t, 1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    return t.reshape(-1, t.shape[-1]).index_select(0, ids)
+
+
 def _visible_counts(latent: torch.Tensor | PackedTokens) -> int | list[int]:
     """Visible patches per sample, from the latent's shape (dense) or its host-side lengths (packed)."""
     if isinstance(latent, PackedTokens):
-        return [n - 1 for n in latent.lengths]
+        return list(latent.num_visible)
     return latent.shape[1] - 1
 
 

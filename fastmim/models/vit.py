@@ -21,6 +21,11 @@ from timm.layers import Mlp, PatchEmbed  # noqa: F401  (re-exported: the models 
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
+try:
+    from fastmim.ops.attention import attention as _ops_attention
+except ImportError:  # the attention op family is not part of this checkout yet
+    _ops_attention = None
+
 ATTN_BACKENDS = ("fastmim", "sdpa", "xformers", "reference")
 
 
@@ -113,17 +118,11 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ba
     """Attention over ``(B, H, N, D)`` (or packed ``(total, H, D)`` with ``cu_seqlens``) on ``backend``.
 
     ``backend``: ``"fastmim"`` (fastmim's ``visible_attention``), ``"sdpa"``, ``"xformers"``,
-    ``"reference"`` (the score matrix materialised), or ``None`` (fastmim's choice for the
-    device). Until fastmim's attention op is importable, ``"fastmim"``/``None`` fall back to SDPA.
+    ``"reference"``, or ``None`` (``fastmim.ops.attention.choose_attn_backend``: measured once per
+    shape on CUDA, SDPA on CPU). See ``fastmim.ops.attention.attention``.
     """
-    try:
-        from fastmim.ops import attention as _attn_ops
-    except ImportError:
-        _attn_ops = None
-    if _attn_ops is not None and backend in (None, "fastmim"):
-        if cu_seqlens is not None:
-            return _attn_ops.visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return _attn_ops.visible_attention(q, k, v)
+    if _ops_attention is not None:
+        return _ops_attention(q, k, v, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     backend = "sdpa" if backend in (None, "fastmim") else backend
     if cu_seqlens is not None:
         return _varlen_attention_fallback(q, k, v, cu_seqlens, backend)
