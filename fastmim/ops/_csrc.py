@@ -1,22 +1,162 @@
-"""Loader of the compiled extension ``fastmim._C`` (CPU C++ and CUDA ops from ``csrc/``).
+"""Loader of the compiled extension (CPU C++ and CUDA ops from ``csrc/``).
 
-Importing ``fastmim._C`` registers the ``torch.ops.fastmim.*`` kernels it holds; the package
-works without it (the dispatcher falls back and ``fastmim info`` says why).
+Loading it registers the ``torch.ops.fastmim.csrc_*`` ops. In order:
+
+1. ``FASTMIM_NO_EXT=1`` skips the extension entirely;
+2. the prebuilt module ``fastmim._C`` (built by ``setup.py``) if it imports;
+3. in a source tree (``csrc/`` next to the package, e.g. an editable install), a just-in-time
+   build with ``torch.utils.cpp_extension.load`` into a cache folder
+   (``$FASTMIM_EXT_DIR``, default ``~/.cache/fastmim/torch_extensions/<python>-<torch>-<cpu|cuda>``).
+   The first build takes a minute or two (a message says so); later processes reuse it, and
+   a failed build is remembered for the same sources so it is not retried on every import.
+
+The package works without the extension: the dispatcher falls back to the other backends and
+:func:`load_error` says why (``fastmim info`` prints it). ``setup.py`` builds the same sources
+with the same flags through :func:`extension_kwargs`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_CSRC = _REPO_ROOT / "csrc"
+_JIT_NAME = "fastmim_C"
+
+_CPU_SOURCES = ("csrc/registration.cpp", "csrc/cpu/token_ops.cpp", "csrc/cpu/loss.cpp")
+_CUDA_SOURCES = ("csrc/cuda/token_ops.cu", "csrc/cuda/loss.cu")
+_CUDA_ARCHS = ("80", "90")
+
+
+def cuda_arch_flags() -> list[str]:
+    """``-gencode`` flags for sm_80 and sm_90 (plus PTX for newer GPUs).
+
+    Empty when ``TORCH_CUDA_ARCH_LIST`` is set: torch's build then derives the flags from it.
+    """
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    flags = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in _CUDA_ARCHS]
+    flags.append(f"-gencode=arch=compute_{_CUDA_ARCHS[-1]},code=compute_{_CUDA_ARCHS[-1]}")
+    return flags
+
+
+def extension_kwargs(with_cuda: bool) -> dict:
+    """Sources (relative to the repository root) and compiler flags of the extension.
+
+    ``setup.py`` passes them to ``CppExtension``/``CUDAExtension("fastmim._C", **kwargs)``;
+    the just-in-time build uses the same ones.
+    """
+    cxx = ["-O3"]
+    sources = list(_CPU_SOURCES)
+    extra: dict[str, list[str]] = {"cxx": cxx}
+    if with_cuda:
+        sources += _CUDA_SOURCES
+        cxx.append("-DFASTMIM_WITH_CUDA")
+        extra["nvcc"] = ["-O3", "-DFASTMIM_WITH_CUDA", "--expt-relaxed-constexpr", *cuda_arch_flags()]
+    return {"sources": sources, "extra_compile_args": extra}
+
+
+def cuda_buildable() -> bool:
+    """True when the CUDA sources can be compiled here: a CUDA build of torch and ``nvcc``."""
+    from torch.utils import cpp_extension
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _cache_dir(with_cuda: bool) -> Path:
+    root = os.environ.get("FASTMIM_EXT_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "fastmim" / "torch_extensions"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    tag = f"{python}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
+    return base / tag.replace("+", "_")
+
+
+def _sources_digest(kwargs: dict) -> str:
+    digest = hashlib.sha256(repr(kwargs["extra_compile_args"]).encode())
+    for path in sorted(set(kwargs["sources"]) | {str(p.relative_to(_REPO_ROOT)) for p in _CSRC.rglob("*.h")}):
+        digest.update(path.encode())
+        digest.update((_REPO_ROOT / path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _jit_build() -> None:
+    """Compile ``csrc/`` with ``torch.utils.cpp_extension.load`` (cached) and load it."""
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise ImportError("no C++ compiler found (set CXX or install g++/clang++)")
+    with_cuda = cuda_buildable() and torch.cuda.is_available()
+    kwargs = extension_kwargs(with_cuda)
+    build_dir = _cache_dir(with_cuda)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    failed_marker = build_dir / f"failed-{_sources_digest(kwargs)}.txt"
+    if failed_marker.exists():
+        raise ImportError(f"an earlier build of these sources failed (log: {failed_marker}; delete it to retry)")
+    if not (build_dir / f"{_JIT_NAME}.so").exists():
+        print(f"fastmim: compiling the C++ extension once into {build_dir} (a minute or two)...", file=sys.stderr)
+    flags = kwargs["extra_compile_args"]
+    try:
+        cpp_extension.load(
+            name=_JIT_NAME,
+            sources=[str(_REPO_ROOT / s) for s in kwargs["sources"]],
+            extra_cflags=flags["cxx"],
+            extra_cuda_cflags=flags.get("nvcc"),
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=False,
+        )
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        failed_marker.write_text(f"{type(exc).__name__}: {exc}\n")
+        raise ImportError(f"building the C++ extension failed: {exc}") from exc
+
+
+def _register_fakes() -> None:
+    """Fake (shape-only) kernels of the random ops, which write to a ``device`` argument."""
+
+    @torch.library.register_fake("fastmim::csrc_random_permutation")
+    def _(seed, batch, num_patches, device):
+        return (torch.empty(batch, num_patches, dtype=torch.int64, device=device),
+                torch.empty(batch, num_patches, dtype=torch.int64, device=device))
+
+    @torch.library.register_fake("fastmim::csrc_random_masking")
+    def _(seed, batch, num_patches, num_keep, device):
+        return (torch.empty(batch, num_keep, dtype=torch.int64, device=device),
+                torch.empty(batch, num_patches, dtype=torch.int64, device=device),
+                torch.empty(batch, num_patches, dtype=torch.float32, device=device))
+
+    @torch.library.register_fake("fastmim::csrc_random_masking_varlen")
+    def _(seed, cu_seqlens, batch, num_patches, total, device):
+        return (torch.empty(total, dtype=torch.int64, device=device),
+                torch.empty(batch, num_patches, dtype=torch.int64, device=device),
+                torch.empty(batch, num_patches, dtype=torch.float32, device=device))
 
 
 @functools.cache
 def load_error() -> str | None:
-    """``None`` once ``fastmim._C`` is loaded, else why it could not be."""
+    """``None`` once the extension is loaded (prebuilt or just-in-time), else why it could not be."""
+    if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
+        return "disabled by FASTMIM_NO_EXT=1"
     try:
         importlib.import_module("fastmim._C")
     except ImportError as exc:
-        return f"fastmim._C is not built ({exc})"
+        prebuilt_error = f"fastmim._C is not built ({exc})"
+        if not (_CSRC / "registration.cpp").exists():
+            return prebuilt_error
+        try:
+            _jit_build()
+        except ImportError as jit_exc:
+            return f"{prebuilt_error}; just-in-time build: {jit_exc}"
+    _register_fakes()
     return None
 
 
@@ -24,6 +164,4 @@ def has_cuda() -> bool:
     """True when the loaded extension holds CUDA kernels."""
     if load_error() is not None:
         return False
-    from fastmim import _C
-
-    return bool(getattr(_C, "WITH_CUDA", False))
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastmim::csrc_gather_visible", "CUDA")

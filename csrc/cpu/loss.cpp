@@ -1,0 +1,191 @@
+// CPU kernel of masked_patch_mse: the MAE loss read straight from the image, with the
+// semantics of masked_patch_mse_reference in fastmim/ops/loss.py.
+//
+// One task handles a run of rows of pred. For each row it gathers the target patch from imgs
+// (index math instead of a patchified copy) into an fp32 buffer in the official patch layout
+// (row, column, channel), normalises it (mean, unbiased variance, eps inside the sqrt), then in
+// one pass over pred accumulates the squared error and writes the final gradient with respect
+// to pred (2 (pred - target) / N times the row's weight and the reduction's scale: Liger-style,
+// the backward op only rescales it by grad_output).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../fastmim_ops.h"
+
+namespace fastmim {
+namespace {
+
+struct Geometry {
+  int64_t B, L, N, C, H, W, p, Wp;
+};
+
+// Flat patch index q = b * L + l of each row of pred (identity for the full layout).
+template <typename index_t>
+inline int64_t row_patch(const index_t* ids, int64_t r, int64_t rows_per_sample, const Geometry& g, int layout,
+                         const char* op) {
+  if (layout == 0) return r;
+  const int64_t v = static_cast<int64_t>(ids[r]);
+  if (layout == 1) {
+    TORCH_CHECK(v >= 0 && v < g.L, op, ": ids_masked[", r / rows_per_sample, ", ", r % rows_per_sample, "] = ", v,
+                " is out of range [0, ", g.L, ")");
+    return (r / rows_per_sample) * g.L + v;
+  }
+  TORCH_CHECK(v >= 0 && v < g.B * g.L, op, ": ids_masked[", r, "] = ", v, " is out of range [0, B * L = ",
+              g.B * g.L, ")");
+  return v;
+}
+
+template <typename pred_t, typename img_t, typename index_t>
+void patch_mse_rows(const pred_t* pred, const img_t* imgs, const float* weight, const index_t* ids, int layout,
+                    int64_t rows, int64_t rows_per_sample, const Geometry& g, bool norm_pix, float eps, float scale,
+                    float* row_loss, pred_t* grad, const char* op) {
+  const float inv_n = 1.0f / static_cast<float>(g.N);
+  const float inv_n1 = 1.0f / static_cast<float>(g.N - 1);  // inf when N == 1: var = nan, as torch.var
+  const float two_over_n = 2.0f / static_cast<float>(g.N);
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> target(g.N);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t q = row_patch(ids, r, rows_per_sample, g, layout, op);
+      const float w = weight != nullptr ? weight[q] : 1.0f;
+      pred_t* grow = grad != nullptr ? grad + r * g.N : nullptr;
+      if (w == 0.0f) {  // a zero-weight row contributes nothing: skip reading pred and imgs
+        row_loss[r] = 0.0f;
+        if (grow != nullptr) std::fill(grow, grow + g.N, static_cast<pred_t>(0));
+        continue;
+      }
+      const int64_t b = q / g.L, l = q % g.L;
+      const int64_t hp = l / g.Wp, wp = l % g.Wp;
+      // target[(i * p + j) * C + c] = imgs[b, c, hp * p + i, wp * p + j]
+      for (int64_t c = 0; c < g.C; ++c) {
+        const img_t* plane = imgs + ((b * g.C + c) * g.H + hp * g.p) * g.W + wp * g.p;
+        for (int64_t i = 0; i < g.p; ++i) {
+          const img_t* src = plane + i * g.W;
+          float* dst = target.data() + i * g.p * g.C + c;
+          for (int64_t j = 0; j < g.p; ++j) dst[j * g.C] = static_cast<float>(src[j]);
+        }
+      }
+      if (norm_pix) {
+        float sum = 0.0f;
+        for (int64_t e = 0; e < g.N; ++e) sum += target[e];
+        const float mean = sum * inv_n;
+        float sq = 0.0f;  // two passes: the variance of centred values, no cancellation
+        for (int64_t e = 0; e < g.N; ++e) {
+          const float t = target[e] - mean;
+          sq += t * t;
+        }
+        const float rstd = 1.0f / std::sqrt(sq * inv_n1 + eps);
+        for (int64_t e = 0; e < g.N; ++e) target[e] = (target[e] - mean) * rstd;
+      }
+      const pred_t* prow = pred + r * g.N;
+      float acc = 0.0f;
+      if (grow != nullptr) {
+        const float coef = w * scale * two_over_n;
+        for (int64_t e = 0; e < g.N; ++e) {
+          const float d = static_cast<float>(prow[e]) - target[e];
+          acc += d * d;
+          grow[e] = static_cast<pred_t>(d * coef);
+        }
+      } else {
+        for (int64_t e = 0; e < g.N; ++e) {
+          const float d = static_cast<float>(prow[e]) - target[e];
+          acc += d * d;
+        }
+      }
+      row_loss[r] = acc * inv_n * w;
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cpu(const at::Tensor& pred, const at::Tensor& imgs,
+                                                        const std::optional<at::Tensor>& mask,
+                                                        const std::optional<at::Tensor>& ids_masked,
+                                                        int64_t patch_size, bool norm_pix, double eps,
+                                                        c10::string_view reduction, bool compute_grad) {
+  const char* op = "csrc_masked_patch_mse";
+  const std::string red(reduction);
+  check_patch_mse_args(pred, imgs, mask, ids_masked, patch_size, red, op);
+  const int64_t p = patch_size;
+  Geometry g{imgs.size(0), (imgs.size(2) / p) * (imgs.size(3) / p), pred.size(-1), imgs.size(1), imgs.size(2),
+             imgs.size(3), p, imgs.size(3) / p};
+  const int layout = !ids_masked.has_value() ? 0 : (ids_masked->dim() == 2 ? 1 : 2);
+  const int64_t rows = pred.numel() / g.N;
+  const int64_t rows_per_sample = layout == 1 ? ids_masked->size(1) : g.L;
+  auto f32 = pred.options().dtype(at::kFloat);
+  at::Tensor weight = mask.has_value() ? mask->to(at::kFloat).contiguous() : at::Tensor();
+  const float* wp = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+  // The scale of the masked mean needs the weights of the rows before the main pass (the
+  // gradient is written final): a cheap pre-pass over B * L floats.
+  float scale = 1.0f;
+  if (red == "mean") {
+    double wsum = 0.0;
+    if (wp == nullptr) {
+      wsum = static_cast<double>(rows);
+    } else if (layout == 0) {
+      for (int64_t r = 0; r < rows; ++r) wsum += wp[r];
+    } else {
+      AT_DISPATCH_INDEX_TYPES(ids_masked->scalar_type(), "fastmim_csrc", [&] {
+        const index_t* ip = ids_masked->const_data_ptr<index_t>();
+        for (int64_t r = 0; r < rows; ++r) wsum += wp[row_patch(ip, r, rows_per_sample, g, layout, op)];
+      });
+    }
+    scale = wsum != 0.0 ? 1.0f / static_cast<float>(wsum) : 0.0f;  // all-zero mask: loss 0, gradient 0
+  }
+  auto row_loss = at::empty(pred.sizes().slice(0, pred.dim() - 1), f32);
+  auto grad = compute_grad ? at::empty_like(pred, at::MemoryFormat::Contiguous) : at::empty({0}, pred.options());
+  const at::ScalarType index_type = ids_masked.has_value() ? ids_masked->scalar_type() : at::kLong;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fastmim_csrc", [&] {
+    using pred_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, imgs.scalar_type(), "fastmim_csrc", [&] {
+      using img_t = scalar_t;
+      AT_DISPATCH_INDEX_TYPES(index_type, "fastmim_csrc", [&] {
+        const index_t* ip = ids_masked.has_value() ? ids_masked->const_data_ptr<index_t>() : nullptr;
+        patch_mse_rows<pred_t, img_t, index_t>(pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(), wp, ip,
+                                               layout, rows, rows_per_sample, g, norm_pix, static_cast<float>(eps),
+                                               scale, row_loss.data_ptr<float>(),
+                                               compute_grad ? grad.data_ptr<pred_t>() : nullptr, op);
+      });
+    });
+  });
+  if (red == "none") return {row_loss, grad};
+  // Summed in a fixed order in double: deterministic for any thread count.
+  const float* lp = row_loss.const_data_ptr<float>();
+  double total = 0.0;
+  for (int64_t r = 0; r < rows; ++r) total += lp[r];
+  const double loss = red == "mean" ? total * scale : total;
+  return {at::scalar_tensor(loss, f32), grad};
+}
+
+void masked_patch_mse_backward_cpu(const at::Tensor& grad_pred, const at::Tensor& grad_output) {
+  const char* op = "csrc_masked_patch_mse_backward";
+  check_float_tensor(grad_pred, op, "grad_pred");
+  check_same_device(grad_output, grad_pred, op, "grad_output", "grad_pred");
+  TORCH_CHECK(grad_pred.dim() >= 1 && grad_pred.numel() > 0, op, ": grad_pred is empty (shape ", grad_pred.sizes(),
+              "): was the forward run with compute_grad=True?");
+  const int64_t N = grad_pred.size(-1), rows = grad_pred.numel() / N;
+  const bool per_row = grad_output.dim() > 0;
+  if (per_row) {
+    TORCH_CHECK(grad_output.sizes() == grad_pred.sizes().slice(0, grad_pred.dim() - 1), op,
+                ": grad_output must be a scalar or have shape ", grad_pred.sizes().slice(0, grad_pred.dim() - 1),
+                " (one factor per row), got ", grad_output.sizes());
+  }
+  auto go = grad_output.to(at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_pred.scalar_type(), "fastmim_csrc", [&] {
+    scalar_t* gp = grad_pred.data_ptr<scalar_t>();
+    const float* gop = go.const_data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float s = per_row ? gop[r] : gop[0];
+        scalar_t* row = gp + r * N;
+        for (int64_t e = 0; e < N; ++e) row[e] = static_cast<scalar_t>(static_cast<float>(row[e]) * s);
+      }
+    });
+  });
+}
+
+}  // namespace fastmim
