@@ -249,6 +249,30 @@ def test_mixed_dtypes_and_no_grad(device, dtype):
     assert_rel_close(loss_no_grad, ref_loss, torch.float32, name="loss under no_grad")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_does_not_read_rows_of_weight_zero(device):
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 16, 4, torch.float32, device)
+    clean_loss, clean_grad = run_op(pred, imgs, mask, patch_size=4)
+    pred[mask == 0] = float("nan")  # documented: visible rows are not read, so NaN there is ignored
+    loss, grad = run_op(pred, imgs, mask, patch_size=4)
+    assert torch.equal(loss, clean_loss) and torch.equal(grad, clean_grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_second_backward_through_the_same_node_raises(backend):
+    if backend == "triton" and not DEVICES:
+        pytest.skip("no device runs the Triton kernels here")
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    pred, imgs, mask, _ = make_inputs(2, 3, 8, 8, 2, torch.float32, device)
+    pred.requires_grad_(True)
+    with use_backend(backend):
+        loss = masked_patch_mse(pred, imgs, mask, patch_size=2)
+    loss.backward(retain_graph=True)
+    # The saved gradient was scaled in place: autograd refuses to reuse it rather than give a wrong result.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 # --------------------------------------------------------------------------------------------
 # The op on the reference backend, compile, validation
 # --------------------------------------------------------------------------------------------

@@ -52,52 +52,50 @@ def _masked_patch_mse_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     N: tl.constexpr = PATCH * PATCH * CHANNELS
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Row and patch indices fit in int32 (B * L < 2**31); offsets into memory are int64.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
     sample = rows // rows_per_sample
-    within = rows % rows_per_sample
+    within = rows - sample * rows_per_sample
 
     if LAYOUT == 0:
         b = sample
         patch = within
     elif LAYOUT == 1:
         b = sample
-        patch = tl.load(ids_ptr + sample * stride_ids_sample + within * stride_ids_row, mask=row_ok, other=0)
-        patch = patch.to(tl.int64)
+        ids_offsets = sample.to(tl.int64) * stride_ids_sample + within.to(tl.int64) * stride_ids_row
+        patch = tl.load(ids_ptr + ids_offsets, mask=row_ok, other=0).to(tl.int32)
     else:
-        flat = tl.load(ids_ptr + within * stride_ids_row, mask=row_ok, other=0).to(tl.int64)
+        flat = tl.load(ids_ptr + within.to(tl.int64) * stride_ids_row, mask=row_ok, other=0).to(tl.int32)
         b = flat // num_patches
-        patch = flat % num_patches
+        patch = flat - b * num_patches
     # Indices are not checked on the host (that would sync); one out of range reads nothing.
     row_ok = row_ok & (patch >= 0) & (patch < num_patches) & (b >= 0) & (b < batch)
 
     if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + b * stride_weight_b + patch * stride_weight_l, mask=row_ok, other=0)
-        weight = weight.to(tl.float32)
+        weight_offsets = b.to(tl.int64) * stride_weight_b + patch.to(tl.int64) * stride_weight_l
+        weight = tl.load(weight_ptr + weight_offsets, mask=row_ok, other=0).to(tl.float32)
     else:
         weight = tl.where(row_ok, 1.0, 0.0)
     active = row_ok & (weight != 0.0)
 
-    # Column j of a patch row is (pi, qi, c) in the official nchpwq -> nhwpqc order.
+    # Column j of a patch row is (pi, qi, c) in the official nchpwq -> nhwpqc order; the
+    # image offset splits into a per-row part (patch corner) and a per-column part.
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     pi = cols // (PATCH * CHANNELS)
     qi = (cols // CHANNELS) % PATCH
     ch = cols % CHANNELS
-    top = (patch // grid_w) * PATCH
-    left = (patch % grid_w) * PATCH
+    patch_row = patch // grid_w
+    top = (patch_row * PATCH).to(tl.int64)
+    left = ((patch - patch_row * grid_w) * PATCH).to(tl.int64)
+    img_row = b.to(tl.int64) * stride_img_b + top * stride_img_h + left * stride_img_w
+    img_col = ch * stride_img_c + pi * stride_img_h + qi * stride_img_w
 
     tile_ok = active[:, None] & col_ok[None, :]
-    img_offsets = (
-        b[:, None] * stride_img_b
-        + ch[None, :] * stride_img_c
-        + (top[:, None] + pi[None, :]) * stride_img_h
-        + (left[:, None] + qi[None, :]) * stride_img_w
-    )
-    target = tl.load(imgs_ptr + img_offsets, mask=tile_ok, other=0.0).to(tl.float32)
-    pred_offsets = (sample * stride_pred_sample + within * stride_pred_row)[:, None] + cols[None, :]
-    pred = tl.load(pred_ptr + pred_offsets, mask=tile_ok, other=0.0).to(tl.float32)
+    target = tl.load(imgs_ptr + (img_row[:, None] + img_col[None, :]), mask=tile_ok, other=0.0).to(tl.float32)
+    pred_row = sample.to(tl.int64) * stride_pred_sample + within.to(tl.int64) * stride_pred_row
+    pred = tl.load(pred_ptr + (pred_row[:, None] + cols[None, :]), mask=tile_ok, other=0.0).to(tl.float32)
 
     if NORM_PIX:
         mean = tl.sum(target, axis=1) / N
@@ -122,7 +120,7 @@ def _masked_patch_mse_fwd_kernel(
 
     if COMPUTE_GRAD:
         grad = diff * (coef * (2.0 / N))[:, None]
-        grad_offsets = rows[:, None] * N + cols[None, :]
+        grad_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
         store_ok = (rows < num_rows)[:, None] & col_ok[None, :]
         tl.store(grad_ptr + grad_offsets, grad.to(grad_ptr.dtype.element_ty), mask=store_ok)
 
