@@ -194,3 +194,123 @@ def test_roofline_takes_the_slowest_of_compute_memory_and_launch():
     assert ops[1].time_s == pytest.approx(1.0)
     assert ops[2].time_s == pytest.approx(2 * H100_SXM.launch_floor_s)
     assert total == pytest.approx(2.0 + 2 * H100_SXM.launch_floor_s)
+
+
+# --------------------------------------------------------------------------------------------
+# Each fused Triton kernel against what the cost model charges it
+# --------------------------------------------------------------------------------------------
+# One row per use of a fastmim op as the models call it: a builder of the call on small CPU
+# tensors (forward, then backward with a random gradient), and the kernel arguments that
+# every program re-reads and that therefore come from cache after the first read (counted
+# once per distinct element). Add a row when a kernel lands.
+
+B, L, K, D = 3, 16, 4, 32  # L patches of 8x8x3 in a 32x32 image; K visible
+
+
+def _masking():
+    from fastmim.ops import random_masking
+
+    return random_masking(B, L, 0.75, seed=1)
+
+
+def _call_random_masking():
+    return _masking().mask, []
+
+
+def _call_gather_visible():
+    from fastmim.ops import gather_visible
+
+    x = torch.randn(B, L, D, requires_grad=True)
+    cls = torch.randn(1, 1, D, requires_grad=True)
+    pos = torch.randn(1, L + 1, D)
+    return gather_visible(x, _masking().ids_keep, pos, cls_token=cls), [x, cls]
+
+
+def _call_unshuffle():
+    from fastmim.ops import unshuffle
+
+    m = _masking()
+    x = torch.randn(B, K + 1, D, requires_grad=True)
+    mask_token = torch.randn(1, 1, D, requires_grad=True)
+    return unshuffle(x, m.ids_restore, mask_token, torch.randn(1, L + 1, D), has_cls=True), [x, mask_token]
+
+
+def _call_masked_patch_mse_dense():
+    from fastmim.ops import masked_patch_mse
+
+    pred = torch.randn(B, L, 8 * 8 * 3, requires_grad=True)
+    return masked_patch_mse(pred, torch.randn(B, 3, 32, 32), _masking().mask, patch_size=8), [pred]
+
+
+def _call_masked_patch_mse_masked_only():
+    from fastmim.models.mae import MaskedAutoencoderViT
+    from fastmim.ops import masked_patch_mse
+
+    m = _masking()
+    ids_masked = MaskedAutoencoderViT.masked_ids(m.mask, K)
+    pred = torch.randn(B, L - K, 8 * 8 * 3, requires_grad=True)
+    return masked_patch_mse(pred, torch.randn(B, 3, 32, 32), None, patch_size=8, ids_masked=ids_masked), [pred]
+
+
+def _call_visible_attention(n=K + 1):
+    from fastmim.ops.attention import visible_attention
+
+    q, k, v = (torch.randn(2, 2, n, 16, requires_grad=True) for _ in range(3))
+    return visible_attention(q, k, v), [q, k, v]
+
+
+# Small operands every program reads (a seed, a position table, a token, a scalar).
+SHARED = {"seed_ptr", "pos_ptr", "cls_ptr", "mask_token_ptr", "weight_sum_ptr", "grad_output_ptr"}
+# Flash attention re-reads a head's K and V for each query block (and, in backward, its Q, dO, lse
+# and delta for each key block): one head's slice is at most N x D = 256 x 128 elements, in L2 while
+# that head's blocks run, so its HBM traffic is the distinct bytes.
+FLASH = {"Q", "K", "V", "O", "DO", "LSE", "DELTA", "KIDX", "KMASK", "CU"}
+KERNEL_CASES = {
+    "random_masking": (_call_random_masking, SHARED),
+    "gather_visible": (_call_gather_visible, SHARED),
+    "unshuffle": (_call_unshuffle, SHARED),
+    "masked_patch_mse_dense": (_call_masked_patch_mse_dense, SHARED),
+    "masked_patch_mse_masked_only": (_call_masked_patch_mse_masked_only, SHARED),
+    "visible_attention": (_call_visible_attention, FLASH),
+    # keys over one block: three backward kernels
+    "visible_attention_long": (lambda: _call_visible_attention(n=150), FLASH),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_triton_kernels_move_the_bytes_and_launch_the_kernels_the_model_charges(case):
+    from costs.fastmim_ops import MASKED_FRACTION
+    from costs.triton_traffic import ImplementationCounter
+
+    from fastmim.ops import use_backend
+
+    if not torch.cuda.is_available():
+        from fastmim.ops._dispatch import triton_interpret
+
+        if not triton_interpret():
+            pytest.skip("needs TRITON_INTERPRET=1 (set by conftest before triton is imported)")
+    call, cached = KERNEL_CASES[case]
+    counter = cm.StepCounter()
+    with use_backend("triton"), ImplementationCounter() as implementation:
+        with counter.phase("forward"):
+            try:
+                out, leaves = call()
+            except ImportError as exc:  # pragma: no cover
+                pytest.skip(str(exc))
+            out = out[0] if isinstance(out, tuple) else out
+            MASKED_FRACTION["value"] = 0.75
+        if leaves:
+            grad = torch.randn_like(out)
+            with counter.phase("backward"):
+                out.backward(grad)
+    charged = [r for r in counter.ops if r.op.startswith("fastmim::")]
+    assert [r.op.removeprefix("fastmim::") for r in charged] == [name for name, _, _ in implementation.calls]
+    assert charged, "no fastmim op ran"
+    for record, (name, launches, traffic) in zip(charged, implementation.calls, strict=True):
+        assert traffic.launches, f"{name} launched no Triton kernel"
+        moved = traffic.hbm_bytes(cached=cached)
+        assert record.bytes == pytest.approx(moved, rel=0.10), (
+            f"{name}: charged {record.bytes} B, kernels moved {moved} B: "
+            + str({(lt.kernel, a): (t.loaded, t.stored, t.distinct) for lt in traffic.launches
+                   for a, t in lt.args.items()}))
+        assert record.launches == launches, f"{name}: charged {record.launches} launches, ran {launches}"

@@ -72,7 +72,7 @@ NO_WORK_OPS = {
     "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type", "_version",
     # A Python scalar written into a tensor (``x[:, :k] = 0``): on a GPU the scalar stays on the host and the
     # write is one fill kernel; on meta it becomes a meta tensor first.
-    "scalar_tensor",
+    "scalar_tensor", "promote_types", "result_type",
 }
 IGNORED_NAMESPACES = {"profiler", "prim", "prims"}
 # In-place ops whose mutated argument is only written, never read.
@@ -223,6 +223,11 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
     qname = f"{namespace}::{name}"
     if qname in BYTE_FORMULAS:
         return int(BYTE_FORMULAS[qname](args, kwargs, out))
+    return op_bytes_generic(args, kwargs, out, name, func._schema.arguments)
+
+
+def op_bytes_generic(args: tuple, kwargs: dict, out: Any, name: str, schema_args: Any = None) -> int:
+    """Each distinct storage read once, each written once (see the module docstring)."""
     reads: dict[int, int] = {}
     writes: dict[int, int] = {}
 
@@ -230,7 +235,10 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
         key = storage_key(t)
         table[key] = max(table.get(key, 0), addressed_bytes(t))
 
-    schema_args = func._schema.arguments
+    if schema_args is None:  # no schema at hand: every tensor argument is read, none written in place
+        for t in _tensors((args, kwargs)):
+            add(reads, t)
+        schema_args = ()
     for i, arg in enumerate(schema_args):
         if i < len(args):
             value = args[i]
@@ -524,3 +532,6 @@ def project(cost: StepCost, device: Any) -> float:
         r.time_s = max(compute, memory, r.launches * device.launch_floor_s)
         total += r.time_s
     return total
+
+
+from costs import fastmim_ops  # noqa: E402,F401  (registers the charges of fastmim's ops)
