@@ -28,6 +28,7 @@ from fastmim.models.presets import (
     list_presets,
     register_method,
 )
+from fastmim.models.supmim import RECIPES, SupervisedMIM
 from fastmim.models.vit import Attention, Block, get_2d_sincos_pos_embed, set_attn_backend
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "Block",
     "MaskedAutoencoderViT",
     "PackedTokens",
+    "RECIPES",
+    "SupervisedMIM",
     "ViTPreset",
     "create_model",
     "encoder_state_dict_for_timm",

@@ -137,14 +137,11 @@ class MaskedAutoencoderViT(nn.Module):
                   attn_backend=block_backend)
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = self._make_decoder_pred(decoder_embed_dim, patch_size**2 * in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
         self.norm_pix_loss = norm_pix_loss
         self.grid_size = grid
         self.initialize_weights()
-
-    def _make_decoder_pred(self, decoder_embed_dim: int, patch_dim: int) -> nn.Module:
-        return nn.Linear(decoder_embed_dim, patch_dim, bias=True)
 
     def _fused_op(self, name: str):
         """The fastmim op ``name`` when this model runs fused (``None``: take the plain step)."""
@@ -423,10 +420,10 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x)
 
     def encode(self, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-        """``(B, D)`` features of the unmasked image: the cls token after the final norm (``pool="cls"``)
-        or the mean of the normalised patch tokens (``pool="mean"``). For k-NN / linear probing."""
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        """``(B, D)`` features of the unmasked image for k-NN / linear probing: the cls token after
+        the final norm (``pool="cls"``) or the mean of the normalised patch tokens (``"mean"`` or ``"avg"``)."""
+        if pool not in ("cls", "mean", "avg"):
+            raise ValueError(f"pool must be 'cls', 'mean' or 'avg', got {pool!r}")
         x = self.forward_features(imgs)
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
 
@@ -471,8 +468,8 @@ mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
 
 
 @register_method("mae")
-def _build_mae(preset: ViTPreset, **overrides: Any) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(**{**preset.mae_kwargs(), "norm_layer": _ln, **overrides})
+def _build_mae(size: ViTPreset, /, **overrides: Any) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(**{**size.mae_kwargs(), "norm_layer": _ln, **overrides})
 
 
 # ---------------------------------------------------------------------------------- timm export

@@ -5,10 +5,11 @@ A preset fixes the encoder (and a default decoder) of a ViT; a method (``"mae"``
 New methods register themselves with :func:`register_method`::
 
     @register_method("cmae")
-    def _build_cmae(preset: ViTPreset, **overrides) -> nn.Module:
-        return CMAE(**{**preset.mae_kwargs(), "decoder_depth": 2, **overrides})
+    def _build_cmae(size: ViTPreset, /, **overrides) -> nn.Module:
+        return CMAE(**{**size.mae_kwargs(), "decoder_depth": 2, **overrides})
 
-and ``fastmim.models.__init__`` imports the module that does so.
+and ``fastmim.models.__init__`` imports the module that does so. (Take the preset
+positional-only, so a model argument may itself be called ``preset``.)
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def list_presets() -> list[str]:
 
 
 def register_method(name: str, builder: MethodBuilder | None = None, *, overwrite: bool = False):
-    """Register ``builder(preset: ViTPreset, **overrides) -> nn.Module`` under ``name``.
+    """Register ``builder(size: ViTPreset, /, **overrides) -> nn.Module`` under ``name``.
 
     Usable as a decorator (``@register_method("lut")``) or a call. Registering a name twice
     raises unless ``overwrite=True``.

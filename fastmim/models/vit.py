@@ -16,18 +16,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed  # noqa: F401  (re-exported: the models build on them)
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
-try:
-    from fastmim.ops.attention import attention as _ops_attention
-except ImportError:  # the attention op family is not part of this checkout yet
-    _ops_attention = None
-
-ATTN_BACKENDS = ("fastmim", "sdpa", "xformers", "reference")
-
+from fastmim.ops.attention import ATTN_BACKENDS, attention
 
 # --------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos position embeddings (MAE's util/pos_embed.py, computed in float64)
@@ -73,60 +66,15 @@ def _check_backend(backend: str | None) -> str | None:
     return backend
 
 
-def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """``(total,)`` index of the sequence each packed token belongs to (no host sync)."""
-    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                        ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D)) v`` with the ``(.., N, N)`` score matrix materialised (timm's math path)."""
-    scale = q.shape[-1] ** -0.5
-    attn = (q * scale) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        attn = attn.masked_fill(~attn_mask, float("-inf"))
-    return attn.softmax(dim=-1) @ v
-
-
-def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """``(B, H, N, D)`` attention through a PyTorch-level backend (no fastmim kernel)."""
-    if backend == "reference":
-        return attention_reference(q, k, v)
-    if backend == "xformers":
-        import xformers.ops as xops  # optional peer; ImportError names the missing package
-
-        return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def _varlen_attention_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                               backend: str) -> torch.Tensor:
-    """Packed ``(total, H, D)`` attention as one block-diagonal masked attention (O(total^2) memory)."""
-    seg = _segment_ids(cu_seqlens, q.shape[0])
-    allowed = seg[:, None] == seg[None, :]
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D)
-    if backend == "reference":
-        out = attention_reference(qh, kh, vh, allowed)
-    else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)
-    return out.squeeze(0).transpose(0, 1)
-
-
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
                         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     """Attention over ``(B, H, N, D)`` (or packed ``(total, H, D)`` with ``cu_seqlens``) on ``backend``.
 
     ``backend``: ``"fastmim"`` (fastmim's ``visible_attention``), ``"sdpa"``, ``"xformers"``,
     ``"reference"``, or ``None`` (``fastmim.ops.attention.choose_attn_backend``: measured once per
-    shape on CUDA, SDPA on CPU). See ``fastmim.ops.attention.attention``.
+    shape on CUDA, SDPA on CPU). See :func:`fastmim.ops.attention.attention`.
     """
-    if _ops_attention is not None:
-        return _ops_attention(q, k, v, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    backend = "sdpa" if backend in (None, "fastmim") else backend
-    if cu_seqlens is not None:
-        return _varlen_attention_fallback(q, k, v, cu_seqlens, backend)
-    return _dense_attention(q, k, v, backend)
+    return attention(q, k, v, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 class Attention(nn.Module):
