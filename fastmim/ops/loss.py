@@ -157,9 +157,9 @@ def masked_patch_mse(
         pred: predictions, one of three layouts:
             ``(B, L, N)``: every patch (the official decoder output); ``mask`` required.
             ``(B, K, N)`` with ``ids_masked (B, K)``: only the patches ``ids_masked[b, k]``
-            in ``[0, L)`` (with MAE's random masking, the masked patches are
-            ``ids_shuffle[:, L - num_masked:]``), so a decoder can skip its output projection
-            on visible tokens.
+            in ``[0, L)``, so a decoder can skip its output projection on visible tokens (with
+            MAE's random masking keeping ``len_keep`` patches: ``ids_shuffle[:, len_keep:]``,
+            ``K = L - len_keep``).
             ``(T, N)`` with ``ids_masked (T,)``: packed rows, ``ids_masked[t] = b * L + l``.
             The last dimension must be contiguous; other strides are read as they are (e.g.
             ``decoder_out[:, 1:]`` needs no copy).
@@ -174,14 +174,16 @@ def masked_patch_mse(
             loss and gradient).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         ids_masked: the patch indices of the rows of ``pred`` (int64 or int32), see ``pred``.
-            Not checked against ``L`` (that would sync with the device): out-of-range
-            indices give undefined results (the reference raises).
+            Not checked against ``L`` (that would sync with the device): an out-of-range
+            index gives an undefined value for its row (the Triton kernel reads nothing for
+            it; the reference raises).
 
     Returns:
         float32 (float64 if an input is float64): a scalar, or ``pred.shape[:-1]`` for
         ``"none"``. When the weights sum to 0 (e.g. ``mask_ratio=0``), ``"mean"`` returns 0
-        and a zero gradient (the official code returns NaN). Rows of weight 0 are not read,
-        so non-finite values there do not propagate.
+        and a zero gradient (the official code returns NaN). The Triton kernel does not read
+        rows of weight 0, so non-finite values there do not propagate (the reference, like
+        the official code, gives NaN).
 
     Gradient flows to ``pred`` only; ``imgs`` and ``mask`` must not require grad. When
     ``pred`` requires grad the forward also writes ``d loss / d pred`` (one tensor like
