@@ -1,0 +1,220 @@
+"""``fastmim train`` and ``fastmim eval`` (registered into ``fastmim.cli.SUBCOMMANDS`` on import).
+
+Heavy imports (torch, the models) happen inside the ``run_*`` functions so ``fastmim --help``
+stays fast. Every expected failure becomes a one-line :class:`fastmim.cli.CLIError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fastmim.cli import SUBCOMMANDS, CLIError
+
+_S = argparse.SUPPRESS  # options not given stay absent: a resumed run knows what was set explicitly
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from fastmim.train.config import DEFAULT_MAX_STEPS, TrainConfig
+
+    d = TrainConfig()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("examples:\n"
+                "  fastmim train --method mae --output runs/demo            # CPU demo on the bundled data\n"
+                "  fastmim train --method supmim --data ~/imagenet --model vit_base --epochs 100 --output runs/sup\n"
+                "  torchrun --nproc_per_node=8 -m fastmim train --method mae --data ~/imagenet ...\n"
+                "  fastmim train --output runs/demo --resume                 # continue an interrupted run")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", default=_S, help=f"mae | supmim | cmae | lut (default: {d.method})")
+    g.add_argument("--model", default=_S, metavar="PRESET", help=f"model size preset (default: {d.model})")
+    g.add_argument("--data", default=_S, metavar="PATH|default",
+                   help="an image folder (class sub-folders; or train/ and val/ each with them) or 'default', "
+                        "the bundled Animal-MNIST (default: default)")
+    g.add_argument("--output", default=_S, metavar="DIR", help="run folder (default: runs/<method>)")
+    g.add_argument("--resume", action="store_true", default=_S, help="continue the run in --output exactly")
+    g.add_argument("--model-arg", action="append", type=_model_arg, default=_S, metavar="KEY=VALUE",
+                   help="extra model constructor argument (JSON value), repeatable, e.g. depth=2")
+    g = p.add_argument_group("schedule and optimizer (MAE recipe)")
+    g.add_argument("--max-steps", type=int, default=_S, metavar="N",
+                   help=f"optimizer steps (default: {DEFAULT_MAX_STEPS}, or from --epochs)")
+    g.add_argument("--epochs", type=float, default=_S, help="passes over the train split (instead of --max-steps)")
+    g.add_argument("--batch-size", type=int, default=_S, help=f"images per process per micro-step "
+                                                              f"(default: {d.batch_size})")
+    g.add_argument("--accum-steps", "--grad-accum", dest="accum_steps", type=int, default=_S,
+                   help="gradient accumulation micro-steps per optimizer step (default: 1)")
+    g.add_argument("--blr", type=float, default=_S, help=f"base lr; lr = blr * global batch / 256 (default: {d.blr})")
+    g.add_argument("--lr", type=float, default=_S, help="absolute lr (overrides --blr)")
+    g.add_argument("--min-lr", type=float, default=_S, help="lr at the end of the cosine (default: 0)")
+    g.add_argument("--warmup-steps", type=int, default=_S, help="linear warmup steps (default: 5%% of the run)")
+    g.add_argument("--weight-decay", type=float, default=_S, help=f"AdamW weight decay (default: {d.weight_decay})")
+    g.add_argument("--clip-grad", type=float, default=_S, help="clip the gradient norm (default: off)")
+    g.add_argument("--mask-ratio", type=float, default=_S, help="masked fraction (default: the method's)")
+    g.add_argument("--norm-pix-loss", action="store_true", default=_S,
+                   help="reconstruct per-patch normalised pixels (MAE's recipe; default: plain pixels)")
+    g.add_argument("--seed", type=int, default=_S, help="seed of init, data order, augmentation, masks (default: 0)")
+    g = p.add_argument_group("data")
+    g.add_argument("--image-size", type=int, default=_S, help="input size in pixels (default: the preset's)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=_S, help="image-folder channels (default: 3)")
+    g.add_argument("--num-workers", type=int, default=_S, help="DataLoader workers (default: 0 on CPU, 8 per GPU)")
+    g.add_argument("--on-corrupt", choices=("skip", "error"), default=_S,
+                   help="corrupt image files: skip with a warning, or stop (default: skip)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default=_S, help="auto | cpu | cuda | cuda:N (default: auto)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=_S,
+                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--compile", nargs="?", const="inductor", default=_S, metavar="BACKEND",
+                   help="torch.compile the model (backend default: inductor)")
+    g.add_argument("--log-every", type=int, default=_S, help=f"steps between metric records (default: {d.log_every})")
+    g.add_argument("--ckpt-every", type=int, default=_S, help="steps between checkpoints (default: end only)")
+    g.add_argument("--stop-after", type=int, default=_S, metavar="N",
+                   help="stop this invocation after N steps (the schedule still spans --max-steps); --resume goes on")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=_S, help="no progress bar")
+    g.add_argument("--no-figures", dest="figures", action="store_false", default=_S,
+                   help="skip the loss and reconstruction PNGs")
+
+
+def _one_line(exc: BaseException) -> str:
+    """A one-line message; exceptions re-raised from DataLoader workers carry a traceback."""
+    text = str(exc).strip()
+    if "Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastmim.data import DataError
+    from fastmim.train.checkpoint import CheckpointError
+    from fastmim.train.config import TrainConfig, TrainError
+    from fastmim.train.loop import train
+
+    given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    if "model_arg" in given:
+        given["model_overrides"] = dict(given.pop("model_arg"))
+    given.setdefault("output", f"runs/{given.get('method', TrainConfig.method)}")
+    explicit = set(given)
+    cfg = TrainConfig(**given)
+    format_warning = warnings.formatwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.formatwarning = lambda message, category, *a, **k: f"fastmim: warning: {message}\n"
+            result = train(cfg, explicit=explicit)
+    except (TrainError, DataError, CheckpointError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    except RuntimeError as exc:
+        if "DataLoader worker" in str(exc) or "DataError" in str(exc):
+            raise CLIError(_one_line(exc)) from None
+        raise
+    finally:
+        warnings.formatwarning = format_warning
+    return 0 if result.finished or cfg.stop_after is not None else 1
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint.safetensors written by fastmim train, or its run folder")
+    p.add_argument("--protocol", default="knn", metavar="knn|linear|all",
+                   help="k-NN (cosine, temperature-weighted), linear probe on frozen features, or both (default: knn)")
+    p.add_argument("--data", default=None, metavar="PATH|default",
+                   help="dataset (default: the one the checkpoint was trained on); its held-out split is scored")
+    p.add_argument("--k", type=int, default=20, help="neighbours for k-NN (default: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default: 0.07)")
+    p.add_argument("--pool", choices=("cls", "mean"), default=None, help="feature pooling (default: the model's)")
+    p.add_argument("--probe-epochs", type=int, default=90, help="linear-probe epochs (default: 90)")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="use N train images (stratified) as k-NN memory / probe data (default: all)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N", help="score N held-out images (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch (default: 256)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="linear-probe seed (default: 0)")
+    p.add_argument("--log", default=None, metavar="FILE",
+                   help="JSONL file the results are appended to (default: eval.jsonl beside the checkpoint)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastmim.data import DataError
+    from fastmim.train.checkpoint import CheckpointError
+    from fastmim.train.evaluate import (
+        evaluation_data,
+        extract_features,
+        knn_accuracy,
+        linear_probe,
+        load_checkpoint,
+        subset_indices,
+    )
+    from fastmim.train.loop import TrainError, _resolve_device
+
+    protocols = {"knn": ["knn"], "linear": ["linear"], "all": ["knn", "linear"]}.get(args.protocol)
+    if protocols is None:
+        raise CLIError(f"unknown --protocol {args.protocol!r}; choose knn, linear or all")
+    for name in ("k", "batch_size", "probe_epochs", "limit_train", "limit_test"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.temperature <= 0:
+        raise CLIError(f"--temperature must be positive, got {args.temperature}")
+    try:
+        device = _resolve_device(args.device)
+        ckpt = load_checkpoint(args.checkpoint, device)
+        meta = ckpt.metadata
+        source, train_set, test_set = evaluation_data(meta, args.data)
+        train_idx = subset_indices(train_set.labels, args.limit_train)
+        test_idx = subset_indices(test_set.labels, args.limit_test)
+        common = {"batch_size": args.batch_size, "device": device, "num_workers": args.num_workers,
+                  "pool": args.pool}
+        train_f, train_y = extract_features(ckpt.module, ckpt.adapter, train_set, indices=train_idx, **common)
+        test_f, test_y = extract_features(ckpt.module, ckpt.adapter, test_set, indices=test_idx, **common)
+    except (TrainError, DataError, CheckpointError, ValueError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    num_classes = len(source.classes)
+    results = []
+    for protocol in protocols:
+        if protocol == "knn":
+            acc = knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes, k=args.k,
+                               temperature=args.temperature)
+            detail = f"k={args.k}, T={args.temperature:g}"
+        else:
+            acc = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=args.probe_epochs,
+                               seed=args.seed)
+            detail = f"{args.probe_epochs} epochs, BN + linear on frozen features"
+        print(f"{protocol} top-1: {100 * acc:.2f}% ({detail}) on {len(test_y)} held-out images of {source.name}, "
+              f"{len(train_y)} train images; chance {100 / num_classes:.1f}%")
+        results.append({"protocol": protocol, "top1": acc, "k": args.k if protocol == "knn" else None,
+                        "temperature": args.temperature if protocol == "knn" else None,
+                        "probe_epochs": args.probe_epochs if protocol == "linear" else None,
+                        "checkpoint": str(ckpt.path), "step": meta.get("step"), "method": meta["method"],
+                        "preset": meta["preset"], "data": source.name, "num_train": len(train_y),
+                        "num_test": len(test_y), "pool": args.pool, "feature_dim": int(train_f.shape[1])})
+    log = Path(args.log) if args.log else ckpt.path.parent / "eval.jsonl"
+    try:
+        with open(log, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    except OSError as exc:
+        print(f"fastmim: warning: could not log to {log} ({exc.strerror or exc})", file=sys.stderr)
+    del torch
+    return 0
+
+
+SUBCOMMANDS["train"] = ("train a model (MAE, supervised+MIM, CMAE, LUT) with progress, checkpoints and plots",
+                        add_train_arguments, run_train)
+SUBCOMMANDS["eval"] = ("k-NN / linear-probe accuracy of a checkpoint on the held-out split",
+                       add_eval_arguments, run_eval)

@@ -1,0 +1,614 @@
+"""The training job behind ``fastmim train``.
+
+One function, :func:`train`, runs a :class:`TrainConfig`: data → model → AdamW with the MAE
+recipe → steps with gradient accumulation, bf16 autocast on GPU, optional ``torch.compile``
+and DistributedDataParallel under torchrun → metrics JSONL, progress bar, atomic checkpoints,
+and at the end a loss plot and a reconstruction figure.
+
+Output folder::
+
+    config.json                 the resolved configuration
+    metrics.jsonl               one record per logged step (loss, parts, lr, img/s, epoch)
+    checkpoint.safetensors      model weights + metadata to rebuild it (fastmim eval reads it)
+    train_state.pt              optimizer, step, data position, RNG states, config
+    loss.png                    loss (and parts) and lr against the step
+    reconstruction_step0.png    fixed held-out images reconstructed before training
+    reconstruction.png          the same images at the end
+
+Resuming (``resume=True``) reloads weights and state and continues exactly: the data order
+and augmentations are a function of ``(seed, epoch, position)``, the masking noise of
+``(seed, step)``, the schedule of the step, and the remaining RNG states are restored — on
+CPU the parameters after N steps are bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import fastmim
+from fastmim.data import DataSource, EvalTransform, TrainBatchSampler, build_views, derive_seed, open_data
+from fastmim.train.checkpoint import (
+    CHECKPOINT_NAME,
+    STATE_NAME,
+    CheckpointError,
+    atomic_write,
+    load_state,
+    load_weights,
+    save_state,
+    save_weights,
+)
+from fastmim.train.config import (
+    CONFIG_NAME,
+    DEFAULT_MAX_STEPS,
+    METRICS_NAME,
+    NUM_FIGURE_IMAGES,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    TrainError,
+)
+from fastmim.train.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown_distributed
+from fastmim.train.methods import MethodAdapter, StepContext, get_adapter
+from fastmim.train.plots import plot_loss, plot_reconstruction, read_metrics, reconstruction_panels
+from fastmim.train.schedule import cosine_lr, default_warmup_steps, scaled_lr
+
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "build_model", "DEFAULT_MAX_STEPS"]
+
+@dataclass
+class TrainResult:
+    output: Path
+    step: int
+    max_steps: int
+    loss: float | None
+    seconds: float
+    files: dict[str, Path]
+    finished: bool
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    def positive(name: str, value: Any, allow_none: bool = True) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+    for name in ("max_steps", "epochs", "accum_steps", "lr", "blr", "image_size", "clip_grad"):
+        positive(name, getattr(cfg, name))
+    positive("batch_size", cfg.batch_size, allow_none=False)
+    positive("log_every", cfg.log_every, allow_none=False)
+    positive("stop_after", cfg.stop_after)
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise TrainError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.ckpt_every < 0:
+        raise TrainError(f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
+    if cfg.mask_ratio is not None and not 0.0 < cfg.mask_ratio < 1.0:
+        raise TrainError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise TrainError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.channels not in (1, 3):
+        raise TrainError(f"--channels must be 1 or 3, got {cfg.channels}")
+    if cfg.on_corrupt not in ("skip", "error"):
+        raise TrainError(f"--on-corrupt must be skip or error, got {cfg.on_corrupt!r}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def build_model(method: str, preset: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    """``fastmim.models.create_model`` with user-facing errors."""
+    from fastmim.models import create_model
+
+    try:
+        return create_model(method, preset, **model_kwargs)
+    except TypeError as exc:
+        raise TrainError(f"cannot build {method} {preset} with {model_kwargs}: {exc}") from None
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int) -> tuple[dict[str, Any], int, int]:
+    """``(model_kwargs, image_size, patch_size)`` of the run; checks the image size fits the patches."""
+    from fastmim.models import get_preset
+
+    try:
+        preset = get_preset(cfg.model)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    image_size = cfg.image_size or preset.img_size
+    if image_size % preset.patch_size != 0:
+        raise TrainError(f"image size {image_size} is not divisible by the patch size {preset.patch_size} "
+                         f"of {preset.name}; pick --image-size as a multiple of {preset.patch_size}")
+    kwargs = adapter.model_overrides(channels, image_size if image_size != preset.img_size else None)
+    if cfg.norm_pix_loss:
+        kwargs["norm_pix_loss"] = True
+    kwargs.update(cfg.model_overrides)
+    return kwargs, image_size, preset.patch_size
+
+
+def _prepare_output(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
+    """Checks before anything is written: never overwrite a run unless resuming."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"output {out} exists and is not a folder")
+    has_run = (out / CHECKPOINT_NAME).exists() or (out / STATE_NAME).exists()
+    if cfg.resume and not has_run:
+        raise TrainError(f"nothing to resume in {out} (no {CHECKPOINT_NAME} and {STATE_NAME})")
+    if not cfg.resume and has_run:
+        raise TrainError(f"{out} already holds a training run; pass --resume to continue it or choose another --output")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise TrainError(f"output folder {out} is not writable ({ancestor} is a file)")
+
+
+def _create_output(out: Path, info: DistInfo) -> None:
+    """Create ``out`` (rank 0) and check that files can be written in it."""
+    if not info.is_main:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainError(f"output folder {out} is not writable ({exc.strerror or exc})") from None
+
+
+def _merge_resumed_config(cfg: TrainConfig, saved: dict[str, Any], explicit: set[str]) -> TrainConfig:
+    """The saved run's config with this invocation's runtime settings; an explicitly given
+    setting that would change the run is an error."""
+    saved_cfg = TrainConfig.from_json(saved)
+    for name in sorted(explicit - RUNTIME_FIELDS):
+        mine, theirs = getattr(cfg, name), getattr(saved_cfg, name)
+        if isinstance(theirs, tuple):
+            mine = tuple(mine)
+        if mine != theirs:
+            raise TrainError(f"--{name.replace('_', '-')} {mine} differs from the run being resumed ({theirs}); "
+                             f"resume with the same settings or start a new --output")
+    for name in RUNTIME_FIELDS:
+        setattr(saved_cfg, name, getattr(cfg, name))
+    return saved_cfg
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    # Plain containers and tensors only, so the state loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(_to_tuple(state["python"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentations use per-sample generators; this only keeps any stray numpy/random use seeded.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _format_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _Run:
+    """State of one invocation of :func:`train` (kept together to keep :func:`train` readable)."""
+
+    def __init__(self, cfg: TrainConfig, explicit: set[str]):
+        self.info = DistInfo()
+        self.cfg = cfg
+        self.explicit = explicit
+        self.out = Path(cfg.output)
+        self.files: dict[str, Path] = {}
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        _check_config(cfg)
+        self.device = _resolve_device(cfg.device)
+        self.info = init_distributed(self.device.type)
+        if self.info.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.info.local_rank)
+        _prepare_output(self.out, cfg, self.info)
+        self.state: dict[str, Any] | None = None
+        if cfg.resume:
+            self.state = load_state(self.out / STATE_NAME)
+            cfg = self.cfg = _merge_resumed_config(cfg, self.state["config"], self.explicit)
+            if self.state.get("world_size", 1) != self.info.world_size:
+                raise TrainError(f"the run in {self.out} used {self.state.get('world_size', 1)} process(es); "
+                                 f"resume it with the same number (now {self.info.world_size})")
+        try:
+            self.adapter = get_adapter(cfg.method)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        self.mask_ratio = cfg.mask_ratio if cfg.mask_ratio is not None else self.adapter.default_mask_ratio
+        from fastmim.models import get_preset
+
+        try:
+            get_preset(cfg.model)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+
+        self.source: DataSource = open_data(cfg.data, channels=cfg.channels, on_corrupt=cfg.on_corrupt)
+        self.model_kwargs, self.image_size, self.patch_size = resolve_model(cfg, self.adapter, self.source.channels)
+        _create_output(self.out, self.info)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.module = build_model(cfg.method, cfg.model, self.model_kwargs).to(self.device)
+        self.num_params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+        views = build_views(self.source, self.image_size, num_views=self.adapter.num_views,
+                            second_view=self.adapter.second_view,
+                            crop_sampler=self.adapter.crop_sampler(self.module, self.source))
+        self.train_set = self.source.split("train", views)
+        try:
+            self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, seed=cfg.seed,
+                                             rank=self.info.rank, world_size=self.info.world_size)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        self.global_batch = cfg.batch_size * self.info.world_size * cfg.accum_steps
+        micro_per_epoch = self.sampler.batches_per_epoch
+        if cfg.max_steps is not None:
+            self.max_steps = cfg.max_steps
+        elif cfg.epochs is not None:
+            self.max_steps = max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.accum_steps))
+        else:
+            self.max_steps = DEFAULT_MAX_STEPS
+        self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, self.global_batch)
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup_steps(self.max_steps)
+
+        from timm.optim import param_groups_weight_decay
+
+        groups = param_groups_weight_decay(self.module, cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=cfg.betas)
+
+        self.step, self.epoch, self.position = 0, 0, 0
+        if self.state is not None:
+            self._restore()
+        self.model: nn.Module = self.module
+        if self.info.enabled:
+            ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.model = nn.parallel.DistributedDataParallel(self.module, **ddp_kwargs)
+        if cfg.compile:
+            self.model = torch.compile(self.model, backend=cfg.compile)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if use_bf16 else "fp32"
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        if cfg.num_workers is not None:
+            self.num_workers = cfg.num_workers
+        else:
+            self.num_workers = 0 if self.device.type == "cpu" else min(8, (os.cpu_count() or 1) // max(
+                1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+    def _restore(self) -> None:
+        state = self.state
+        load_weights(self.module, self.out / CHECKPOINT_NAME, what=f"{self.cfg.method} {self.cfg.model}")
+        from fastmim.train.checkpoint import read_metadata
+
+        weights_step = read_metadata(self.out / CHECKPOINT_NAME).get("step")
+        if weights_step != state["step"]:
+            raise CheckpointError(f"{self.out / CHECKPOINT_NAME} is from step {weights_step} but {STATE_NAME} "
+                                  f"from step {state['step']}: the pair is inconsistent")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer state in {self.out / STATE_NAME} does not fit the model "
+                                  f"({exc})") from None
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        rng = state["rng"]
+        _set_rng_state(rng[self.info.rank] if isinstance(rng, list) else rng, self.device)
+
+    # ---------------------------------------------------------------- data
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches from the saved position on, across epochs; updates ``epoch``/``position``."""
+        cfg = self.cfg
+        while True:
+            if self.position >= self.sampler.batches_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            self.adapter.before_epoch(self.module, self.epoch, self._ctx(0))
+            loader = DataLoader(self.train_set, batch_sampler=self.sampler.epoch(self.epoch, self.position),
+                                num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                                worker_init_fn=_seed_worker,
+                                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, 7)),
+                                persistent_workers=False)
+            for batch in loader:
+                self.position += 1
+                yield batch
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        nb = self.device.type == "cuda"
+        return {"views": [v.to(self.device, non_blocking=nb) for v in batch["views"]],
+                "label": batch["label"].to(self.device, non_blocking=nb), "index": batch["index"]}
+
+    def _ctx(self, micro: int) -> StepContext:
+        return StepContext(step=self.step, max_steps=self.max_steps, micro_step=micro, mask_ratio=self.mask_ratio,
+                           seed=self.cfg.seed, rank=self.info.rank, world_size=self.info.world_size,
+                           num_classes=len(self.source.classes))
+
+    # ---------------------------------------------------------------- outputs
+    def metadata(self) -> dict[str, Any]:
+        return {"fastmim_version": fastmim.__version__, "method": self.cfg.method, "preset": self.cfg.model,
+                "model_kwargs": self.model_kwargs, "step": self.step, "max_steps": self.max_steps,
+                "data": self.cfg.data, "channels": self.source.channels, "image_size": self.image_size,
+                "patch_size": self.patch_size, "mean": list(self.source.mean), "std": list(self.source.std),
+                "mask_ratio": self.mask_ratio, "num_classes": len(self.source.classes),
+                "eval_crop_pct": self.source.eval_crop_pct}
+
+    def save(self) -> None:
+        """Write weights then state (rank 0). Every rank's RNG state is gathered first."""
+        rng = _rng_state(self.device)
+        if self.info.enabled:
+            gathered: list[Any] = [None] * self.info.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = gathered
+        if not self.info.is_main:
+            return
+        save_weights(self.module, self.out / CHECKPOINT_NAME, self.metadata())
+        save_state(self.out / STATE_NAME, {
+            "step": self.step, "epoch": self.epoch, "position": self.position, "max_steps": self.max_steps,
+            "optimizer": self.optimizer.state_dict(), "scheduler": {"kind": "cosine", "lr": self.lr,
+                                                                   "warmup_steps": self.warmup, "step": self.step},
+            "rng": rng, "config": self.cfg.to_json(), "world_size": self.info.world_size,
+            "fastmim_version": fastmim.__version__})
+        self.files["checkpoint"] = self.out / CHECKPOINT_NAME
+        self.files["state"] = self.out / STATE_NAME
+        self.saved_step = self.step
+
+    def _figure_images(self) -> torch.Tensor:
+        test = self.source.split("test", [EvalTransform(self.image_size, self.source.mean, self.source.std,
+                                                        self.source.eval_crop_pct)])
+        n = min(NUM_FIGURE_IMAGES, len(test))
+        indices = np.linspace(0, len(test) - 1, n).round().astype(int).tolist()  # spread over the classes
+        return torch.stack([test[i]["views"][0] for i in indices])
+
+    def figure(self, name: str) -> None:
+        imgs = self._figure_images().to(self.device)
+        num_patches = (self.image_size // self.patch_size) ** 2
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0xF16))
+        noise = torch.rand(imgs.shape[0], num_patches, generator=generator).to(self.device)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), self.autocast:
+                out = self.adapter.reconstruct(self.module, imgs, self.mask_ratio, noise)
+        finally:
+            self.module.train(was_training)
+        if out is None:
+            return
+        recon, mask = out
+        panels = reconstruction_panels(imgs.float().cpu(), recon.float().cpu(), mask.float().cpu(), self.patch_size,
+                                       self.source.mean, self.source.std)
+        title = (f"{self.cfg.method} {self.cfg.model} step {self.step}/{self.max_steps}, "
+                 f"mask ratio {self.mask_ratio:g} (held-out images)")
+        if getattr(self.module, "norm_pix_loss", False):
+            title += "\nnormalised-pixel target: shown with each patch's own mean/std"
+        plot_reconstruction(panels, self.out / name, title)
+        self.files[name.removesuffix(".png")] = self.out / name
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out / METRICS_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop records past the checkpoint (logged by the interrupted run after it)."""
+        path = self.out / METRICS_NAME
+        if not path.exists():
+            return
+        keep = [r for r in read_metrics(path) if r.get("step", 0) <= self.step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        cfg, info = self.cfg, self.info
+        start_time = time.perf_counter()
+        self.saved_step = self.step if self.state is not None else -1
+        if info.is_main:
+            atomic_write(self.out / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(
+                {**cfg.to_json(), "resolved": {"max_steps": self.max_steps, "lr": self.lr,
+                                               "warmup_steps": self.warmup, "mask_ratio": self.mask_ratio,
+                                               "global_batch": self.global_batch, "world_size": info.world_size,
+                                               "model_kwargs": self.model_kwargs}}, indent=2) + "\n"))
+            if self.state is not None:
+                self._truncate_metrics()
+            elif (self.out / METRICS_NAME).exists():
+                (self.out / METRICS_NAME).unlink()
+            self._print_header()
+            if cfg.figures and self.state is None:
+                self.figure("reconstruction_step0.png")
+
+        stop_at = self.max_steps if cfg.stop_after is None else min(self.max_steps, self.step + cfg.stop_after)
+        batches = self._batches()
+        progress = self._progress()
+        self.module.train()
+        window_loss = torch.zeros((), device=self.device)
+        window_parts: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        last_loss = None
+        previous_handler = self._catch_sigint()
+        try:
+            while self.step < stop_at:
+                lr = cosine_lr(self.step, lr=self.lr, max_steps=self.max_steps, warmup_steps=self.warmup,
+                               min_lr=cfg.min_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                for micro in range(cfg.accum_steps):
+                    batch = self._to_device(next(batches))
+                    sync = micro == cfg.accum_steps - 1 or not info.enabled
+                    with (nullcontext() if sync else self.model.no_sync()), self.autocast:
+                        out = self.adapter.loss(self.model, batch, self._ctx(micro))
+                    loss = out["loss"]
+                    (loss / cfg.accum_steps).backward()
+                    window_loss += loss.detach().float() / cfg.accum_steps
+                    for k, v in out.items():
+                        if k != "loss" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                            window_parts[k] = window_parts.get(k, 0) + v.detach().float() / cfg.accum_steps
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.adapter.after_step(self.module, self._ctx(cfg.accum_steps - 1))
+                self.step += 1
+                window_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == stop_at or self.step == 1:
+                    last_loss = self._log(window_loss, window_parts, window_steps, window_start, lr, progress)
+                    window_loss = torch.zeros((), device=self.device)
+                    window_parts, window_steps, window_start = {}, 0, time.perf_counter()
+                if progress is not None:
+                    progress.update(1)
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < stop_at:
+                    self.save()
+                if self._interrupted:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if progress is not None:
+                progress.close()
+            # Only a deferred interrupt (first Ctrl-C, caught between steps) leaves a consistent state.
+            if self._interrupted and self.step > self.saved_step:
+                self.save()
+                print(f"interrupted: saved step {self.step} to {self.out} (continue with --resume)", file=sys.stderr)
+            raise
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        if progress is not None:
+            progress.close()
+        if self.step > self.saved_step:
+            self.save()
+        finished = self.step >= self.max_steps
+        if info.is_main:
+            if cfg.figures:
+                self._final_figures()
+            self.files["metrics"] = self.out / METRICS_NAME
+            self.files["config"] = self.out / CONFIG_NAME
+            seconds = time.perf_counter() - start_time
+            what = "finished" if finished else f"stopped at step {self.step} of {self.max_steps} (--resume continues)"
+            loss_text = f", loss {last_loss:.4f}" if last_loss is not None else ""
+            print(f"{what}: {self.step} steps in {_format_time(seconds)}{loss_text}; wrote "
+                  f"{', '.join(sorted(p.name for p in self.files.values()))} to {self.out}", file=sys.stderr)
+        return TrainResult(self.out, self.step, self.max_steps, last_loss, time.perf_counter() - start_time,
+                           dict(self.files), finished)
+
+    def _catch_sigint(self) -> Any:
+        """Defer a first Ctrl-C to the end of the current step (then save and stop); a second
+        one aborts at once. Single-process runs in the main thread only: under DDP every
+        rank would have to agree on the step, so there an interrupt just stops."""
+        self._interrupted = False
+        if self.info.enabled or threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            print("\ninterrupt: finishing this step and saving (Ctrl-C again to abort without saving)",
+                  file=sys.stderr)
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _final_figures(self) -> None:
+        records = read_metrics(self.out / METRICS_NAME)
+        if records:
+            plot_loss(records, self.out / "loss.png",
+                      f"{self.cfg.method} {self.cfg.model} on {self.source.name}, global batch {self.global_batch}")
+            self.files["loss"] = self.out / "loss.png"
+        self.figure("reconstruction.png")
+
+    def _log(self, window_loss, window_parts, window_steps, window_start, lr, progress) -> float:
+        info = self.info
+        values = torch.stack([window_loss] + list(window_parts.values())) / window_steps
+        values = all_reduce_mean(values, info).cpu()  # the only host sync of the loop, once per log
+        loss = float(values[0])
+        if not math.isfinite(loss):
+            raise TrainError(f"the loss is {loss} at step {self.step}: training diverged (try a lower --blr, "
+                             f"--clip-grad, or --precision fp32); the last checkpoint in {self.out} is kept")
+        elapsed = time.perf_counter() - window_start
+        img_per_s = window_steps * self.global_batch / max(elapsed, 1e-9)
+        record = {"step": self.step, "epoch": round(self.epoch + self.position / self.sampler.batches_per_epoch, 4),
+                  "loss": loss, "lr": lr, "img_per_s": round(img_per_s, 2)}
+        if window_parts:
+            record["parts"] = {k: float(v) for k, v in zip(window_parts, values[1:], strict=True)}
+        if info.is_main:
+            self._write_metrics(record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}", refresh=False)
+        return loss
+
+    def _progress(self):
+        if not (self.info.is_main and self.cfg.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.max_steps, initial=self.step, desc=f"{self.cfg.method} train", unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def _print_header(self) -> None:
+        cfg, info = self.cfg, self.info
+        ch = self.source.channels
+        accum = f" x accum {cfg.accum_steps}" if cfg.accum_steps > 1 else ""
+        procs = f" x {info.world_size} processes" if info.enabled else ""
+        resumed = f", resuming at step {self.step}" if self.state is not None else ""
+        print(f"fastmim train: {cfg.method} {cfg.model} ({self.num_params / 1e6:.2f}M params) on {self.source.name} "
+              f"({len(self.train_set)} train images, {ch} channel{'s' if ch > 1 else ''}, {self.image_size}px); "
+              f"batch {cfg.batch_size}{procs}{accum} = {self.global_batch}, lr {self.lr:.3g}, "
+              f"{self.max_steps} steps on {self.device.type} ({self.precision}){resumed}", file=sys.stderr)
+
+
+def train(cfg: TrainConfig, *, explicit: set[str] | None = None) -> TrainResult:
+    """Run (or, with ``cfg.resume``, continue) a training run; see the module docstring.
+
+    ``explicit``: names of the settings the user gave explicitly (the CLI passes them), so a
+    resumed run can reject changed settings; with ``None`` every non-runtime field counts.
+    """
+    if explicit is None:
+        defaults = TrainConfig()
+        explicit = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    run = _Run(cfg, explicit)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            run.setup()
+            return run.run()
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,313 @@
+"""How the training loop drives each method: one small adapter per method.
+
+An adapter says what the data must provide (one view or two, the second plain or with
+LUT's photometric augmentations, labels or not), turns a batch into the model's inputs and
+returns ``{"loss": scalar, <part>: scalar, ...}`` (the parts are logged), and may act at
+epoch starts (ContrastiveCrop box refresh) and after each optimizer step (an EMA teacher).
+The loop never looks inside a model.
+
+Adding a method: subclass :class:`MethodAdapter`, then ``register_adapter(MyAdapter())``
+(here, next to the others, so ``fastmim train --method NAME`` finds it). The model itself
+comes from ``fastmim.models.create_model(name, preset, **overrides)``.
+
+Masking noise: the loop hands every adapter :meth:`StepContext.masking_noise`, uniform noise
+``(B, L)`` drawn for the whole *global* batch from ``(seed, step, micro-step)`` and sliced
+to this rank's rows. Models that accept ``noise`` (MAE's ``forward(imgs, mask_ratio,
+noise)``) then mask each image the same way whatever the number of processes, and a resumed
+run replays the same masks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastmim.data.sampler import derive_seed
+
+__all__ = [
+    "StepContext",
+    "MethodAdapter",
+    "MAEAdapter",
+    "SupervisedMIMAdapter",
+    "TwoViewAdapter",
+    "CMAEAdapter",
+    "LUTAdapter",
+    "register_adapter",
+    "get_adapter",
+    "list_adapters",
+]
+
+
+@dataclass
+class StepContext:
+    """What an adapter may need besides the batch."""
+
+    step: int  # optimizer step being computed, 0-based
+    max_steps: int
+    micro_step: int  # index within gradient accumulation
+    mask_ratio: float
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_classes: int | None = None
+
+    def masking_noise(self, batch_size: int, num_patches: int, device: torch.device | str) -> torch.Tensor:
+        """``float32 (batch_size, num_patches)`` uniform noise: this rank's rows of the global batch's noise."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.step, self.micro_step, 0x3A5C))
+        noise = torch.rand(batch_size * self.world_size, num_patches, generator=generator)
+        rows = noise[self.rank * batch_size:(self.rank + 1) * batch_size]
+        return rows.to(device, non_blocking=True)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user module under DistributedDataParallel / FSDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+class MethodAdapter:
+    """Base adapter. Class attributes describe the data; methods run the model.
+
+    ``model`` passed to :meth:`loss` is what the loop calls (maybe wrapped in DDP or
+    compiled): call it, do not read attributes from it; :func:`unwrap` gives the module.
+    """
+
+    name: str = ""
+    num_views: int = 1
+    second_view: str = "same"  # "same" or "photometric" (LUT)
+    uses_labels: bool = False
+    default_mask_ratio: float = 0.75
+
+    def model_overrides(self, channels: int, image_size: int | None) -> dict[str, Any]:
+        """Constructor overrides the data imposes (channels, image size)."""
+        overrides: dict[str, Any] = {"in_chans": channels}
+        if image_size is not None:
+            overrides["img_size"] = image_size
+        return overrides
+
+    def crop_sampler(self, module: nn.Module, source: Any) -> Any:
+        """A :class:`fastmim.data.CropSampler` for the training views, or ``None`` for
+        RandomResizedCrop. ContrastiveCrop returns its box-driven sampler here."""
+        del module, source
+        return None
+
+    def before_epoch(self, module: nn.Module, epoch: int, ctx: StepContext) -> None:
+        """Called before each epoch's DataLoader starts (its workers see changes made here)."""
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, module: nn.Module, ctx: StepContext) -> None:
+        """Called after each optimizer step (e.g. an EMA teacher update)."""
+
+    def reconstruct(self, module: nn.Module, imgs: torch.Tensor, mask_ratio: float,
+                    noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(reconstruction (B, C, H, W), mask (B, L))`` for the figure, or ``None`` when the
+        method has no pixel decoder. Works for any model with MAE's ``forward_encoder`` /
+        ``forward_decoder`` / ``unpatchify``; the prediction is de-normalised with each
+        patch's own mean and std when the model trains on normalised pixels."""
+        if not all(hasattr(module, a) for a in ("forward_encoder", "forward_decoder", "unpatchify", "patchify")):
+            return None
+        latent, mask, ids_restore = module.forward_encoder(imgs, mask_ratio, noise)
+        pred = module.forward_decoder(latent, ids_restore)
+        if pred.shape[1] != mask.shape[1]:
+            return None  # masked-rows-only decoders: nothing to paste
+        if getattr(module, "norm_pix_loss", False):
+            target = module.patchify(imgs)
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean
+        return module.unpatchify(pred.float()), mask
+
+    def encode(self, module: nn.Module, imgs: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """``(B, D)`` features for k-NN / linear probing."""
+        if pool is not None:
+            return module.encode(imgs, pool=pool)
+        return module.encode(imgs)
+
+
+class MAEAdapter(MethodAdapter):
+    """MAE: ``model(imgs, mask_ratio, noise) -> (loss, pred, mask)``."""
+
+    name = "mae"
+
+    def loss(self, model, batch, ctx):
+        imgs = batch["views"][0]
+        module = unwrap(model)
+        noise = ctx.masking_noise(imgs.shape[0], module.patch_embed.num_patches, imgs.device)
+        loss, _, _ = model(imgs, ctx.mask_ratio, noise)
+        return {"loss": loss}
+
+
+class SupervisedMIMAdapter(MethodAdapter):
+    """Supervised + MIM: ``model(imgs, labels[, mask_ratio, noise]) -> {"loss": ..., parts}``."""
+
+    name = "supmim"
+    uses_labels = True
+    default_mask_ratio = 0.5
+
+    def loss(self, model, batch, ctx):
+        imgs, labels = batch["views"][0], batch["label"]
+        module = unwrap(model)
+        kwargs: dict[str, Any] = {}
+        forward = module.forward
+        if _accepts(forward, "mask_ratio"):
+            kwargs["mask_ratio"] = ctx.mask_ratio
+        if _accepts(forward, "noise"):
+            kwargs["noise"] = ctx.masking_noise(imgs.shape[0], module.patch_embed.num_patches, imgs.device)
+        return _as_dict(model(imgs, labels, **kwargs))
+
+
+class TwoViewAdapter(MethodAdapter):
+    """Methods on two augmented views (CMAE, LUT): ``model(view1, view2[, mask_ratio]) ->
+    {"loss": ..., parts}``; after each step, ``update_teacher(step, max_steps)`` if the model
+    has one (LUT's EMA teacher). A placeholder until the methods' authors refine it."""
+
+    num_views = 2
+
+    def __init__(self, name: str, second_view: str = "same", default_mask_ratio: float = 0.75):
+        self.name = name
+        self.second_view = second_view
+        self.default_mask_ratio = default_mask_ratio
+
+    def loss(self, model, batch, ctx):
+        view1, view2 = batch["views"]
+        kwargs = {"mask_ratio": ctx.mask_ratio} if _accepts(unwrap(model).forward, "mask_ratio") else {}
+        return _as_dict(model(view1, view2, **kwargs))
+
+    def after_step(self, module, ctx):
+        update = getattr(module, "update_teacher", None)
+        if callable(update):
+            update(ctx.step + 1, ctx.max_steps)
+
+
+def _two_view_noise(ctx: StepContext, batch_size: int, num_patches: int, device: torch.device | str) -> torch.Tensor:
+    """``(2 * batch_size, L)`` masking noise, view 1's rows first: this rank's rows of each view's
+    global-batch noise, so the masks do not depend on the number of processes."""
+    generator = torch.Generator().manual_seed(derive_seed(ctx.seed, ctx.step, ctx.micro_step, 0x3A5C, 2))
+    noise = torch.rand(2, batch_size * ctx.world_size, num_patches, generator=generator)
+    rows = noise[:, ctx.rank * batch_size:(ctx.rank + 1) * batch_size].reshape(2 * batch_size, num_patches)
+    return rows.to(device, non_blocking=True)
+
+
+class CMAEAdapter(TwoViewAdapter):
+    """CMAE: ``model(view1, view2, mask_ratio, noise (2B, L)) -> {"loss", "loss_mim", "loss_con",
+    "loss_pos"}``; the views' crops come from :class:`fastmim.data.ContrastiveCrop`, whose boxes
+    this adapter refreshes from the model before the epochs its schedule names.
+
+    ContrastiveCrop options (``alpha``, ``threshold``, ``warmup`` and ``box_update_every`` in
+    epochs; unset: 20% of the run each) are the constructor's ``ccrop`` dict; ``ccrop=None``
+    disables it (RandomResizedCrop throughout)."""
+
+    def __init__(self, ccrop: dict[str, Any] | None = None, box_batch_size: int = 256):
+        super().__init__("cmae")
+        self.ccrop_options = {} if ccrop is None else dict(ccrop)
+        self.use_ccrop = ccrop is not None
+        self.box_batch_size = box_batch_size
+        self.contrastive_crop = None
+        self._source = None
+
+    def crop_sampler(self, module, source):
+        if not self.use_ccrop:
+            return None
+        from fastmim.data.contrastive_crop import ContrastiveCrop
+
+        self._source = source
+        self.contrastive_crop = ContrastiveCrop(len(source.train), **self.ccrop_options)
+        return self.contrastive_crop
+
+    def before_epoch(self, module, epoch, ctx):
+        crop = self.contrastive_crop
+        if crop is None:
+            return
+        if not crop.scheduled:
+            epochs = getattr(ctx, "epochs", None)
+            if epochs is None and epoch > 0 and ctx.step > 0:
+                epochs = math.ceil(ctx.max_steps / max(1, round(ctx.step / epoch)))
+            if epochs is None:
+                return  # epoch 0: RandomResizedCrop (the warm-up) until the run length is known
+            crop.set_run_length(epochs)
+        source = self._source
+
+        def compute_boxes():
+            return crop.update_boxes(module, source.train, image_size=module.patch_embed.img_size[0],
+                                     mean=source.mean, std=source.std, batch_size=self.box_batch_size)
+
+        crop.on_epoch_start(epoch, compute_boxes)
+
+    def loss(self, model, batch, ctx):
+        view1, view2 = batch["views"]
+        module = unwrap(model)
+        noise = _two_view_noise(ctx, view1.shape[0], module.patch_embed.num_patches, view1.device)
+        return _as_dict(model(view1, view2, ctx.mask_ratio, noise))
+
+
+class LUTAdapter(TwoViewAdapter):
+    """LUT: ``model(view1, view2, mask_ratio, noise (B, L)) -> {"loss", "loss_mae", "loss_bc"}``
+    (one permutation per image serves both views); after each optimizer step the EMA teacher
+    moves (``update_teacher(step, max_steps)``: momentum 0.996 -> 1 over the run). The teacher's
+    weights are buffers, so the optimizer never sees them."""
+
+    def __init__(self):
+        super().__init__("lut", second_view="photometric")
+
+    def loss(self, model, batch, ctx):
+        view1, view2 = batch["views"]
+        module = unwrap(model)
+        noise = ctx.masking_noise(view1.shape[0], module.patch_embed.num_patches, view1.device)
+        return _as_dict(model(view1, view2, ctx.mask_ratio, noise))
+
+
+def _as_dict(out: Any) -> dict[str, torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return {"loss": out}
+    if isinstance(out, dict) and "loss" in out:
+        return out
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return {"loss": out[0]}
+    raise TypeError(f"a model's forward must return a loss tensor or a dict with 'loss', got {type(out).__name__}")
+
+
+_ADAPTERS: dict[str, MethodAdapter] = {}
+
+
+def register_adapter(adapter: MethodAdapter, *, overwrite: bool = False) -> MethodAdapter:
+    if not adapter.name:
+        raise ValueError("an adapter needs a name")
+    if adapter.name in _ADAPTERS and not overwrite:
+        raise ValueError(f"an adapter for {adapter.name!r} is already registered (pass overwrite=True)")
+    _ADAPTERS[adapter.name] = adapter
+    return adapter
+
+
+def get_adapter(name: str) -> MethodAdapter:
+    if name not in _ADAPTERS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(list_adapters())}")
+    return _ADAPTERS[name]
+
+
+def list_adapters() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+register_adapter(MAEAdapter())
+register_adapter(SupervisedMIMAdapter())
+register_adapter(CMAEAdapter(ccrop={}))
+register_adapter(LUTAdapter())

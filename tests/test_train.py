@@ -1,0 +1,279 @@
+"""fastmim.train: the loop, checkpoints, resume, figures and the ``fastmim train`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from fastmim.cli import main
+from fastmim.train.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_weights,
+    read_metadata,
+    save_weights,
+)
+from fastmim.train.config import TrainConfig, TrainError
+from fastmim.train.loop import train
+from fastmim.train.methods import MAEAdapter, StepContext
+from fastmim.train.schedule import cosine_lr, default_warmup_steps, scaled_lr
+
+# A model small enough that a step takes milliseconds: tests check the job, not the model.
+TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+        "decoder_num_heads": 2}
+TINY_ARGS = [a for k, v in TINY.items() for a in ("--model-arg", f"{k}={v}")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: one thread avoids OpenMP contention on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(tmp_path, **kw) -> TrainConfig:
+    base = {"output": str(tmp_path / "run"), "max_steps": 5, "batch_size": 8, "num_workers": 0, "progress": False,
+            "model_overrides": dict(TINY), "log_every": 2}
+    return TrainConfig(**{**base, **kw})
+
+
+def _image_folder(root, classes=2, per_class=10, size=(20, 20), seed=0):
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(array).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_schedule():
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+    assert default_warmup_steps(1000) == 50 and default_warmup_steps(5) == 1
+    lrs = [cosine_lr(s, lr=1.0, max_steps=100, warmup_steps=10, min_lr=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # monotone decay after warmup
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert cosine_lr(100, lr=1.0, max_steps=100, warmup_steps=10, min_lr=0.1) == pytest.approx(0.1)
+
+
+def test_masking_noise_is_one_global_batch_sliced_by_rank():
+    whole = StepContext(step=3, max_steps=10, micro_step=1, mask_ratio=0.75, seed=5).masking_noise(8, 16, "cpu")
+    halves = [StepContext(step=3, max_steps=10, micro_step=1, mask_ratio=0.75, seed=5, rank=r, world_size=2)
+              .masking_noise(4, 16, "cpu") for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)
+    other = StepContext(step=4, max_steps=10, micro_step=1, mask_ratio=0.75, seed=5).masking_noise(8, 16, "cpu")
+    assert not torch.equal(whole, other)
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    path = tmp_path / "ckpt.safetensors"
+    save_weights(model, path, {"method": "mae", "step": 7})
+    assert read_metadata(path)["step"] == 7
+    copy = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    load_weights(copy, path)
+    assert torch.equal(copy[0].weight, model[0].weight)
+    with pytest.raises(CheckpointError, match="does not fit .*size mismatch"):
+        load_weights(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5)), path)
+    with pytest.raises(CheckpointError, match="missing 2 key"):
+        load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1)), path)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="without fastmim metadata"):
+        read_metadata(foreign)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_metadata(tmp_path / "junk.safetensors")
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+
+    def failing(tmp):
+        tmp.write_bytes(b"half-writ")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+    atomic_write(path, lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and oct(path.stat().st_mode & 0o777) != oct(0o600)
+
+
+def _check_run_outputs(out, steps):
+    for name in ("checkpoint.safetensors", "train_state.pt", "metrics.jsonl", "config.json", "loss.png",
+                 "reconstruction.png", "reconstruction_step0.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == steps and all(math.isfinite(r["loss"]) for r in records)
+    assert all(r["lr"] > 0 and r["img_per_s"] > 0 for r in records)
+    for name in ("loss.png", "reconstruction.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+    assert read_metadata(out / "checkpoint.safetensors")["step"] == steps
+    return records
+
+
+def test_train_mae_five_steps(tmp_path):
+    result = train(_config(tmp_path))
+    assert result.finished and result.step == 5 and math.isfinite(result.loss)
+    records = _check_run_outputs(tmp_path / "run", 5)
+    assert [r["step"] for r in records] == [1, 2, 4, 5]
+    meta = read_metadata(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["method"] == "mae" and meta["channels"] == 1 and meta["image_size"] == 32
+    assert meta["model_kwargs"]["in_chans"] == 1
+
+
+@pytest.mark.parametrize("method", ["supmim", "cmae", "lut"])
+def test_train_other_methods_five_steps(tmp_path, method):
+    from fastmim.models import list_methods
+
+    if method not in list_methods():
+        pytest.skip(f"model {method!r} is not in fastmim.models yet")
+    result = train(_config(tmp_path, method=method))
+    assert result.finished
+    _check_run_outputs(tmp_path / "run", 5)
+
+
+def test_loss_decreases_on_the_bundled_data(tmp_path):
+    result = train(_config(tmp_path, max_steps=40, batch_size=16, blr=1e-2, figures=False, log_every=5))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.loss < 0.8 * records[0]["loss"]
+
+
+def _params(path):
+    return load_file(str(path))
+
+
+def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) during step 3 of 6, resume: same parameters as an uninterrupted run.
+    An image folder of 18 train images with batch 4 x accumulation 2 crosses epochs mid-run."""
+    data = str(_image_folder(tmp_path / "data"))
+    common = {"data": data, "max_steps": 6, "batch_size": 4, "accum_steps": 2, "figures": False, "image_size": 16,
+              "model_overrides": {**TINY, "patch_size": 4}}
+    full = train(_config(tmp_path, output=str(tmp_path / "full"), **common))
+    assert full.finished
+
+    original = MAEAdapter.after_step
+
+    def interrupt(self, module, ctx):
+        original(self, module, ctx)
+        if ctx.step + 1 == 3:  # Ctrl-C in the middle of step 3: it completes, is saved, the run stops
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(MAEAdapter, "after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, output=str(tmp_path / "part"), **common))
+    monkeypatch.setattr(MAEAdapter, "after_step", original)
+    assert read_metadata(tmp_path / "part" / "checkpoint.safetensors")["step"] == 3
+    resumed = train(_config(tmp_path, output=str(tmp_path / "part"), resume=True, **common))
+    assert resumed.finished and resumed.step == 6
+    a, b = _params(tmp_path / "full" / "checkpoint.safetensors"), _params(tmp_path / "part" / "checkpoint.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.mlp.fc1.weight"], train_initial_weights(tmp_path, common))
+    full_log = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    part_log = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    full_rec, part_rec = [json.loads(x) for x in full_log], [json.loads(x) for x in part_log]
+    assert [r["step"] for r in full_rec] == [r["step"] for r in part_rec] == [1, 2, 4, 6]
+    # Records average the steps since the previous record; the resumed window 4 lacks step 3.
+    assert [full_rec[i]["loss"] for i in (0, 1, 3)] == [part_rec[i]["loss"] for i in (0, 1, 3)]
+
+
+def train_initial_weights(tmp_path, common):
+    from fastmim.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("mae", "vit_tiny_patch4_32", in_chans=3, img_size=16, **{**TINY, "patch_size": 4}
+                        ).state_dict()["blocks.0.mlp.fc1.weight"]
+
+
+def test_stop_after_then_resume_via_cli(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", "--output", out, "--max-steps", "4", "--batch-size", "8", "--no-progress", "--no-figures",
+            *TINY_ARGS]
+    assert main([*args, "--stop-after", "2"]) == 0
+    assert "stopped at step 2 of 4" in capsys.readouterr().err
+    assert main(["train", "--output", out, "--resume", "--no-progress", "--no-figures"]) == 0
+    assert read_metadata(tmp_path / "run" / "checkpoint.safetensors")["step"] == 4
+    # A resumed run refuses a setting that would change it.
+    assert main(["train", "--output", out, "--resume", "--batch-size", "16"]) == 2
+    assert "--batch-size 16 differs from the run being resumed (8)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def _cli_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("fastmim: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_input_one_line_errors(tmp_path, capsys):
+    out = ["--output", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *TINY_ARGS]
+    assert "does not exist" in _cli_error(capsys, ["train", "--data", str(tmp_path / "nope"), *out])
+    (tmp_path / "empty").mkdir()
+    assert "no class sub-folders" in _cli_error(capsys, ["train", "--data", str(tmp_path / "empty"), *out])
+    data = _image_folder(tmp_path / "data")
+    (data / "class0" / "bad.png").write_bytes(b"garbage")
+    assert "corrupt image" in _cli_error(capsys, ["train", "--data", str(data), "--on-corrupt", "error", *out])
+    assert "not divisible by the patch size 4" in _cli_error(capsys, ["train", "--image-size", "30", *out])
+    assert "unknown method 'maee'" in _cli_error(capsys, ["train", "--method", "maee", *out])
+    assert "unknown preset 'vit_tiny_patch4_33'" in _cli_error(capsys, ["train", "--model", "vit_tiny_patch4_33", *out])
+    assert "must be in (0, 1)" in _cli_error(capsys, ["train", "--mask-ratio", "1.5", *out])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    msg = _cli_error(capsys, ["train", *out[2:], "--output", str(blocker / "run")])
+    assert "not writable" in msg or "not a folder" in msg
+    assert not (tmp_path / "run").exists()  # nothing was created by the failed attempts
+
+
+def test_corrupt_file_skipped_with_warning(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    (data / "class1" / "bad.png").write_bytes(b"garbage")
+    argv = ["train", "--data", str(data), "--output", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4",
+            "--image-size", "16", "--no-progress", "--no-figures", *TINY_ARGS]
+    with pytest.warns(UserWarning, match="skipped 1 corrupt image file"):
+        assert main(argv) == 0
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4", "--no-progress",
+            "--no-figures", *TINY_ARGS]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert "already holds a training run" in _cli_error(capsys, argv)
+    # Resuming with another model: refused before anything is touched.
+    assert "--model vit_tiny_patch8_64 differs" in _cli_error(capsys, [*argv, "--resume", "--model",
+                                                                      "vit_tiny_patch8_64"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_resume_rejects_weights_of_another_model(tmp_path, capsys):
+    argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-progress",
+            "--no-figures", "--stop-after", "1", *TINY_ARGS]
+    assert main(argv) == 0
+    other = torch.nn.Linear(2, 2)
+    meta = read_metadata(tmp_path / "run" / "checkpoint.safetensors")
+    save_weights(other, tmp_path / "run" / "checkpoint.safetensors", meta)
+    msg = _cli_error(capsys, ["train", "--output", str(tmp_path / "run"), "--resume", "--no-progress"])
+    assert "does not fit mae vit_tiny_patch4_32" in msg
+
+
+def test_train_error_is_a_value_error():
+    assert issubclass(TrainError, ValueError)
