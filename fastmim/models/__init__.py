@@ -4,8 +4,11 @@
   (:func:`list_methods`) at any preset size (:func:`list_presets`).
 - :class:`MaskedAutoencoderViT`: a drop-in for the official MAE model (``models_mae.py``).
 - :class:`SupervisedMIM`: a classifier ViT trained jointly with a shallow MIM decoder.
+- :class:`CMAE`, :class:`LUT`: the two-view self-supervised variants (``forward(view1, view2)``).
 """
 
+from fastmim.models.cmae import CMAE
+from fastmim.models.lut import LUT, EMATeacher
 from fastmim.models.mae import (
     MaskedAutoencoderViT,
     PackedTokens,
@@ -36,6 +39,9 @@ __all__ = [
     "PRESETS",
     "Attention",
     "Block",
+    "CMAE",
+    "EMATeacher",
+    "LUT",
     "MaskedAutoencoderViT",
     "PackedTokens",
     "RECIPES",

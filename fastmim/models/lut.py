@@ -1,0 +1,261 @@
+"""LUT ("Learning with Unmasked Tokens Drives Stronger Vision Learners", Kim et al., ECCV 2024).
+
+MAE plus a contextualisation loss between the masked student and an EMA teacher that sees
+the unmasked images. ``forward(view1, view2)`` returns ``{"loss", "loss_mae", "loss_bc"}``
+with ``loss = w_mae * loss_mae + w_bc * loss_bc`` (defaults 1.0 and 0.25).
+
+One step (as the reference code ``naver-ai/lut``, with fastmim's fused ops):
+
+1. One random permutation per image (``random_permutation``, or the argsort of a given
+   ``noise (B, L)``); view 1 keeps ``ids_shuffle[:, :K]``, view 2 ``ids_shuffle[:, K:2K]``:
+   disjoint visible sets, hence ``mask_ratio >= 0.5``.
+2. The student encoder runs on both views' visible tokens as one batch of ``2B`` rows (one
+   ``gather_visible`` call); the decoder (``unshuffle``) reconstructs view 1's masked patches,
+   MAE loss (``masked_patch_mse``, normalised pixels) on view 1 only.
+3. For each view, the mean of its encoded patch tokens (cls excluded) -> projection head ->
+   predictor (each ``Linear(no bias)-BN-ReLU-Linear(no bias)``, hidden 4096, out = encoder
+   width; BatchNorm statistics per view, global under DDP); the EMA teacher encodes both
+   *unmasked* views and applies its projection head; ``loss_bc`` = mean over the two
+   cross-view pairs of ``2 - 2 cos(student_v, teacher_u)``, ``u != v``.
+
+The teacher (:class:`EMATeacher`, ``model.teacher``) is a copy of the student's encoder and
+projection head whose weights are **buffers**, not parameters: ``model.parameters()`` (what an
+optimizer is given) never contains them, they move with ``.to()`` and are saved in
+``state_dict()`` (so checkpoints resume the teacher), they get no gradient, and the teacher
+stays in eval mode (BatchNorm on its running statistics) whatever ``model.train()`` says.
+After each optimizer step call ``model.update_teacher(step, max_steps)``: one
+``torch._foreach_lerp_`` over all its tensors (parameters and BatchNorm running statistics,
+as timm's ``ModelEma``), momentum from 0.996 to 1 on a half-cosine schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss, mlp_head
+from fastmim.models.mae import MaskedAutoencoderViT, _ln, _num_visible
+from fastmim.models.presets import ViTPreset, register_method
+from fastmim.models.vit import check_images, check_mask_ratio
+
+__all__ = ["LUT", "EMATeacher", "ema_momentum"]
+
+
+def ema_momentum(step: int, max_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """``final - (final - base) * (1 + cos(pi * step / max_steps)) / 2``: ``base`` at step 0,
+    ``final`` at ``max_steps`` (BYOL's schedule; LUT's default 0.996 -> 1)."""
+    if max_steps <= 0:
+        return final
+    progress = min(max(step / max_steps, 0.0), 1.0)
+    return final - (final - base) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def _freeze_into_buffers(module: nn.Module) -> None:
+    """Turn every parameter of ``module`` (recursively) into a buffer of the same name, and every
+    BatchNorm into a :class:`FrozenBatchNorm1d` (eval-only, buffers only)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, FrozenBatchNorm1d.from_batchnorm(child))
+        else:
+            _freeze_into_buffers(child)
+    for name, param in list(module.named_parameters(recurse=False)):
+        delattr(module, name)
+        module.register_buffer(name, param.detach().clone())
+
+
+class EMATeacher(nn.Module):
+    """The EMA teacher of :class:`LUT`: the student's encoder (``patch_embed``, ``cls_token``,
+    ``pos_embed``, ``blocks``, ``norm``) and projection head (``projector``), same names, all
+    weights held as buffers; always in eval mode; ``forward`` runs under ``no_grad``."""
+
+    def __init__(self, student: LUT):
+        super().__init__()
+        self.patch_embed = copy.deepcopy(student.patch_embed)
+        self.blocks = copy.deepcopy(student.blocks)
+        self.norm = copy.deepcopy(student.norm)
+        self.projector = copy.deepcopy(student.projector)
+        self.register_buffer("cls_token", student.cls_token.detach().clone())
+        self.register_buffer("pos_embed", student.pos_embed.detach().clone())
+        _freeze_into_buffers(self)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        del mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``(N, E)``: projection of the mean of the unmasked image's encoded patch tokens."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return self.projector(x[:, 1:, :].mean(dim=1))
+
+
+class LUT(MaskedAutoencoderViT):
+    """MAE on view 1 + contextualisation of both masked views against an EMA teacher.
+
+    Args: those of :class:`~fastmim.models.MaskedAutoencoderViT` (``norm_pix_loss=True`` by
+    default), and, keyword only:
+
+    - ``head_hidden_dim`` (4096), ``head_layers`` (2), ``pred_layers`` (2): projection head and
+      predictor (out = ``embed_dim``);
+    - ``w_mae`` (1.0), ``w_bc`` (0.25): loss weights;
+    - ``ema_momentum`` (0.996) and ``ema_final`` (1.0): the teacher's momentum schedule;
+    - ``sync_bn`` (True): the heads' BatchNorm takes global-batch statistics under DDP.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
+                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
+                 mlp_ratio: float = 4., norm_layer: type[nn.Module] = _ln, norm_pix_loss: bool = True,
+                 *, head_hidden_dim: int = 4096, head_layers: int = 2, pred_layers: int = 2,
+                 w_mae: float = 1.0, w_bc: float = 0.25, ema_momentum: float = 0.996, ema_final: float = 1.0,
+                 sync_bn: bool = True, **mae_options: Any):
+        if not 0.0 <= ema_momentum <= ema_final <= 1.0:
+            raise ValueError(f"need 0 <= ema_momentum <= ema_final <= 1, got {ema_momentum} and {ema_final}")
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
+                         decoder_depth, decoder_num_heads, mlp_ratio, norm_layer, norm_pix_loss, **mae_options)
+        self.w_mae, self.w_bc = float(w_mae), float(w_bc)
+        self.ema_momentum, self.ema_final = float(ema_momentum), float(ema_final)
+        self.projector = mlp_head(embed_dim, head_hidden_dim, embed_dim, head_layers, sync_bn=sync_bn)
+        self.predictor = mlp_head(embed_dim, head_hidden_dim, embed_dim, pred_layers, sync_bn=sync_bn)
+        for m in (*self.projector.modules(), *self.predictor.modules()):
+            self._init_weights(m)
+        self.teacher = EMATeacher(self)
+
+    # ------------------------------------------------------------------ teacher
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(teacher tensors, student tensors)`` paired by name (floating point only)."""
+        student = dict(self.named_parameters())
+        student.update(self.named_buffers())
+        names = [n for n, t in self.teacher.named_buffers() if t.is_floating_point()]
+        missing = [n for n in names if n not in student]
+        if missing:
+            raise RuntimeError(f"the student has no tensors for teacher entries {missing[:4]}: rebuild the teacher "
+                               "with reset_teacher() after changing the model's structure")
+        teacher = dict(self.teacher.named_buffers())
+        return [teacher[n] for n in names], [student[n].detach() for n in names]
+
+    @torch.no_grad()
+    def update_teacher(self, step: int | None = None, max_steps: int | None = None,
+                       momentum: float | None = None) -> float:
+        """``teacher = m * teacher + (1 - m) * student`` in one ``torch._foreach_lerp_``; returns ``m``.
+
+        ``m`` is ``momentum`` if given, else :func:`ema_momentum` ``(step, max_steps)`` from
+        ``ema_momentum`` to ``ema_final`` (``step`` = optimizer steps done), else ``ema_momentum``.
+        """
+        if momentum is None:
+            momentum = (self.ema_momentum if step is None or max_steps is None
+                        else ema_momentum(step, max_steps, self.ema_momentum, self.ema_final))
+        teacher, student = self._ema_pairs()
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        return momentum
+
+    @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """Rebuild the teacher as an exact copy of the student (e.g. after loading student weights,
+        or after ``convert_sync_batchnorm``)."""
+        device = self.cls_token.device
+        self.teacher = EMATeacher(self).to(device)
+
+    def train(self, mode: bool = True) -> LUT:
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    # ------------------------------------------------------------------ masking
+    def two_view_permutation(self, batch: int, device: torch.device, noise: torch.Tensor | None = None,
+                             seed: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids_shuffle, ids_restore)``, ``(B, L)`` each: argsort of ``noise`` when given, else
+        ``fastmim.ops.random_permutation`` (fused) / its reference (``fused=False`` with a
+        ``seed``) / the official ``torch.rand`` argsort (``fused=False``, no seed)."""
+        length = self.num_patches
+        if noise is not None:
+            if tuple(noise.shape) != (batch, length):
+                raise ValueError(f"noise must be (B, L) = {(batch, length)}, got {tuple(noise.shape)}")
+            ids_shuffle = torch.argsort(noise, dim=1)
+            return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
+        random_permutation = self._fused_op("random_permutation")
+        if random_permutation is not None:
+            return random_permutation(batch, length, seed=seed, device=device)
+        if seed is not None:
+            from fastmim.ops.token_ops import random_permutation_reference
+
+            return random_permutation_reference(batch, length, seed=seed, device=device)
+        ids_shuffle = torch.argsort(torch.rand(batch, length, device=device), dim=1)
+        return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
+
+    def _visible_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        gather_visible = self._fused_op("gather_visible")
+        if gather_visible is not None:
+            return gather_visible(x, ids_keep, self.pos_embed, cls_token=self.cls_token)
+        dim = x.shape[-1]
+        x = x + self.pos_embed[:, 1:, :]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls.to(x.dtype), x], dim=1)
+
+    # ------------------------------------------------------------------ forward
+    def _check_view(self, name: str, imgs: torch.Tensor) -> None:
+        try:
+            check_images(imgs, self.in_chans, self.patch_embed.img_size, self.patch_size)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
+
+    def forward(self, imgs1: torch.Tensor, imgs2: torch.Tensor, mask_ratio: float = 0.75,
+                noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
+                ) -> dict[str, torch.Tensor]:
+        """``{"loss", "loss_mae", "loss_bc"}`` (scalars) for two views ``(B, C, H, W)``.
+
+        ``mask_ratio`` must be >= 0.5 (the two views' visible sets are disjoint). ``noise (B, L)``
+        or ``seed`` fix the permutation (see :meth:`two_view_permutation`).
+        """
+        self._check_view("imgs1", imgs1)
+        self._check_view("imgs2", imgs2)
+        if imgs1.shape != imgs2.shape:
+            raise ValueError(f"the two views must have the same shape, got {tuple(imgs1.shape)} and "
+                             f"{tuple(imgs2.shape)}")
+        mask_ratio = check_mask_ratio(mask_ratio)
+        if mask_ratio < 0.5:
+            raise ValueError(f"LUT needs mask_ratio >= 0.5 (the two views keep disjoint sets of K = int(L * (1 - "
+                             f"mask_ratio)) patches each, so 2K <= L), got {mask_ratio}")
+        batch, length = imgs1.shape[0], self.num_patches
+        keep = _num_visible(length, mask_ratio)
+
+        ids_shuffle, ids_restore = self.two_view_permutation(batch, imgs1.device, noise, seed)
+        ids_keep = torch.cat([ids_shuffle[:, :keep], ids_shuffle[:, keep:2 * keep]], dim=0)  # (2B, K)
+        x = self._visible_tokens(self.patch_embed(torch.cat([imgs1, imgs2], dim=0)), ids_keep)
+        latent = self.norm(self._run_blocks(x, self.blocks))
+
+        mask1 = (ids_restore >= keep).to(torch.float32)
+        latent1 = latent[:batch]
+        ids_masked = self.masked_ids(mask1, keep) if self.pred_masked_only else None
+        pred = self.forward_decoder(latent1, ids_restore, ids_masked)
+        loss_mae = self.forward_loss(imgs1, pred, mask1, ids_masked)
+
+        pooled = latent[:, 1:, :].mean(dim=1)
+        q1 = self.predictor(self.projector(pooled[:batch]))  # BatchNorm statistics per view
+        q2 = self.predictor(self.projector(pooled[batch:]))
+        with torch.no_grad():
+            targets = self.teacher(torch.cat([imgs1, imgs2], dim=0))  # eval mode: rows independent
+        loss_bc = 0.5 * (cosine_loss(q1, targets[batch:]) + cosine_loss(q2, targets[:batch]))
+
+        loss = self.w_mae * loss_mae.float() + self.w_bc * loss_bc
+        return {"loss": loss, "loss_mae": loss_mae.float(), "loss_bc": loss_bc}
+
+    def extra_repr(self) -> str:
+        return (f"w_mae={self.w_mae}, w_bc={self.w_bc}, ema_momentum={self.ema_momentum} -> {self.ema_final}")
+
+
+@register_method("lut")
+def _build_lut(preset: ViTPreset, **overrides: Any) -> LUT:
+    """LUT at ``preset``'s size (MAE's decoder of the preset)."""
+    return LUT(**{**preset.mae_kwargs(), **overrides})

@@ -1,0 +1,336 @@
+"""CMAE: fused vs reference, where each loss's gradient goes, the position-free tokens, InfoNCE
+(also across 2 gloo ranks), bf16 autocast, torch.compile, and an overfitting check."""
+
+import os
+import socket
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmim.models import CMAE, create_model
+from fastmim.models.heads import HeadBatchNorm1d, all_gather_with_grad, info_nce, mlp_head
+from fastmim.ops import use_backend
+from fastmim.testing import assert_rel_close, kernel_devices
+
+# 20 px / patch 4: L = 25 patches (odd); mask 0.75 keeps K = 6, 4 of them without position.
+TINY = dict(img_size=20, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+            decoder_depth=1, decoder_num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6), proj_hidden_dim=48,
+            proj_dim=16)
+
+
+def tiny_cmae(seed: int = 0, **kwargs) -> CMAE:
+    torch.manual_seed(seed)
+    return CMAE(**{**TINY, **kwargs})
+
+
+def views(batch: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 20, 20, generator=g), torch.randn(batch, 3, 20, 20, generator=g)
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------------- fused == reference
+
+
+@pytest.mark.parametrize("masks", ["seed", "noise"])
+@pytest.mark.parametrize("pred_masked_only", [False, True])
+def test_fused_and_reference_paths_compute_the_same_losses_and_gradients(masks, pred_masked_only):
+    fused = tiny_cmae(pred_masked_only=pred_masked_only)
+    ref = tiny_cmae(fused=False, pred_masked_only=pred_masked_only)
+    ref.load_state_dict(fused.state_dict())
+    a, b = views(batch=3)
+    kwargs = {"seed": 1234} if masks == "seed" else {"noise": torch.rand(6, 25)}
+    out_f, out_r = fused(a, b, 0.75, **kwargs), ref(a, b, 0.75, **kwargs)
+    for key in ("loss", "loss_mim", "loss_con", "loss_pos"):
+        assert_rel_close(out_f[key], out_r[key], torch.float32)
+    out_f["loss"].backward()
+    out_r["loss"].backward()
+    g_f, g_r = grads(fused), grads(ref)
+    assert g_f.keys() == g_r.keys()
+    for name in g_f:
+        assert_rel_close(g_f[name], g_r[name], torch.float32)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fused_token_ops_on_the_triton_backend_match_the_reference_path(device):
+    fused = tiny_cmae(attn_backend="sdpa").to(device)
+    ref = tiny_cmae(fused=False).to(device)
+    ref.load_state_dict(fused.state_dict())
+    a, b = (v.to(device) for v in views(batch=2))
+    with use_backend("triton"):
+        out_f = fused(a, b, 0.75, seed=99)
+        out_f["loss"].backward()
+    out_r = ref(a, b, 0.75, seed=99)
+    out_r["loss"].backward()
+    for key in ("loss", "loss_mim", "loss_con", "loss_pos"):
+        assert_rel_close(out_f[key], out_r[key], torch.float32)
+    g_r = grads(ref)
+    for name, g in grads(fused).items():
+        assert_rel_close(g, g_r[name], torch.float32)
+
+
+def test_both_views_are_masked_by_one_random_masking_call(monkeypatch):
+    import fastmim.ops
+
+    calls = []
+    real = fastmim.ops.random_masking
+
+    def counting(*args, **kwargs):
+        calls.append(args[:2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastmim.ops, "random_masking", counting)
+    model = tiny_cmae()
+    model(*views(batch=3), 0.75, seed=5)
+    assert calls == [(6, 25)]
+
+
+# ---------------------------------------------------------------------------------- the encoder input
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_first_num_free_visible_tokens_carry_no_position_embedding(fused):
+    model = tiny_cmae(fused=fused)
+    x = torch.randn(3, 25, 32)
+    ids_keep = torch.stack([torch.randperm(25)[:6] for _ in range(3)])
+    tokens = model.visible_tokens(x, ids_keep, num_free=4)
+    pos = model.pos_embed[0, 1:]
+    assert tokens.shape == (3, 7, 32)
+    torch.testing.assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, 0]).expand(3, 1, 32)[:, 0])
+    for b in range(3):
+        torch.testing.assert_close(tokens[b, 1:5], x[b, ids_keep[b, :4]], rtol=0, atol=0)
+        torch.testing.assert_close(tokens[b, 5:], x[b, ids_keep[b, 4:]] + pos[ids_keep[b, 4:]])
+    assert model.num_free(6) == 4
+    assert tiny_cmae(pos_fraction=0.0).num_free(6) == 0
+
+
+def test_position_head_targets_are_the_patch_indices_of_the_free_tokens():
+    model = tiny_cmae()
+    a, b = views(batch=2)
+    noise = torch.rand(4, 25)
+    ids_keep = torch.argsort(noise, dim=1)[:, :6]
+    captured = {}
+    model.pos_head.register_forward_hook(lambda m, i, o: captured.update(logits=o))
+    out = model(a, b, 0.75, noise=noise)
+    logits = captured["logits"]
+    assert logits.shape == (4, 4, 25)  # 2B rows, num_free tokens, L classes
+    expected = F.cross_entropy(logits.reshape(-1, 25), ids_keep[:, :4].reshape(-1))
+    torch.testing.assert_close(out["loss_pos"], expected)
+
+
+def test_pos_fraction_zero_disables_the_position_task():
+    model = tiny_cmae(pos_fraction=0.0)
+    out = model(*views(batch=2), 0.75, seed=3)
+    assert float(out["loss_pos"]) == 0.0
+    out["loss"].backward()
+    assert model.pos_head.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------- where gradients go
+
+
+def _params_with_grad(model: nn.Module, loss: torch.Tensor) -> set[str]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_each_loss_reaches_exactly_the_parameters_that_should_learn_from_it():
+    model = tiny_cmae()
+    a, b = views(batch=4)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    decoder = {n for n in names if n.startswith(("decoder_", "mask_token"))}
+    projector = {n for n in names if n.startswith("projector.")}
+    pos_head = {n for n in names if n.startswith("pos_head.")}
+    encoder = names - decoder - projector - pos_head
+    assert "pos_embed" not in names  # fixed sin-cos
+
+    mim = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss_mim"])
+    assert mim == encoder | decoder
+    con = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss_con"])
+    assert con == encoder | projector
+    # cls_token reaches the position logits only through attention; it does, as every encoder weight
+    pos = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss_pos"])
+    assert pos == encoder | pos_head
+    total = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss"])
+    assert total == names
+
+
+def test_loss_is_the_weighted_sum_of_its_parts_and_weights_are_options():
+    model = tiny_cmae(w_mim=0.5, w_con=2.0, w_pos=0.25)
+    out = model(*views(batch=3), 0.75, seed=11)
+    torch.testing.assert_close(out["loss"], 0.5 * out["loss_mim"] + 2.0 * out["loss_con"] + 0.25 * out["loss_pos"])
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+# ---------------------------------------------------------------------------------- heads
+
+
+def test_info_nce_equals_the_naive_symmetric_formula():
+    z1, z2 = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    t = 0.2
+    n1, n2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    sim = n1 @ n2.t() / t
+    naive = 0.5 * (-(sim.diag() - sim.logsumexp(1)).mean() - (sim.diag() - sim.logsumexp(0)).mean())
+    torch.testing.assert_close(info_nce(z1, z2, t).double(), naive, rtol=1e-6, atol=1e-6)
+    # well-separated positives: loss near zero
+    e = torch.eye(5)
+    assert info_nce(e, e, 0.05) < 1e-3
+
+
+def test_all_gather_with_grad_is_the_identity_in_one_process():
+    t = torch.randn(3, 4, requires_grad=True)
+    assert all_gather_with_grad(t) is t
+
+
+def test_mlp_head_layout():
+    head = mlp_head(8, 16, 4, 2)
+    kinds = [type(m) for m in head]
+    assert kinds == [nn.Linear, HeadBatchNorm1d, nn.ReLU, nn.Linear]
+    assert head[0].bias is None and head[3].bias is None
+    assert [type(m) for m in mlp_head(8, 16, 4, 3, sync_bn=False)] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [
+        nn.Linear]
+    with pytest.raises(ValueError, match="num_layers"):
+        mlp_head(8, 16, 4, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, weights, out_dir: str):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        head = mlp_head(8, 12, 6, 2)
+        head.load_state_dict(weights)
+        rows = slice(rank * z1.shape[0] // world, (rank + 1) * z1.shape[0] // world)
+        x1 = z1[rows].clone().requires_grad_(True)
+        x2 = z2[rows].clone().requires_grad_(True)
+        loss = info_nce(head(x1), head(x2), 0.2)
+        loss.backward()
+        grad_w = head[0].weight.grad.clone()
+        dist.all_reduce(grad_w)  # DDP's average, times world
+        torch.save({"loss": loss.detach(), "grad_w": grad_w / world, "g1": x1.grad, "g2": x2.grad,
+                    "running_mean": head[1].running_mean.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_negatives_and_batchnorm_statistics_span_ranks_like_one_process_with_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    z1, z2 = torch.randn(8, 8), torch.randn(8, 8)
+    head = mlp_head(8, 12, 6, 2)
+    weights = {k: v.clone() for k, v in head.state_dict().items()}
+    mp.spawn(_ddp_worker, args=(2, _free_port(), z1, z2, weights, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    # one process, global batch of 8: BatchNorm over the 8 rows of each view
+    x1, x2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    loss = info_nce(head(x1), head(x2), 0.2)
+    loss.backward()
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    # per-rank grads of the inputs are this rank's rows of the 1-process gradient times world
+    # (each rank's loss is a mean over its half of the queries: DDP's averaging divides it back)
+    torch.testing.assert_close(torch.cat([r["g1"] for r in ranks]) / 2, x1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["g2"] for r in ranks]) / 2, x2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["grad_w"], head[0].weight.grad, rtol=1e-4, atol=1e-6)
+    # running statistics: the 1-process head saw both views (2 updates), as each rank did
+    torch.testing.assert_close(ranks[0]["running_mean"], head[1].running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[1]["running_mean"], head[1].running_mean, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_cmae()
+    a, b = views(batch=2)
+    with pytest.raises(ValueError, match="imgs2"):
+        model(a, torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="same shape"):
+        model(a, torch.randn(3, 3, 20, 20))
+    with pytest.raises(ValueError, match=r"noise must be \(2B, L\)"):
+        model(a, b, 0.75, noise=torch.rand(2, 25))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(a, b, 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_cmae(temperature=0.0)
+    with pytest.raises(ValueError, match="pos_fraction"):
+        tiny_cmae(pos_fraction=1.5)
+
+
+def test_registry_builds_cmae_with_the_small_decoder():
+    model = create_model("cmae", "vit_tiny_patch4_32", depth=1)
+    assert isinstance(model, CMAE)
+    assert (model.decoder_embed.out_features, len(model.decoder_blocks)) == (256, 2)
+    assert model.projector[-1].out_features == 256 and model.temperature == 0.2
+    assert (model.w_mim, model.w_con, model.w_pos, model.pos_fraction) == (1.0, 0.1, 0.1, 0.75)
+    assert model.pos_head.out_features == 64
+
+
+# ---------------------------------------------------------------------------------- precision, compile
+
+
+def test_bf16_autocast_step_is_finite_and_close_to_fp32():
+    model = tiny_cmae()
+    a, b = views(batch=4)
+    noise = torch.rand(8, 25)
+    ref = model(a, b, 0.75, noise=noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(a, b, 0.75, noise=noise)
+    out["loss"].backward()
+    for key in ref:
+        assert out[key].dtype == torch.float32 and torch.isfinite(out[key])
+        # bf16 matmuls through the encoder, decoder and heads: a few percent
+        assert abs(float(out[key]) - float(ref[key])) <= 0.05 * abs(float(ref[key])) + 0.02, key
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_torch_compile_of_the_training_step_matches_eager():
+    model = tiny_cmae()
+    a, b = views(batch=4)
+    noise = torch.rand(8, 25)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out_c = compiled(a, b, 0.75, noise=noise)
+    out_c["loss"].backward()
+    g_c = grads(model)
+    model.zero_grad(set_to_none=True)
+    out_e = model(a, b, 0.75, noise=noise)
+    out_e["loss"].backward()
+    for key in out_e:
+        assert_rel_close(out_c[key], out_e[key], torch.float32)
+    for name, g in grads(model).items():
+        assert_rel_close(g_c[name], g, torch.float32)
+
+
+# ---------------------------------------------------------------------------------- sanity
+
+
+def test_every_loss_decreases_when_overfitting_a_fixed_batch():
+    model = tiny_cmae(pos_fraction=0.75)
+    a, b = views(batch=8, seed=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    history = []
+    for _ in range(40):
+        out = model(a, b, 0.75, seed=123)  # the same masks every step
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        history.append({k: float(v) for k, v in out.items()})
+    for key in ("loss", "loss_mim", "loss_con", "loss_pos"):
+        first = sum(h[key] for h in history[:3]) / 3
+        last = sum(h[key] for h in history[-3:]) / 3
+        assert all(torch.isfinite(torch.tensor(h[key])) for h in history)
+        assert last < 0.8 * first, (key, first, last)
