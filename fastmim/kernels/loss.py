@@ -51,7 +51,7 @@ def _masked_patch_mse_fwd_kernel(
     SCALE_BY_WEIGHT_SUM: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    N: tl.constexpr = PATCH * PATCH * CHANNELS
+    N = PATCH * PATCH * CHANNELS
     # Row and patch indices fit in int32 (B * L < 2**31); offsets into memory are int64.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
