@@ -8,10 +8,12 @@
 - :class:`TrainBatchSampler` — per-epoch order and augmentation seeds from the run seed,
   sharded over processes, resumable at any batch.
 - :func:`build_views` — the views a method trains on (one, or two for CMAE/LUT).
+- :class:`ContrastiveCrop` — CMAE's crop sampler around heat-map boxes of the model's features.
 """
 
 from __future__ import annotations
 
+from fastmim.data.contrastive_crop import ContrastiveCrop
 from fastmim.data.datasets import (
     ANIMAL_MNIST_PATH,
     ArrayImageDataset,
@@ -32,6 +34,7 @@ from fastmim.data.transforms import (
 __all__ = [
     "ANIMAL_MNIST_PATH",
     "ArrayImageDataset",
+    "ContrastiveCrop",
     "CropSampler",
     "DataError",
     "DataSource",
