@@ -416,3 +416,18 @@ def test_cuda_fused_matches_unfused_in_bf16(mask_ratio):
         loss16, _, _ = fused(imgs, mask_ratio, noise=noise)
     loss16.backward()
     assert_rel_close(loss16, loss32, tol=3e-2)
+
+
+def test_train_step_benchmark_counts_the_flops_a_real_step_runs():
+    from bench_train_step import mae_step_flops
+    from peers.official_mae import MaskedAutoencoderViT as Official
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+               decoder_depth=1, decoder_num_heads=2)
+    model = Official(**cfg, norm_pix_loss=True)
+    imgs = torch.randn(3, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        loss, _, _ = model(imgs, 0.75)
+        loss.backward()
+    assert mae_step_flops(cfg, batch=3, mask_ratio=0.75) == counter.get_total_flops()
