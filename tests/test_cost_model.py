@@ -252,6 +252,15 @@ def _call_masked_patch_mse_masked_only():
     return masked_patch_mse(pred, torch.randn(B, 3, 32, 32), None, patch_size=8, ids_masked=ids_masked), [pred]
 
 
+def _call_visible_attention_model_layout():
+    """As the model calls it: q, k, v strided views of one qkv tensor, the output transposed back."""
+    from fastmim.ops.attention import visible_attention
+
+    qkv = torch.randn(2, K + 1, 3, 2, 16, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return visible_attention(q, k, v).transpose(1, 2).reshape(2, K + 1, 32), [qkv]
+
+
 def _call_visible_attention(n=K + 1):
     from fastmim.ops.attention import visible_attention
 
@@ -272,6 +281,7 @@ KERNEL_CASES = {
     "masked_patch_mse_dense": (_call_masked_patch_mse_dense, SHARED),
     "masked_patch_mse_masked_only": (_call_masked_patch_mse_masked_only, SHARED),
     "visible_attention": (_call_visible_attention, FLASH),
+    "visible_attention_model_layout": (_call_visible_attention_model_layout, FLASH),
     # keys over one block: three backward kernels
     "visible_attention_long": (lambda: _call_visible_attention(n=150), FLASH),
 }
@@ -314,3 +324,24 @@ def test_triton_kernels_move_the_bytes_and_launch_the_kernels_the_model_charges(
             + str({(lt.kernel, a): (t.loaded, t.stored, t.distinct) for lt in traffic.launches
                    for a, t in lt.args.items()}))
         assert record.launches == launches, f"{name}: charged {record.launches} launches, ran {launches}"
+
+
+def test_cost_model_script_runs_in_smoke_mode(tmp_path):
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_model.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--output", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    payload = json.loads((tmp_path / "cost_model-smoke.json").read_text())
+    assert payload["kind"] == "smoke"
+    configs = {r["config"] for r in payload["records"]}
+    assert {"official", "eager_sdpa", "fastmim", "fastmim_pred_masked_only"} <= configs
+    for r in payload["records"]:
+        for key in ("flops", "hbm_bytes", "launches", "activation_bytes", "peak_bytes", "projected_ms"):
+            assert r[key] > 0, (r["config"], key)
+        assert set(r["by_family"]) == set(cm.FAMILIES)
+        assert sum(f["bytes"] for f in r["by_family"].values()) == pytest.approx(r["hbm_bytes"])
+    assert (tmp_path / "cost_model-smoke.md").read_text().startswith("# Cost model")
+    assert (tmp_path / "cost_model-smoke.png").stat().st_size > 0

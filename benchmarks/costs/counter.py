@@ -228,12 +228,20 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
 
 def op_bytes_generic(args: tuple, kwargs: dict, out: Any, name: str, schema_args: Any = None) -> int:
     """Each distinct storage read once, each written once (see the module docstring)."""
-    reads: dict[int, int] = {}
-    writes: dict[int, int] = {}
+    reads: dict[int, dict[tuple, int]] = {}
+    writes: dict[int, dict[tuple, int]] = {}
 
-    def add(table: dict[int, int], t: torch.Tensor) -> None:
-        key = storage_key(t)
-        table[key] = max(table.get(key, 0), addressed_bytes(t))
+    def add(table: dict[int, dict[tuple, int]], t: torch.Tensor) -> None:
+        # Views of one storage (q, k, v of one qkv tensor) add up; the same view twice counts once.
+        view = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        table.setdefault(storage_key(t), {})[view] = addressed_bytes(t)
+
+    def total(table: dict[int, dict[tuple, int]], capped_by: dict[int, int]) -> int:
+        return sum(min(sum(views.values()), capped_by[key]) for key, views in table.items())
+
+    storage_bytes: dict[int, int] = {}
+    for t in _tensors((args, kwargs, out)):
+        storage_bytes[storage_key(t)] = t.untyped_storage().nbytes()
 
     if schema_args is None:  # no schema at hand: every tensor argument is read, none written in place
         for t in _tensors((args, kwargs)):
@@ -259,12 +267,12 @@ def op_bytes_generic(args: tuple, kwargs: dict, out: Any, name: str, schema_args
         values = args[2]
         self_key = storage_key(args[0])
         reads.pop(self_key, None)
-        writes[self_key] = addressed_bytes(values)
+        writes[self_key] = {(): addressed_bytes(values)}
     for t in _tensors(out):
         key = storage_key(t)
         if key not in writes:
             add(writes, t)
-    return sum(reads.values()) + sum(writes.values())
+    return total(reads, storage_bytes) + total(writes, storage_bytes)
 
 
 def op_launches(qname: str, name: str, args: tuple, kwargs: dict, out: Any) -> int:

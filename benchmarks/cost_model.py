@@ -1,0 +1,295 @@
+"""The cost model of an MAE training step (modelled figures, no GPU needed).
+
+Runs one steady-state training step (forward, backward, fused AdamW step) of each
+configuration at real size on the meta device and counts, op by op: FLOPs, HBM bytes read
+and written, kernel launches, the activations saved for backward and the peak of live
+bytes; then projects an H100 time with a roofline (``benchmarks/costs/devices.py`` holds
+the device constants and says where each comes from). The accounting rules are in
+``benchmarks/costs/counter.py``; what fastmim's own ops are charged, in
+``benchmarks/costs/fastmim_ops.py`` (held to the Triton kernels by the tests).
+
+Mixed precision is modelled as bf16 parameters and inputs (pure-bf16 training: weights,
+gradients and AdamW state in bf16). With autocast over fp32 master weights every
+configuration would add the same fp32 parameter copies and per-op weight casts.
+
+Configurations (ViT-B/16 and ViT-L/16, 224 px, batch 256, mask ratio 0.75, norm_pix loss):
+
+- ``official``: the official MAE model (``benchmarks/peers/official_mae.py``: attention
+  materialising the N x N scores, argsort masking with index gathers, patchify loss);
+- ``eager_sdpa``: the same on today's timm blocks with SDPA (``benchmarks/peers/eager_sdpa.py``);
+- ``fastmim``: ``fastmim.models.MaskedAutoencoderViT`` with the fused ops, ``pred_masked_only``
+  off and on.
+
+Usage: ``python benchmarks/cost_model.py [--smoke] [--output DIR]``. Writes
+``cost_model.json``, ``cost_model.md`` and ``cost_model.png`` in ``benchmarks/results/``
+(``--smoke``: tiny models, files named ``cost_model-smoke.*``; the figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+if str(BENCH_DIR.parent) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR.parent))
+
+import harness  # noqa: E402
+from costs import counter as cm  # noqa: E402
+from costs.devices import H100_SXM  # noqa: E402
+from costs.fastmim_ops import MASKED_FRACTION  # noqa: E402
+from costs.step import count_step  # noqa: E402
+
+DTYPE = torch.bfloat16
+MASK_RATIO = 0.75
+
+# (embed_dim, depth, heads), decoder (dim, depth, heads), image, patch
+SIZES = {
+    "vit_b16": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
+                    decoder_num_heads=16, img_size=224, patch_size=16),
+    "vit_l16": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
+                    decoder_num_heads=16, img_size=224, patch_size=16),
+    "smoke": dict(embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                  decoder_num_heads=2, img_size=32, patch_size=8),
+}
+TARGETS = (
+    # (metric, peer, max ratio fastmim / peer); speed as peer time / fastmim time >= bound
+    ("activation_bytes", "official", 0.6),
+    ("activation_bytes", "eager_sdpa", 0.75),
+    ("launches", "eager_sdpa", 0.6),
+    ("non_gemm_bytes", "eager_sdpa", 0.6),
+    ("speedup", "official", 1.3),
+    ("speedup", "eager_sdpa", 1.15),
+)
+
+
+def _official(size: dict[str, Any]) -> nn.Module:
+    from peers import official_mae
+
+    return official_mae.MaskedAutoencoderViT(mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                                             norm_pix_loss=True, **size)
+
+
+def _eager_sdpa(size: dict[str, Any]) -> nn.Module:
+    from peers import eager_sdpa
+
+    return eager_sdpa.MaskedAutoencoderViT(mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                                           norm_pix_loss=True, **size)
+
+
+def _fastmim(size: dict[str, Any], pred_masked_only: bool) -> nn.Module:
+    from fastmim.models.mae import MaskedAutoencoderViT
+
+    return MaskedAutoencoderViT(mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True,
+                                fused=True, attn_backend="fastmim", pred_masked_only=pred_masked_only, **size)
+
+
+CONFIGS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "official": _official,
+    "eager_sdpa": _eager_sdpa,
+    "fastmim": partial(_fastmim, pred_masked_only=False),
+    "fastmim_pred_masked_only": partial(_fastmim, pred_masked_only=True),
+}
+
+
+@dataclasses.dataclass
+class Record:
+    config: str
+    model: str
+    batch: int
+    dtype: str
+    mask_ratio: float
+    flops: int
+    hbm_bytes: int
+    non_gemm_bytes: int
+    launches: int
+    activation_bytes: int
+    peak_bytes: int
+    resident_bytes: int
+    projected_ms: float
+    by_family: dict[str, dict[str, float]]
+    by_phase: dict[str, dict[str, float]]
+    top_ops: list[dict[str, Any]]
+    count_seconds: float
+
+
+def measure(config: str, model_name: str, batch: int) -> Record:
+    size = SIZES[model_name]
+    MASKED_FRACTION["value"] = MASK_RATIO
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = CONFIGS[config](size).to(DTYPE)
+    imgs = torch.empty(batch, 3, size["img_size"], size["img_size"], device="meta", dtype=DTYPE)
+    cost = count_step(model, [imgs], lambda m, x: m(x, mask_ratio=MASK_RATIO)[0])
+    projected = cm.project(cost, H100_SXM)
+    fields = ("flops", "bytes", "launches", "time_s")
+    by_family = {f: {k: cost.by_family(k)[f] for k in fields} for f in cm.FAMILIES}
+    by_phase = {p: {k: cost.total(k, phase=p) for k in fields} for p in ("forward", "backward", "optimizer")}
+    op_time = cost.by_op("time_s")
+    op_bytes = cost.by_op("bytes")
+    op_launches = cost.by_op("launches")
+    top = sorted(op_time, key=op_time.get, reverse=True)[:15]
+    return Record(
+        config=config, model=model_name, batch=batch, dtype=str(DTYPE).removeprefix("torch."), mask_ratio=MASK_RATIO,
+        flops=int(cost.total("flops")), hbm_bytes=int(cost.total("bytes")),
+        non_gemm_bytes=int(cost.total("bytes") - by_family["gemm"]["bytes"]), launches=int(cost.total("launches")),
+        activation_bytes=cost.activation_bytes, peak_bytes=cost.peak_bytes, resident_bytes=cost.resident_bytes,
+        projected_ms=projected * 1e3, by_family=by_family, by_phase=by_phase,
+        top_ops=[{"op": k, "ms": op_time[k] * 1e3, "bytes": op_bytes[k], "launches": op_launches[k]} for k in top],
+        count_seconds=time.perf_counter() - start)
+
+
+def evaluate_targets(records: list[Record], model_name: str) -> list[dict[str, Any]]:
+    by_config = {r.config: r for r in records if r.model == model_name}
+    out = []
+    for ours in ("fastmim", "fastmim_pred_masked_only"):
+        if ours not in by_config:
+            continue
+        for metric, peer, bound in TARGETS:
+            if peer not in by_config:
+                continue
+            mine, theirs = by_config[ours], by_config[peer]
+            if metric == "speedup":
+                value = theirs.projected_ms / mine.projected_ms
+                met = value >= bound
+                rule = f"projected step time: {peer} / {ours} >= {bound}"
+            else:
+                value = getattr(mine, metric) / getattr(theirs, metric)
+                met = value <= bound
+                rule = f"{metric}: {ours} / {peer} <= {bound}"
+            out.append({"model": model_name, "config": ours, "peer": peer, "metric": metric, "value": value,
+                        "bound": bound, "met": met, "rule": rule})
+    return out
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.2f}"
+
+
+def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    lines = [
+        "# Cost model of one MAE training step (modelled, not measured)",
+        "",
+        f"Modelled on the meta device; roofline projection for {H100_SXM.name}: "
+        f"{H100_SXM.tensor_core_flops['bfloat16'] / 1e12:.0f} TFLOP/s bf16 tensor-core (measured), "
+        f"{H100_SXM.hbm_bytes_per_s / 1e12:.1f} TB/s HBM (measured, read + write), "
+        f"{H100_SXM.launch_floor_s * 1e6:.1f} us per kernel launch floor (assumed). "
+        "Pure-bf16 parameters, inputs and optimizer state; fused AdamW. "
+        f"torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:12]}"
+        + (" (uncommitted changes)" if env.get("commit_dirty") else "") + f", {env['date']}.",
+        "",
+        "| model | config | batch | GFLOP | HBM GB | non-GEMM GB | launches | activations GB | peak GB "
+        "| projected ms (H100) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(f"| {r.model} | {r.config} | {r.batch} | {r.flops / 1e9:.0f} | {_gb(r.hbm_bytes)} | "
+                     f"{_gb(r.non_gemm_bytes)} | {r.launches} | {_gb(r.activation_bytes)} | {_gb(r.peak_bytes)} | "
+                     f"{r.projected_ms:.2f} |")
+    lines += ["", "## Bytes moved (GB) by op family", "",
+              "| model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
+              "|---|---|" + "---|" * len(cm.FAMILIES)]
+    for r in records:
+        lines.append(f"| {r.model} | {r.config} | "
+                     + " | ".join(_gb(r.by_family[f]["bytes"]) for f in cm.FAMILIES) + " |")
+    lines += ["", "## Projected time (ms) by op family", "",
+              "| model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
+              "|---|---|" + "---|" * len(cm.FAMILIES)]
+    for r in records:
+        lines.append(f"| {r.model} | {r.config} | "
+                     + " | ".join(f"{r.by_family[f]['time_s'] * 1e3:.2f}" for f in cm.FAMILIES) + " |")
+    lines += ["", "## Launches by op family", "",
+              "| model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
+              "|---|---|" + "---|" * len(cm.FAMILIES)]
+    for r in records:
+        lines.append(f"| {r.model} | {r.config} | "
+                     + " | ".join(f"{r.by_family[f]['launches']:.0f}" for f in cm.FAMILIES) + " |")
+    if targets:
+        lines += ["", "## Targets (issue 11)", "", "| model | rule | value | met |", "|---|---|---|---|"]
+        for t in targets:
+            lines.append(f"| {t['model']} | {t['rule']} | {t['value']:.3f} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(records: list[Record], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.model + "\n" + r.config.replace("_pred_masked_only", "\n+pred_masked_only") for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(records) * 2), 6))
+    colors = plt.get_cmap("tab10").colors
+    for ax, (field, scale, unit) in zip(axes, (("bytes", 1e9, "HBM GB moved"), ("time_s", 1e-3, "projected ms")),
+                                        strict=True):
+        bottom = [0.0] * len(records)
+        for i, family in enumerate(cm.FAMILIES):
+            values = [r.by_family[family][field] / scale for r in records]
+            ax.bar(range(len(records)), values, bottom=bottom, label=cm.FAMILY_LABELS[family], color=colors[i])
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.set_xticks(range(len(records)), labels, fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_title(f"{unit} per training step (modelled, H100)" if field == "time_s" else
+                     f"{unit} per training step (modelled)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("MAE training step, batch per model in the table, bf16: cost model (no GPU run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models (CI): checks the script runs")
+    parser.add_argument("--output", type=Path, default=harness.RESULTS_DIR)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    args = parser.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    plan = [("smoke", 4)] if args.smoke else [("vit_b16", 256), ("vit_l16", 256)]
+    records: list[Record] = []
+    for model_name, batch in plan:
+        for config in configs:
+            record = measure(config, model_name, batch)
+            records.append(record)
+            print(f"{model_name} {config}: {record.projected_ms:.2f} ms projected, {record.launches} launches, "
+                  f"{_gb(record.hbm_bytes)} GB moved, {_gb(record.activation_bytes)} GB saved "
+                  f"({record.count_seconds:.1f} s to count)", flush=True)
+    targets = [t for model_name, _ in plan for t in evaluate_targets(records, model_name)]
+    env = harness.environment("cpu")
+    env.pop("device", None)
+    env.pop("device_type", None)
+    payload = {
+        "benchmark": "cost_model",
+        "kind": "smoke" if args.smoke else "modelled",
+        "device_modelled": H100_SXM.name,
+        "device_constants": dataclasses.asdict(H100_SXM),
+        "precision": "bf16 parameters, inputs, gradients and AdamW state (pure bf16); activations as ops leave them",
+        "optimizer": "AdamW fused (torch._fused_adamw_), two parameter groups (weight decay 0.05 / 0)",
+        "environment": env,
+        "records": [dataclasses.asdict(r) for r in records],
+        "targets": targets,
+    }
+    stem = "cost_model-smoke" if args.smoke else "cost_model"
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown(records, targets, env)
+    (args.output / f"{stem}.md").write_text(table)
+    chart(records, args.output / f"{stem}.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
