@@ -136,7 +136,7 @@ def test_train_mae_five_steps(tmp_path):
     assert meta["model_kwargs"]["in_chans"] == 1
 
 
-@pytest.mark.parametrize("method", ["supmim", "cmae", "lut"])
+@pytest.mark.parametrize("method", ["supmim", "supmae", "cmae", "lut"])
 def test_train_other_methods_five_steps(tmp_path, method):
     from fastmim.models import list_methods
 

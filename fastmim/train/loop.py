@@ -132,7 +132,8 @@ def build_model(method: str, preset: str, model_kwargs: dict[str, Any]) -> nn.Mo
         raise TrainError(str(exc)) from None
 
 
-def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int) -> tuple[dict[str, Any], int, int]:
+def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int,
+                  num_classes: int) -> tuple[dict[str, Any], int, int]:
     """``(model_kwargs, image_size, patch_size)`` of the run; checks the image size fits the patches."""
     from fastmim.models import get_preset
 
@@ -144,7 +145,7 @@ def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int) -> tu
     if image_size % preset.patch_size != 0:
         raise TrainError(f"image size {image_size} is not divisible by the patch size {preset.patch_size} "
                          f"of {preset.name}; pick --image-size as a multiple of {preset.patch_size}")
-    kwargs = adapter.model_overrides(channels, image_size if image_size != preset.img_size else None)
+    kwargs = adapter.model_overrides(channels, image_size if image_size != preset.img_size else None, num_classes)
     if cfg.norm_pix_loss:
         kwargs["norm_pix_loss"] = True
     kwargs.update(cfg.model_overrides)
@@ -263,7 +264,6 @@ class _Run:
             self.adapter = get_adapter(cfg.method)
         except ValueError as exc:
             raise TrainError(str(exc)) from None
-        self.mask_ratio = cfg.mask_ratio if cfg.mask_ratio is not None else self.adapter.default_mask_ratio
         from fastmim.models import get_preset
 
         try:
@@ -272,12 +272,17 @@ class _Run:
             raise TrainError(str(exc)) from None
 
         self.source: DataSource = open_data(cfg.data, channels=cfg.channels, on_corrupt=cfg.on_corrupt)
-        self.model_kwargs, self.image_size, self.patch_size = resolve_model(cfg, self.adapter, self.source.channels)
+        self.model_kwargs, self.image_size, self.patch_size = resolve_model(
+            cfg, self.adapter, self.source.channels, len(self.source.classes))
         _create_output(self.out, self.info)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.module = build_model(cfg.method, cfg.model, self.model_kwargs).to(self.device)
         self.num_params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        # The run's mask ratio: given, else the model's own default (SupervisedMIM recipes), else the method's.
+        model_ratio = getattr(self.module, "mask_ratio", None)
+        self.mask_ratio = (cfg.mask_ratio if cfg.mask_ratio is not None
+                           else model_ratio if isinstance(model_ratio, float) else self.adapter.default_mask_ratio)
 
         views = build_views(self.source, self.image_size, num_views=self.adapter.num_views,
                             second_view=self.adapter.second_view,

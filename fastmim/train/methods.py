@@ -95,8 +95,9 @@ class MethodAdapter:
     uses_labels: bool = False
     default_mask_ratio: float = 0.75
 
-    def model_overrides(self, channels: int, image_size: int | None) -> dict[str, Any]:
-        """Constructor overrides the data imposes (channels, image size)."""
+    def model_overrides(self, channels: int, image_size: int | None, num_classes: int) -> dict[str, Any]:
+        """Constructor overrides the data imposes (channels, image size, classes if supervised)."""
+        del num_classes
         overrides: dict[str, Any] = {"in_chans": channels}
         if image_size is not None:
             overrides["img_size"] = image_size
@@ -157,11 +158,18 @@ class MAEAdapter(MethodAdapter):
 
 
 class SupervisedMIMAdapter(MethodAdapter):
-    """Supervised + MIM: ``model(imgs, labels[, mask_ratio, noise]) -> {"loss": ..., parts}``."""
+    """Supervised + MIM: ``model(imgs, labels[, mask_ratio, noise]) -> {"loss": ..., parts}``;
+    the classifier gets the dataset's number of classes. ``supmae`` is the same model with
+    SupMAE's recipe (its mask ratio comes from the model)."""
 
-    name = "supmim"
     uses_labels = True
-    default_mask_ratio = 0.5
+
+    def __init__(self, name: str = "supmim", default_mask_ratio: float = 0.5):
+        self.name = name
+        self.default_mask_ratio = default_mask_ratio
+
+    def model_overrides(self, channels, image_size, num_classes):
+        return {**super().model_overrides(channels, image_size, num_classes), "num_classes": num_classes}
 
     def loss(self, model, batch, ctx):
         imgs, labels = batch["views"][0], batch["label"]
@@ -309,5 +317,6 @@ def list_adapters() -> list[str]:
 
 register_adapter(MAEAdapter())
 register_adapter(SupervisedMIMAdapter())
+register_adapter(SupervisedMIMAdapter("supmae", default_mask_ratio=0.75))
 register_adapter(CMAEAdapter(ccrop={}))
 register_adapter(LUTAdapter())
