@@ -431,3 +431,34 @@ def test_train_step_benchmark_counts_the_flops_a_real_step_runs():
         loss, _, _ = model(imgs, 0.75)
         loss.backward()
     assert mae_step_flops(cfg, batch=3, mask_ratio=0.75) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("attn_backend", ["reference", "sdpa", "fastmim"])
+def test_attention_backends_give_the_same_model(attn_backend):
+    base = tiny_mae(fused=False)
+    model = tiny_mae(fused=True, attn_backend=attn_backend)
+    model.load_state_dict(base.state_dict())
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    for ratio in (0.75, [0.5, 0.25]):
+        assert_rel_close(model(imgs, ratio, noise=noise)[0], base(imgs, ratio, noise=noise)[0], tol=1e-5)
+
+
+def test_triton_kernels_run_the_whole_model():
+    # Every fused op on its Triton kernel (the interpreter on CPU, the GPU when there is one).
+    from fastmim.ops import use_backend
+    from fastmim.testing import kernel_devices
+
+    device = kernel_devices()[0] if kernel_devices() else pytest.skip("no Triton device here")
+    base = tiny_mae(fused=False, depth=1, decoder_depth=1, norm_pix_loss=True).to(device)
+    model = tiny_mae(fused=True, depth=1, decoder_depth=1, norm_pix_loss=True, attn_backend="fastmim").to(device)
+    model.load_state_dict(base.state_dict())
+    imgs, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
+    loss_ref, _, _ = base(imgs, [0.75, 0.5], noise=noise)
+    loss_ref.backward()
+    with use_backend("triton"):
+        loss, _, _ = model(imgs, [0.75, 0.5], noise=noise)
+        loss.backward()
+    assert_rel_close(loss, loss_ref, tol=1e-5)
+    for (name, p), p_ref in zip(model.named_parameters(), base.parameters(), strict=True):
+        if p.grad is not None:
+            assert_rel_close(p.grad, p_ref.grad, tol=1e-4, name=name)
