@@ -1,0 +1,598 @@
+// CUDA kernels of the token ops (dense layout), same results as the CPU kernels and the
+// references in fastmim/ops/token_ops.py.
+//
+// - random permutation / masking: one block per sample. Each patch's 64-bit sort key (noise,
+//   index) sits in shared memory and its rank is counted by pairwise comparison, which equals
+//   the stable argsort: L^2 / threads comparisons per block, all shared-memory broadcasts.
+//   Rows longer than kMaxSmemPatches fall back to a segmented sort of the keys (at::sort).
+// - gathers (gather_visible, unshuffle): one warp per output row, 16-byte packs along D.
+// - scatter-type backward passes are gathers through an inverse index table (first source,
+//   count) built with integer atomics, so every output row is written by one thread, with
+//   no floating-point atomics: deterministic, and repeated indices are summed.
+// - sums over the batch (pos_embed, cls_token, mask_token gradients) walk the batch inside
+//   one thread per (position, feature pack), accumulating in fp32 registers.
+//
+// Index values cannot be validated on the host without a device sync: an out-of-range index
+// trips a device-side assert, and the kernels never read out of bounds (the row is skipped).
+#include "../fastmim_ops.h"
+#include "common.cuh"
+
+#include <climits>
+
+namespace fastmim {
+namespace {
+
+using cuda::ceil_div;
+using cuda::load_pack;
+using cuda::Pack;
+using cuda::store_pack;
+
+constexpr int kMaxSmemPatches = 4096;  // 32 KiB of 64-bit keys per block
+constexpr int kWarpsPerBlock = 4;
+
+__device__ __forceinline__ uint32_t block_seed_key(const int64_t* seed_ptr, uint64_t seed_value) {
+  return seed_key(seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed_value);
+}
+
+// Writes one sample's outputs from the rank of each patch.
+struct MaskingOut {
+  int64_t* ids_shuffle;      // (B, L) or null
+  int64_t* ids_keep;         // dense (B, K) / packed (T,) or null
+  int64_t* ids_restore;      // (B, L)
+  float* mask;               // (B, L) or null
+  const int64_t* cu_seqlens; // (B + 1,) or null: then K is num_keep for every sample
+  int64_t num_keep;
+};
+
+__device__ __forceinline__ void emit_rank(const MaskingOut& o, int64_t b, int64_t L, int64_t i, int64_t rank) {
+  o.ids_restore[b * L + i] = rank;
+  if (o.ids_shuffle != nullptr) o.ids_shuffle[b * L + rank] = i;
+  const int64_t start = o.cu_seqlens != nullptr ? o.cu_seqlens[b] : b * o.num_keep;
+  const int64_t keep = o.cu_seqlens != nullptr ? o.cu_seqlens[b + 1] - start : o.num_keep;
+  if (o.ids_keep != nullptr && rank < keep) o.ids_keep[start + rank] = i;
+  if (o.mask != nullptr) o.mask[b * L + i] = rank >= keep ? 1.0f : 0.0f;
+}
+
+__global__ void permutation_smem_kernel(const int64_t* seed_ptr, uint64_t seed_value, int64_t L, MaskingOut out) {
+  extern __shared__ uint64_t keys[];
+  const int64_t b = blockIdx.x;
+  const uint32_t rkey = row_key(block_seed_key(seed_ptr, seed_value), static_cast<uint32_t>(b));
+  for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
+    keys[i] = sort_key(patch_noise(rkey, static_cast<uint32_t>(i)), static_cast<uint32_t>(i));
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
+    const uint64_t mine = keys[i];
+    int64_t rank = 0;
+    for (int64_t j = 0; j < L; ++j) rank += keys[j] < mine;  // all threads read keys[j]: a broadcast
+    emit_rank(out, b, L, i, rank);
+  }
+}
+
+__global__ void sort_keys_kernel(const int64_t* seed_ptr, uint64_t seed_value, int64_t B, int64_t L, int64_t* keys) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * L) return;
+  const int64_t b = idx / L, i = idx % L;
+  const uint32_t rkey = row_key(block_seed_key(seed_ptr, seed_value), static_cast<uint32_t>(b));
+  keys[idx] = static_cast<int64_t>(sort_key(patch_noise(rkey, static_cast<uint32_t>(i)), static_cast<uint32_t>(i)));
+}
+
+__global__ void emit_sorted_kernel(const int64_t* sorted_keys, int64_t B, int64_t L, MaskingOut out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * L) return;
+  const int64_t b = idx / L, rank = idx % L;
+  emit_rank(out, b, L, sorted_keys[idx] & 0x7FFFFFFF, rank);
+}
+
+void launch_permutation(const at::Tensor& seed, int64_t B, int64_t L, const MaskingOut& out, c10::Device device) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "csrc_random_masking: seed must be an int64 tensor with one element, got ", seed.scalar_type(),
+              " of shape ", seed.sizes());
+  // A seed on the device is read by the kernel (no sync); a host seed is passed by value.
+  at::Tensor seed_dev;
+  const int64_t* seed_ptr = nullptr;
+  uint64_t seed_value = 0;
+  if (seed.device() == device) {
+    seed_dev = seed.contiguous();
+    seed_ptr = seed_dev.const_data_ptr<int64_t>();
+  } else {
+    seed_value = host_seed(seed, "csrc_random_masking");
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (L <= kMaxSmemPatches) {
+    const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(128, ceil_div(L, 32) * 32)));
+    permutation_smem_kernel<<<B, threads, L * sizeof(uint64_t), stream>>>(seed_ptr, seed_value, L, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  auto keys = at::empty({B, L}, at::TensorOptions().dtype(at::kLong).device(device));
+  const int threads = 256;
+  sort_keys_kernel<<<ceil_div(B * L, threads), threads, 0, stream>>>(seed_ptr, seed_value, B, L,
+                                                                      keys.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto sorted = std::get<0>(keys.sort(/*dim=*/1));
+  emit_sorted_kernel<<<ceil_div(B * L, threads), threads, 0, stream>>>(sorted.const_data_ptr<int64_t>(), B, L, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------- row gathers
+
+template <typename out_t, typename in_t, typename aux_t, int VEC>
+__device__ __forceinline__ void copy_add_row(out_t* dst, const in_t* src, const aux_t* add, int64_t D, int lane) {
+  for (int64_t d = static_cast<int64_t>(lane) * VEC; d < D; d += 32 * VEC) {
+    Pack<in_t, VEC> a = load_pack<in_t, VEC>(src + d);
+    Pack<out_t, VEC> o;
+    if (add != nullptr) {
+      Pack<aux_t, VEC> p = load_pack<aux_t, VEC>(add + d);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<out_t>(static_cast<float>(a.v[k]) + static_cast<float>(p.v[k]));
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<out_t>(static_cast<float>(a.v[k]));
+    }
+    store_pack<out_t, VEC>(dst + d, o);
+  }
+}
+
+template <typename out_t, int VEC>
+__device__ __forceinline__ void fill_nan_row(out_t* dst, int64_t D, int lane) {
+  for (int64_t d = lane; d < D; d += 32) dst[d] = static_cast<out_t>(NAN);
+}
+
+template <typename in_t, typename out_t, typename index_t, int VEC>
+__global__ void gather_visible_kernel(const in_t* __restrict__ x, const index_t* __restrict__ ids,
+                                      const out_t* __restrict__ pos_patch, const out_t* __restrict__ pos_cls,
+                                      const out_t* __restrict__ cls, out_t* __restrict__ out, int64_t B, int64_t L,
+                                      int64_t K, int64_t D, int hc) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = K + hc;
+  if (row >= B * rows) return;
+  const int64_t b = row / rows, j = row % rows;
+  out_t* dst = out + row * D;
+  if (j < hc) {
+    copy_add_row<out_t, out_t, out_t, VEC>(dst, cls, pos_cls, D, lane);
+    return;
+  }
+  const int64_t v = static_cast<int64_t>(ids[b * K + j - hc]);
+  if (v < 0 || v >= L) {
+    CUDA_KERNEL_ASSERT(false && "csrc_gather_visible: ids_keep out of range");
+    fill_nan_row<out_t, VEC>(dst, D, lane);
+    return;
+  }
+  copy_add_row<out_t, in_t, out_t, VEC>(dst, x + (b * L + v) * D, pos_patch != nullptr ? pos_patch + v * D : nullptr,
+                                        D, lane);
+}
+
+template <typename in_t, typename out_t, typename index_t, int VEC>
+__global__ void unshuffle_kernel(const in_t* __restrict__ xv, const index_t* __restrict__ ids,
+                                 const out_t* __restrict__ mask_token, const out_t* __restrict__ pos_patch,
+                                 const out_t* __restrict__ pos_cls, out_t* __restrict__ out, int64_t B, int64_t L,
+                                 int64_t K, int64_t D, int hc) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t S = L + hc, rows_in = K + hc;
+  if (row >= B * S) return;
+  const int64_t b = row / S, j = row % S;
+  out_t* dst = out + row * D;
+  if (j < hc) {
+    copy_add_row<out_t, in_t, out_t, VEC>(dst, xv + b * rows_in * D, pos_cls, D, lane);
+    return;
+  }
+  const int64_t i = j - hc;
+  const int64_t v = static_cast<int64_t>(ids[b * L + i]);
+  if (v < 0 || v >= L) {
+    CUDA_KERNEL_ASSERT(false && "csrc_unshuffle: ids_restore out of range");
+    fill_nan_row<out_t, VEC>(dst, D, lane);
+    return;
+  }
+  const out_t* pos = pos_patch != nullptr ? pos_patch + i * D : nullptr;
+  if (v < K) {
+    copy_add_row<out_t, in_t, out_t, VEC>(dst, xv + (b * rows_in + hc + v) * D, pos, D, lane);
+  } else {
+    copy_add_row<out_t, out_t, out_t, VEC>(dst, mask_token, pos, D, lane);
+  }
+}
+
+// ---------------------------------------------------------------- inverse tables
+
+// first[b, v] = min n with idx[b, n] == v, count[b, v] = #{n : idx[b, n] == v}, for v < M;
+// values in [M, limit) are ignored, values outside [0, limit) assert.
+template <typename index_t>
+__global__ void build_inverse_kernel(const index_t* __restrict__ idx, int64_t B, int64_t N, int64_t M, int64_t limit,
+                                     int32_t* __restrict__ first, int32_t* __restrict__ count) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= B * N) return;
+  const int64_t b = t / N, n = t % N;
+  const int64_t v = static_cast<int64_t>(idx[t]);
+  if (v < 0 || v >= limit) {
+    CUDA_KERNEL_ASSERT(false && "fastmim csrc backward: index out of range");
+    return;
+  }
+  if (v >= M) return;
+  atomicAdd(count + b * M + v, 1);
+  atomicMin(first + b * M + v, static_cast<int32_t>(n));
+}
+
+template <typename index_t>
+std::pair<at::Tensor, at::Tensor> build_inverse(const at::Tensor& idx, int64_t M, int64_t limit) {
+  const int64_t B = idx.size(0), N = idx.size(1);
+  auto opts = idx.options().dtype(at::kInt);
+  auto first = at::full({B, M}, INT_MAX, opts);
+  auto count = at::zeros({B, M}, opts);
+  if (B * N > 0) {
+    const int threads = 256;
+    build_inverse_kernel<index_t><<<ceil_div(B * N, threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        idx.const_data_ptr<index_t>(), B, N, M, limit, first.data_ptr<int32_t>(), count.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {first, count};
+}
+
+// Row m of sample b of the scattered gradient: sum of src rows n with idx[b, n] == m, in fp32,
+// for the VEC features starting at d.
+template <typename scalar_t, typename index_t, int VEC>
+__device__ __forceinline__ void inverse_row_pack(float* acc, const scalar_t* src, int64_t D, const index_t* idx_row,
+                                                 int64_t N, int64_t m, int32_t first, int32_t count, int64_t d) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
+  if (count == 0) return;
+  int64_t n = first;
+  for (int32_t seen = 0; seen < count && n < N; ++n) {
+    if (seen > 0 && static_cast<int64_t>(idx_row[n]) != m) continue;
+    Pack<scalar_t, VEC> g = load_pack<scalar_t, VEC>(src + n * D + d);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] += static_cast<float>(g.v[k]);
+    ++seen;
+  }
+}
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ void store_acc(scalar_t* dst, const float* acc) {
+  Pack<scalar_t, VEC> o;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(acc[k]);
+  store_pack<scalar_t, VEC>(dst, o);
+}
+
+// gather_visible backward: block x = patch position l (x == L: the cls rows), block y = a
+// slice of the batch (one slice when pos_embed's gradient is summed here), threads = packs of D.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void gather_visible_backward_kernel(const scalar_t* __restrict__ g, const index_t* __restrict__ ids,
+                                               const int32_t* __restrict__ first, const int32_t* __restrict__ count,
+                                               scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_pos,
+                                               scalar_t* __restrict__ grad_cls, int64_t B, int64_t L, int64_t K,
+                                               int64_t D, int hc, int64_t batch_per_block) {
+  const int64_t l = blockIdx.x;
+  const int64_t rows_in = K + hc;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * batch_per_block;
+  const int64_t b1 = min(B, b0 + batch_per_block);
+  for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += static_cast<int64_t>(blockDim.x) * VEC) {
+    float sum[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum[k] = 0.0f;
+    if (l == L) {  // the cls rows
+      for (int64_t b = b0; b < b1; ++b) {
+        Pack<scalar_t, VEC> v = load_pack<scalar_t, VEC>(g + b * rows_in * D + d);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] += static_cast<float>(v.v[k]);
+      }
+      store_acc<scalar_t, VEC>(grad_cls + d, sum);
+      continue;
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      float row[VEC];
+      inverse_row_pack<scalar_t, index_t, VEC>(row, g + (b * rows_in + hc) * D, D, ids + b * K, K, l,
+                                               first[b * L + l], count[b * L + l], d);
+      if (grad_x != nullptr) store_acc<scalar_t, VEC>(grad_x + (b * L + l) * D + d, row);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum[k] += row[k];
+    }
+    if (grad_pos != nullptr) store_acc<scalar_t, VEC>(grad_pos + l * D + d, sum);
+  }
+}
+
+// unshuffle backward, visible tokens: one warp per row of grad_x_visible.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void unshuffle_backward_x_kernel(const scalar_t* __restrict__ g, const index_t* __restrict__ ids,
+                                            const int32_t* __restrict__ first, const int32_t* __restrict__ count,
+                                            scalar_t* __restrict__ grad_x, int64_t B, int64_t L, int64_t K,
+                                            int64_t D, int hc) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows_x = K + hc, S = L + hc;
+  if (row >= B * rows_x) return;
+  const int64_t b = row / rows_x, j = row % rows_x;
+  const scalar_t* src = g + b * S * D;
+  for (int64_t d = static_cast<int64_t>(lane) * VEC; d < D; d += 32 * VEC) {
+    float acc[VEC];
+    if (j < hc) {
+      Pack<scalar_t, VEC> v = load_pack<scalar_t, VEC>(src + d);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] = static_cast<float>(v.v[k]);
+    } else {
+      const int64_t k = j - hc;
+      inverse_row_pack<scalar_t, index_t, VEC>(acc, src + hc * D, D, ids + b * L, L, k, first[b * K + k],
+                                               count[b * K + k], d);
+    }
+    store_acc<scalar_t, VEC>(grad_x + row * D + d, acc);
+  }
+}
+
+// unshuffle backward, column sums: block x = output position j; each thread walks the batch
+// for its pack of D. grad_pos[j] = sum_b g[b, j]; mask_partial[j] = sum of the masked ones.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void unshuffle_backward_sums_kernel(const scalar_t* __restrict__ g, const index_t* __restrict__ ids,
+                                               scalar_t* __restrict__ grad_pos, float* __restrict__ mask_partial,
+                                               int64_t B, int64_t L, int64_t K, int64_t D, int hc) {
+  const int64_t j = blockIdx.x;
+  const int64_t S = L + hc;
+  for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += static_cast<int64_t>(blockDim.x) * VEC) {
+    float pos[VEC], masked[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) pos[k] = masked[k] = 0.0f;
+    for (int64_t b = 0; b < B; ++b) {
+      Pack<scalar_t, VEC> v = load_pack<scalar_t, VEC>(g + (b * S + j) * D + d);
+      const bool is_masked = j >= hc && static_cast<int64_t>(ids[b * L + j - hc]) >= K;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float f = static_cast<float>(v.v[k]);
+        pos[k] += f;
+        masked[k] += is_masked ? f : 0.0f;
+      }
+    }
+    if (grad_pos != nullptr) store_acc<scalar_t, VEC>(grad_pos + j * D + d, pos);
+    if (mask_partial != nullptr) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) mask_partial[j * D + d + k] = masked[k];
+    }
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+void check_cuda_tokens(const at::Tensor& x, const at::Tensor& ids, const char* op, const char* x_name,
+                       const char* ids_name) {
+  TORCH_CHECK(x.is_cuda(), op, ": ", x_name, " must be a CUDA tensor");
+  check_float_tensor(x, op, x_name);
+  TORCH_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(2) >= 1, op, ": ", x_name,
+              " must be 3-D (B, N, D) with B, D >= 1, got shape ", x.sizes());
+  check_same_device(x, ids, op, x_name, ids_name);
+  check_index_tensor(ids, op, ids_name, x.size(0), -1);
+}
+
+template <typename F>
+void dispatch_in_out(at::ScalarType in, at::ScalarType out, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "fastmim_csrc_cuda", [&] {
+    using in_t = scalar_t;
+    if (out == in) {
+      f(in_t{}, in_t{});
+    } else {
+      f(in_t{}, float{});
+    }
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- entry points
+
+std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& seed, int64_t batch,
+                                                           int64_t num_patches, c10::Device device) {
+  const c10::cuda::CUDAGuard guard(device);
+  auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  auto ids_shuffle = at::empty({batch, num_patches}, opts);
+  auto ids_restore = at::empty({batch, num_patches}, opts);
+  MaskingOut out{ids_shuffle.data_ptr<int64_t>(), nullptr, ids_restore.data_ptr<int64_t>(), nullptr, nullptr, 0};
+  launch_permutation(seed, batch, num_patches, out, device);
+  return {ids_shuffle, ids_restore};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(const at::Tensor& seed,
+                                                                   const std::optional<at::Tensor>& cu_seqlens,
+                                                                   int64_t batch, int64_t num_patches,
+                                                                   int64_t num_keep, c10::Device device) {
+  const c10::cuda::CUDAGuard guard(device);
+  auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor cu;
+  if (cu_seqlens.has_value()) cu = cu_seqlens->to(at::kLong).contiguous();  // counts validated by the caller
+  auto ids_keep = cu.defined() ? at::empty({num_keep}, opts) : at::empty({batch, num_keep}, opts);
+  auto ids_restore = at::empty({batch, num_patches}, opts);
+  auto mask = at::empty({batch, num_patches}, opts.dtype(at::kFloat));
+  MaskingOut out{nullptr, ids_keep.data_ptr<int64_t>(), ids_restore.data_ptr<int64_t>(), mask.data_ptr<float>(),
+                 ptr_or_null<int64_t>(cu), cu.defined() ? 0 : num_keep};
+  launch_permutation(seed, batch, num_patches, out, device);
+  return {ids_keep, ids_restore, mask};
+}
+
+at::Tensor gather_visible_cuda(const at::Tensor& x, const at::Tensor& ids_keep,
+                               const std::optional<at::Tensor>& pos_embed,
+                               const std::optional<at::Tensor>& cls_token) {
+  const char* op = "csrc_gather_visible";
+  check_cuda_tokens(x, ids_keep, op, "x", "ids_keep");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = ids_keep.size(1);
+  TORCH_CHECK(K <= L, op, ": ids_keep has ", K, " columns but x has only ", L, " patches");
+  const at::ScalarType out_dtype = token_result_dtype(x, {&pos_embed, &cls_token}, op);
+  const PosRows pos = check_pos_embed(pos_embed, x, out_dtype, L, D, op);
+  if (cls_token.has_value()) check_token_vector(*cls_token, x, out_dtype, D, op, "cls_token");
+  const int hc = cls_token.has_value() ? 1 : 0;
+  auto out = at::empty({B, K + hc, D}, x.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  dispatch_in_out(x.scalar_type(), out_dtype, [&](auto in_v, auto out_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc_cuda", [&] {
+      const out_t* pp = ptr_or_null<out_t>(pos.rows);
+      const out_t* pos_patch = pp != nullptr ? pp + pos.patch_offset * D : nullptr;
+      const out_t* pos_cls = (pp != nullptr && pos.patch_offset == 1) ? pp : nullptr;
+      const out_t* cls = hc ? cls_token->const_data_ptr<out_t>() : nullptr;
+      const int64_t blocks = ceil_div(B * (K + hc), kWarpsPerBlock);
+      auto launch = [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        gather_visible_kernel<in_t, out_t, index_t, VEC>
+            <<<blocks, 32 * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                x.const_data_ptr<in_t>(), ids_keep.const_data_ptr<index_t>(), pos_patch, pos_cls, cls,
+                out.data_ptr<out_t>(), B, L, K, D, hc);
+      };
+      if (cuda::pack_width<in_t>(D) > 1) {
+        launch(std::integral_constant<int, 16 / sizeof(in_t)>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cuda(const at::Tensor& grad_out,
+                                                                            const at::Tensor& ids_keep,
+                                                                            int64_t num_patches, bool has_cls,
+                                                                            bool need_x, bool need_pos,
+                                                                            bool need_cls) {
+  const char* op = "csrc_gather_visible_backward";
+  check_cuda_tokens(grad_out, ids_keep, op, "grad_out", "ids_keep");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const int64_t B = grad_out.size(0), D = grad_out.size(2), K = ids_keep.size(1), L = num_patches;
+  const int hc = has_cls ? 1 : 0;
+  TORCH_CHECK(grad_out.size(1) == K + hc, op, ": grad_out must have K + has_cls = ", K + hc, " rows, got ",
+              grad_out.size(1));
+  TORCH_CHECK(L >= K, op, ": num_patches (", L, ") must be >= K (", K, ")");
+  auto opts = grad_out.options();
+  const bool cls_grad = need_cls && has_cls;
+  auto grad_x = need_x ? at::empty({B, L, D}, opts) : at::empty({0}, opts);
+  auto grad_pos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
+  auto grad_cls = cls_grad ? at::empty({D}, opts) : at::empty({0}, opts);
+  if (!need_x && !need_pos && !cls_grad) return {grad_x, grad_pos, grad_cls};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
+    AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc_cuda", [&] {
+      auto [first, count] = build_inverse<index_t>(ids_keep, L, L);
+      // With pos_embed's gradient one block owns a position for the whole batch; without it
+      // the batch is split across blocks for parallelism.
+      const int64_t batch_per_block = need_pos || cls_grad ? B : std::max<int64_t>(1, ceil_div(B, 16));
+      const dim3 grid(static_cast<unsigned>(L + (cls_grad ? 1 : 0)),
+                      static_cast<unsigned>(ceil_div(B, batch_per_block)));
+      auto launch = [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(D, VEC))));
+        gather_visible_backward_kernel<scalar_t, index_t, VEC><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            grad_out.const_data_ptr<scalar_t>(), ids_keep.const_data_ptr<index_t>(),
+            first.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(),
+            need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr,
+            cls_grad ? grad_cls.data_ptr<scalar_t>() : nullptr, B, L, K, D, hc, batch_per_block);
+      };
+      if (cuda::pack_width<scalar_t>(D) > 1) {
+        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {grad_x, grad_pos, grad_cls};
+}
+
+at::Tensor unshuffle_cuda(const at::Tensor& x_visible, const at::Tensor& ids_restore, const at::Tensor& mask_token,
+                          const std::optional<at::Tensor>& pos_embed, bool has_cls) {
+  const char* op = "csrc_unshuffle";
+  check_cuda_tokens(x_visible, ids_restore, op, "x_visible", "ids_restore");
+  const c10::cuda::CUDAGuard guard(x_visible.device());
+  const int hc = has_cls ? 1 : 0;
+  const int64_t B = x_visible.size(0), D = x_visible.size(2), L = ids_restore.size(1), K = x_visible.size(1) - hc;
+  TORCH_CHECK(K >= 0 && K <= L, op, ": x_visible must have K + has_cls rows with 0 <= K <= L = ", L, ", got ",
+              x_visible.size(1), " rows");
+  const std::optional<at::Tensor> mask_opt = mask_token;
+  const at::ScalarType out_dtype = token_result_dtype(x_visible, {&mask_opt, &pos_embed}, op);
+  check_token_vector(mask_token, x_visible, out_dtype, D, op, "mask_token");
+  const PosRows pos = check_pos_embed(pos_embed, x_visible, out_dtype, L, D, op);
+  auto out = at::empty({B, L + hc, D}, x_visible.options().dtype(out_dtype));
+  dispatch_in_out(x_visible.scalar_type(), out_dtype, [&](auto in_v, auto out_v) {
+    using in_t = decltype(in_v);
+    using out_t = decltype(out_v);
+    AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc_cuda", [&] {
+      const out_t* pp = ptr_or_null<out_t>(pos.rows);
+      const out_t* pos_patch = pp != nullptr ? pp + pos.patch_offset * D : nullptr;
+      const out_t* pos_cls = (pp != nullptr && pos.patch_offset == 1) ? pp : nullptr;
+      const int64_t blocks = ceil_div(B * (L + hc), kWarpsPerBlock);
+      auto launch = [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        unshuffle_kernel<in_t, out_t, index_t, VEC><<<blocks, 32 * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            x_visible.const_data_ptr<in_t>(), ids_restore.const_data_ptr<index_t>(), mask_token.const_data_ptr<out_t>(),
+            pos_patch, pos_cls, out.data_ptr<out_t>(), B, L, K, D, hc);
+      };
+      if (cuda::pack_width<in_t>(D) > 1) {
+        launch(std::integral_constant<int, 16 / sizeof(in_t)>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cuda(const at::Tensor& grad_out,
+                                                                       const at::Tensor& ids_restore,
+                                                                       int64_t num_visible, bool has_cls, bool need_x,
+                                                                       bool need_mask, bool need_pos) {
+  const char* op = "csrc_unshuffle_backward";
+  check_cuda_tokens(grad_out, ids_restore, op, "grad_out", "ids_restore");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const int hc = has_cls ? 1 : 0;
+  const int64_t B = grad_out.size(0), D = grad_out.size(2), L = ids_restore.size(1), K = num_visible;
+  const int64_t S = L + hc, rows_x = K + hc;
+  TORCH_CHECK(grad_out.size(1) == S, op, ": grad_out must have L + has_cls = ", S, " rows, got ", grad_out.size(1));
+  TORCH_CHECK(K >= 0 && K <= L, op, ": num_visible must be in [0, ", L, "], got ", K);
+  auto opts = grad_out.options();
+  auto grad_x = need_x ? at::empty({B, rows_x, D}, opts) : at::empty({0}, opts);
+  auto grad_mask = need_mask ? at::empty({D}, opts) : at::empty({0}, opts);
+  auto grad_pos = need_pos ? at::empty({S, D}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
+    AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc_cuda", [&] {
+      auto [first, count] = build_inverse<index_t>(ids_restore, K, L);  // also validates every index
+      auto stream = c10::cuda::getCurrentCUDAStream();
+      const bool wide = cuda::pack_width<scalar_t>(D) > 1;
+      if (need_x && B * rows_x > 0) {
+        auto launch = [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          unshuffle_backward_x_kernel<scalar_t, index_t, VEC>
+              <<<ceil_div(B * rows_x, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
+                  grad_out.const_data_ptr<scalar_t>(), ids_restore.const_data_ptr<index_t>(),
+                  first.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), B,
+                  L, K, D, hc);
+        };
+        if (wide) {
+          launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+        } else {
+          launch(std::integral_constant<int, 1>{});
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (need_mask || need_pos) {
+        at::Tensor partial = need_mask ? at::empty({S, D}, opts.dtype(at::kFloat)) : at::Tensor();
+        auto launch = [&](auto vec) {
+          constexpr int VEC = decltype(vec)::value;
+          const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(D, VEC))));
+          unshuffle_backward_sums_kernel<scalar_t, index_t, VEC><<<S, threads, 0, stream>>>(
+              grad_out.const_data_ptr<scalar_t>(), ids_restore.const_data_ptr<index_t>(),
+              need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr, need_mask ? partial.data_ptr<float>() : nullptr, B,
+              L, K, D, hc);
+        };
+        if (wide) {
+          launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+        } else {
+          launch(std::integral_constant<int, 1>{});
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (need_mask) grad_mask.copy_(partial.sum(0));  // (S, D) -> (D,): a deterministic reduction
+      }
+    });
+  });
+  return {grad_x, grad_mask, grad_pos};
+}
+
+}  // namespace fastmim
