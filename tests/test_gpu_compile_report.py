@@ -1,0 +1,49 @@
+"""The GPU compile report: every Triton kernel the training step launches compiles for the GPU,
+with no register spill (a CI gate), and the occupancy arithmetic is right."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+
+def test_occupancy_follows_the_sm_limits():
+    import gpu_compile_report as report
+
+    # 64 registers x 128 threads: 8192 registers a block, 8 blocks by registers; 16 by warps.
+    occ = report.occupancy("sm_90a", regs=64, smem=0, warps=4)
+    assert occ["blocks_per_sm"] == 8 and occ["occupancy"] == pytest.approx(0.5) and occ["limited_by"] == "registers"
+    # Shared memory bound: 100 KB a block leaves room for 2 on H100 (228 KB) and 1 on A100 (164 KB).
+    assert report.occupancy("sm_90a", regs=32, smem=100 * 1024, warps=4)["blocks_per_sm"] == 2
+    assert report.occupancy("sm_80", regs=32, smem=100 * 1024, warps=4)["blocks_per_sm"] == 1
+    # Register allocation is per warp in units of 256: 33 registers cost as much as 40.
+    assert report.occupancy("sm_80", regs=33, smem=0, warps=8) == report.occupancy("sm_80", regs=40, smem=0, warps=8)
+    assert report.occupancy("sm_80", regs=16, smem=0, warps=4)["limited_by"] in ("warps", "blocks")
+
+
+def test_training_step_kernels_compile_without_spills(tmp_path):
+    """Smoke run (a tiny model's launches, sm_90a): a compile error or a spill fails it (exit code)."""
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "gpu_compile_report.py"), "--smoke", "--no-csrc",
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    payload_path = tmp_path / "gpu_compile_report-smoke.json"
+    assert payload_path.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
+    payload = json.loads(payload_path.read_text())
+    assert proc.returncode == 0, "\n".join(payload["failures"]) + proc.stderr[-2000:]
+    rows = payload["triton_kernels"]
+    kernels = {r["kernel"] for r in rows}
+    # The kernels of the MAE step: masking, gather, un-shuffle, loss, attention forward and backward.
+    for expected in ("_random_masking_kernel", "_gather_visible_fwd_kernel", "_gather_visible_bwd_kernel",
+                     "_unshuffle_fwd_kernel", "_unshuffle_bwd_kernel", "_masked_patch_mse_fwd_kernel",
+                     "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"):
+        assert expected in kernels
+    for r in rows:
+        assert r["ok"], r.get("error")
+        assert 0 < r["registers"] <= 255
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert 0 < r["occupancy"] <= 1
+    assert (tmp_path / "gpu_compile_report-smoke.md").read_text().startswith("# GPU compile report")
