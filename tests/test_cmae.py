@@ -294,7 +294,8 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32():
     for key in ref:
         assert out[key].dtype == torch.float32 and torch.isfinite(out[key])
         # bf16 matmuls through the encoder, decoder and heads: a few percent
-        assert abs(float(out[key]) - float(ref[key])) <= 0.05 * abs(float(ref[key])) + 0.02, key
+        got, want = float(out[key].detach()), float(ref[key].detach())
+        assert abs(got - want) <= 0.05 * abs(want) + 0.02, key
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -323,12 +324,12 @@ def test_every_loss_decreases_when_overfitting_a_fixed_batch():
     a, b = views(batch=8, seed=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     history = []
-    for _ in range(40):
+    for _ in range(25):
         out = model(a, b, 0.75, seed=123)  # the same masks every step
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
-        history.append({k: float(v) for k, v in out.items()})
+        history.append({k: float(v.detach()) for k, v in out.items()})
     for key in ("loss", "loss_mim", "loss_con", "loss_pos"):
         first = sum(h[key] for h in history[:3]) / 3
         last = sum(h[key] for h in history[-3:]) / 3

@@ -1,0 +1,315 @@
+"""LUT: disjoint two-view masking, fused vs reference, the EMA teacher (outside the optimizer,
+eval mode, one foreach update, momentum schedule), where gradients go, bf16, torch.compile,
+and an overfitting check."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from fastmim.models import LUT, EMATeacher, create_model
+from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss
+from fastmim.models.lut import ema_momentum
+from fastmim.ops import use_backend
+from fastmim.testing import assert_rel_close, kernel_devices
+
+# 20 px / patch 4: L = 25 patches (odd); mask 0.75 keeps K = 6 per view, 12 of 25 seen in all.
+TINY = dict(img_size=20, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+            decoder_depth=1, decoder_num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6), head_hidden_dim=48)
+
+
+def tiny_lut(seed: int = 0, **kwargs) -> LUT:
+    torch.manual_seed(seed)
+    return LUT(**{**TINY, **kwargs})
+
+
+def views(batch: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 20, 20, generator=g), torch.randn(batch, 3, 20, 20, generator=g)
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mask_ratio", [0.5, 0.75])
+def test_the_views_keep_disjoint_slices_of_one_permutation(fused, mask_ratio, monkeypatch):
+    model = tiny_lut(fused=fused)
+    keep = int(25 * (1 - mask_ratio))
+    seen = []
+    real = model._visible_tokens
+    monkeypatch.setattr(model, "_visible_tokens", lambda x, ids: seen.append(ids) or real(x, ids))
+    ids_shuffle, _ = model.two_view_permutation(3, torch.device("cpu"), seed=42)
+    model(*views(batch=3), mask_ratio, seed=42)
+    (ids_keep,) = seen
+    assert ids_keep.shape == (6, keep)
+    torch.testing.assert_close(ids_keep[:3], ids_shuffle[:, :keep], rtol=0, atol=0)
+    torch.testing.assert_close(ids_keep[3:], ids_shuffle[:, keep:2 * keep], rtol=0, atol=0)
+    for b in range(3):
+        assert not set(ids_keep[b].tolist()) & set(ids_keep[3 + b].tolist())
+
+
+def test_one_random_permutation_call_serves_both_views(monkeypatch):
+    import fastmim.ops
+
+    calls = []
+    real = fastmim.ops.random_permutation
+    monkeypatch.setattr(fastmim.ops, "random_permutation", lambda *a, **k: calls.append(a) or real(*a, **k))
+    tiny_lut()(*views(batch=3), 0.75, seed=1)
+    assert calls == [(3, 25)]
+
+
+def test_mask_ratio_below_one_half_is_refused_with_a_clear_error():
+    model = tiny_lut()
+    with pytest.raises(ValueError, match=r"mask_ratio >= 0\.5.*got 0\.4"):
+        model(*views(batch=2), 0.4)
+
+
+# ---------------------------------------------------------------------------------- fused == reference
+
+
+@pytest.mark.parametrize("masks", ["seed", "noise"])
+@pytest.mark.parametrize("pred_masked_only", [False, True])
+def test_fused_and_reference_paths_compute_the_same_losses_and_gradients(masks, pred_masked_only):
+    fused = tiny_lut(pred_masked_only=pred_masked_only)
+    ref = tiny_lut(fused=False, pred_masked_only=pred_masked_only)
+    ref.load_state_dict(fused.state_dict())
+    a, b = views(batch=3)
+    kwargs = {"seed": 77} if masks == "seed" else {"noise": torch.rand(3, 25)}
+    out_f, out_r = fused(a, b, 0.75, **kwargs), ref(a, b, 0.75, **kwargs)
+    for key in ("loss", "loss_mae", "loss_bc"):
+        assert_rel_close(out_f[key], out_r[key], torch.float32)
+    out_f["loss"].backward()
+    out_r["loss"].backward()
+    g_f, g_r = grads(fused), grads(ref)
+    assert g_f.keys() == g_r.keys()
+    for name in g_f:
+        assert_rel_close(g_f[name], g_r[name], torch.float32)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fused_token_ops_on_the_triton_backend_match_the_reference_path(device):
+    fused = tiny_lut(attn_backend="sdpa").to(device)
+    ref = tiny_lut(fused=False).to(device)
+    ref.load_state_dict(fused.state_dict())
+    a, b = (v.to(device) for v in views(batch=2))
+    with use_backend("triton"):
+        out_f = fused(a, b, 0.75, seed=5)
+        out_f["loss"].backward()
+    out_r = ref(a, b, 0.75, seed=5)
+    out_r["loss"].backward()
+    for key in ("loss", "loss_mae", "loss_bc"):
+        assert_rel_close(out_f[key], out_r[key], torch.float32)
+    g_r = grads(ref)
+    for name, g in grads(fused).items():
+        assert_rel_close(g, g_r[name], torch.float32)
+
+
+# ---------------------------------------------------------------------------------- the losses
+
+
+def test_contextualisation_matches_the_teacher_on_the_other_unmasked_view():
+    model = tiny_lut(w_mae=0.7, w_bc=0.3)
+    a, b = views(batch=4)
+    captured = []
+    model.predictor.register_forward_hook(lambda m, i, o: captured.append(o))
+    out = model(a, b, 0.75, seed=9)
+    q1, q2 = captured
+    t1, t2 = model.teacher(a), model.teacher(b)  # teacher: each view whole, unmasked
+    expected = 0.5 * (cosine_loss(q1, t2) + cosine_loss(q2, t1))
+    torch.testing.assert_close(out["loss_bc"], expected)
+    torch.testing.assert_close(out["loss"], 0.7 * out["loss_mae"] + 0.3 * out["loss_bc"])
+    # the MAE loss is view 1's: the same model with view 2 replaced gives the same loss_mae
+    torch.testing.assert_close(model(a, torch.randn_like(b), 0.75, seed=9)["loss_mae"], out["loss_mae"])
+    assert 0.0 <= float(out["loss_bc"].detach()) <= 4.0
+
+
+def test_cosine_loss_is_two_minus_two_cosine():
+    p, z = torch.randn(6, 5), torch.randn(6, 5)
+    expected = (2 - 2 * torch.nn.functional.cosine_similarity(p, z, dim=1)).mean()
+    torch.testing.assert_close(cosine_loss(p, z), expected)
+    assert float(cosine_loss(p, 3 * p)) < 1e-6
+
+
+def _params_with_grad(model: nn.Module, loss: torch.Tensor) -> set[str]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_each_loss_reaches_exactly_the_parameters_that_should_learn_and_the_teacher_none():
+    model = tiny_lut()
+    a, b = views(batch=4)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    decoder = {n for n in names if n.startswith(("decoder_", "mask_token"))}
+    heads = {n for n in names if n.startswith(("projector.", "predictor."))}
+    encoder = names - decoder - heads
+    assert _params_with_grad(model, model(a, b, 0.75, seed=3)["loss_mae"]) == encoder | decoder
+    assert _params_with_grad(model, model(a, b, 0.75, seed=3)["loss_bc"]) == encoder | heads
+    assert _params_with_grad(model, model(a, b, 0.75, seed=3)["loss"]) == names
+    assert not any(t.requires_grad or t.grad is not None for t in model.teacher.buffers())
+
+
+# ---------------------------------------------------------------------------------- the teacher
+
+
+def test_teacher_is_outside_the_parameters_the_optimizer_sees_but_inside_the_state_dict():
+    model = tiny_lut()
+    assert not list(model.teacher.parameters())
+    assert not any(n.startswith("teacher.") for n, _ in model.named_parameters())
+    state = model.state_dict()
+    teacher_keys = {k for k in state if k.startswith("teacher.")}
+    assert {"teacher.cls_token", "teacher.pos_embed", "teacher.projector.1.running_mean",
+            "teacher.blocks.0.attn.qkv.weight", "teacher.norm.weight"} <= teacher_keys
+    assert isinstance(model.teacher.projector[1], FrozenBatchNorm1d)
+    # starts as an exact copy of the student's encoder and projection head
+    for key in teacher_keys:
+        student_key = key[len("teacher."):]
+        torch.testing.assert_close(state[key], state[student_key], rtol=0, atol=0)
+    # an optimizer step moves the student but not the teacher
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(*views(batch=4), 0.75, seed=1)["loss"].backward()
+    optimizer.step()
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, model.teacher.blocks[0].attn.qkv.weight)
+    # and a checkpoint round trip restores it
+    clone = tiny_lut(seed=5)
+    clone.load_state_dict(model.state_dict())
+    for k, v in clone.teacher.state_dict().items():
+        assert torch.equal(v, model.teacher.state_dict()[k])
+
+
+def test_teacher_stays_in_eval_mode():
+    model = tiny_lut()
+    model.train()
+    assert model.training and model.projector.training and not model.teacher.training
+    assert not any(m.training for m in model.teacher.modules())
+    model.teacher.train()
+    assert not model.teacher.training
+    # eval mode: each row's target is independent of the rest of the batch (running statistics)
+    a, _ = views(batch=4)
+    torch.testing.assert_close(model.teacher(a)[:2], model.teacher(a[:2]))
+
+
+def test_ema_update_is_one_foreach_call_over_parameters_and_running_statistics(monkeypatch):
+    model = tiny_lut()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(*views(batch=4), 0.75, seed=2)["loss"].backward()  # also moves the BN running stats
+    optimizer.step()
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    student = model.state_dict()
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a: calls.append(len(a[0])) or real(*a))
+    m = model.update_teacher(momentum=0.9)
+    assert m == 0.9 and calls == [len(teacher_before)]
+    for key, old in teacher_before.items():
+        expected = 0.9 * old + 0.1 * student[key]
+        torch.testing.assert_close(model.teacher.state_dict()[key], expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(model.teacher.projector[1].running_mean, teacher_before["projector.1.running_mean"])
+
+
+def test_momentum_schedule_rises_from_base_to_one_on_a_half_cosine():
+    assert ema_momentum(0, 100) == pytest.approx(0.996)
+    assert ema_momentum(50, 100) == pytest.approx(0.998)
+    assert ema_momentum(100, 100) == pytest.approx(1.0)
+    assert ema_momentum(200, 100) == pytest.approx(1.0)
+    values = [ema_momentum(s, 100) for s in range(101)]
+    assert values == sorted(values)
+    model = tiny_lut(ema_momentum=0.99)
+    assert model.update_teacher(0, 10) == pytest.approx(0.99)
+    assert model.update_teacher(10, 10) == 1.0
+    with pytest.raises(ValueError, match="ema_momentum"):
+        tiny_lut(ema_momentum=1.5)
+
+
+def test_reset_teacher_copies_the_student_again():
+    model = tiny_lut()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.add_(1.0)
+    model.reset_teacher()
+    assert isinstance(model.teacher, EMATeacher)
+    assert torch.equal(model.teacher.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_registry_builds_lut_with_the_documented_defaults():
+    model = create_model("lut", "vit_tiny_patch4_32", depth=1, head_hidden_dim=64)
+    assert isinstance(model, LUT)
+    assert (model.w_mae, model.w_bc, model.ema_momentum, model.ema_final) == (1.0, 0.25, 0.996, 1.0)
+    assert model.projector[-1].out_features == model.predictor[-1].out_features == 192
+    assert LUT.__init__.__kwdefaults__["head_hidden_dim"] == 4096
+
+
+def test_bad_views_raise_clear_errors():
+    model = tiny_lut()
+    a, b = views(batch=2)
+    with pytest.raises(ValueError, match="imgs1"):
+        model(torch.randn(2, 1, 20, 20), b)
+    with pytest.raises(ValueError, match="same shape"):
+        model(a, torch.randn(3, 3, 20, 20))
+    with pytest.raises(ValueError, match=r"noise must be \(B, L\)"):
+        model(a, b, 0.75, noise=torch.rand(4, 25))
+
+
+# ---------------------------------------------------------------------------------- precision, compile
+
+
+def test_bf16_autocast_step_is_finite_and_close_to_fp32():
+    model = tiny_lut()
+    a, b = views(batch=4)
+    noise = torch.rand(4, 25)
+    ref = {k: float(v.detach()) for k, v in model(a, b, 0.75, noise=noise).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(a, b, 0.75, noise=noise)
+    out["loss"].backward()
+    for key, value in ref.items():
+        assert out[key].dtype == torch.float32 and torch.isfinite(out[key])
+        assert abs(float(out[key].detach()) - value) <= 0.05 * abs(value) + 0.02, key
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_torch_compile_of_the_student_step_matches_eager():
+    model = tiny_lut()
+    a, b = views(batch=4)
+    noise = torch.rand(4, 25)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out_c = compiled(a, b, 0.75, noise=noise)
+    out_c["loss"].backward()
+    g_c = grads(model)
+    model.zero_grad(set_to_none=True)
+    out_e = model(a, b, 0.75, noise=noise)
+    out_e["loss"].backward()
+    for key in out_e:
+        assert_rel_close(out_c[key], out_e[key], torch.float32)
+    for name, g in grads(model).items():
+        assert_rel_close(g_c[name], g, torch.float32)
+
+
+# ---------------------------------------------------------------------------------- sanity
+
+
+def test_every_loss_decreases_when_overfitting_a_fixed_batch_with_the_teacher_following():
+    model = tiny_lut()
+    a, b = views(batch=8, seed=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    history = []
+    steps = 25
+    for step in range(steps):
+        out = model(a, b, 0.75, seed=321)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        model.update_teacher(step + 1, steps, momentum=0.9)  # a fast teacher for a short run
+        history.append({k: float(v.detach()) for k, v in out.items()})
+    for key in ("loss", "loss_mae", "loss_bc"):
+        first = sum(h[key] for h in history[:3]) / 3
+        last = sum(h[key] for h in history[-3:]) / 3
+        assert all(torch.isfinite(torch.tensor(h[key])) for h in history)
+        assert last < 0.8 * first, (key, first, last)
