@@ -1,0 +1,123 @@
+"""fastmim.train.evaluate and ``fastmim eval``: k-NN, linear probe, checkpoint loading, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastmim.cli import main
+from fastmim.train.checkpoint import read_metadata, save_weights
+from fastmim.train.config import TrainConfig
+from fastmim.train.evaluate import knn_accuracy, knn_predict, linear_probe, load_checkpoint, subset_indices
+from fastmim.train.loop import train
+
+TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3, "decoder_embed_dim": 32, "decoder_depth": 1,
+        "decoder_num_heads": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _clusters(n_per_class, num_classes, dim, seed, spread=0.3):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    feats = centres[labels] + spread * torch.randn(labels.shape[0], dim, generator=g)
+    return feats, labels
+
+
+def test_knn_on_separated_clusters_and_scale_invariance():
+    train_f, train_y = _clusters(30, 5, 16, seed=0)
+    test_f, test_y = _clusters(10, 5, 16, seed=1)
+    assert knn_accuracy(train_f, train_y, test_f, test_y, num_classes=5) == 1.0
+    # Cosine similarity: rescaling a feature changes nothing.
+    assert torch.equal(knn_predict(train_f * 7.0, train_y, test_f * 0.1, num_classes=5),
+                       knn_predict(train_f, train_y, test_f, num_classes=5))
+
+
+def test_knn_votes_are_temperature_weighted():
+    # One very close neighbour of class 1 against two farther ones of class 0.
+    train_f = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    train_y = torch.tensor([1, 0, 0])
+    query = torch.tensor([[1.0, 0.05]])
+    assert knn_predict(train_f, train_y, query, num_classes=2, k=3, temperature=0.07).item() == 1  # weighted
+    assert knn_predict(train_f, train_y, query, num_classes=2, k=3, temperature=100.0).item() == 0  # ~majority
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn_predict(train_f, train_y, query, num_classes=2, k=0)
+
+
+def test_linear_probe_learns_a_linear_rule():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(600, 12, generator=g) * 5 + 3  # off-centre, badly scaled: BatchNorm copes
+    labels = (feats[:, 0] - 3 > 0).long() + 2 * (feats[:, 1] - 3 > 0).long()
+    acc = linear_probe(feats[:500], labels[:500], feats[500:], labels[500:], num_classes=4, epochs=30)
+    assert acc > 0.85  # chance: 0.25
+
+
+def test_subset_indices_keep_every_class():
+    labels = torch.arange(10).repeat_interleave(50)
+    idx = subset_indices(labels, 100)
+    assert len(idx) == 100 and torch.bincount(labels[idx]).tolist() == [10] * 10
+    assert subset_indices(labels, None) == list(range(500))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny MAE trained briefly on the bundled data."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    train(TrainConfig(output=str(out), max_steps=60, batch_size=32, blr=5e-3, num_workers=0, progress=False,
+                      figures=False, model_overrides=dict(TINY), log_every=20))
+    return out
+
+
+def test_knn_of_a_trained_checkpoint_beats_chance(trained_run, capsys):
+    argv = ["eval", "--checkpoint", str(trained_run), "--protocol", "all", "--limit-train", "2000",
+            "--limit-test", "500", "--probe-epochs", "30"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "knn top-1:" in out and "linear top-1:" in out
+    records = [json.loads(line) for line in (trained_run / "eval.jsonl").read_text().splitlines()]
+    by_protocol = {r["protocol"]: r for r in records}
+    assert by_protocol["knn"]["num_test"] == 500 and by_protocol["knn"]["num_train"] == 2000
+    # Ten balanced classes: chance is 10%.
+    assert by_protocol["knn"]["top1"] > 0.3, by_protocol
+    assert by_protocol["linear"]["top1"] > 0.3, by_protocol
+
+
+def test_load_checkpoint_rebuilds_the_model(trained_run):
+    ckpt = load_checkpoint(trained_run)
+    assert ckpt.metadata["method"] == "mae" and ckpt.adapter.name == "mae"
+    assert not ckpt.module.training
+    feats = ckpt.module.encode(torch.randn(3, 1, 32, 32))
+    assert feats.shape == (3, TINY["embed_dim"])
+
+
+def _eval_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_eval_bad_input(tmp_path, trained_run, capsys):
+    assert "does not exist" in _eval_error(capsys, ["eval", "--checkpoint", str(tmp_path / "none.safetensors")])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    assert "without fastmim metadata" in _eval_error(capsys, ["eval", "--checkpoint", str(foreign)])
+    # Weights of another model under fastmim metadata: a clear mismatch, not a crash.
+    meta = read_metadata(trained_run / "checkpoint.safetensors")
+    wrong = tmp_path / "wrong.safetensors"
+    save_weights(torch.nn.Linear(4, 4), wrong, meta)
+    assert "does not fit mae vit_tiny_patch4_32" in _eval_error(capsys, ["eval", "--checkpoint", str(wrong)])
+    ckpt = str(trained_run / "checkpoint.safetensors")
+    assert "unknown --protocol" in _eval_error(capsys, ["eval", "--checkpoint", ckpt, "--protocol", "svm"])
+    assert "--k must be >= 1" in _eval_error(capsys, ["eval", "--checkpoint", ckpt, "--k", "0"])
+    assert "does not exist" in _eval_error(capsys, ["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "x")])
