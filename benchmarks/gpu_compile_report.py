@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -81,7 +82,10 @@ class Launch:
     def label(self) -> str:
         keys = [f"{k}={v}" for k, v in self.constexprs if k.isupper() and k != "INTERPRET"]
         dtypes = sorted({t for _, t in self.signature if t.startswith("*") and t[1:] in ("bf16", "fp16", "fp32")})
-        return f"{' '.join(keys)} {'/'.join(dtypes)} w{self.num_warps} s{self.num_stages}"
+        # The specialisation (integer arguments divisible by 16, constants) tells apart launches whose
+        # constexprs agree (ViT-B's and ViT-L's strides).
+        spec = hashlib.sha1(repr((self.signature, self.divisible)).encode()).hexdigest()[:6]
+        return f"{' '.join(keys)} {'/'.join(dtypes)} w{self.num_warps} s{self.num_stages} #{spec}"
 
 
 # ----------------------------------------------------------------------------- capture
