@@ -277,3 +277,40 @@ def test_resume_rejects_weights_of_another_model(tmp_path, capsys):
 
 def test_train_error_is_a_value_error():
     assert issubclass(TrainError, ValueError)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 4 each, against 1 process with batch 8: the
+    same global batches, augmentations and masks, so the same losses and parameters up to
+    the order of the gradient all-reduce."""
+    import subprocess
+    import sys
+
+    common = ["train", "--max-steps", "3", "--no-progress", "--no-figures", "--log-every", "1", "--seed", "3",
+              "--blr", "1e-2", *TINY_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert main([*common, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fastmim", *common, "--batch-size", "4", "--output", str(tmp_path / "two")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "x 2 processes" in double.stderr
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    pa, pb = _params(tmp_path / "one" / "checkpoint.safetensors"), _params(tmp_path / "two" / "checkpoint.safetensors")
+    assert pa.keys() == pb.keys()
+    # Adam divides by the root of the squared gradient, so parameters whose gradient is pure
+    # rounding noise (the key bias: softmax ignores it) move by +-lr either way: compare norms.
+    flat_a, flat_b = torch.cat([pa[k].flatten() for k in pa]), torch.cat([pb[k].flatten() for k in pa])
+    assert (flat_a - flat_b).norm() / flat_a.norm() < 1e-4
+    from fastmim.models import create_model
+
+    torch.manual_seed(3)
+    initial = create_model("mae", "vit_tiny_patch4_32", in_chans=1, **TINY).state_dict()["blocks.0.mlp.fc1.weight"]
+    moved = (pa["blocks.0.mlp.fc1.weight"] - initial).norm()
+    assert moved > 100 * (pa["blocks.0.mlp.fc1.weight"] - pb["blocks.0.mlp.fc1.weight"]).norm()  # trained, alike
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]["world_size"] == 2
