@@ -86,8 +86,11 @@ def providers(p, masked_only, smoke, device):
         if backend_status("cpu")["triton"] is None:  # the interpreter: exercise the kernel path
             backend = "triton"
     compile_backend = "aot_eager" if smoke else "inductor"
+    csrc = {} if backend == "csrc" or backend_status(device)["csrc"] is not None else {
+        "fastmim-csrc": (fastmim_fn, "csrc")}
     return {
         f"fastmim-{backend}": (fastmim_fn, backend),
+        **csrc,  # the compiled C++/CUDA kernels, when fastmim._C is built
         "eager": (eager_fn, None),
         "compile": (torch.compile(eager_fn, backend=compile_backend, dynamic=False), None),
     }

@@ -144,8 +144,10 @@ def providers(kind, smoke, device):
             return ours(x, pos, cls, MASK_RATIO)
     else:
         eager, fast = official_decoder_unshuffle, ours
+    csrc = {} if backend == "csrc" or backend_status(device)["csrc"] is not None else {"fastmim-csrc": (fast, "csrc")}
     return {
         f"fastmim-{backend}": (fast, backend),
+        **csrc,  # the compiled C++/CUDA kernels, when fastmim._C is built
         "eager": (eager, None),
         "compile": (torch.compile(eager, backend=compile_backend, dynamic=False), None),
     }

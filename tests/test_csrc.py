@@ -354,3 +354,49 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(RuntimeError, match="no kernel for device meta"):
         ops.csrc_random_permutation(torch.tensor(1), 2, 49, torch.device("meta"))
 
+
+
+# ------------------------------------------------------------------------------ the public ops on csrc
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_token_ops_on_csrc_match_reference(dtype):
+    from fastmim.ops import use_backend
+
+    B, L, D = 2, 49, 24
+
+    def run(backend):
+        torch.manual_seed(1)
+        x = torch.randn(B, L, D).to(dtype).requires_grad_()
+        pos = torch.randn(1, L + 1, D).requires_grad_()  # fp32: the result promotes to fp32
+        cls = torch.randn(1, 1, D).to(dtype).requires_grad_()
+        mask_token = torch.randn(1, 1, D).to(dtype).requires_grad_()
+        with use_backend(backend):
+            m = token_ops.random_masking(B, L, 0.75, seed=11)
+            visible = token_ops.gather_visible(x, m.ids_keep, pos, cls_token=cls)
+            full = token_ops.unshuffle(visible, m.ids_restore, mask_token, pos, has_cls=True)
+            (full * torch.linspace(-1, 1, full.numel()).reshape(full.shape)).sum().backward()
+        return [m.ids_keep, m.ids_restore, m.mask, visible, full, x.grad, pos.grad, cls.grad, mask_token.grad]
+
+    for got, ref in zip(run("csrc"), run("reference"), strict=True):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        if not got.dtype.is_floating_point:
+            assert torch.equal(got, ref)
+        else:
+            assert_rel_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_public_loss_on_csrc_matches_reference(reduction):
+    from fastmim.ops import use_backend
+
+    pred, imgs, mask = _loss_inputs(2, 3, 16, 24, 4, torch.bfloat16, "cpu", 0.75)
+    grads = []
+    for backend in ("csrc", "reference"):
+        p = pred.clone().requires_grad_()
+        with use_backend(backend):
+            loss = loss_ops.masked_patch_mse(p, imgs, mask, patch_size=4, reduction=reduction)
+            loss.backward(torch.ones_like(loss) * 0.5)
+        grads.append((loss.detach(), p.grad))
+    assert_rel_close(grads[0][0], grads[1][0], torch.float32, tol=2e-5, name="loss")
+    assert_rel_close(grads[0][1], grads[1][1], torch.bfloat16, name="grad_pred")

@@ -34,6 +34,10 @@ __all__ = ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatc
 _REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Backends of the op; the compiled csrc kernel (fastmim._C) is the CPU default where
+# benchmarks/bench_loss.py measured it at least as fast as the reference.
+_BACKENDS = ("reference", "triton", "csrc")
+_CPU_DEFAULT = ("csrc",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +341,11 @@ def _masked_patch_mse_op(
     reduction: str,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = select_backend("masked_patch_mse", pred.device, implemented=("reference", "triton"))
+    backend = select_backend("masked_patch_mse", pred.device, implemented=_BACKENDS, prefer_cpu=_CPU_DEFAULT)
+    if backend == "csrc" and pred.dtype in _TRITON_DTYPES and imgs.dtype in _TRITON_DTYPES:
+        return torch.ops.fastmim.csrc_masked_patch_mse(
+            pred.contiguous(), imgs.contiguous(), mask, None if ids_masked is None else ids_masked.contiguous(),
+            patch_size, norm_pix, eps, reduction, compute_grad)
     if backend == "triton" and pred.dtype in _TRITON_DTYPES and imgs.dtype in _TRITON_DTYPES:
         return _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad)
     # float64 inputs always take the reference (the kernels compute in fp32).
@@ -354,7 +362,10 @@ def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, comput
 
 @torch.library.custom_op("fastmim::masked_patch_mse_backward", mutates_args=("grad_pred",))
 def _masked_patch_mse_backward_op(grad_pred: torch.Tensor, grad_output: torch.Tensor) -> None:
-    backend = select_backend("masked_patch_mse", grad_pred.device, implemented=("reference", "triton"))
+    backend = select_backend("masked_patch_mse", grad_pred.device, implemented=_BACKENDS, prefer_cpu=_CPU_DEFAULT)
+    if backend == "csrc" and grad_pred.dtype in _TRITON_DTYPES:
+        torch.ops.fastmim.csrc_masked_patch_mse_backward(grad_pred, grad_output)
+        return
     if backend == "triton" and grad_pred.dtype in _TRITON_DTYPES:
         from fastmim.kernels import loss as kernels
 

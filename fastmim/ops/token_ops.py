@@ -300,8 +300,18 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float | None = None
     return PackedMasking(ids_keep, cu_seqlens, max_seqlen, ids_restore, mask)
 
 
+# The compiled csrc kernels (fastmim._C) implement the dense token ops; on CPU they are the
+# default where benchmarks/bench_token_ops.py measured them at least as fast as the reference.
+_CSRC_CPU_DEFAULT = {"random_masking": ("csrc",), "gather_visible": ("csrc",), "unshuffle": ("csrc",)}
+
+
+def _select(op: str, device: torch.device) -> str:
+    return select_backend(op, device, implemented=("reference", "triton", "csrc"),
+                          prefer_cpu=_CSRC_CPU_DEFAULT.get(op, ("reference",)))
+
+
 def _masking_backend(device: torch.device) -> str:
-    return select_backend("random_masking", device)
+    return _select("random_masking", device)
 
 
 def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
@@ -312,12 +322,15 @@ def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
 @torch.library.custom_op("fastmim::random_permutation", mutates_args=())
 def _random_permutation_op(seed: Tensor, batch: int, num_patches: int,
                            device: torch.device) -> tuple[Tensor, Tensor]:
-    if _masking_backend(device) == "triton":
+    backend = _masking_backend(device)
+    if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         ids_shuffle, ids_restore, _ = kernels.random_masking_forward(
             _seed_on(seed, device), batch, num_patches, num_patches, device, write_mask=False)
         return ids_shuffle, ids_restore
+    if backend == "csrc":
+        return torch.ops.fastmim.csrc_random_permutation(seed, batch, num_patches, device)
     return random_permutation_reference(batch, num_patches, seed=seed, device=device)
 
 
@@ -330,10 +343,13 @@ def _(seed, batch, num_patches, device):
 @torch.library.custom_op("fastmim::random_masking", mutates_args=())
 def _random_masking_op(seed: Tensor, batch: int, num_patches: int, num_keep: int,
                        device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    if _masking_backend(device) == "triton":
+    backend = _masking_backend(device)
+    if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         return kernels.random_masking_forward(_seed_on(seed, device), batch, num_patches, num_keep, device)
+    if backend == "csrc":
+        return torch.ops.fastmim.csrc_random_masking(seed, batch, num_patches, num_keep, device)
     out = random_masking_reference(batch, num_patches, num_keep=num_keep, seed=seed, device=device)
     return out.ids_keep.clone(), out.ids_restore, out.mask  # clone: ids_keep must not be a view of a temporary
 
@@ -348,11 +364,14 @@ def _(seed, batch, num_patches, num_keep, device):
 @torch.library.custom_op("fastmim::random_masking_varlen", mutates_args=())
 def _random_masking_varlen_op(seed: Tensor, cu_seqlens: Tensor, batch: int, num_patches: int, total: int,
                               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    if _masking_backend(device) == "triton":
+    backend = _masking_backend(device)
+    if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         return kernels.random_masking_forward(_seed_on(seed, device), batch, num_patches, 0, device,
                                               cu_seqlens=cu_seqlens.contiguous(), total=total)
+    if backend == "csrc":
+        return torch.ops.fastmim.csrc_random_masking_varlen(seed, cu_seqlens, batch, num_patches, total, device)
     counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     ids_shuffle, ids_restore = random_permutation_reference(batch, num_patches, seed=seed, device=device)
     keep = torch.arange(num_patches, device=device)[None, :] < counts[:, None]
@@ -428,9 +447,14 @@ def _result_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
+def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A small operand (pos_embed, a token) in the result dtype, contiguous (a copy only if needed)."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
 def _kernel_backend(op: str, device: torch.device, *tensors: Tensor | None) -> str:
-    backend = select_backend(op, device)
-    if backend == "triton" and any(t is not None and t.dtype == torch.float64 for t in tensors):
+    backend = _select(op, device)
+    if backend != "reference" and any(t is not None and t.dtype == torch.float64 for t in tensors):
         return "reference"
     return backend
 
@@ -558,7 +582,12 @@ def gather_visible(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None = None,
 @torch.library.custom_op("fastmim::gather_visible", mutates_args=())
 def _gather_visible_op(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None, cls_token: Tensor | None,
                        cu_seqlens: Tensor | None, max_seqlen: int) -> Tensor:
-    if _kernel_backend("gather_visible", x.device, x, pos_embed, cls_token) == "triton":
+    backend = _kernel_backend("gather_visible", x.device, x, pos_embed, cls_token)
+    if backend == "csrc" and cu_seqlens is None:  # the compiled kernels cover the dense layout
+        dtype = _result_dtype(x, pos_embed, cls_token)
+        return torch.ops.fastmim.csrc_gather_visible(x.contiguous(), ids_keep.contiguous(), _as_dtype(pos_embed, dtype),
+                                                     _as_dtype(cls_token, dtype))
+    if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         return kernels.gather_visible_forward(
@@ -610,7 +639,12 @@ def _gather_visible_backward_op(grad_out: Tensor, ids_keep: Tensor, cu_seqlens: 
     L, D = num_patches, grad_out.shape[-1]
     need_pos = need_pos and pos_rows > 0
     need_cls_sum = has_cls and (need_cls or (need_pos and pos_rows == L + 1))
-    if _kernel_backend("gather_visible", grad_out.device, grad_out) == "triton":
+    backend = _kernel_backend("gather_visible", grad_out.device, grad_out)
+    if backend == "csrc" and cu_seqlens is None:
+        grad_x, grad_pos_patch, grad_cls = torch.ops.fastmim.csrc_gather_visible_backward(
+            grad_out.contiguous(), ids_keep.contiguous(), L, has_cls, need_x, need_pos, need_cls_sum)
+        grad_x = grad_x.to(x_dtype) if need_x else None
+    elif backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         grad_x, grad_pos_patch = kernels.gather_visible_backward(
@@ -762,7 +796,11 @@ def unshuffle(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_em
 def _unshuffle_op(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Tensor | None,
                   cu_seqlens: Tensor | None, has_cls: bool) -> Tensor:
     dtype = _result_dtype(x_visible, mask_token, pos_embed)
-    if _kernel_backend("unshuffle", x_visible.device, x_visible, mask_token, pos_embed) == "triton":
+    backend = _kernel_backend("unshuffle", x_visible.device, x_visible, mask_token, pos_embed)
+    if backend == "csrc" and cu_seqlens is None:  # the compiled kernels cover the dense layout
+        return torch.ops.fastmim.csrc_unshuffle(x_visible.contiguous(), ids_restore.contiguous(),
+                                                _as_dtype(mask_token, dtype), _as_dtype(pos_embed, dtype), has_cls)
+    if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         return kernels.unshuffle_forward(
@@ -815,7 +853,12 @@ def _unshuffle_backward_op(grad_out: Tensor, ids_restore: Tensor, cu_seqlens: Te
     """Returns ``(grad_x_visible, grad_mask_token (D,), grad_pos (pos_rows, D))``; an unneeded one is empty."""
     L = ids_restore.shape[1]
     need_pos = need_pos and pos_rows > 0
-    if _kernel_backend("unshuffle", grad_out.device, grad_out) == "triton":
+    backend = _kernel_backend("unshuffle", grad_out.device, grad_out)
+    if backend == "csrc" and cu_seqlens is None:
+        grad_x, grad_mask, grad_pos = torch.ops.fastmim.csrc_unshuffle_backward(
+            grad_out.contiguous(), ids_restore.contiguous(), visible_rows - int(has_cls), has_cls, need_x, need_mask,
+            need_pos)
+    elif backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         grad_x, grad_mask, grad_pos = kernels.unshuffle_backward(
