@@ -227,3 +227,18 @@ def test_cmae_adapter_wires_contrastive_crop_into_the_views_and_refreshes_boxes(
     assert crop.boxes.shape == (6, 4) and ((crop.boxes >= 0) & (crop.boxes <= 1)).all()
     top, left, h, w = views[0].crop_sampler(0, 24, 20, torch.Generator().manual_seed(0))
     assert 0 <= top and top + h <= 24 and 0 <= left and left + w <= 20
+
+
+def test_cmae_adapter_state_round_trip_restores_the_boxes():
+    from fastmim.train.methods import CMAEAdapter
+
+    source = SimpleNamespace(train=tiny_dataset(4), mean=(0.5,), std=(0.5,))
+    first, second = CMAEAdapter(ccrop={"warmup": 1, "box_update_every": 2}), CMAEAdapter(ccrop={})
+    crop = first.crop_sampler(tiny_model(), source)
+    crop.on_epoch_start(1, lambda: torch.rand(4, 4))
+    second.crop_sampler(tiny_model(), source)
+    second.load_state_dict(first.state_dict())
+    restored = second.contrastive_crop
+    assert torch.equal(restored.boxes, crop.boxes) and restored.use_boxes and restored.boxes_epoch == 1
+    assert (restored.warmup, restored.box_update_every) == (1, 2)
+    assert CMAEAdapter(ccrop=None).crop_sampler(tiny_model(), source) is None

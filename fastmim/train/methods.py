@@ -260,6 +260,15 @@ class CMAEAdapter(TwoViewAdapter):
 
         crop.on_epoch_start(epoch, compute_boxes)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The ContrastiveCrop boxes and schedule, for an exact resume after the warm-up (without
+        them a resumed run recomputes the boxes from the resumed model)."""
+        return {} if self.contrastive_crop is None else {"contrastive_crop": self.contrastive_crop.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.contrastive_crop is not None and "contrastive_crop" in state:
+            self.contrastive_crop.load_state_dict(state["contrastive_crop"])
+
     def loss(self, model, batch, ctx):
         view1, view2 = batch["views"]
         module = unwrap(model)
