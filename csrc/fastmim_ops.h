@@ -5,6 +5,7 @@
 // those of the plain-PyTorch references in fastmim/ops/token_ops.py and fastmim/ops/loss.py.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
@@ -15,6 +16,12 @@
 #include <optional>
 #include <string>
 #include <tuple>
+
+// Dispatch over the floating dtypes the kernels take (float32, float16, bfloat16): unlike
+// AT_DISPATCH_FLOATING_TYPES_AND2 it does not instantiate float64, which no op accepts.
+#define FASTMIM_DISPATCH_FLOAT(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                        \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace fastmim {
 

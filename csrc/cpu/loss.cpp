@@ -139,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cpu(const at::Tensor& pred, 
   auto row_loss = at::empty(pred.sizes().slice(0, pred.dim() - 1), f32);
   auto grad = compute_grad ? at::empty_like(pred, at::MemoryFormat::Contiguous) : at::empty({0}, pred.options());
   const at::ScalarType index_type = ids_masked.has_value() ? ids_masked->scalar_type() : at::kLong;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fastmim_csrc", [&] {
+  FASTMIM_DISPATCH_FLOAT(pred.scalar_type(), "fastmim_csrc", [&] {
     using pred_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, imgs.scalar_type(), "fastmim_csrc", [&] {
+    FASTMIM_DISPATCH_FLOAT(imgs.scalar_type(), "fastmim_csrc", [&] {
       using img_t = scalar_t;
       AT_DISPATCH_INDEX_TYPES(index_type, "fastmim_csrc", [&] {
         const index_t* ip = ids_masked.has_value() ? ids_masked->const_data_ptr<index_t>() : nullptr;
@@ -175,7 +175,7 @@ void masked_patch_mse_backward_cpu(const at::Tensor& grad_pred, const at::Tensor
                 " (one factor per row), got ", grad_output.sizes());
   }
   auto go = grad_output.to(at::kFloat).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_pred.scalar_type(), "fastmim_csrc", [&] {
+  FASTMIM_DISPATCH_FLOAT(grad_pred.scalar_type(), "fastmim_csrc", [&] {
     scalar_t* gp = grad_pred.data_ptr<scalar_t>();
     const float* gop = go.const_data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {

@@ -35,7 +35,7 @@ struct Tag {
 template <typename F>
 void dispatch_in_out(at::ScalarType in, at::ScalarType out, const char* op, const F& f) {
   TORCH_CHECK(out == in || out == at::kFloat, op, ": unsupported dtype combination ", in, " -> ", out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "fastmim_csrc", [&] {
+  FASTMIM_DISPATCH_FLOAT(in, "fastmim_csrc", [&] {
     if (out == in) {
       f(Tag<scalar_t>{}, Tag<scalar_t>{});
     } else {
@@ -278,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cpu(const
   if (!need_x && !need_pos && !(need_cls && has_cls)) return {grad_x, grad_pos, grad_cls};
   auto first = at::empty({B, L}, at::TensorOptions().dtype(at::kInt));
   auto count = at::empty({B, L}, at::TensorOptions().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "fastmim_csrc", [&] {
+  FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc", [&] {
       const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
       const index_t* ip = ids_keep.const_data_ptr<index_t>();
@@ -393,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::
   auto grad_x = need_x ? at::empty({B, rows_x, D}, opts) : at::empty({0}, opts);
   auto grad_mask = need_mask ? at::empty({D}, opts) : at::empty({0}, opts);
   auto grad_pos = need_pos ? at::empty({S, D}, opts) : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "fastmim_csrc", [&] {
+  FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc", [&] {
       const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
       const index_t* ip = ids_restore.const_data_ptr<index_t>();

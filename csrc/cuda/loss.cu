@@ -180,9 +180,9 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cuda(const at::Tensor& pred,
   at::Tensor partials = red == "none" ? at::Tensor() : at::empty({blocks}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType index_type = ids_masked.has_value() ? ids_masked->scalar_type() : at::kLong;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fastmim_csrc_cuda", [&] {
+  FASTMIM_DISPATCH_FLOAT(pred.scalar_type(), "fastmim_csrc_cuda", [&] {
     using pred_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, imgs.scalar_type(), "fastmim_csrc_cuda", [&] {
+    FASTMIM_DISPATCH_FLOAT(imgs.scalar_type(), "fastmim_csrc_cuda", [&] {
       using img_t = scalar_t;
       AT_DISPATCH_INDEX_TYPES(index_type, "fastmim_csrc_cuda", [&] {
         patch_mse_kernel<pred_t, img_t, index_t><<<blocks, 32 * warps, warps * g.N * sizeof(float), stream>>>(
@@ -223,7 +223,7 @@ void masked_patch_mse_backward_cuda(const at::Tensor& grad_pred, const at::Tenso
   const int64_t n = grad_pred.numel();
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>(ceil_div(n, threads), 65535);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_pred.scalar_type(), "fastmim_csrc_cuda", [&] {
+  FASTMIM_DISPATCH_FLOAT(grad_pred.scalar_type(), "fastmim_csrc_cuda", [&] {
     scale_grad_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad_pred.data_ptr<scalar_t>(), factor.const_data_ptr<float>(), per_row, n, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

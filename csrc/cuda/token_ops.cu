@@ -366,7 +366,7 @@ void check_cuda_tokens(const at::Tensor& x, const at::Tensor& ids, const char* o
 
 template <typename F>
 void dispatch_in_out(at::ScalarType in, at::ScalarType out, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in, "fastmim_csrc_cuda", [&] {
+  FASTMIM_DISPATCH_FLOAT(in, "fastmim_csrc_cuda", [&] {
     using in_t = scalar_t;
     if (out == in) {
       f(in_t{}, in_t{});
@@ -468,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cuda(cons
   auto grad_pos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
   auto grad_cls = cls_grad ? at::empty({D}, opts) : at::empty({0}, opts);
   if (!need_x && !need_pos && !cls_grad) return {grad_x, grad_pos, grad_cls};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
+  FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc_cuda", [&] {
       auto [first, count] = build_inverse<index_t>(ids_keep, L, L);
       // With pos_embed's gradient one block owns a position for the whole batch; without it
@@ -551,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cuda(const at:
   auto grad_x = need_x ? at::empty({B, rows_x, D}, opts) : at::empty({0}, opts);
   auto grad_mask = need_mask ? at::empty({D}, opts) : at::empty({0}, opts);
   auto grad_pos = need_pos ? at::empty({S, D}, opts) : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
+  FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc_cuda", [&] {
       auto [first, count] = build_inverse<index_t>(ids_restore, K, L);  // also validates every index
       auto stream = c10::cuda::getCurrentCUDAStream();
