@@ -313,3 +313,22 @@ def test_every_loss_decreases_when_overfitting_a_fixed_batch_with_the_teacher_fo
         last = sum(h[key] for h in history[-3:]) / 3
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history)
         assert last < 0.8 * first, (key, first, last)
+
+
+def test_ddp_skips_the_teacher_buffers_but_keeps_the_student_ones(tmp_path):
+    import torch.distributed as dist
+
+    model = tiny_lut()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ignored = ddp.parameters_to_ignore
+        assert {n for n, _ in model.named_buffers() if n.startswith("teacher.")} <= ignored
+        assert "projector.1.running_mean" not in ignored
+        out = ddp(*views(batch=2), 0.75, seed=1)
+        out["loss"].backward()
+        model.reset_teacher()
+        assert set(model._ddp_params_and_buffers_to_ignore) == {f"teacher.{n}" for n, _ in
+                                                                 model.teacher.named_buffers()}
+    finally:
+        dist.destroy_process_group()

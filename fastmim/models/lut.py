@@ -22,7 +22,8 @@ The teacher (:class:`EMATeacher`, ``model.teacher``) is a copy of the student's 
 projection head whose weights are **buffers**, not parameters: ``model.parameters()`` (what an
 optimizer is given) never contains them, they move with ``.to()`` and are saved in
 ``state_dict()`` (so checkpoints resume the teacher), they get no gradient, and the teacher
-stays in eval mode (BatchNorm on its running statistics) whatever ``model.train()`` says.
+stays in eval mode (BatchNorm on its running statistics) whatever ``model.train()`` says;
+DistributedDataParallel does not broadcast it (it is identical on every rank).
 After each optimizer step call ``model.update_teacher(step, max_steps)``: one
 ``torch._foreach_lerp_`` over all its tensors (parameters and BatchNorm running statistics,
 as timm's ``ModelEma``), momentum from 0.996 to 1 on a half-cosine schedule.
@@ -130,8 +131,15 @@ class LUT(MaskedAutoencoderViT):
         for m in (*self.projector.modules(), *self.predictor.modules()):
             self._init_weights(m)
         self.teacher = EMATeacher(self)
+        self._ignore_teacher_in_ddp()
 
     # ------------------------------------------------------------------ teacher
+    def _ignore_teacher_in_ddp(self) -> None:
+        # DistributedDataParallel would broadcast every buffer from rank 0 at each forward: an
+        # encoder-sized copy per step for the teacher, which is identical on every rank anyway
+        # (same initial weights, EMA of the synchronised student). DDP skips the names listed here.
+        self._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in self.teacher.named_buffers()]
+
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(teacher tensors, student tensors)`` paired by name (floating point only)."""
         student = dict(self.named_parameters())
@@ -165,6 +173,7 @@ class LUT(MaskedAutoencoderViT):
         or after ``convert_sync_batchnorm``)."""
         device = self.cls_token.device
         self.teacher = EMATeacher(self).to(device)
+        self._ignore_teacher_in_ddp()
 
     def train(self, mode: bool = True) -> LUT:
         super().train(mode)
