@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 from fastmim.cli import main
 from fastmim.train.checkpoint import read_metadata, save_weights
 from fastmim.train.config import TrainConfig
-from fastmim.train.evaluate import knn_accuracy, knn_predict, linear_probe, load_checkpoint, subset_indices
+from fastmim.train.evaluate import (
+    evaluation_data,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    load_checkpoint,
+    subset_indices,
+)
 from fastmim.train.loop import train
 
 TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3, "decoder_embed_dim": 32, "decoder_depth": 1,
@@ -121,3 +128,31 @@ def test_eval_bad_input(tmp_path, trained_run, capsys):
     assert "unknown --protocol" in _eval_error(capsys, ["eval", "--checkpoint", ckpt, "--protocol", "svm"])
     assert "--k must be >= 1" in _eval_error(capsys, ["eval", "--checkpoint", ckpt, "--k", "0"])
     assert "does not exist" in _eval_error(capsys, ["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "x")])
+
+
+def test_supervised_checkpoint_classifier_and_finetune(tmp_path, capsys):
+    out = tmp_path / "sup"
+    train(TrainConfig(method="supmim", output=str(out), max_steps=60, batch_size=32, blr=1e-2, num_workers=0,
+                      progress=False, figures=False, model_overrides=dict(TINY), log_every=10))
+    assert read_metadata(out / "checkpoint.safetensors")["model_kwargs"]["num_classes"] == 10
+    argv = ["eval", "--checkpoint", str(out), "--limit-test", "300"]
+    assert main([*argv, "--protocol", "classifier"]) == 0
+    assert main([*argv, "--protocol", "finetune", "--limit-train", "256", "--finetune-epochs", "1",
+                 "--finetune-batch-size", "32"]) == 0
+    records = {r["protocol"]: r for r in map(json.loads, (out / "eval.jsonl").read_text().splitlines())}
+    assert records["finetune"]["num_train"] == 256 and 0.0 <= records["finetune"]["top1"] <= 1.0
+    assert records["classifier"]["top1"] > 0.1  # chance; 60 tiny steps do not get far
+    # The protocol scores exactly what the deployed classifier predicts on those images.
+    ckpt = load_checkpoint(out)
+    _, _, test_set = evaluation_data(ckpt.metadata)
+    idx = subset_indices(test_set.labels, 300)
+    imgs = torch.stack([test_set[i]["views"][0] for i in idx])
+    with torch.no_grad():
+        manual = (ckpt.module.classify(imgs).argmax(1) == test_set.labels[idx]).float().mean().item()
+    assert records["classifier"]["top1"] == pytest.approx(manual)
+    capsys.readouterr()
+
+
+def test_classifier_protocol_needs_a_classifier(trained_run, capsys):
+    msg = _eval_error(capsys, ["eval", "--checkpoint", str(trained_run), "--protocol", "classifier"])
+    assert "have no classifier" in msg

@@ -128,14 +128,20 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint.safetensors written by fastmim train, or its run folder")
-    p.add_argument("--protocol", default="knn", metavar="knn|linear|all",
-                   help="k-NN (cosine, temperature-weighted), linear probe on frozen features, or both (default: knn)")
+    p.add_argument("--protocol", default="knn", metavar="knn|linear|classifier|finetune|all",
+                   help="k-NN (cosine, temperature-weighted); linear probe on frozen features; the checkpoint's "
+                        "own classifier (supervised + MIM); fine-tuning the whole encoder with labels; all = knn, "
+                        "linear and classifier where there is one (default: knn)")
     p.add_argument("--data", default=None, metavar="PATH|default",
                    help="dataset (default: the one the checkpoint was trained on); its held-out split is scored")
     p.add_argument("--k", type=int, default=20, help="neighbours for k-NN (default: 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default: 0.07)")
     p.add_argument("--pool", choices=("cls", "mean"), default=None, help="feature pooling (default: the model's)")
     p.add_argument("--probe-epochs", type=int, default=90, help="linear-probe epochs (default: 90)")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default: 5)")
+    p.add_argument("--finetune-blr", type=float, default=5e-4,
+                   help="fine-tuning base lr, scaled by batch/256 (default: 5e-4)")
+    p.add_argument("--finetune-batch-size", type=int, default=64, help="fine-tuning batch (default: 64)")
     p.add_argument("--limit-train", type=int, default=None, metavar="N",
                    help="use N train images (stratified) as k-NN memory / probe data (default: all)")
     p.add_argument("--limit-test", type=int, default=None, metavar="N", help="score N held-out images (default: all)")
@@ -148,13 +154,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from fastmim.data import DataError
+    from fastmim.data import DataError, RandomResizedCropSampler, ViewTransform
     from fastmim.train.checkpoint import CheckpointError
     from fastmim.train.evaluate import (
+        classifier_accuracy,
         evaluation_data,
         extract_features,
+        finetune,
         knn_accuracy,
         linear_probe,
         load_checkpoint,
@@ -162,10 +168,12 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from fastmim.train.loop import TrainError, _resolve_device
 
-    protocols = {"knn": ["knn"], "linear": ["linear"], "all": ["knn", "linear"]}.get(args.protocol)
+    protocols = {"knn": ["knn"], "linear": ["linear"], "classifier": ["classifier"], "finetune": ["finetune"],
+                 "all": ["knn", "linear", "classifier"]}.get(args.protocol)
     if protocols is None:
-        raise CLIError(f"unknown --protocol {args.protocol!r}; choose knn, linear or all")
-    for name in ("k", "batch_size", "probe_epochs", "limit_train", "limit_test"):
+        raise CLIError(f"unknown --protocol {args.protocol!r}; choose knn, linear, classifier, finetune or all")
+    for name in ("k", "batch_size", "probe_epochs", "limit_train", "limit_test", "finetune_epochs",
+                 "finetune_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -180,14 +188,35 @@ def run_eval(args: argparse.Namespace) -> int:
         test_idx = subset_indices(test_set.labels, args.limit_test)
         common = {"batch_size": args.batch_size, "device": device, "num_workers": args.num_workers,
                   "pool": args.pool}
-        train_f, train_y = extract_features(ckpt.module, ckpt.adapter, train_set, indices=train_idx, **common)
-        test_f, test_y = extract_features(ckpt.module, ckpt.adapter, test_set, indices=test_idx, **common)
+        has_classifier = callable(getattr(ckpt.module, "classify", None))
+        if protocols == ["classifier"] and not has_classifier:
+            raise CLIError(f"{meta['method']} checkpoints have no classifier; use knn, linear or finetune")
+        if not has_classifier and "classifier" in protocols:
+            protocols.remove("classifier")
+        if any(p in protocols for p in ("knn", "linear")):
+            train_f, train_y = extract_features(ckpt.module, ckpt.adapter, train_set, indices=train_idx, **common)
+            test_f, test_y = extract_features(ckpt.module, ckpt.adapter, test_set, indices=test_idx, **common)
     except (TrainError, DataError, CheckpointError, ValueError) as exc:
         raise CLIError(_one_line(exc)) from None
     num_classes = len(source.classes)
+    if meta.get("num_classes") not in (None, num_classes) and "classifier" in protocols:
+        raise CLIError(f"the checkpoint's classifier has {meta['num_classes']} classes, the data {num_classes}")
+    num_train, num_test = len(train_idx), len(test_idx)
     results = []
     for protocol in protocols:
-        if protocol == "knn":
+        if protocol == "classifier":
+            acc = classifier_accuracy(ckpt.module, test_set, indices=test_idx, batch_size=args.batch_size,
+                                      device=device, num_workers=args.num_workers)
+            detail = "the checkpoint's own classifier, unmasked images"
+        elif protocol == "finetune":
+            views = [ViewTransform(meta["image_size"], meta["mean"], meta["std"],
+                                   crop_sampler=RandomResizedCropSampler(scale=(0.08, 1.0)))]
+            acc = finetune(ckpt.module, ckpt.adapter, source.split("train", views), test_set,
+                           num_classes=num_classes, epochs=args.finetune_epochs, batch_size=args.finetune_batch_size,
+                           blr=args.finetune_blr, device=device, seed=args.seed, train_indices=train_idx,
+                           test_indices=test_idx, pool=args.pool, num_workers=args.num_workers)
+            detail = f"{args.finetune_epochs} epochs of fine-tuning, blr {args.finetune_blr:g}"
+        elif protocol == "knn":
             acc = knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes, k=args.k,
                                temperature=args.temperature)
             detail = f"k={args.k}, T={args.temperature:g}"
@@ -195,14 +224,14 @@ def run_eval(args: argparse.Namespace) -> int:
             acc = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=args.probe_epochs,
                                seed=args.seed)
             detail = f"{args.probe_epochs} epochs, BN + linear on frozen features"
-        print(f"{protocol} top-1: {100 * acc:.2f}% ({detail}) on {len(test_y)} held-out images of {source.name}, "
-              f"{len(train_y)} train images; chance {100 / num_classes:.1f}%")
+        print(f"{protocol} top-1: {100 * acc:.2f}% ({detail}) on {num_test} held-out images of {source.name}, "
+              f"{num_train} train images; chance {100 / num_classes:.1f}%")
         results.append({"protocol": protocol, "top1": acc, "k": args.k if protocol == "knn" else None,
                         "temperature": args.temperature if protocol == "knn" else None,
                         "probe_epochs": args.probe_epochs if protocol == "linear" else None,
                         "checkpoint": str(ckpt.path), "step": meta.get("step"), "method": meta["method"],
-                        "preset": meta["preset"], "data": source.name, "num_train": len(train_y),
-                        "num_test": len(test_y), "pool": args.pool, "feature_dim": int(train_f.shape[1])})
+                        "preset": meta["preset"], "data": source.name, "num_train": num_train,
+                        "num_test": num_test, "pool": args.pool})
     log = Path(args.log) if args.log else ckpt.path.parent / "eval.jsonl"
     try:
         with open(log, "a") as f:
@@ -210,7 +239,6 @@ def run_eval(args: argparse.Namespace) -> int:
                 f.write(json.dumps(r) + "\n")
     except OSError as exc:
         print(f"fastmim: warning: could not log to {log} ({exc.strerror or exc})", file=sys.stderr)
-    del torch
     return 0
 
 
