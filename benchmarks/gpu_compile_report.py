@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not the interpreter's
+os.environ.setdefault("FASTMIM_NO_EXT", "1")  # the Triton path is captured, not the compiled extension
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
