@@ -178,7 +178,8 @@ def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, monkeypatch):
         train(_config(tmp_path, output=str(tmp_path / "part"), **common))
     monkeypatch.setattr(MAEAdapter, "after_step", original)
     assert read_metadata(tmp_path / "part" / "checkpoint.safetensors")["step"] == 3
-    resumed = train(_config(tmp_path, output=str(tmp_path / "part"), resume=True, **common))
+    # The resumed half loads with 2 DataLoader workers: the batches do not depend on them.
+    resumed = train(_config(tmp_path, output=str(tmp_path / "part"), resume=True, num_workers=2, **common))
     assert resumed.finished and resumed.step == 6
     a, b = _params(tmp_path / "full" / "checkpoint.safetensors"), _params(tmp_path / "part" / "checkpoint.safetensors")
     assert a.keys() == b.keys()
@@ -190,6 +191,28 @@ def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, monkeypatch):
     assert [r["step"] for r in full_rec] == [r["step"] for r in part_rec] == [1, 2, 4, 6]
     # Records average the steps since the previous record; the resumed window 4 lacks step 3.
     assert [full_rec[i]["loss"] for i in (0, 1, 3)] == [part_rec[i]["loss"] for i in (0, 1, 3)]
+
+
+def test_compile_and_bf16_autocast_run(tmp_path):
+    compiled = train(_config(tmp_path, output=str(tmp_path / "c"), max_steps=2, compile="eager", figures=False))
+    assert compiled.finished and math.isfinite(compiled.loss)
+    bf16 = train(_config(tmp_path, output=str(tmp_path / "b"), max_steps=2, precision="bf16", figures=False))
+    assert bf16.finished and math.isfinite(bf16.loss)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "bf16"
+
+
+def test_diverged_loss_stops_with_a_clear_error(tmp_path, monkeypatch, capsys):
+    original = MAEAdapter.loss
+
+    def nan_loss(self, model, batch, ctx):
+        out = original(self, model, batch, ctx)
+        return {"loss": out["loss"] * float("nan") if ctx.step >= 2 else out["loss"]}
+
+    monkeypatch.setattr(MAEAdapter, "loss", nan_loss)
+    argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "6", "--batch-size", "4", "--log-every", "2",
+            "--ckpt-every", "2", "--no-progress", "--no-figures", *TINY_ARGS]
+    assert "the loss is nan at step 4: training diverged" in _cli_error(capsys, argv)
+    assert read_metadata(tmp_path / "run" / "checkpoint.safetensors")["step"] == 2  # the last good checkpoint
 
 
 def train_initial_weights(tmp_path, common):
