@@ -370,7 +370,8 @@ class _Run:
     def _ctx(self, micro: int) -> StepContext:
         return StepContext(step=self.step, max_steps=self.max_steps, micro_step=micro, mask_ratio=self.mask_ratio,
                            seed=self.cfg.seed, rank=self.info.rank, world_size=self.info.world_size,
-                           num_classes=len(self.source.classes))
+                           num_classes=len(self.source.classes),
+                           epochs=math.ceil(self.max_steps * self.cfg.accum_steps / self.sampler.batches_per_epoch))
 
     # ---------------------------------------------------------------- outputs
     def metadata(self) -> dict[str, Any]:

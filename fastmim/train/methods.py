@@ -55,6 +55,7 @@ class StepContext:
     rank: int = 0
     world_size: int = 1
     num_classes: int | None = None
+    epochs: int | None = None  # epochs the whole run spans (rounded up), for epoch-based schedules
 
     def masking_noise(self, batch_size: int, num_patches: int, device: torch.device | str) -> torch.Tensor:
         """``float32 (batch_size, num_patches)`` uniform noise: this rank's rows of the global batch's noise."""
