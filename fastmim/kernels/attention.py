@@ -22,6 +22,10 @@ varlen cases) a single fused kernel does all three:
 with one key block, each query block's ``dQ`` is complete after one step, so it is stored at once,
 and ``delta`` is computed in the same pass.
 
+fp32 inputs take 3xTF32 dots (``input_precision="tf32x3"``: tensor cores, close to fp32 accuracy).
+Block sizes and warps were chosen by compiling for sm_90a and sm_80 and reading ``ptxas -v``: no
+spills for bf16/fp16 on sm_90a at head dims 32-128 (small ones in the sm_80 dK/dV kernel).
+
 Head dims up to 256 (32, 64, 80, 128 are the tested ones); a head dim that is not a power of two
 (80) runs in the next power-of-two block with masked loads. Rows are read with strides; the last
 dimension must have unit stride (the launchers here assume it; ``fastmim.ops`` ensures it).
@@ -52,15 +56,18 @@ FUSED_BACKWARD_MAX_KEYS = 128
 
 
 @triton.jit
-def _dot(a, b, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
-    """``a @ b`` with fp32 accumulation, operands rounded to the I/O dtype first (as FA2 does)."""
+def _dot(a, b, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, FP32_IN: tl.constexpr,
+         FP32_PRECISION: tl.constexpr = "tf32x3"):
+    """``a @ b`` with fp32 accumulation, operands rounded to the I/O dtype first (as FA2 does).
+
+    ``FP32_IN``: fp32 operands, multiplied as 3xTF32 (a plain tl.dot would round them to TF32)."""
     a = a.to(DTYPE)
     b = b.to(DTYPE)
     if INTERPRET:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+    if FP32_IN:
+        return tl.dot(a, b, input_precision=FP32_PRECISION)
     else:
         return tl.dot(a, b)
 
@@ -71,9 +78,9 @@ def _load_key_block(K, V, KIDX, KMASK, k_base, v_base, kidx_base, kmask_base, of
     """Rows ``offs_n`` of the key set: k, v blocks ``(BLOCK_N, BLOCK_D)``, their row numbers, visibility."""
     n_valid = offs_n < n_k
     if KEY_MODE == 1:
-        rows = tl.load(KIDX + kidx_base + offs_n, mask=n_valid, other=0).to(tl.int64)
+        rows = tl.load(KIDX + kidx_base + offs_n, mask=n_valid, other=0).to(tl.int32)
     else:
-        rows = offs_n.to(tl.int64)
+        rows = offs_n
     tile_mask = n_valid[:, None] & d_valid[None, :]
     k = tl.load(K + k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=tile_mask, other=0.0)
     v = tl.load(V + v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=tile_mask, other=0.0)
@@ -100,7 +107,7 @@ def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, sta
                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                   stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  KEY_MODE: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+                  KEY_MODE: tl.constexpr, INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
     DTYPE: tl.constexpr = Q.dtype.element_ty
     b = b.to(tl.int64)
     h = h.to(tl.int64)
@@ -124,7 +131,7 @@ def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, sta
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v, rows, visible = _load_key_block(K, V, KIDX, KMASK, k_base, v_base, b * stride_ib, b * stride_mb,
                                               offs_n, n_k, stride_kn, stride_vn, offs_d, d_valid, KEY_MODE)
-        s = _dot(q, tl.trans(k), DTYPE, INTERPRET, IEEE) * qk_scale
+        s = _dot(q, tl.trans(k), DTYPE, INTERPRET, FP32_IN) * qk_scale
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far has m_new = -inf: shift by 0 so exp2 gives 0, not NaN.
@@ -132,7 +139,7 @@ def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, sta
         alpha = tl.math.exp2(m_i - m_shift)
         p = tl.math.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v, DTYPE, INTERPRET, IEEE)
+        acc = acc * alpha[:, None] + _dot(p, v, DTYPE, INTERPRET, FP32_IN)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -149,7 +156,7 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU, KIDX, KMASK, N_Q, N_K, H, qk_scale,
                      stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      HEADS_PER_PROGRAM: tl.constexpr, VARLEN: tl.constexpr, KEY_MODE: tl.constexpr,
-                     INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+                     INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     head_groups = H // HEADS_PER_PROGRAM
     b = tl.program_id(1) // head_groups
@@ -163,7 +170,7 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU, KIDX, KMASK, N_Q, N_K, H, qk_scale,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                       stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
-                      HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, KEY_MODE, INTERPRET, IEEE)
+                      HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, KEY_MODE, INTERPRET, FP32_IN)
 
 
 @triton.jit
@@ -184,17 +191,19 @@ def _attn_bwd_preprocess_kernel(Out, DO, DELTA, CU, N_Q, H,
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < n_q
     mask = m_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + b * stride_ob + h * stride_oh + (seq_start + offs_m[:, None]) * stride_on + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + (seq_start + offs_m[:, None]) * stride_don + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * stride_lb + h * stride_lh + (seq_start + offs_m) * stride_ln, tl.sum(o * do, 1), mask=m_valid)
+    # Base pointers in 64-bit scalars, per-tile offsets in 32 bits (a tile's offsets are small).
+    Out += b * stride_ob + h * stride_oh + seq_start * stride_on
+    DO += b * stride_dob + h * stride_doh + seq_start * stride_don
+    DELTA += b * stride_lb + h * stride_lh + seq_start * stride_ln
+    o = tl.load(Out + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + offs_m * stride_ln, tl.sum(o * do, 1), mask=m_valid)
 
 
 @triton.jit
-def _bwd_scores(q, k, lse2, visible, qk_scale, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+def _bwd_scores(q, k, lse2, visible, qk_scale, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
     """Softmax probabilities ``P`` of a (query block, key block) tile, recomputed from the saved lse."""
-    s = _dot(q, tl.trans(k), DTYPE, INTERPRET, IEEE) * qk_scale
+    s = _dot(q, tl.trans(k), DTYPE, INTERPRET, FP32_IN) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     return tl.where(visible[None, :], p, 0.0)
 
@@ -226,7 +235,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, DK, DV, CU, KIDX, KM
                           stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           VARLEN: tl.constexpr, KEY_MODE: tl.constexpr, FUSED: tl.constexpr,
-                          INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+                          INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
     """dK, dV of one key block (and, if ``FUSED``, dQ and delta: the whole key set is this block)."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
     start_n = tl.program_id(0) * BLOCK_N
@@ -256,19 +265,21 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, DK, DV, CU, KIDX, KM
         q, do, lse2, delta, tile_mask = _load_query_block(Q, DO, LSE, DELTA, Out, q_base, do_base, l_base, o_base,
                                                           offs_m, n_q, stride_qn, stride_don, stride_ln, stride_on,
                                                           offs_d, d_valid, FUSED)
-        p = _bwd_scores(q, k, lse2, visible, qk_scale, DTYPE, INTERPRET, IEEE)
-        dv += _dot(tl.trans(p), do, DTYPE, INTERPRET, IEEE)
-        dp = _dot(do, tl.trans(v), DTYPE, INTERPRET, IEEE)
+        p = _bwd_scores(q, k, lse2, visible, qk_scale, DTYPE, INTERPRET, FP32_IN)
+        dv += _dot(tl.trans(p), do, DTYPE, INTERPRET, FP32_IN)
+        dp = _dot(do, tl.trans(v), DTYPE, INTERPRET, FP32_IN)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds), q, DTYPE, INTERPRET, IEEE)
+        dk += _dot(tl.trans(ds), q, DTYPE, INTERPRET, FP32_IN)
         if FUSED:
-            dq = _dot(ds, k, DTYPE, INTERPRET, IEEE) * sm_scale
+            dq = _dot(ds, k, DTYPE, INTERPRET, FP32_IN) * sm_scale
             tl.store(DQ + dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                      mask=tile_mask)
     dk = dk * sm_scale
     n_mask = (offs_n < n_k)[:, None] & d_valid[None, :]
-    dk_ptrs = DK + b * stride_dkb + h * stride_dkh + (seq_start + rows[:, None]) * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h * stride_dvh + (seq_start + rows[:, None]) * stride_dvn + offs_d[None, :]
+    DK += b * stride_dkb + h * stride_dkh + seq_start * stride_dkn
+    DV += b * stride_dvb + h * stride_dvh + seq_start * stride_dvn
+    dk_ptrs = DK + rows[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + rows[:, None] * stride_dvn + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_mask)
 
@@ -279,7 +290,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, KIDX, KMASK, N_Q, N_K, 
                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                         stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        VARLEN: tl.constexpr, KEY_MODE: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+                        VARLEN: tl.constexpr, KEY_MODE: tl.constexpr, INTERPRET: tl.constexpr, FP32_IN: tl.constexpr):
     """dQ of one query block, accumulated over every key block."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
     start_m = tl.program_id(0) * BLOCK_M
@@ -305,13 +316,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, KIDX, KMASK, N_Q, N_K, 
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v, rows, visible = _load_key_block(K, V, KIDX, KMASK, k_base, v_base, b * stride_ib, b * stride_mb,
                                               offs_n, n_k, stride_kn, stride_vn, offs_d, d_valid, KEY_MODE)
-        p = _bwd_scores(q, k, lse2, visible, qk_scale, DTYPE, INTERPRET, IEEE)
-        dp = _dot(do, tl.trans(v), DTYPE, INTERPRET, IEEE)
+        p = _bwd_scores(q, k, lse2, visible, qk_scale, DTYPE, INTERPRET, FP32_IN)
+        dp = _dot(do, tl.trans(v), DTYPE, INTERPRET, FP32_IN)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds, k, DTYPE, INTERPRET, IEEE)
+        dq += _dot(ds, k, DTYPE, INTERPRET, FP32_IN)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=tile_mask)
+    DQ += b * stride_dqb + h * stride_dqh + seq_start * stride_dqn
+    tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,14 +344,39 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return lse.stride(0), lse.stride(1), lse.stride(2)
 
 
-def _blocks(head_dim: int, max_q: int, max_k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for short sequences."""
+def _blocks(head_dim: int, max_q: int, max_k: int, fp32: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for short sequences.
+
+    Chosen by compiling for sm_80 and sm_90a (ptxas -v): no register spills for fp16/bf16 at the tested
+    head dims, shared memory under 100 KiB. fp32 inputs (3xTF32 dots, 4-byte tiles) get smaller
+    tiles, 8 warps and fewer pipeline stages.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
     # Short sequences: the whole key set in one block, so a row's softmax needs no rescaling.
-    block_n = max(16, min(triton.next_power_of_2(max_k), FUSED_BACKWARD_MAX_KEYS if block_d <= 64 else 64))
-    block_m = max(16, min(triton.next_power_of_2(max_q), 64))
-    num_warps = 4 if block_m * max(block_n, block_d) <= 64 * 64 else 8
-    return block_m, block_n, block_d, num_warps
+    max_block_n = FUSED_BACKWARD_MAX_KEYS if block_d <= 64 else 64
+    max_block_m = 64
+    if fp32:
+        max_block_n, max_block_m = (64, 32) if block_d <= 64 else (32, 32)
+    block_n = max(16, min(triton.next_power_of_2(max_k), max_block_n))
+    block_m = max(16, min(triton.next_power_of_2(max_q), max_block_m))
+    num_warps = 4 if block_m * max(block_n, block_d) <= 64 * 64 and not fp32 else 8
+    return block_m, block_n, block_d, num_warps, 2 if fp32 else 3
+
+
+def _bwd_blocks(head_dim: int, max_q: int, max_k: int, fp32: bool = False) -> dict[str, int]:
+    """Backward tiles, FA2-style: the dK/dV program holds a large key block and steps through queries in
+    small blocks; the dQ program holds a large query block and steps through keys in small blocks
+    (a small step keeps the (M, N) score, dP and dS tiles, next to two accumulators, out of spills)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _, key_block, _, _, num_stages = _blocks(head_dim, max_q, max_k, fp32)
+    step = 16 if fp32 or block_d > 64 else 32
+    query_block = 32 if fp32 else 64
+    return dict(
+        dkdv_m=max(16, min(triton.next_power_of_2(max_q), step)), dkdv_n=key_block,
+        dq_m=max(16, min(triton.next_power_of_2(max_q), query_block)),
+        dq_n=max(16, min(triton.next_power_of_2(max_k), step)),
+        block_d=block_d, num_warps=4 if block_d <= 64 and key_block <= 64 and not fp32 else 8, num_stages=num_stages,
+    )
 
 
 def _key_args(key_index: torch.Tensor | None, key_mask: torch.Tensor | None, dummy: torch.Tensor):
@@ -386,7 +422,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     lse = torch.empty((heads, q.shape[0]) if varlen else (batch, heads, n_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, block_d, num_warps = _blocks(head_dim, n_q, n_k)
+    block_m, block_n, block_d, num_warps, num_stages = _blocks(head_dim, n_q, n_k, q.dtype == torch.float32)
     n_q_blocks = triton.cdiv(n_q, block_m)
     hpp = heads_per_program or _heads_per_program(heads, batch, n_q_blocks, block_m, q.device)
     if heads % hpp:
@@ -399,8 +435,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         *_bhn_strides(q, varlen), *_bhn_strides(k, varlen), *_bhn_strides(v, varlen), *_bhn_strides(out, varlen),
         *_lse_strides(lse, varlen), stride_ib, stride_mb,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEADS_PER_PROGRAM=hpp,
-        VARLEN=varlen, KEY_MODE=key_mode, INTERPRET=_INTERPRET, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps,
+        VARLEN=varlen, KEY_MODE=key_mode, INTERPRET=_INTERPRET, FP32_IN=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
@@ -418,36 +454,36 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dv = alloc(v, memory_format=torch.contiguous_format)
     if q.numel() == 0 or k.numel() == 0 or n_k == 0:  # nothing to attend to: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
-    block_m, block_n, block_d, num_warps = _blocks(head_dim, n_q, n_k)
+    blocks = _bwd_blocks(head_dim, n_q, n_k, q.dtype == torch.float32)
     key_mode, kidx, stride_ib, kmask, stride_mb = _key_args(key_index, key_mask, lse)
     cu = cu_seqlens if varlen else lse
-    fused = n_k <= block_n and grad_lse is None
-    common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, VARLEN=varlen,
-                  INTERPRET=_INTERPRET, IEEE=q.dtype == torch.float32, num_warps=num_warps)
+    fused = n_k <= blocks["dkdv_n"] and grad_lse is None
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=blocks["block_d"], VARLEN=varlen, INTERPRET=_INTERPRET,
+                  FP32_IN=q.dtype == torch.float32, num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
     if fused:
         delta = lse  # unused
     else:
         delta = torch.empty_like(lse)
-        _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
+        _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, blocks["dq_m"]), batch * heads)](
             out, grad_out, delta, cu, n_q, heads, *_bhn_strides(out, varlen), *_bhn_strides(grad_out, varlen),
-            *_lse_strides(delta, varlen), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, VARLEN=varlen,
-            num_warps=num_warps,
+            *_lse_strides(delta, varlen), HEAD_DIM=head_dim, BLOCK_M=blocks["dq_m"], BLOCK_D=blocks["block_d"],
+            VARLEN=varlen, num_warps=4,
         )
         if grad_lse is not None:
             # d lse / d s_j = p_j: the extra term enters dS = P * (dP - delta) as -grad_lse in delta.
             delta -= grad_lse
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), batch * heads)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, blocks["dkdv_n"]), batch * heads)](
         q, k, v, out, grad_out, lse, delta, dq, dk, dv, cu, kidx, kmask, n_q, n_k, heads, scale, scale * LOG2E,
         *_bhn_strides(q, varlen), *_bhn_strides(k, varlen), *_bhn_strides(v, varlen), *_bhn_strides(out, varlen),
         *_bhn_strides(grad_out, varlen), *_bhn_strides(dq, varlen), *_bhn_strides(dk, varlen),
         *_bhn_strides(dv, varlen), *_lse_strides(lse, varlen), stride_ib, stride_mb,
-        KEY_MODE=key_mode, FUSED=fused, **common,
+        BLOCK_M=blocks["dkdv_m"], BLOCK_N=blocks["dkdv_n"], KEY_MODE=key_mode, FUSED=fused, **common,
     )
     if not fused:
-        _attn_bwd_dq_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["dq_m"]), batch * heads)](
             q, k, v, grad_out, lse, delta, dq, cu, kidx, kmask, n_q, n_k, heads, scale, scale * LOG2E,
             *_bhn_strides(q, varlen), *_bhn_strides(k, varlen), *_bhn_strides(v, varlen),
             *_bhn_strides(grad_out, varlen), *_bhn_strides(dq, varlen), *_lse_strides(lse, varlen),
-            stride_ib, stride_mb, KEY_MODE=key_mode, **common,
+            stride_ib, stride_mb, BLOCK_M=blocks["dq_m"], BLOCK_N=blocks["dq_n"], KEY_MODE=key_mode, **common,
         )
     return dq, dk, dv
