@@ -30,18 +30,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-# On meta every fastmim op must go through its registered op, whose fake implementation runs there
-# (a compiled CPU extension would otherwise be picked for a non-CUDA device); what each op costs on
-# the GPU is charged by costs/fastmim_ops.py whatever backend is installed.
-os.environ.setdefault("FASTMIM_NO_EXT", "1")
 
 import torch
 from torch import nn

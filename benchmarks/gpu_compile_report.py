@@ -42,8 +42,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not the interpreter's
-os.environ.setdefault("FASTMIM_NO_EXT", "1")  # the Triton path is captured, not the compiled extension
+if __name__ == "__main__":  # as a script only: importing this module must not change its importer's environment
+    os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not the interpreter's
+    os.environ.setdefault("FASTMIM_NO_EXT", "1")  # the Triton path is captured, not the compiled extension
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

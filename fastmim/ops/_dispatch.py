@@ -73,6 +73,8 @@ def backend_status(device: torch.device | str | None = None) -> dict[str, str | 
         triton_error = f"device type {device.type!r} is not supported"
     status["triton"] = triton_error
     csrc_error = _csrc_import_error()
+    if csrc_error is None and device.type not in ("cpu", "cuda"):
+        csrc_error = f"device type {device.type!r} is not supported"
     if csrc_error is None and device.type == "cuda":
         from fastmim.ops import _csrc
 
