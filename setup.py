@@ -10,6 +10,7 @@ it. Without it the package works: editable installs build it on first use throug
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -29,8 +30,7 @@ def _extension_build():
     if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
         _log("FASTMIM_NO_EXT=1: skipping the C++/CUDA extension")
         return [], {}
-    cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
-    if not cpp_sources:
+    if not (ROOT / "csrc").is_dir():
         return [], {}
     try:
         import torch
@@ -42,20 +42,17 @@ def _extension_build():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _log("no C++ compiler found: skipping the extension")
         return [], {}
-    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    cxx_flags = ["-O3", "-std=c++17"]
-    define_macros = [("WITH_CUDA", "1")] if with_cuda else []
+    # The sources and flags are those of the just-in-time build, kept in one place.
+    spec = importlib.util.spec_from_file_location("fastmim_csrc_build", ROOT / "fastmim" / "ops" / "_csrc.py")
+    csrc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(csrc)
+    with_cuda = csrc.cuda_buildable()
+    kwargs = csrc.extension_kwargs(with_cuda)
     if with_cuda:
-        # Honour TORCH_CUDA_ARCH_LIST when set; otherwise the GPUs fastmim targets.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        extension = cpp_extension.CUDAExtension(
-            "fastmim._C", cpp_sources + cuda_sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
-        )
+        extension = cpp_extension.CUDAExtension("fastmim._C", **kwargs)
     else:
-        extension = cpp_extension.CppExtension("fastmim._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
-    _log(f"building fastmim._C ({'CPU + CUDA' if with_cuda else 'CPU only'})")
+        extension = cpp_extension.CppExtension("fastmim._C", **kwargs)
+    _log(f"building fastmim._C ({'CPU + CUDA' if with_cuda else 'CPU only'}, torch {torch.__version__})")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [extension], {"build_ext": build_ext}
 
