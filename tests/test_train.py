@@ -303,10 +303,10 @@ def test_train_error_is_a_value_error():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path):
+def test_ddp_and_fsdp_two_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo), batch 4 each, against 1 process with batch 8: the
     same global batches, augmentations and masks, so the same losses and parameters up to
-    the order of the gradient all-reduce."""
+    the order of the gradient reduction."""
     import subprocess
     import sys
 
@@ -337,3 +337,21 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     moved = (pa["blocks.0.mlp.fc1.weight"] - initial).norm()
     assert moved > 100 * (pa["blocks.0.mlp.fc1.weight"] - pb["blocks.0.mlp.fc1.weight"]).norm()  # trained, alike
     assert json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]["world_size"] == 2
+
+    # FSDP2 (sharded parameters and optimizer state), stopped after 2 steps and resumed: its
+    # checkpoints hold the full states, so it continues to the same result.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastmim"]
+    fsdp_out = ["--output", str(tmp_path / "fsdp"), "--fsdp"]
+    first = subprocess.run([*launch, *common, "--batch-size", "4", "--stop-after", "2", *fsdp_out], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([*launch, "train", "--resume", "--no-progress", *fsdp_out], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    sharded = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(one, sharded, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    pf = _params(tmp_path / "fsdp" / "checkpoint.safetensors")
+    assert pf.keys() == pa.keys()
+    flat_f = torch.cat([pf[k].flatten() for k in pa])
+    assert (flat_a - flat_f).norm() / flat_a.norm() < 1e-4

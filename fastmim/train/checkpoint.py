@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "save_weights",
+    "save_weights_dict",
     "read_metadata",
     "load_weights",
     "save_state",
@@ -70,6 +71,15 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -
     under the key ``"fastmim"`` with ``format`` added."""
     meta = {"fastmim": json.dumps({"format": FORMAT, **metadata}, sort_keys=True)}
     atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=meta))
+
+
+def save_weights_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any]) -> None:
+    """:func:`save_weights` for a full state dict (e.g. gathered from FSDP shards)."""
+    from safetensors.torch import save_file
+
+    meta = {"fastmim": json.dumps({"format": FORMAT, **metadata}, sort_keys=True)}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -78,6 +78,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--compile", nargs="?", const="inductor", default=_S, metavar="BACKEND",
                    help="torch.compile the model (backend default: inductor)")
+    g.add_argument("--fsdp", action="store_true", default=_S,
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     g.add_argument("--log-every", type=int, default=_S, help=f"steps between metric records (default: {d.log_every})")
     g.add_argument("--ckpt-every", type=int, default=_S, help="steps between checkpoints (default: end only)")
     g.add_argument("--stop-after", type=int, default=_S, metavar="N",

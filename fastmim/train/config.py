@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int | None = None  # default: 0 on CPU, up to 8 per GPU
     compile: str | None = None  # a torch.compile backend ("inductor", "aot_eager", ...)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
     device: str = "auto"
     log_every: int = 10

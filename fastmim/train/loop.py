@@ -55,6 +55,7 @@ from fastmim.train.checkpoint import (
     load_weights,
     save_state,
     save_weights,
+    save_weights_dict,
 )
 from fastmim.train.config import (
     CONFIG_NAME,
@@ -306,28 +307,47 @@ class _Run:
 
         from timm.optim import param_groups_weight_decay
 
-        groups = param_groups_weight_decay(self.module, cfg.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=cfg.betas)
-
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if use_bf16 else "fp32"
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
         self.step, self.epoch, self.position = 0, 0, 0
         if self.state is not None:
-            self._restore()
+            self._restore_weights()
+        # The step-0 figure comes before sharding: FSDP must first run through the root's forward.
+        self.step0_panels = (self.reconstruct() if cfg.figures and self.state is None and self.info.is_main
+                             else None)
+        if cfg.fsdp:
+            self._shard()
+        groups = param_groups_weight_decay(self.module, cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=cfg.betas)
+        if self.state is not None:
+            self._restore_optimizer()
         self.model: nn.Module = self.module
-        if self.info.enabled:
+        if self.info.enabled and not cfg.fsdp:
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
             self.model = nn.parallel.DistributedDataParallel(self.module, **ddp_kwargs)
         if cfg.compile:
             self.model = torch.compile(self.model, backend=cfg.compile)
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.precision = "bf16" if use_bf16 else "fp32"
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
         if cfg.num_workers is not None:
             self.num_workers = cfg.num_workers
         else:
             self.num_workers = 0 if self.device.type == "cpu" else min(8, (os.cpu_count() or 1) // max(
                 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
-    def _restore(self) -> None:
+    def _shard(self) -> None:
+        """FSDP2: every block of every block list its own unit, then the root."""
+        if not self.info.enabled:
+            raise TrainError("--fsdp needs several processes (launch with torchrun --nproc_per_node=N)")
+        from torch.distributed.fsdp import fully_shard
+
+        for sub in list(self.module.modules()):
+            if isinstance(sub, nn.ModuleList):
+                for block in sub:
+                    if any(p.requires_grad for p in block.parameters()):
+                        fully_shard(block)
+        fully_shard(self.module)
+
+    def _restore_weights(self) -> None:
         state = self.state
         load_weights(self.module, self.out / CHECKPOINT_NAME, what=f"{self.cfg.method} {self.cfg.model}")
         from fastmim.train.checkpoint import read_metadata
@@ -336,9 +356,18 @@ class _Run:
         if weights_step != state["step"]:
             raise CheckpointError(f"{self.out / CHECKPOINT_NAME} is from step {weights_step} but {STATE_NAME} "
                                   f"from step {state['step']}: the pair is inconsistent")
+
+    def _restore_optimizer(self) -> None:
+        state = self.state
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
+            if self.cfg.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"optimizer state in {self.out / STATE_NAME} does not fit the model "
                                   f"({exc})") from None
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
@@ -389,12 +418,27 @@ class _Run:
             gathered: list[Any] = [None] * self.info.world_size
             torch.distributed.all_gather_object(gathered, rng)
             rng = gathered
+        if self.cfg.fsdp:  # collectives: every rank gathers the full (unsharded) states, rank 0 writes them
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.module, options=options)
+            optimizer_state = get_optimizer_state_dict(self.module, self.optimizer, options=options)
+        else:
+            weights, optimizer_state = None, self.optimizer.state_dict()
         if not self.info.is_main:
             return
-        save_weights(self.module, self.out / CHECKPOINT_NAME, self.metadata())
+        if weights is not None:
+            save_weights_dict(weights, self.out / CHECKPOINT_NAME, self.metadata())
+        else:
+            save_weights(self.module, self.out / CHECKPOINT_NAME, self.metadata())
         save_state(self.out / STATE_NAME, {
             "step": self.step, "epoch": self.epoch, "position": self.position, "max_steps": self.max_steps,
-            "optimizer": self.optimizer.state_dict(), "scheduler": {"kind": "cosine", "lr": self.lr,
+            "optimizer": optimizer_state, "scheduler": {"kind": "cosine", "lr": self.lr,
                                                                    "warmup_steps": self.warmup, "step": self.step},
             "rng": rng, "config": self.cfg.to_json(), "world_size": self.info.world_size,
             "fastmim_version": fastmim.__version__})
@@ -409,24 +453,35 @@ class _Run:
         indices = np.linspace(0, len(test) - 1, n).round().astype(int).tolist()  # spread over the classes
         return torch.stack([test[i]["views"][0] for i in indices])
 
-    def figure(self, name: str) -> None:
+    def reconstruct(self) -> list[torch.Tensor] | None:
+        """Panels of the fixed held-out images at the current weights (``None`` without a pixel
+        decoder). Under FSDP every rank must call it (the root's parameters are gathered)."""
         imgs = self._figure_images().to(self.device)
         num_patches = (self.image_size // self.patch_size) ** 2
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0xF16))
         noise = torch.rand(imgs.shape[0], num_patches, generator=generator).to(self.device)
         was_training = self.module.training
+        sharded = hasattr(self.module, "unshard")
         self.module.eval()
+        if sharded:
+            self.module.unshard()  # reconstruct() calls the root's methods, not its forward
         try:
             with torch.no_grad(), self.autocast:
                 out = self.adapter.reconstruct(self.module, imgs, self.mask_ratio, noise)
         finally:
+            if sharded:
+                self.module.reshard()
             self.module.train(was_training)
         if out is None:
-            return
+            return None
         recon, mask = out
-        panels = reconstruction_panels(imgs.float().cpu(), recon.float().cpu(), mask.float().cpu(), self.patch_size,
-                                       self.source.mean, self.source.std)
-        title = (f"{self.cfg.method} {self.cfg.model} step {self.step}/{self.max_steps}, "
+        return reconstruction_panels(imgs.float().cpu(), recon.float().cpu(), mask.float().cpu(), self.patch_size,
+                                     self.source.mean, self.source.std)
+
+    def plot(self, panels: list[torch.Tensor] | None, name: str, step: int) -> None:
+        if panels is None:
+            return
+        title = (f"{self.cfg.method} {self.cfg.model} step {step}/{self.max_steps}, "
                  f"mask ratio {self.mask_ratio:g} (held-out images)")
         if getattr(self.module, "norm_pix_loss", False):
             title += "\nnormalised-pixel target: shown with each patch's own mean/std"
@@ -461,8 +516,8 @@ class _Run:
             elif (self.out / METRICS_NAME).exists():
                 (self.out / METRICS_NAME).unlink()
             self._print_header()
-            if cfg.figures and self.state is None:
-                self.figure("reconstruction_step0.png")
+        if info.is_main and self.step0_panels is not None:
+            self.plot(self.step0_panels, "reconstruction_step0.png", 0)
 
         stop_at = self.max_steps if cfg.stop_after is None else min(self.max_steps, self.step + cfg.stop_after)
         batches = self._batches()
@@ -482,7 +537,9 @@ class _Run:
                 for micro in range(cfg.accum_steps):
                     batch = self._to_device(next(batches))
                     sync = micro == cfg.accum_steps - 1 or not info.enabled
-                    with (nullcontext() if sync else self.model.no_sync()), self.autocast:
+                    if cfg.fsdp:
+                        self.module.set_requires_gradient_sync(sync)
+                    with (nullcontext() if sync or cfg.fsdp else self.model.no_sync()), self.autocast:
                         out = self.adapter.loss(self.model, batch, self._ctx(micro))
                     loss = out["loss"]
                     (loss / cfg.accum_steps).backward()
@@ -523,9 +580,11 @@ class _Run:
         if self.step > self.saved_step:
             self.save()
         finished = self.step >= self.max_steps
+        if cfg.figures and (info.is_main or cfg.fsdp):
+            panels = self.reconstruct()  # every rank under FSDP: it gathers the parameters
+            if info.is_main:
+                self._final_figures(panels)
         if info.is_main:
-            if cfg.figures:
-                self._final_figures()
             self.files["metrics"] = self.out / METRICS_NAME
             self.files["config"] = self.out / CONFIG_NAME
             seconds = time.perf_counter() - start_time
@@ -553,13 +612,13 @@ class _Run:
 
         return signal.signal(signal.SIGINT, handler)
 
-    def _final_figures(self) -> None:
+    def _final_figures(self, panels: list[torch.Tensor] | None) -> None:
         records = read_metrics(self.out / METRICS_NAME)
         if records:
             plot_loss(records, self.out / "loss.png",
                       f"{self.cfg.method} {self.cfg.model} on {self.source.name}, global batch {self.global_batch}")
             self.files["loss"] = self.out / "loss.png"
-        self.figure("reconstruction.png")
+        self.plot(panels, "reconstruction.png", self.step)
 
     def _log(self, window_loss, window_parts, window_steps, window_start, lr, progress) -> float:
         info = self.info
