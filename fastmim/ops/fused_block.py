@@ -1,0 +1,329 @@
+"""Fused steps of the ViT block: LayerNorm, residual add + LayerNorm, bias + GELU.
+
+A pre-norm ViT block spends its non-GEMM memory traffic on LayerNorm, the residual adds and
+GELU. These ops do each step in one pass over the activations, forward and backward:
+
+- :func:`layer_norm`: LayerNorm over the last dim, statistics in fp32. Saves only its input
+  (which the residual stream keeps alive anyway) and the per-row ``mean``/``rstd``; backward
+  writes ``dx`` and reduces ``dweight``/``dbias`` from per-program partial sums in a fixed
+  order (deterministic).
+- :func:`add_layer_norm`: ``s = x + residual`` and ``layer_norm(s)`` in one pass, returning
+  both; its backward adds the gradient of ``s`` into ``dx`` in the same pass.
+- :func:`bias_gelu`: ``gelu(x + bias)`` (exact erf GELU, timm's default ``nn.GELU``) on the
+  output of a bias-free ``fc1`` matmul. Saves only ``x``: backward recomputes ``x + bias`` and
+  the GELU derivative, and reduces ``dbias`` in the same pass as ``dx``.
+
+Dtypes: ``x`` (and ``residual``) float16/bfloat16/float32 on the Triton path (float64 takes
+the reference); the affine parameters may have another float dtype (fp32 master weights under
+autocast); outputs have the dtype of ``x`` (of ``x + residual`` by type promotion), parameter
+gradients the dtype of the parameter. Inputs are made contiguous once (``.contiguous()``: no
+copy for a block's activations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmim.ops._dispatch import select_backend
+
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "bias_gelu", "bias_gelu_reference", "layer_norm",
+           "layer_norm_reference"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("reference", "triton")
+_MAX_LN_COLS = 8192  # the Triton LayerNorm keeps a whole row in registers
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# References (the spec)
+# --------------------------------------------------------------------------------------------
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                         ) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim (biased variance), computed
+    in fp32 (fp64 for fp64 inputs), returned in the dtype of ``x``."""
+    acc = _acc_dtype(x, weight, bias)
+    xf = x.to(acc)
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = ((xf - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.to(acc) + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, layer_norm_reference(s))`` with ``s = x + residual`` (PyTorch type promotion)."""
+    s = x + residual
+    return s, layer_norm_reference(s, weight, bias, eps)
+
+
+def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``h * Phi(h)`` with ``h = x + bias`` (bias over the last dim) and ``Phi`` the normal CDF
+    (exact erf GELU), computed in fp32 (fp64 for fp64 inputs), returned in the dtype of ``x``."""
+    acc = _acc_dtype(x, bias)
+    h = x.to(acc) + bias.to(acc)
+    return (0.5 * h * (1.0 + torch.erf(h * 0.5**0.5))).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_vector(t, name: str, x: torch.Tensor) -> None:
+    _check_tensor(t, name)
+    if t.shape != (x.shape[-1],):
+        raise ValueError(f"{name} must have shape ({x.shape[-1]},) (the last dim of x), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def _check_x(x, name: str = "x") -> None:
+    _check_tensor(x, name)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one dim with a non-empty last dim, got shape {tuple(x.shape)}")
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    return float(eps)
+
+
+def _check_layer_norm(x, weight, bias, eps) -> float:
+    _check_x(x)
+    _check_vector(weight, "weight", x)
+    _check_vector(bias, "bias", x)
+    return _check_eps(eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+def _ln_backend(x: torch.Tensor, *params: torch.Tensor) -> str:
+    backend = select_backend("layer_norm", x.device, implemented=_BACKENDS)
+    ok = x.dtype in _TRITON_DTYPES and all(p.dtype in _TRITON_DTYPES for p in params)
+    return "triton" if backend == "triton" and ok and x.shape[-1] <= _MAX_LN_COLS else "reference"
+
+
+def _reference_stats(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    sf = s.to(_acc_dtype(s))
+    var, mean = torch.var_mean(sf, dim=-1, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _reference_ln_backward(grad_y, s, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype):
+    acc = mean.dtype
+    dy = grad_y.to(acc)
+    xhat = (s.to(acc) - mean[..., None]) * rstd[..., None]
+    wdy = dy * weight.to(acc)
+    c1 = (xhat * wdy).mean(dim=-1, keepdim=True)
+    c2 = wdy.mean(dim=-1, keepdim=True)
+    dx = (wdy - (xhat * c1 + c2)) * rstd[..., None]
+    if grad_sum is not None:
+        dx = dx + grad_sum.to(acc)
+    rows = tuple(range(dy.dim() - 1))
+    return dx.to(s.dtype), (dy * xhat).sum(dim=rows).to(weight_dtype), dy.sum(dim=rows).to(bias_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastmim::layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _ln_backend(x, weight, bias) == "triton":
+        from fastmim.kernels import fused_block as kernels
+
+        _, y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps)
+        return y, mean, rstd
+    mean, rstd = _reference_stats(x, eps)
+    return layer_norm_reference(x, weight, bias, eps).contiguous(), mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = x.new_empty(x.shape[:-1], dtype=stats_dtype)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastmim::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    if _ln_backend(x, residual, weight, bias) == "triton":
+        from fastmim.kernels import fused_block as kernels
+
+        return kernels.layer_norm_forward(x, weight, bias, eps, residual=residual, sum_dtype=sum_dtype)
+    s, y = add_layer_norm_reference(x, residual, weight, bias, eps)
+    mean, rstd = _reference_stats(s, eps)
+    return s.contiguous(), y.contiguous(), mean, rstd
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    stats_dtype = torch.float64 if sum_dtype == torch.float64 else torch.float32
+    stats = x.new_empty(x.shape[:-1], dtype=stats_dtype)
+    return x.new_empty(x.shape, dtype=sum_dtype), x.new_empty(x.shape, dtype=sum_dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastmim::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                            rstd: torch.Tensor, grad_sum: torch.Tensor | None, weight_dtype: torch.dtype,
+                            bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``; ``dx`` includes ``grad_sum`` (the gradient reaching ``x`` directly)."""
+    if _ln_backend(x, weight) == "triton" and grad_y.dtype in _TRITON_DTYPES:
+        from fastmim.kernels import fused_block as kernels
+
+        return kernels.layer_norm_backward(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype)
+    dx, dw, db = _reference_ln_backward(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype)
+    return dx.contiguous(), dw, db
+
+
+@_layer_norm_backward_op.register_fake
+def _(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype):
+    c = x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((c,), dtype=weight_dtype), x.new_empty((c,), dtype=bias_dtype)
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype
+
+
+def _ln_backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fastmim.layer_norm_backward(grad_y, x, weight, mean, rstd, None, weight.dtype,
+                                                       ctx.bias_dtype)
+    return dx, dw, db, None
+
+
+def _add_ln_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _ = inputs
+    s, y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.dtypes = (x.dtype, residual.dtype, bias.dtype)
+
+
+def _add_ln_backward(ctx, grad_s, grad_y, grad_mean, grad_rstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    x_dtype, residual_dtype, bias_dtype = ctx.dtypes
+    ds, dw, db = torch.ops.fastmim.layer_norm_backward(grad_y, s, weight, mean, rstd, grad_s, weight.dtype,
+                                                       bias_dtype)
+    return ds.to(x_dtype), ds.to(residual_dtype), dw, db, None
+
+
+torch.library.register_autograd("fastmim::layer_norm", _ln_backward, setup_context=_ln_setup_context)
+torch.library.register_autograd("fastmim::add_layer_norm", _add_ln_backward, setup_context=_add_ln_setup_context)
+
+
+def _gelu_backend(x: torch.Tensor, bias: torch.Tensor) -> str:
+    backend = select_backend("bias_gelu", x.device, implemented=_BACKENDS)
+    ok = x.dtype in _TRITON_DTYPES and bias.dtype in _TRITON_DTYPES
+    return "triton" if backend == "triton" and ok else "reference"
+
+
+@torch.library.custom_op("fastmim::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if _gelu_backend(x, bias) == "triton":
+        from fastmim.kernels import fused_block as kernels
+
+        return kernels.bias_gelu_forward(x, bias)
+    return bias_gelu_reference(x, bias).contiguous()
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastmim::bias_gelu_backward", mutates_args=())
+def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    if _gelu_backend(x, bias) == "triton" and grad_y.dtype in _TRITON_DTYPES:
+        from fastmim.kernels import fused_block as kernels
+
+        return kernels.bias_gelu_backward(grad_y, x, bias)
+    acc = _acc_dtype(x, bias)
+    h = x.to(acc) + bias.to(acc)
+    cdf = 0.5 * (1.0 + torch.erf(h * 0.5**0.5))
+    pdf = torch.exp(-0.5 * h * h) * (2.0 * torch.pi) ** -0.5
+    dx = grad_y.to(acc) * (cdf + h * pdf)
+    return dx.to(x.dtype).contiguous(), dx.sum(dim=tuple(range(dx.dim() - 1))).to(bias.dtype)
+
+
+@_bias_gelu_backward_op.register_fake
+def _(grad_y, x, bias):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+
+
+def _gelu_setup_context(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _gelu_backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    return torch.ops.fastmim.bias_gelu_backward(grad_y, x, bias)
+
+
+torch.library.register_autograd("fastmim::bias_gelu", _gelu_backward, setup_context=_gelu_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops
+# --------------------------------------------------------------------------------------------
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x (..., C)`` with affine ``weight``, ``bias`` ``(C,)``.
+
+    Same result as ``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)``; see
+    :func:`layer_norm_reference`. Saves ``x`` and per-row fp32 ``mean``/``rstd`` for backward.
+    """
+    eps = _check_layer_norm(x, weight, bias, eps)
+    return torch.ops.fastmim.layer_norm(x, weight, bias, eps)[0]
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, layer_norm(s))`` with ``s = x + residual``, in one pass: a block's residual add and the
+    LayerNorm after it. ``x`` and ``residual`` ``(..., C)`` of the same shape; ``s`` has their
+    promoted dtype. Saves ``s`` (which the residual stream keeps anyway) and ``mean``/``rstd``."""
+    eps = _check_layer_norm(x, weight, bias, eps)
+    _check_x(residual, "residual")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.device != x.device:
+        raise ValueError(f"residual must be on the device of x ({x.device}), got {residual.device}")
+    s, y, _, _ = torch.ops.fastmim.add_layer_norm(x, residual, weight, bias, eps)
+    return s, y
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu(x + bias)`` (exact erf GELU) with ``bias (C,)`` over the last dim of ``x (..., C)``.
+
+    For ``fc1`` run as a matmul without bias: ``bias_gelu(x @ fc1.weight.T, fc1.bias)`` equals
+    ``gelu(fc1(x))`` and saves only the matmul output for backward. See :func:`bias_gelu_reference`.
+    """
+    _check_x(x)
+    _check_vector(bias, "bias", x)
+    return torch.ops.fastmim.bias_gelu(x, bias)
