@@ -15,12 +15,15 @@ accumulation, the log-sum-exp ``lse`` (natural log, fp32) saved for the backward
 key set is empty gets output 0 and ``lse = -inf``; its gradients are 0.
 
 Backward (the FA2 scheme, no atomics): ``delta = rowsum(dO * O)`` (a small preprocessing
-kernel), then one program per key block accumulates ``dK``/``dV`` over all query blocks and a
-second kernel, one program per query block, accumulates ``dQ``. When the whole key set fits in
-one block (``Nk <= 128`` for head dims up to 64, ``<= 64`` above: the MAE encoder and
-varlen cases) a single fused kernel does all three:
-with one key block, each query block's ``dQ`` is complete after one step, so it is stored at once,
-and ``delta`` is computed in the same pass.
+kernel), then one program per key block accumulates ``dK``/``dV`` stepping through the query
+blocks, and a second kernel, one program per query block, accumulates ``dQ`` stepping through the
+key blocks. When the whole key set fits in one key block (bf16/fp16: ``Nk <= 128`` for head dims
+up to 64, ``<= 64`` above; the MAE encoder and short varlen sequences) and no gradient reaches the
+lse, one fused kernel does all three: with a single key block each query block's ``dQ`` is complete
+after one step, so it is stored at once, and ``delta`` is computed in the same pass.
+
+Short sequences: one query block covers a whole MAE encoder sequence, and a forward program may
+cover several heads of the same sample (``HEADS_PER_PROGRAM``, on CUDA when programs are plentiful).
 
 fp32 inputs take 3xTF32 dots (``input_precision="tf32x3"``: tensor cores, close to fp32 accuracy).
 Block sizes and warps were chosen by compiling for sm_90a and sm_80 and reading ``ptxas -v``: no
