@@ -227,3 +227,39 @@ def test_bad_inputs_raise_clear_errors(call, error, match):
 
 def test_tolerances_are_the_shared_ones():
     assert TOLERANCES[torch.bfloat16] > TOLERANCES[torch.float16] > TOLERANCES[torch.float32]
+
+
+# --------------------------------------------------------------------------------------------
+# The ViT block on these ops
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_block_is_the_timm_block(backend):
+    from functools import partial
+
+    from fastmim.models.vit import Block, FusedBlock
+
+    if backend == "triton" and "cpu" not in DEVICES and not torch.cuda.is_available():
+        pytest.skip("no device for the Triton kernels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    plain = Block(32, 2, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), attn_backend="sdpa")
+    fused = FusedBlock(32, 2, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), attn_backend="sdpa")
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():  # non-trivial affine parameters, so a swapped weight or bias shows
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused.load_state_dict(plain.state_dict())
+    plain, fused = plain.to(device), fused.to(device)
+    x = torch.randn(2, 9, 32, device=device)
+    grad = torch.randn(2, 9, 32, device=device)
+    xp, xf = _leaf(x), _leaf(x)
+    ref = plain(xp)
+    ref.backward(grad)
+    with use_backend(backend):
+        out = fused(xf)
+        out.backward(grad)
+    assert_rel_close(out, ref, torch.float32, name="block output")
+    assert_rel_close(xf.grad, xp.grad, torch.float32, name="dx")
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        assert_rel_close(p.grad, q.grad, tol=1e-4, name=f"grad {name}")  # fp32 sums in another order

@@ -125,6 +125,44 @@ class Block(TimmBlock):
         return x
 
 
+class FusedBlock(Block):
+    """:class:`Block` whose memory-bound steps run as fastmim's ``fused_block`` ops.
+
+    Same parameters and names as timm's block (``norm1``, ``attn``, ``norm2``, ``mlp.fc1``,
+    ``mlp.fc2``: the state dict does not change) and the same function::
+
+        h = layer_norm(x, norm1)                    # fastmim layer_norm
+        x, h = add_layer_norm(x, attn(h), norm2)    # residual add + LayerNorm in one pass
+        x = x + fc2(bias_gelu(h @ fc1.weight.T, fc1.bias))
+
+    ``fc1`` runs as a matmul without bias and the bias goes into the GELU kernel, whose
+    backward recomputes the activation from the matmul output (the only tensor it saves) and
+    reduces the bias gradient in the same pass. A block whose norms are not affine
+    ``nn.LayerNorm`` or whose activation is not the exact ``nn.GELU`` runs timm's steps.
+    """
+
+    def _fusable(self) -> bool:
+        mlp = self.mlp
+        norms_ok = all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
+                       and len(n.normalized_shape) == 1 for n in (self.norm1, self.norm2))
+        act_ok = isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.act.approximate == "none"
+        return norms_ok and act_ok and getattr(mlp, "fc1", None) is not None and mlp.fc1.bias is not None
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                ) -> torch.Tensor:
+        if not self._fusable():
+            return super().forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        from fastmim.ops.fused_block import add_layer_norm, bias_gelu, layer_norm
+
+        norm1, norm2, mlp = self.norm1, self.norm2, self.mlp
+        h = layer_norm(x, norm1.weight, norm1.bias, norm1.eps)
+        branch = self.drop_path1(self.ls1(self.attn(h, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)))
+        x, h = add_layer_norm(x, branch, norm2.weight, norm2.bias, norm2.eps)
+        h = bias_gelu(nn.functional.linear(h, mlp.fc1.weight), mlp.fc1.bias)
+        h = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))
+        return x + self.drop_path2(self.ls2(h))
+
+
 def set_attn_backend(module: nn.Module, backend: str | None) -> None:
     """Set the attention backend of every :class:`Attention` inside ``module``."""
     _check_backend(backend)

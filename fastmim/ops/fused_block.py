@@ -118,6 +118,13 @@ def _ln_backend(x: torch.Tensor, *params: torch.Tensor) -> str:
     return "triton" if backend == "triton" and ok and x.shape[-1] <= _MAX_LN_COLS else "reference"
 
 
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    """The reference backend runs PyTorch's own LayerNorm/GELU kernels (the unfused block's, so the
+    fused model on CPU matches the unfused one to the last bit where it can) when every tensor
+    has one dtype, float32 or float64; mixed or low-precision dtypes take the fp32 formulas."""
+    return tensors[0].dtype in (torch.float32, torch.float64) and all(t.dtype == tensors[0].dtype for t in tensors)
+
+
 def _reference_stats(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     sf = s.to(_acc_dtype(s))
     var, mean = torch.var_mean(sf, dim=-1, correction=0)
@@ -150,6 +157,9 @@ def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 
         _, y, mean, rstd = kernels.layer_norm_forward(x, weight, bias, eps)
         return y, mean, rstd
+    if _native_ok(x, weight, bias):
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return y, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
     mean, rstd = _reference_stats(x, eps)
     return layer_norm_reference(x, weight, bias, eps).contiguous(), mean, rstd
 
@@ -169,7 +179,11 @@ def _add_layer_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         from fastmim.kernels import fused_block as kernels
 
         return kernels.layer_norm_forward(x, weight, bias, eps, residual=residual, sum_dtype=sum_dtype)
-    s, y = add_layer_norm_reference(x, residual, weight, bias, eps)
+    s = x + residual
+    if _native_ok(s, weight, bias):
+        y, mean, rstd = torch.native_layer_norm(s, (s.shape[-1],), weight, bias, eps)
+        return s, y, mean.view(s.shape[:-1]), rstd.view(s.shape[:-1])
+    y = layer_norm_reference(s, weight, bias, eps)
     mean, rstd = _reference_stats(s, eps)
     return s.contiguous(), y.contiguous(), mean, rstd
 
@@ -191,6 +205,11 @@ def _layer_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
         from fastmim.kernels import fused_block as kernels
 
         return kernels.layer_norm_backward(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype)
+    if _native_ok(x, weight, grad_y) and weight_dtype == bias_dtype == x.dtype and mean.dtype == x.dtype:
+        stats = x.shape[:-1] + (1,)
+        dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+            grad_y, x, [x.shape[-1]], mean.view(stats), rstd.view(stats), weight, None, [True, True, False])
+        return (dx if grad_sum is None else dx + grad_sum), dw, grad_y.sum(dim=tuple(range(x.dim() - 1)))
     dx, dw, db = _reference_ln_backward(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype)
     return dx.contiguous(), dw, db
 
@@ -248,6 +267,8 @@ def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         from fastmim.kernels import fused_block as kernels
 
         return kernels.bias_gelu_forward(x, bias)
+    if _native_ok(x, bias):
+        return torch.nn.functional.gelu(x + bias)
     return bias_gelu_reference(x, bias).contiguous()
 
 
@@ -263,12 +284,16 @@ def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Te
         from fastmim.kernels import fused_block as kernels
 
         return kernels.bias_gelu_backward(grad_y, x, bias)
+    rows = tuple(range(x.dim() - 1))
+    if _native_ok(x, bias, grad_y):
+        dx = torch.ops.aten.gelu_backward(grad_y, x + bias)
+        return dx, dx.sum(dim=rows)
     acc = _acc_dtype(x, bias)
     h = x.to(acc) + bias.to(acc)
     cdf = 0.5 * (1.0 + torch.erf(h * 0.5**0.5))
     pdf = torch.exp(-0.5 * h * h) * (2.0 * torch.pi) ** -0.5
     dx = grad_y.to(acc) * (cdf + h * pdf)
-    return dx.to(x.dtype).contiguous(), dx.sum(dim=tuple(range(dx.dim() - 1))).to(bias.dtype)
+    return dx.to(x.dtype).contiguous(), dx.sum(dim=rows).to(bias.dtype)
 
 
 @_bias_gelu_backward_op.register_fake
