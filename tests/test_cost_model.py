@@ -268,8 +268,32 @@ def _call_visible_attention(n=K + 1):
     return visible_attention(q, k, v), [q, k, v]
 
 
+def _call_layer_norm():
+    from fastmim.ops import layer_norm
+
+    x, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((B, K + 1, D), (D,), (D,)))
+    return layer_norm(x, w, b, 1e-6), [x, w, b]
+
+
+def _call_add_layer_norm():
+    from fastmim.ops import add_layer_norm
+
+    x, r, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((B, K + 1, D), (B, K + 1, D), (D,), (D,)))
+    s, y = add_layer_norm(x, r, w, b, 1e-6)
+    return 2 * s + y, [x, r, w, b]  # both outputs reach the loss with their own gradients, as in the block
+
+
+def _call_bias_gelu():
+    from fastmim.ops import bias_gelu
+
+    x, b = torch.randn(B, K + 1, 4 * D, requires_grad=True), torch.randn(4 * D, requires_grad=True)
+    return bias_gelu(x, b), [x, b]
+
+
 # Small operands every program reads (a seed, a position table, a token, a scalar).
 SHARED = {"seed_ptr", "pos_ptr", "cls_ptr", "mask_token_ptr", "weight_sum_ptr", "grad_output_ptr"}
+# The affine parameters and the bias every row program of a fused_block kernel reads.
+FUSED_BLOCK = {"W", "B"}
 # Flash attention re-reads a head's K and V for each query block (and, in backward, its Q, dO, lse
 # and delta for each key block): one head's slice is at most N x D = 256 x 128 elements, in L2 while
 # that head's blocks run, so its HBM traffic is the distinct bytes.
@@ -282,6 +306,9 @@ KERNEL_CASES = {
     "masked_patch_mse_masked_only": (_call_masked_patch_mse_masked_only, SHARED),
     "visible_attention": (_call_visible_attention, FLASH),
     "visible_attention_model_layout": (_call_visible_attention_model_layout, FLASH),
+    "layer_norm": (_call_layer_norm, FUSED_BLOCK),
+    "add_layer_norm": (_call_add_layer_norm, FUSED_BLOCK),
+    "bias_gelu": (_call_bias_gelu, FUSED_BLOCK),
     # keys over one block: three backward kernels
     "visible_attention_long": (lambda: _call_visible_attention(n=150), FLASH),
 }

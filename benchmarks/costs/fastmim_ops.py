@@ -148,6 +148,38 @@ def _flash_backward_bytes(args, kwargs, out):
             + (dq_accum + _nbytes(dq)))
 
 
+# ----------------------------------------------------------------------------- fused block
+def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
+    return x.numel() // max(1, x.shape[-1]), x.shape[-1]
+
+
+def _layer_norm_backward_bytes(args, kwargs, out):
+    """Each operand once (weight from cache after the first program), plus the per-program fp32
+    partial sums of dweight and dbias the kernel writes. Their reduction (one ``torch.sum`` each,
+    charged as launches) re-reads those partials: 2 x programs x C x 4 bytes, at most 1.6 MB a
+    call at C = 768, left out of the bytes (well under 1% of the call)."""
+    x = args[1]
+    rows, cols = _rows_cols(x)
+    try:
+        from fastmim.kernels.fused_block import layer_norm_backward_programs
+    except ImportError:  # triton missing: the launcher's rule
+        def layer_norm_backward_programs(n):
+            return max(1, min(n, 256))
+    return cm.op_bytes_generic(args, kwargs, out, "layer_norm_backward") + 2 * layer_norm_backward_programs(
+        rows) * cols * 4
+
+
+def _bias_gelu_backward_bytes(args, kwargs, out):
+    """Each operand once, plus the per-row-program fp32 partial sums of dbias (see above)."""
+    x = args[1]
+    rows, cols = _rows_cols(x)
+    try:
+        from fastmim.kernels.fused_block import bias_gelu_blocks
+    except ImportError:
+        return cm.op_bytes_generic(args, kwargs, out, "bias_gelu_backward")
+    return cm.op_bytes_generic(args, kwargs, out, "bias_gelu_backward") + bias_gelu_blocks(rows, cols)[2] * cols * 4
+
+
 cm.BYTE_FORMULAS["fastmim::visible_attention_backward"] = _attention_backward_bytes
 cm.BYTE_FORMULAS["aten::_scaled_dot_product_flash_attention_backward"] = _flash_backward_bytes
 cm.BYTE_FORMULAS["fastmim::gather_visible"] = _gather_visible_bytes
@@ -158,3 +190,7 @@ cm.LAUNCH_FORMULAS["fastmim::masked_patch_mse"] = _masked_patch_mse_launches
 cm.FLOP_FORMULAS["fastmim::visible_attention"] = _attention_flops
 cm.FLOP_FORMULAS["fastmim::visible_attention_backward"] = _attention_backward_flops
 cm.LAUNCH_FORMULAS["fastmim::visible_attention_backward"] = _attention_backward_launches
+cm.BYTE_FORMULAS["fastmim::layer_norm_backward"] = _layer_norm_backward_bytes
+cm.LAUNCH_FORMULAS["fastmim::layer_norm_backward"] = lambda args, kwargs, out: 3  # kernel, dweight sum, dbias sum
+cm.BYTE_FORMULAS["fastmim::bias_gelu_backward"] = _bias_gelu_backward_bytes
+cm.LAUNCH_FORMULAS["fastmim::bias_gelu_backward"] = lambda args, kwargs, out: 2  # kernel, dbias sum

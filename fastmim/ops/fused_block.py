@@ -246,6 +246,8 @@ def _add_ln_setup_context(ctx, inputs, output):
 def _add_ln_backward(ctx, grad_s, grad_y, grad_mean, grad_rstd):
     s, weight, mean, rstd = ctx.saved_tensors
     x_dtype, residual_dtype, bias_dtype = ctx.dtypes
+    if grad_y is None:  # only the sum was used
+        grad_y = torch.zeros_like(s)
     ds, dw, db = torch.ops.fastmim.layer_norm_backward(grad_y, s, weight, mean, rstd, grad_s, weight.dtype,
                                                        bias_dtype)
     return ds.to(x_dtype), ds.to(residual_dtype), dw, db, None
