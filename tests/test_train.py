@@ -259,11 +259,15 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "unknown method 'maee'" in _cli_error(capsys, ["train", "--method", "maee", *out])
     assert "unknown preset 'vit_tiny_patch4_33'" in _cli_error(capsys, ["train", "--model", "vit_tiny_patch4_33", *out])
     assert "must be in (0, 1)" in _cli_error(capsys, ["train", "--mask-ratio", "1.5", *out])
+    # A model's own validation (LUT's disjoint views need half the patches masked) is one line too.
+    assert "mask_ratio" in _cli_error(capsys, ["train", "--method", "lut", "--mask-ratio", "0.3", "--batch-size", "2",
+                                               "--output", str(tmp_path / "lut"), "--max-steps", "1", "--no-progress",
+                                               "--no-figures", *TINY_ARGS])
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     msg = _cli_error(capsys, ["train", *out[2:], "--output", str(blocker / "run")])
     assert "not writable" in msg or "not a folder" in msg
-    assert not (tmp_path / "run").exists()  # nothing was created by the failed attempts
+    assert not (tmp_path / "run").exists()  # nothing was created by the attempts that failed early
 
 
 def test_corrupt_file_skipped_with_warning(tmp_path, capsys):

@@ -39,7 +39,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                 "  torchrun --nproc_per_node=8 -m fastmim train --method mae --data ~/imagenet ...\n"
                 "  fastmim train --output runs/demo --resume                 # continue an interrupted run")
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", default=_S, help=f"mae | supmim | cmae | lut (default: {d.method})")
+    g.add_argument("--method", default=_S, help=f"mae | supmim | supmae | cmae | lut (default: {d.method})")
     g.add_argument("--model", default=_S, metavar="PRESET", help=f"model size preset (default: {d.model})")
     g.add_argument("--data", default=_S, metavar="PATH|default",
                    help="an image folder (class sub-folders; or train/ and val/ each with them) or 'default', "
@@ -56,7 +56,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                                               f"(default: {d.batch_size})")
     g.add_argument("--accum-steps", "--grad-accum", dest="accum_steps", type=int, default=_S,
                    help="gradient accumulation micro-steps per optimizer step (default: 1)")
-    g.add_argument("--blr", type=float, default=_S, help=f"base lr; lr = blr * global batch / 256 (default: {d.blr})")
+    g.add_argument("--blr", type=float, default=_S,
+                   help=f"base lr; lr = blr * global batch / 256 (default: {d.blr:g}, the official MAE script's "
+                        f"default; its 800-epoch batch-4096 runs use 1.5e-4)")
     g.add_argument("--lr", type=float, default=_S, help="absolute lr (overrides --blr)")
     g.add_argument("--min-lr", type=float, default=_S, help="lr at the end of the cosine (default: 0)")
     g.add_argument("--warmup-steps", type=int, default=_S, help="linear warmup steps (default: 5%% of the run)")
@@ -116,7 +118,8 @@ def run_train(args: argparse.Namespace) -> int:
             warnings.simplefilter("default")
             warnings.formatwarning = lambda message, category, *a, **k: f"fastmim: warning: {message}\n"
             result = train(cfg, explicit=explicit)
-    except (TrainError, DataError, CheckpointError) as exc:
+    except (TrainError, DataError, CheckpointError, ValueError) as exc:
+        # ValueError: a model's own argument validation (e.g. LUT needs --mask-ratio >= 0.5).
         raise CLIError(_one_line(exc)) from None
     except RuntimeError as exc:
         if "DataLoader worker" in str(exc) or "DataError" in str(exc):
