@@ -263,3 +263,19 @@ def test_fused_block_is_the_timm_block(backend):
     assert_rel_close(xf.grad, xp.grad, torch.float32, name="dx")
     for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
         assert_rel_close(p.grad, q.grad, tol=1e-4, name=f"grad {name}")  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_add_layer_norm_with_one_output_used(backend):
+    x, r = torch.randn(3, 5, 16, requires_grad=True), torch.randn(3, 5, 16, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    grad = torch.randn(3, 5, 16)
+    with use_backend(backend):
+        s, y = add_layer_norm(x, r, w, b)
+        gx, gr = torch.autograd.grad(s, (x, r), grad)
+        assert torch.equal(gx, grad) and torch.equal(gr, grad)
+        s, y = add_layer_norm(x, r, w, b)
+        grads = torch.autograd.grad(y, (x, r, w, b), grad)
+    refs = torch.autograd.grad(add_layer_norm_reference(x, r, w, b)[1], (x, r, w, b), grad)
+    for name, g, ref in zip(["dx", "dresidual", "dweight", "dbias"], grads, refs, strict=True):
+        assert_rel_close(g, ref, torch.float32, name=name)

@@ -15,8 +15,8 @@ arithmetic are fp32 whatever the I/O dtype.
 - LayerNorm backward: a fixed number of programs (:func:`layer_norm_backward_programs`), each
   walking a contiguous run of rows: ``dx`` per row (plus the gradient of ``s`` when the forward
   had a residual: both branches of the residual stream in one store), and per-program partial
-  sums of ``dweight`` and ``dbias`` in fp32, reduced afterwards by one ``torch.sum`` each in a
-  fixed order (deterministic, no atomics).
+  sums of ``dweight`` and ``dbias`` in fp32, reduced afterwards by one ``torch.sum`` in a fixed
+  order (deterministic, no atomics).
 - bias + GELU (exact, erf): ``gelu(x + bias)``. Backward recomputes ``x + bias`` and the GELU
   derivative from the saved pre-bias input ``x`` (no saved activation output), writes ``dx``
   and per-program partial sums of ``dbias``.
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)  # a jit function reads only constexpr globals
 _INV_SQRT_2PI = 0.3989422804014327
 
 # Programs of the LayerNorm backward: enough to fill a GPU, few enough that the fp32 partial
@@ -148,9 +148,10 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                        rstd: torch.Tensor, grad_sum: torch.Tensor | None, weight_dtype: torch.dtype,
-                        bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias)``; ``dx`` (dtype of ``x``) includes ``grad_sum`` when given."""
+                        rstd: torch.Tensor, grad_sum: torch.Tensor | None, param_dtype: torch.dtype,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dparams)``: ``dx`` (dtype of ``x``) includes ``grad_sum`` when given; ``dparams`` is
+    ``(2, C)`` in ``param_dtype``, ``[dweight, dbias]``, reduced from the partial sums by one ``torch.sum``."""
     cols = x.shape[-1]
     x2 = x.reshape(-1, cols).contiguous()
     rows = x2.shape[0]
@@ -166,9 +167,7 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
             triton.cdiv(rows, programs), HAS_DSUM=grad_sum is not None, BLOCK_C=block, num_warps=_num_warps(block))
     else:
         partial.zero_()
-    dweight = torch.sum(partial[0], dim=0, dtype=weight_dtype)
-    dbias = torch.sum(partial[1], dim=0, dtype=bias_dtype)
-    return dx.view(x.shape), dweight, dbias
+    return dx.view(x.shape), torch.sum(partial, dim=1, dtype=param_dtype)
 
 
 # --------------------------------------------------------------------------------------------

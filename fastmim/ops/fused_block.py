@@ -131,7 +131,7 @@ def _reference_stats(s: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
     return mean, torch.rsqrt(var + eps)
 
 
-def _reference_ln_backward(grad_y, s, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype):
+def _reference_ln_backward(grad_y, s, weight, mean, rstd, grad_sum, param_dtype):
     acc = mean.dtype
     dy = grad_y.to(acc)
     xhat = (s.to(acc) - mean[..., None]) * rstd[..., None]
@@ -142,7 +142,7 @@ def _reference_ln_backward(grad_y, s, weight, mean, rstd, grad_sum, weight_dtype
     if grad_sum is not None:
         dx = dx + grad_sum.to(acc)
     rows = tuple(range(dy.dim() - 1))
-    return dx.to(s.dtype), (dy * xhat).sum(dim=rows).to(weight_dtype), dy.sum(dim=rows).to(bias_dtype)
+    return dx.to(s.dtype), torch.stack([(dy * xhat).sum(dim=rows), dy.sum(dim=rows)]).to(param_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,59 +198,72 @@ def _(x, residual, weight, bias, eps):
 
 @torch.library.custom_op("fastmim::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                            rstd: torch.Tensor, grad_sum: torch.Tensor | None, weight_dtype: torch.dtype,
-                            bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias)``; ``dx`` includes ``grad_sum`` (the gradient reaching ``x`` directly)."""
+                            rstd: torch.Tensor, grad_sum: torch.Tensor | None, param_dtype: torch.dtype,
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dparams)``: ``dx`` includes ``grad_sum`` (the gradient reaching ``x`` directly);
+    ``dparams`` is ``(2, C)``, ``[dweight, dbias]``, in ``param_dtype``."""
     if _ln_backend(x, weight) == "triton" and grad_y.dtype in _TRITON_DTYPES:
         from fastmim.kernels import fused_block as kernels
 
-        return kernels.layer_norm_backward(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype)
-    if _native_ok(x, weight, grad_y) and weight_dtype == bias_dtype == x.dtype and mean.dtype == x.dtype:
+        return kernels.layer_norm_backward(grad_y, x, weight, mean, rstd, grad_sum, param_dtype)
+    if _native_ok(x, weight, grad_y) and param_dtype == x.dtype and mean.dtype == x.dtype:
         stats = x.shape[:-1] + (1,)
         dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
             grad_y, x, [x.shape[-1]], mean.view(stats), rstd.view(stats), weight, None, [True, True, False])
-        return (dx if grad_sum is None else dx + grad_sum), dw, grad_y.sum(dim=tuple(range(x.dim() - 1)))
-    dx, dw, db = _reference_ln_backward(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype)
-    return dx.contiguous(), dw, db
+        return (dx if grad_sum is None else dx + grad_sum), torch.stack([dw, grad_y.sum(dim=tuple(range(x.dim() - 1)))])
+    dx, dparams = _reference_ln_backward(grad_y, x, weight, mean, rstd, grad_sum, param_dtype)
+    return dx.contiguous(), dparams
 
 
 @_layer_norm_backward_op.register_fake
-def _(grad_y, x, weight, mean, rstd, grad_sum, weight_dtype, bias_dtype):
-    c = x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((c,), dtype=weight_dtype), x.new_empty((c,), dtype=bias_dtype)
+def _(grad_y, x, weight, mean, rstd, grad_sum, param_dtype):
+    return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=param_dtype)
+
+
+def _param_grads(dparams: torch.Tensor, weight_dtype: torch.dtype, bias_dtype: torch.dtype):
+    return dparams[0].to(weight_dtype), dparams[1].to(bias_dtype)
+
+
+def _param_dtype(weight: torch.Tensor, bias: torch.Tensor) -> torch.dtype:
+    return weight.dtype if weight.dtype == bias.dtype else torch.promote_types(torch.float32, weight.dtype)
 
 
 def _ln_setup_context(ctx, inputs, output):
     x, weight, bias, _ = inputs
     y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients for mean and rstd
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.bias_dtype = bias.dtype
+    ctx.dtypes = (bias.dtype, _param_dtype(weight, bias))
 
 
 def _ln_backward(ctx, grad_y, grad_mean, grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.fastmim.layer_norm_backward(grad_y, x, weight, mean, rstd, None, weight.dtype,
-                                                       ctx.bias_dtype)
-    return dx, dw, db, None
+    bias_dtype, param_dtype = ctx.dtypes
+    if grad_y is None:
+        return None, None, None, None
+    dx, dparams = torch.ops.fastmim.layer_norm_backward(grad_y, x, weight, mean, rstd, None, param_dtype)
+    return dx, *_param_grads(dparams, weight.dtype, bias_dtype), None
 
 
 def _add_ln_setup_context(ctx, inputs, output):
     x, residual, weight, bias, _ = inputs
     s, y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(s, weight, mean, rstd)
-    ctx.dtypes = (x.dtype, residual.dtype, bias.dtype)
+    ctx.dtypes = (x.dtype, residual.dtype, bias.dtype, _param_dtype(weight, bias))
 
 
 def _add_ln_backward(ctx, grad_s, grad_y, grad_mean, grad_rstd):
     s, weight, mean, rstd = ctx.saved_tensors
-    x_dtype, residual_dtype, bias_dtype = ctx.dtypes
-    if grad_y is None:  # only the sum was used
-        grad_y = torch.zeros_like(s)
-    ds, dw, db = torch.ops.fastmim.layer_norm_backward(grad_y, s, weight, mean, rstd, grad_s, weight.dtype,
-                                                       bias_dtype)
-    return ds.to(x_dtype), ds.to(residual_dtype), dw, db, None
+    x_dtype, residual_dtype, bias_dtype, param_dtype = ctx.dtypes
+    if grad_y is None:  # only the sum was used: the gradient passes through to both inputs
+        if grad_s is None:
+            return None, None, None, None, None
+        return grad_s.to(x_dtype), grad_s.to(residual_dtype), None, None, None
+    ds, dparams = torch.ops.fastmim.layer_norm_backward(grad_y, s, weight, mean, rstd, grad_s, param_dtype)
+    return ds.to(x_dtype), ds.to(residual_dtype), *_param_grads(dparams, weight.dtype, bias_dtype), None
 
 
 torch.library.register_autograd("fastmim::layer_norm", _ln_backward, setup_context=_ln_setup_context)
