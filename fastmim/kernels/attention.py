@@ -374,11 +374,14 @@ def _bwd_blocks(head_dim: int, max_q: int, max_k: int, fp32: bool = False) -> di
     _, key_block, _, _, num_stages = _blocks(head_dim, max_q, max_k, fp32)
     step = 16 if fp32 or block_d > 64 else 32
     query_block = 32 if fp32 else 64
+    # A key block that cannot hold every key gains nothing from its size, and at 128 keys it spills on
+    # sm_80 (ptxas -v): such sequences take 64-key blocks (more programs, no spill).
+    dkdv_n = key_block if max_k <= key_block else min(key_block, 64)
     return dict(
-        dkdv_m=max(16, min(triton.next_power_of_2(max_q), step)), dkdv_n=key_block,
+        dkdv_m=max(16, min(triton.next_power_of_2(max_q), step)), dkdv_n=dkdv_n,
         dq_m=max(16, min(triton.next_power_of_2(max_q), query_block)),
         dq_n=max(16, min(triton.next_power_of_2(max_k), step)),
-        block_d=block_d, num_warps=4 if block_d <= 64 and key_block <= 64 and not fp32 else 8, num_stages=num_stages,
+        block_d=block_d, num_warps=4 if block_d <= 64 and dkdv_n <= 64 and not fp32 else 8, num_stages=num_stages,
     )
 
 
