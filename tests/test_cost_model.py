@@ -290,6 +290,14 @@ def _call_bias_gelu():
     return bias_gelu(x, b), [x, b]
 
 
+def _call_bias_gelu_linear():
+    from fastmim.ops import bias_gelu_linear
+
+    x, b = torch.randn(B, K + 1, 4 * D, requires_grad=True), torch.randn(4 * D, requires_grad=True)
+    w, wb = torch.randn(D, 4 * D, requires_grad=True), torch.randn(D, requires_grad=True)
+    return bias_gelu_linear(x, b, w, wb), [x, b, w, wb]  # backward recomputes the activation
+
+
 # Small operands every program reads (a seed, a position table, a token, a scalar).
 SHARED = {"seed_ptr", "pos_ptr", "cls_ptr", "mask_token_ptr", "weight_sum_ptr", "grad_output_ptr"}
 # The affine parameters and the bias every row program of a fused_block kernel reads.
@@ -309,6 +317,7 @@ KERNEL_CASES = {
     "layer_norm": (_call_layer_norm, FUSED_BLOCK),
     "add_layer_norm": (_call_add_layer_norm, FUSED_BLOCK),
     "bias_gelu": (_call_bias_gelu, FUSED_BLOCK),
+    "bias_gelu_linear": (_call_bias_gelu_linear, FUSED_BLOCK),
     # keys over one block: three backward kernels
     "visible_attention_long": (lambda: _call_visible_attention(n=150), FLASH),
 }

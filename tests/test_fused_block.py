@@ -11,6 +11,7 @@ from fastmim.ops import (
     add_layer_norm,
     add_layer_norm_reference,
     bias_gelu,
+    bias_gelu_linear,
     bias_gelu_reference,
     layer_norm,
     layer_norm_reference,
@@ -279,3 +280,69 @@ def test_add_layer_norm_with_one_output_used(backend):
     refs = torch.autograd.grad(add_layer_norm_reference(x, r, w, b)[1], (x, r, w, b), grad)
     for name, g, ref in zip(["dx", "dresidual", "dweight", "dbias"], grads, refs, strict=True):
         assert_rel_close(g, ref, torch.float32, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# bias_gelu_linear: GELU + fc2 recomputing the activation in backward
+# --------------------------------------------------------------------------------------------
+
+def _mlp_tail_reference(x, bias, weight, linear_bias):
+    return F.linear(bias_gelu_reference(x, bias), weight, linear_bias)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_gelu_linear_matches_reference(backend, dtype, with_bias):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 13, 40, device=device).to(dtype)
+    bias, weight = torch.randn(40, device=device).to(dtype), (torch.randn(24, 40, device=device) / 6).to(dtype)
+    linear_bias = torch.randn(24, device=device).to(dtype) if with_bias else None
+    grad = torch.randn(2, 13, 24, device=device).to(dtype)
+    inputs = [t for t in (x, bias, weight, linear_bias) if t is not None]
+    leaves = [_leaf(t) for t in inputs]
+    with use_backend(backend):
+        out = bias_gelu_linear(*leaves) if with_bias else bias_gelu_linear(*leaves, None)
+        grads = _grads(out, grad, leaves)
+    leaves64 = [_leaf(t.double()) for t in inputs]
+    ref = _mlp_tail_reference(*leaves64) if with_bias else _mlp_tail_reference(*leaves64, None)
+    refs = _grads(ref, grad.double(), leaves64)
+    names = ["out", "dx", "dbias", "dweight", "dlinear_bias"][:len(inputs) + 1]
+    # bf16: a matmul over 40 products after the rounded activation, twice the one-pass tolerance.
+    tol = TOLERANCES[dtype] * (2 if dtype == torch.bfloat16 else 1)
+    for name, got, want in zip(names, (out, *grads), (ref, *refs), strict=True):
+        assert got.dtype == dtype, name
+        assert_rel_close(got, want, tol=tol, name=name)
+
+
+def test_bias_gelu_linear_saves_only_its_input_and_passes_gradcheck():
+    x = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    linear_bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        bias_gelu_linear(x.detach().requires_grad_(), bias, weight, linear_bias)
+    params = {bias.data_ptr(), weight.data_ptr()}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert len(activations) == 1 and activations[0].shape == x.shape  # x only: no (3, 4, 10) activation
+    assert torch.autograd.gradcheck(bias_gelu_linear, (x, bias, weight, linear_bias))
+
+
+def test_bias_gelu_linear_compiles_fullgraph():
+    fc1, fc2 = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
+
+    def mlp(h):
+        return bias_gelu_linear(F.linear(h, fc1.weight), fc1.bias, fc2.weight, fc2.bias)
+
+    h = torch.randn(2, 9, 16)
+    eager = mlp(h)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
+    for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias):
+        p.grad = None
+    out = torch.compile(mlp, fullgraph=True, backend="aot_eager")(h)
+    out.sum().backward()
+    assert_rel_close(out, eager, torch.float32, name="compiled output")
+    for p, g in zip((fc1.weight, fc1.bias, fc2.weight, fc2.bias), eager_grads, strict=True):
+        assert_rel_close(p.grad, g, torch.float32, name="compiled grad")

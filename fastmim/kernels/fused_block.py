@@ -19,7 +19,8 @@ arithmetic are fp32 whatever the I/O dtype.
   order (deterministic, no atomics).
 - bias + GELU (exact, erf): ``gelu(x + bias)``. Backward recomputes ``x + bias`` and the GELU
   derivative from the saved pre-bias input ``x`` (no saved activation output), writes ``dx``
-  and per-program partial sums of ``dbias``.
+  and per-program partial sums of ``dbias`` and, when asked, the activation itself (for the
+  weight gradient of the linear layer after it, which then need not save it).
 """
 
 from __future__ import annotations
@@ -187,8 +188,8 @@ def _bias_gelu_fwd_kernel(X, B, Y, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _bias_gelu_bwd_kernel(DY, X, B, DX, PARTIAL, n_rows, n_cols, blocks_per_program,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bias_gelu_bwd_kernel(DY, X, B, DX, ACT, PARTIAL, n_rows, n_cols, blocks_per_program,
+                          STORE_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -204,6 +205,8 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, PARTIAL, n_rows, n_cols, blocks_per_prog
         pdf = tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
         dx = tl.where(m, dy * (cdf + h * pdf), 0.0)
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
+        if STORE_ACT:  # the activation itself, recomputed for the next layer's weight gradient
+            tl.store(ACT + off, (h * cdf).to(ACT.dtype.element_ty), mask=m)
         acc += tl.sum(dx, axis=0)
     tl.store(PARTIAL + pid_m.to(tl.int64) * n_cols + cols, acc, mask=col_ok)
 
@@ -222,21 +225,23 @@ def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return y.view(x.shape)
 
 
-def bias_gelu_backward(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dbias)`` of ``gelu(x + bias)``, recomputing ``x + bias`` from ``x``."""
+def bias_gelu_backward(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, recompute: bool = False,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dx, dbias, act)`` of ``gelu(x + bias)``, recomputing ``x + bias`` from ``x``; ``act`` is
+    ``gelu(x + bias)`` itself (dtype of ``x``) when ``recompute``, else ``None``."""
     cols = x.shape[-1]
     x2 = x.reshape(-1, cols).contiguous()
     rows = x2.shape[0]
     dy = grad_y.reshape(-1, cols).contiguous()
     dx = torch.empty_like(x2)
+    act = torch.empty_like(x2) if recompute else None
     block_m, block_n, programs = bias_gelu_blocks(rows, cols)
     partial = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
     if rows > 0:
         blocks_per_program = triton.cdiv(triton.cdiv(rows, block_m), programs)
         _bias_gelu_bwd_kernel[(programs, triton.cdiv(cols, block_n))](
-            dy, x2, bias.contiguous(), dx, partial, rows, cols, blocks_per_program, BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=4)
+            dy, x2, bias.contiguous(), dx, act if recompute else dx, partial, rows, cols, blocks_per_program,
+            STORE_ACT=recompute, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     else:
         partial.zero_()
-    return dx.view(x.shape), torch.sum(partial, dim=0, dtype=bias.dtype)
+    return dx.view(x.shape), torch.sum(partial, dim=0, dtype=bias.dtype), None if act is None else act.view(x.shape)

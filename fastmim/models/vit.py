@@ -133,11 +133,11 @@ class FusedBlock(Block):
 
         h = layer_norm(x, norm1)                    # fastmim layer_norm
         x, h = add_layer_norm(x, attn(h), norm2)    # residual add + LayerNorm in one pass
-        x = x + fc2(bias_gelu(h @ fc1.weight.T, fc1.bias))
+        x = x + fc2(bias_gelu(h @ fc1.weight.T, fc1.bias))   # bias_gelu_linear
 
-    ``fc1`` runs as a matmul without bias and the bias goes into the GELU kernel, whose
-    backward recomputes the activation from the matmul output (the only tensor it saves) and
-    reduces the bias gradient in the same pass. A block whose norms are not affine
+    ``fc1`` runs as a matmul without bias and the bias goes into the GELU kernel; GELU and
+    ``fc2`` save only ``fc1``'s output: backward recomputes the activation (for ``fc2``'s weight
+    gradient) in the same pass as its gradient and the bias gradient. A block whose norms are not affine
     ``nn.LayerNorm`` or whose activation is not the exact ``nn.GELU`` runs timm's steps.
     """
 
@@ -152,14 +152,17 @@ class FusedBlock(Block):
                 ) -> torch.Tensor:
         if not self._fusable():
             return super().forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        from fastmim.ops.fused_block import add_layer_norm, bias_gelu, layer_norm
+        from fastmim.ops.fused_block import add_layer_norm, bias_gelu, bias_gelu_linear, layer_norm
 
         norm1, norm2, mlp = self.norm1, self.norm2, self.mlp
         h = layer_norm(x, norm1.weight, norm1.bias, norm1.eps)
         branch = self.drop_path1(self.ls1(self.attn(h, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)))
         x, h = add_layer_norm(x, branch, norm2.weight, norm2.bias, norm2.eps)
-        h = bias_gelu(nn.functional.linear(h, mlp.fc1.weight), mlp.fc1.bias)
-        h = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))
+        h = nn.functional.linear(h, mlp.fc1.weight)
+        if isinstance(mlp.norm, nn.Identity) and not (self.training and getattr(mlp.drop1, "p", 0.0) > 0):
+            h = mlp.drop2(bias_gelu_linear(h, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias))
+        else:  # something between the activation and fc2
+            h = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(bias_gelu(h, mlp.fc1.bias)))))
         return x + self.drop_path2(self.ls2(h))
 
 

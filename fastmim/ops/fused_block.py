@@ -12,6 +12,9 @@ GELU. These ops do each step in one pass over the activations, forward and backw
 - :func:`bias_gelu`: ``gelu(x + bias)`` (exact erf GELU, timm's default ``nn.GELU``) on the
   output of a bias-free ``fc1`` matmul. Saves only ``x``: backward recomputes ``x + bias`` and
   the GELU derivative, and reduces ``dbias`` in the same pass as ``dx``.
+- :func:`bias_gelu_linear`: ``bias_gelu`` followed by ``fc2``, saving only ``x`` (``fc2``
+  would otherwise keep the activation for its weight gradient): backward recomputes the
+  activation in the pass that computes its gradient.
 
 Dtypes: ``x`` (and ``residual``) float16/bfloat16/float32 on the Triton path (float64 takes
 the reference); the affine parameters may have another float dtype (fp32 master weights under
@@ -26,8 +29,8 @@ import torch
 
 from fastmim.ops._dispatch import select_backend
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "bias_gelu", "bias_gelu_reference", "layer_norm",
-           "layer_norm_reference"]
+__all__ = ["add_layer_norm", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear", "bias_gelu_reference",
+           "layer_norm", "layer_norm_reference"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -293,27 +296,31 @@ def _(x, bias):
 
 
 @torch.library.custom_op("fastmim::bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, recompute: bool,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dbias, act)``; ``act = gelu(x + bias)`` recomputed when ``recompute`` (else empty)."""
     if _gelu_backend(x, bias) == "triton" and grad_y.dtype in _TRITON_DTYPES:
         from fastmim.kernels import fused_block as kernels
 
-        return kernels.bias_gelu_backward(grad_y, x, bias)
+        dx, dbias, act = kernels.bias_gelu_backward(grad_y, x, bias, recompute=recompute)
+        return dx, dbias, act if act is not None else x.new_empty(0)
     rows = tuple(range(x.dim() - 1))
     if _native_ok(x, bias, grad_y):
-        dx = torch.ops.aten.gelu_backward(grad_y, x + bias)
-        return dx, dx.sum(dim=rows)
+        h = x + bias
+        dx = torch.ops.aten.gelu_backward(grad_y, h)
+        return dx, dx.sum(dim=rows), torch.nn.functional.gelu(h) if recompute else x.new_empty(0)
     acc = _acc_dtype(x, bias)
     h = x.to(acc) + bias.to(acc)
     cdf = 0.5 * (1.0 + torch.erf(h * 0.5**0.5))
     pdf = torch.exp(-0.5 * h * h) * (2.0 * torch.pi) ** -0.5
     dx = grad_y.to(acc) * (cdf + h * pdf)
-    return dx.to(x.dtype).contiguous(), dx.sum(dim=rows).to(bias.dtype)
+    act = (h * cdf).to(x.dtype) if recompute else x.new_empty(0)
+    return dx.to(x.dtype).contiguous(), dx.sum(dim=rows).to(bias.dtype), act
 
 
 @_bias_gelu_backward_op.register_fake
-def _(grad_y, x, bias):
-    return x.new_empty(x.shape), bias.new_empty(bias.shape)
+def _(grad_y, x, bias, recompute):
+    return x.new_empty(x.shape), bias.new_empty(bias.shape), x.new_empty(x.shape if recompute else (0,))
 
 
 def _gelu_setup_context(ctx, inputs, output):
@@ -323,10 +330,41 @@ def _gelu_setup_context(ctx, inputs, output):
 
 def _gelu_backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
-    return torch.ops.fastmim.bias_gelu_backward(grad_y, x, bias)
+    dx, dbias, _ = torch.ops.fastmim.bias_gelu_backward(grad_y, x, bias, False)
+    return dx, dbias
 
 
 torch.library.register_autograd("fastmim::bias_gelu", _gelu_backward, setup_context=_gelu_setup_context)
+
+
+class _BiasGeluLinear(torch.autograd.Function):
+    """``linear(gelu(x + bias), weight, linear_bias)`` saving only ``x`` (and the parameters).
+
+    The matmuls stay aten ops (cuBLAS, and counted as GEMMs by the cost model); backward runs
+    ``dact = grad @ weight`` first, then one ``fastmim::bias_gelu_backward`` pass that writes
+    ``dx``, ``dbias`` and the recomputed activation, which the weight gradient then reads.
+    Under autocast the forward's matmul runs in the autocast dtype; backward casts ``weight``
+    to the gradient's dtype and returns parameter gradients in the parameters' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, linear_bias):
+        act = torch.ops.fastmim.bias_gelu(x, bias)
+        ctx.save_for_backward(x, bias, weight)
+        ctx.linear_bias_dtype = None if linear_bias is None else linear_bias.dtype
+        return torch.nn.functional.linear(act, weight, linear_bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, bias, weight = ctx.saved_tensors
+        grad_act = torch.matmul(grad_out, weight.to(grad_out.dtype))
+        dx, dbias, act = torch.ops.fastmim.bias_gelu_backward(grad_act, x, bias, True)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        dweight = torch.matmul(grad_2d.t(), act.reshape(-1, act.shape[-1]).to(grad_out.dtype)).to(weight.dtype)
+        dlinear_bias = None
+        if ctx.linear_bias_dtype is not None:
+            dlinear_bias = grad_2d.sum(dim=0, dtype=ctx.linear_bias_dtype)
+        return dx, dbias, dweight, dlinear_bias
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,3 +405,26 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     _check_x(x)
     _check_vector(bias, "bias", x)
     return torch.ops.fastmim.bias_gelu(x, bias)
+
+
+def bias_gelu_linear(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
+                     linear_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(bias_gelu(x, bias), weight, linear_bias)``: a ViT MLP's GELU and ``fc2``.
+
+    ``x (..., H)`` is ``fc1``'s output without its bias, ``bias (H,)`` that bias, ``weight
+    (C, H)`` and ``linear_bias (C,)`` ``fc2``'s parameters. Saves only ``x``: backward recomputes
+    the activation (in the same pass as its gradient) instead of keeping it for ``fc2``'s weight
+    gradient, which takes ``B * N * H`` elements off the activation memory of every block.
+    """
+    _check_x(x)
+    _check_vector(bias, "bias", x)
+    _check_tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.device != x.device:
+        raise ValueError(f"weight must be (C, {x.shape[-1]}) on {x.device}, got {tuple(weight.shape)} on "
+                         f"{weight.device}")
+    if linear_bias is not None:
+        _check_tensor(linear_bias, "linear_bias")
+        if linear_bias.shape != (weight.shape[0],) or linear_bias.device != x.device:
+            raise ValueError(f"linear_bias must be ({weight.shape[0]},) on {x.device}, got "
+                             f"{tuple(linear_bias.shape)} on {linear_bias.device}")
+    return _BiasGeluLinear.apply(x, bias, weight, linear_bias)
