@@ -19,8 +19,8 @@ attention product of forward + backward, backward = 2x forward) over the step ti
 fraction of the matmul throughput the harness measured in the same run (``roofline``) and of the
 device's dense bf16 spec where known (``extra.mfu_vs_spec``).
 
-``--device cpu`` runs a small preset (``vit_tiny_patch4_32``, batch 32, fp32) so the script is
-exercised; ``--smoke`` a 2-block toy model.
+``--device cpu`` runs a small preset (``vit_tiny_patch4_32``, batch 32, fp32; ``--config
+mae_vit_tiny_p16_224 --batch 16`` for ViT-Tiny/16 at 224 px); ``--smoke`` a 2-block toy model.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ SPEC_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756
 CONFIGS = {
     "mae_vit_b16": dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "mae_vit_tiny_p16_224": dict(img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3,
+                                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
     "mae_vit_tiny_p4_32": dict(img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
                                decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
     "smoke": dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4,
@@ -125,8 +127,13 @@ def spec_tflops(device: torch.device) -> float | None:
 
 
 def main(argv=None) -> None:
-    args = harness.parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
-        "--batch", type=int, default=None, help="batch size (default: 256 on CUDA, 32 on CPU, 4 with --smoke)"))
+    def extra_args(parser) -> None:
+        parser.add_argument("--batch", type=int, default=None,
+                            help="batch size (default: 256 on CUDA, 32 on CPU, 4 with --smoke)")
+        parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                            help="model (default: mae_vit_b16 on CUDA, mae_vit_tiny_p4_32 on CPU)")
+
+    args = harness.parse_args(__doc__.splitlines()[0], argv, extra=extra_args)
     device = torch.device(args.device)
     if args.smoke:
         name, batch = "smoke", 4
@@ -134,6 +141,7 @@ def main(argv=None) -> None:
         name, batch = "mae_vit_b16", 256
     else:
         name, batch = "mae_vit_tiny_p4_32", 32
+    name = args.config or name
     batch = args.batch or batch
     cfg = CONFIGS[name]
     dtype = torch.bfloat16 if device.type == "cuda" else None
