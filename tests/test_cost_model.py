@@ -298,6 +298,15 @@ def _call_bias_gelu_linear():
     return bias_gelu_linear(x, b, w, wb), [x, b, w, wb]  # backward recomputes the activation
 
 
+def _call_add_layer_norm_linear():
+    from fastmim.ops import add_layer_norm_linear
+
+    x, r, w, b = (torch.randn(*shape, requires_grad=True) for shape in ((B, K + 1, D), (B, K + 1, D), (D,), (D,)))
+    lw = torch.randn(4 * D, D, requires_grad=True)
+    s, out = add_layer_norm_linear(x, r, w, b, 1e-6, lw)
+    return out, [x, r, w, b, lw]  # backward recomputes the normalised tensor
+
+
 # Small operands every program reads (a seed, a position table, a token, a scalar).
 SHARED = {"seed_ptr", "pos_ptr", "cls_ptr", "mask_token_ptr", "weight_sum_ptr", "grad_output_ptr"}
 # The affine parameters and the bias every row program of a fused_block kernel reads.
@@ -318,6 +327,7 @@ KERNEL_CASES = {
     "add_layer_norm": (_call_add_layer_norm, FUSED_BLOCK),
     "bias_gelu": (_call_bias_gelu, FUSED_BLOCK),
     "bias_gelu_linear": (_call_bias_gelu_linear, FUSED_BLOCK),
+    "add_layer_norm_linear": (_call_add_layer_norm_linear, FUSED_BLOCK),
     # keys over one block: three backward kernels
     "visible_attention_long": (lambda: _call_visible_attention(n=150), FLASH),
 }

@@ -9,11 +9,13 @@ import torch.nn.functional as F
 import fastmim.kernels.fused_block as kernels
 from fastmim.ops import (
     add_layer_norm,
+    add_layer_norm_linear,
     add_layer_norm_reference,
     bias_gelu,
     bias_gelu_linear,
     bias_gelu_reference,
     layer_norm,
+    layer_norm_linear,
     layer_norm_reference,
     use_backend,
 )
@@ -346,3 +348,77 @@ def test_bias_gelu_linear_compiles_fullgraph():
     assert_rel_close(out, eager, torch.float32, name="compiled output")
     for p, g in zip((fc1.weight, fc1.bias, fc2.weight, fc2.bias), eager_grads, strict=True):
         assert_rel_close(p.grad, g, torch.float32, name="compiled grad")
+
+
+# --------------------------------------------------------------------------------------------
+# layer_norm_linear / add_layer_norm_linear: the LayerNorm output recomputed in backward
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm_linear_matches_reference(backend, dtype, with_residual):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = (2, 13, 40)
+    x, r = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+    w, b = torch.randn(40, device=device).to(dtype), torch.randn(40, device=device).to(dtype)
+    lw, lb = (torch.randn(24, 40, device=device) / 6).to(dtype), torch.randn(24, device=device).to(dtype)
+    grad_s, grad = torch.randn(shape, device=device).to(dtype), torch.randn(2, 13, 24, device=device).to(dtype)
+    inputs = [x, r, w, b, lw, lb] if with_residual else [x, w, b, lw, lb]
+
+    def run(*t, fast):
+        if with_residual:
+            xx, rr, ww, bb, lww, lbb = t
+            s, y = add_layer_norm_linear(xx, rr, ww, bb, 1e-6, lww, lbb) if fast else \
+                (xx + rr, F.linear(layer_norm_reference(xx + rr, ww, bb, 1e-6), lww, lbb))
+            return (s, y), (grad_s, grad)
+        xx, ww, bb, lww, lbb = t
+        out = layer_norm_linear(xx, ww, bb, 1e-6, lww, lbb) if fast else \
+            F.linear(layer_norm_reference(xx, ww, bb, 1e-6), lww, lbb)
+        return (out,), (grad,)
+
+    leaves = [_leaf(t) for t in inputs]
+    with use_backend(backend):
+        outs, grads_in = run(*leaves, fast=True)
+        grads = torch.autograd.grad(outs, leaves, grads_in)
+    leaves64 = [_leaf(t.double()) for t in inputs]
+    refs_out, refs_in = run(*leaves64, fast=False)
+    refs = torch.autograd.grad(refs_out, leaves64, [g.double() for g in refs_in])
+    tol = TOLERANCES[dtype] * (2 if dtype == torch.bfloat16 else 1)  # a matmul after a rounded LayerNorm
+    for i, (got, want) in enumerate(zip((*outs, *grads), (*refs_out, *refs), strict=True)):
+        assert got.dtype == dtype, i
+        assert_rel_close(got, want, tol=tol, name=f"output/gradient {i}")
+
+
+def test_layer_norm_linear_saves_no_normalised_tensor_and_passes_gradcheck():
+    x, r = (torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(10, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    lw, lb = torch.randn(6, 10, dtype=torch.float64, requires_grad=True), torch.randn(6, dtype=torch.float64,
+                                                                                      requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        s, _ = add_layer_norm_linear(x, r, w, b, 1e-5, lw, lb)
+    params = {t.data_ptr() for t in (w, b, lw, lb)}
+    full = [t for t in saved if t.data_ptr() not in params and t.shape == x.shape]
+    assert len(full) == 1 and full[0].data_ptr() == s.data_ptr()  # the sum only, not the normalised tensor
+    assert torch.autograd.gradcheck(lambda *a: layer_norm_linear(a[0], a[1], a[2], 1e-5, a[3], a[4]),
+                                    (x, w, b, lw, lb))
+    assert torch.autograd.gradcheck(lambda *a: add_layer_norm_linear(a[0], a[1], a[2], a[3], 1e-5, a[4], a[5]),
+                                    (x, r, w, b, lw, lb))
+
+
+def test_fused_block_compiles_fullgraph():
+    from fastmim.models.vit import FusedBlock
+
+    torch.manual_seed(0)
+    block = FusedBlock(32, 2, qkv_bias=True, attn_backend="sdpa")
+    x = torch.randn(2, 9, 32)
+    eager = block(x)
+    eager.sum().backward()
+    eager_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    assert_rel_close(out, eager, torch.float32, name="compiled block")
+    for n, p in block.named_parameters():
+        assert_rel_close(p.grad, eager_grads[n], torch.float32, name=f"compiled grad {n}")

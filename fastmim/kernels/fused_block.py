@@ -16,7 +16,9 @@ arithmetic are fp32 whatever the I/O dtype.
   walking a contiguous run of rows: ``dx`` per row (plus the gradient of ``s`` when the forward
   had a residual: both branches of the residual stream in one store), and per-program partial
   sums of ``dweight`` and ``dbias`` in fp32, reduced afterwards by one ``torch.sum`` in a fixed
-  order (deterministic, no atomics).
+  order (deterministic, no atomics); when asked, the forward output recomputed from the input
+  and the statistics (for the weight gradient of the linear layer after it, which then need
+  not save it).
 - bias + GELU (exact, erf): ``gelu(x + bias)``. Backward recomputes ``x + bias`` and the GELU
   derivative from the saved pre-bias input ``x`` (no saved activation output), writes ``dx``
   and per-program partial sums of ``dbias`` and, when asked, the activation itself (for the
@@ -87,12 +89,14 @@ def _layer_norm_fwd_kernel(X, R, S, Y, W, B, MEAN, RSTD, n_cols, eps,
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DS, DX, PARTIAL, n_rows, n_cols, rows_per_program,
-                           HAS_DSUM: tl.constexpr, BLOCK_C: tl.constexpr):
+def _layer_norm_bwd_kernel(DY, X, W, B, MEAN, RSTD, DS, DX, Y, PARTIAL, n_rows, n_cols, rows_per_program,
+                           HAS_DSUM: tl.constexpr, STORE_Y: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     m = cols < n_cols
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    if STORE_Y:
+        b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     first = pid * rows_per_program
@@ -112,6 +116,8 @@ def _layer_norm_bwd_kernel(DY, X, W, MEAN, RSTD, DS, DX, PARTIAL, n_rows, n_cols
             if HAS_DSUM:
                 dx += tl.load(DS + off, mask=m, other=0.0).to(tl.float32)
             tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=m)
+            if STORE_Y:  # the forward output, recomputed for the weight gradient of the layer after it
+                tl.store(Y + off, (xhat * w + b).to(Y.dtype.element_ty), mask=m)
             dw += dy * xhat
             db += dy
     n_programs = tl.num_programs(0)
@@ -150,25 +156,29 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                         rstd: torch.Tensor, grad_sum: torch.Tensor | None, param_dtype: torch.dtype,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dparams)``: ``dx`` (dtype of ``x``) includes ``grad_sum`` when given; ``dparams`` is
-    ``(2, C)`` in ``param_dtype``, ``[dweight, dbias]``, reduced from the partial sums by one ``torch.sum``."""
+                        bias: torch.Tensor | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dx, dparams, y)``: ``dx`` (dtype of ``x``) includes ``grad_sum`` when given; ``dparams`` is
+    ``(2, C)`` in ``param_dtype``, ``[dweight, dbias]``, reduced from the partial sums by one ``torch.sum``;
+    ``y`` is the forward output recomputed (dtype of ``x``) when ``bias`` is given, else ``None``."""
     cols = x.shape[-1]
     x2 = x.reshape(-1, cols).contiguous()
     rows = x2.shape[0]
     dy = grad_y.reshape(-1, cols).contiguous()
     ds = grad_sum.reshape(-1, cols).contiguous() if grad_sum is not None else dy
     dx = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    y = torch.empty((rows, cols), dtype=x.dtype, device=x.device) if bias is not None else None
     programs = layer_norm_backward_programs(rows)
     partial = torch.empty((2, programs, cols), dtype=torch.float32, device=x.device)
     if rows > 0:
         block = triton.next_power_of_2(cols)
         _layer_norm_bwd_kernel[(programs,)](
-            dy, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), ds, dx, partial, rows, cols,
-            triton.cdiv(rows, programs), HAS_DSUM=grad_sum is not None, BLOCK_C=block, num_warps=_num_warps(block))
+            dy, x2, weight.contiguous(), bias.contiguous() if bias is not None else weight, mean.contiguous(),
+            rstd.contiguous(), ds, dx, y if y is not None else dx, partial, rows, cols, triton.cdiv(rows, programs),
+            HAS_DSUM=grad_sum is not None, STORE_Y=y is not None, BLOCK_C=block, num_warps=_num_warps(block))
     else:
         partial.zero_()
-    return dx.view(x.shape), torch.sum(partial, dim=1, dtype=param_dtype)
+    return dx.view(x.shape), torch.sum(partial, dim=1, dtype=param_dtype), None if y is None else y.view(x.shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,13 +97,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 ) -> torch.Tensor:
+        return self.attend(self.qkv(x), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+    def attend(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+               ) -> torch.Tensor:
+        """Attention and ``proj`` from the ``qkv`` projection ``(B, N, 3C)`` (packed: ``(total, 3C)``)."""
+        channels = qkv.shape[-1] // 3
         if cu_seqlens is not None:  # packed (total, C)
-            total, channels = x.shape
-            q, k, v = self.qkv(x).reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
+            total = qkv.shape[0]
+            q, k, v = qkv.reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
             out = multihead_attention(q, k, v, backend=self.attn_backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             return self.proj(out.reshape(total, channels))
-        batch, n, channels = x.shape
-        q, k, v = self.qkv(x).reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        batch, n = qkv.shape[:2]
+        q, k, v = qkv.reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = multihead_attention(q, k, v, backend=self.attn_backend)
         return self.proj(out.transpose(1, 2).reshape(batch, n, channels))
 
@@ -131,14 +137,17 @@ class FusedBlock(Block):
     Same parameters and names as timm's block (``norm1``, ``attn``, ``norm2``, ``mlp.fc1``,
     ``mlp.fc2``: the state dict does not change) and the same function::
 
-        h = layer_norm(x, norm1)                    # fastmim layer_norm
-        x, h = add_layer_norm(x, attn(h), norm2)    # residual add + LayerNorm in one pass
-        x = x + fc2(bias_gelu(h @ fc1.weight.T, fc1.bias))   # bias_gelu_linear
+        qkv = layer_norm_linear(x, norm1, attn.qkv)          # LayerNorm output not saved
+        x, h = add_layer_norm_linear(x, attn.attend(qkv), norm2, fc1 without its bias)
+        x = x + bias_gelu_linear(h, fc1.bias, fc2)           # GELU output not saved
 
-    ``fc1`` runs as a matmul without bias and the bias goes into the GELU kernel; GELU and
-    ``fc2`` save only ``fc1``'s output: backward recomputes the activation (for ``fc2``'s weight
-    gradient) in the same pass as its gradient and the bias gradient. A block whose norms are not affine
-    ``nn.LayerNorm`` or whose activation is not the exact ``nn.GELU`` runs timm's steps.
+    The residual add and ``norm2`` run in one pass; ``fc1``'s bias goes into the GELU kernel.
+    Each block saves for backward the residual stream, ``fc1``'s output and the attention's own
+    tensors: the LayerNorm outputs and the GELU output, which the next matmul would otherwise
+    keep for its weight gradient, are recomputed in the backward pass that computes their
+    gradient (one extra store each). A block whose norms are not affine ``nn.LayerNorm``, whose
+    activation is not the exact ``nn.GELU``, or whose attention or MLP has other layers runs the
+    unfused steps (timm's).
     """
 
     def _fusable(self) -> bool:
@@ -146,23 +155,22 @@ class FusedBlock(Block):
         norms_ok = all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
                        and len(n.normalized_shape) == 1 for n in (self.norm1, self.norm2))
         act_ok = isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.act.approximate == "none"
-        return norms_ok and act_ok and getattr(mlp, "fc1", None) is not None and mlp.fc1.bias is not None
+        mlp_ok = (isinstance(getattr(mlp, "fc1", None), nn.Linear) and mlp.fc1.bias is not None
+                  and isinstance(getattr(mlp, "norm", None), nn.Identity)
+                  and not (self.training and getattr(mlp.drop1, "p", 0.0) > 0))
+        return norms_ok and act_ok and mlp_ok and isinstance(self.attn, Attention)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 ) -> torch.Tensor:
         if not self._fusable():
             return super().forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        from fastmim.ops.fused_block import add_layer_norm, bias_gelu, bias_gelu_linear, layer_norm
+        from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear, layer_norm_linear
 
-        norm1, norm2, mlp = self.norm1, self.norm2, self.mlp
-        h = layer_norm(x, norm1.weight, norm1.bias, norm1.eps)
-        branch = self.drop_path1(self.ls1(self.attn(h, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)))
-        x, h = add_layer_norm(x, branch, norm2.weight, norm2.bias, norm2.eps)
-        h = nn.functional.linear(h, mlp.fc1.weight)
-        if isinstance(mlp.norm, nn.Identity) and not (self.training and getattr(mlp.drop1, "p", 0.0) > 0):
-            h = mlp.drop2(bias_gelu_linear(h, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias))
-        else:  # something between the activation and fc2
-            h = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(bias_gelu(h, mlp.fc1.bias)))))
+        norm1, norm2, attn, mlp = self.norm1, self.norm2, self.attn, self.mlp
+        qkv = layer_norm_linear(x, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight, attn.qkv.bias)
+        branch = self.drop_path1(self.ls1(attn.attend(qkv, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)))
+        x, h = add_layer_norm_linear(x, branch, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight)
+        h = mlp.drop2(bias_gelu_linear(h, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias))
         return x + self.drop_path2(self.ls2(h))
 
 

@@ -15,11 +15,13 @@ from fastmim.ops.attention import (
 )
 from fastmim.ops.fused_block import (
     add_layer_norm,
+    add_layer_norm_linear,
     add_layer_norm_reference,
     bias_gelu,
     bias_gelu_linear,
     bias_gelu_reference,
     layer_norm,
+    layer_norm_linear,
     layer_norm_reference,
 )
 from fastmim.ops.loss import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify
@@ -38,8 +40,8 @@ from fastmim.ops.token_ops import (
 
 __all__ = ["BACKENDS", "backend_status", "forced_backend", "select_backend", "use_backend"]
 __all__ += ["ATTN_BACKENDS", "attention", "choose_attn_backend", "visible_attention", "visible_attention_reference"]
-__all__ += ["add_layer_norm", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear", "bias_gelu_reference",
-            "layer_norm", "layer_norm_reference"]
+__all__ += ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear",
+            "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference"]
 __all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
 __all__ += ["Masking", "PackedMasking", "gather_visible", "gather_visible_reference", "random_masking",
             "random_masking_reference", "random_permutation", "random_permutation_reference", "unshuffle",

@@ -29,8 +29,8 @@ import torch
 
 from fastmim.ops._dispatch import select_backend
 
-__all__ = ["add_layer_norm", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear", "bias_gelu_reference",
-           "layer_norm", "layer_norm_reference"]
+__all__ = ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear",
+           "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -202,25 +202,34 @@ def _(x, residual, weight, bias, eps):
 @torch.library.custom_op("fastmim::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                             rstd: torch.Tensor, grad_sum: torch.Tensor | None, param_dtype: torch.dtype,
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dparams)``: ``dx`` includes ``grad_sum`` (the gradient reaching ``x`` directly);
-    ``dparams`` is ``(2, C)``, ``[dweight, dbias]``, in ``param_dtype``."""
-    if _ln_backend(x, weight) == "triton" and grad_y.dtype in _TRITON_DTYPES:
+                            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dparams, y)``: ``dx`` includes ``grad_sum`` (the gradient reaching ``x`` directly);
+    ``dparams`` is ``(2, C)``, ``[dweight, dbias]``, in ``param_dtype``; ``y`` the forward output
+    recomputed when ``bias`` is given (else empty)."""
+    if _ln_backend(x, weight) == "triton" and grad_y.dtype in _TRITON_DTYPES and (
+            bias is None or bias.dtype in _TRITON_DTYPES):
         from fastmim.kernels import fused_block as kernels
 
-        return kernels.layer_norm_backward(grad_y, x, weight, mean, rstd, grad_sum, param_dtype)
+        dx, dparams, y = kernels.layer_norm_backward(grad_y, x, weight, mean, rstd, grad_sum, param_dtype, bias)
+        return dx, dparams, y if y is not None else x.new_empty(0)
+    y = x.new_empty(0)
+    if bias is not None:
+        xhat = (x.to(mean.dtype) - mean[..., None]) * rstd[..., None]
+        y = (xhat * weight.to(mean.dtype) + bias.to(mean.dtype)).to(x.dtype)
     if _native_ok(x, weight, grad_y) and param_dtype == x.dtype and mean.dtype == x.dtype:
         stats = x.shape[:-1] + (1,)
         dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
             grad_y, x, [x.shape[-1]], mean.view(stats), rstd.view(stats), weight, None, [True, True, False])
-        return (dx if grad_sum is None else dx + grad_sum), torch.stack([dw, grad_y.sum(dim=tuple(range(x.dim() - 1)))])
+        dparams = torch.stack([dw, grad_y.sum(dim=tuple(range(x.dim() - 1)))])
+        return (dx if grad_sum is None else dx + grad_sum), dparams, y
     dx, dparams = _reference_ln_backward(grad_y, x, weight, mean, rstd, grad_sum, param_dtype)
-    return dx.contiguous(), dparams
+    return dx.contiguous(), dparams, y
 
 
 @_layer_norm_backward_op.register_fake
-def _(grad_y, x, weight, mean, rstd, grad_sum, param_dtype):
-    return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=param_dtype)
+def _(grad_y, x, weight, mean, rstd, grad_sum, param_dtype, bias):
+    y = x.new_empty(x.shape if bias is not None else (0,))
+    return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=param_dtype), y
 
 
 def _param_grads(dparams: torch.Tensor, weight_dtype: torch.dtype, bias_dtype: torch.dtype):
@@ -245,7 +254,7 @@ def _ln_backward(ctx, grad_y, grad_mean, grad_rstd):
     bias_dtype, param_dtype = ctx.dtypes
     if grad_y is None:
         return None, None, None, None
-    dx, dparams = torch.ops.fastmim.layer_norm_backward(grad_y, x, weight, mean, rstd, None, param_dtype)
+    dx, dparams, _ = torch.ops.fastmim.layer_norm_backward(grad_y, x, weight, mean, rstd, None, param_dtype, None)
     return dx, *_param_grads(dparams, weight.dtype, bias_dtype), None
 
 
@@ -265,7 +274,7 @@ def _add_ln_backward(ctx, grad_s, grad_y, grad_mean, grad_rstd):
         if grad_s is None:
             return None, None, None, None, None
         return grad_s.to(x_dtype), grad_s.to(residual_dtype), None, None, None
-    ds, dparams = torch.ops.fastmim.layer_norm_backward(grad_y, s, weight, mean, rstd, grad_s, param_dtype)
+    ds, dparams, _ = torch.ops.fastmim.layer_norm_backward(grad_y, s, weight, mean, rstd, grad_s, param_dtype, None)
     return ds.to(x_dtype), ds.to(residual_dtype), *_param_grads(dparams, weight.dtype, bias_dtype), None
 
 
@@ -367,6 +376,43 @@ class _BiasGeluLinear(torch.autograd.Function):
         return dx, dbias, dweight, dlinear_bias
 
 
+class _LayerNormLinear(torch.autograd.Function):
+    """``linear(layer_norm(s), weight, linear_bias)`` with ``s = x`` or ``s = x + residual``, saving
+    ``s`` (the residual stream keeps it anyway), ``mean``/``rstd`` and the parameters, not the
+    normalised tensor: backward recomputes it in the LayerNorm backward pass, for the weight
+    gradient. Returns ``(s, out)`` with a residual, else ``out``. Casts as :class:`_BiasGeluLinear`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, ln_weight, ln_bias, eps, weight, linear_bias):
+        if residual is None:
+            s = x
+            y, mean, rstd = torch.ops.fastmim.layer_norm(x, ln_weight, ln_bias, eps)
+        else:
+            s, y, mean, rstd = torch.ops.fastmim.add_layer_norm(x, residual, ln_weight, ln_bias, eps)
+        ctx.save_for_backward(s, ln_weight, ln_bias, mean, rstd, weight)
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype,
+                      None if linear_bias is None else linear_bias.dtype)
+        out = torch.nn.functional.linear(y, weight, linear_bias)
+        return out if residual is None else (s, out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s, ln_weight, ln_bias, mean, rstd, weight = ctx.saved_tensors
+        x_dtype, residual_dtype, linear_bias_dtype = ctx.dtypes
+        grad_s, grad_out = (None, grads[0]) if residual_dtype is None else grads
+        grad_y = torch.matmul(grad_out, weight.to(grad_out.dtype))
+        param_dtype = _param_dtype(ln_weight, ln_bias)
+        ds, dparams, y = torch.ops.fastmim.layer_norm_backward(grad_y, s, ln_weight, mean, rstd, grad_s, param_dtype,
+                                                                ln_bias)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        dweight = torch.matmul(grad_2d.t(), y.reshape(-1, y.shape[-1]).to(grad_out.dtype)).to(weight.dtype)
+        dlinear_bias = None if linear_bias_dtype is None else grad_2d.sum(dim=0, dtype=linear_bias_dtype)
+        dln_weight, dln_bias = _param_grads(dparams, ln_weight.dtype, ln_bias.dtype)
+        dresidual = None if residual_dtype is None else ds.to(residual_dtype)
+        return ds.to(x_dtype), dresidual, dln_weight, dln_bias, None, dweight, dlinear_bias
+
+
 # --------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------
@@ -428,3 +474,38 @@ def bias_gelu_linear(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
             raise ValueError(f"linear_bias must be ({weight.shape[0]},) on {x.device}, got "
                              f"{tuple(linear_bias.shape)} on {linear_bias.device}")
     return _BiasGeluLinear.apply(x, bias, weight, linear_bias)
+
+
+def _check_linear(weight, linear_bias, x: torch.Tensor, names=("weight", "linear_bias")) -> None:
+    _check_tensor(weight, names[0])
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.device != x.device:
+        raise ValueError(f"{names[0]} must be (out_features, {x.shape[-1]}) on {x.device}, got "
+                         f"{tuple(weight.shape)} on {weight.device}")
+    if linear_bias is not None:
+        _check_tensor(linear_bias, names[1])
+        if linear_bias.shape != (weight.shape[0],) or linear_bias.device != x.device:
+            raise ValueError(f"{names[1]} must be ({weight.shape[0]},) on {x.device}, got "
+                             f"{tuple(linear_bias.shape)} on {linear_bias.device}")
+
+
+def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      linear_weight: torch.Tensor, linear_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(layer_norm(x, weight, bias, eps), linear_weight, linear_bias)`` (a block's norm1 and
+    qkv), saving ``x`` and the row statistics but not the normalised tensor (recomputed in backward)."""
+    eps = _check_layer_norm(x, weight, bias, eps)
+    _check_linear(linear_weight, linear_bias, x, ("linear_weight", "linear_bias"))
+    return _LayerNormLinear.apply(x, None, weight, bias, eps, linear_weight, linear_bias)
+
+
+def add_layer_norm_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, linear(layer_norm(s), linear_weight, linear_bias))`` with ``s = x + residual`` (a block's
+    residual add, norm2 and fc1), saving ``s`` and the row statistics, not the normalised tensor."""
+    eps = _check_layer_norm(x, weight, bias, eps)
+    _check_x(residual, "residual")
+    if residual.shape != x.shape or residual.device != x.device:
+        raise ValueError(f"residual must have the shape and device of x {tuple(x.shape)} ({x.device}), got "
+                         f"{tuple(residual.shape)} ({residual.device})")
+    _check_linear(linear_weight, linear_bias, x, ("linear_weight", "linear_bias"))
+    return _LayerNormLinear.apply(x, residual, weight, bias, eps, linear_weight, linear_bias)
