@@ -138,13 +138,31 @@ def test_train_mae_five_steps(tmp_path):
 
 @pytest.mark.parametrize("method", ["supmim", "supmae", "cmae", "lut"])
 def test_train_other_methods_five_steps(tmp_path, method):
-    from fastmim.models import list_methods
-
-    if method not in list_methods():
-        pytest.skip(f"model {method!r} is not in fastmim.models yet")
     result = train(_config(tmp_path, method=method))
     assert result.finished
     _check_run_outputs(tmp_path / "run", 5)
+
+
+def test_adapter_state_is_saved_and_restored_on_resume(tmp_path, monkeypatch):
+    """CMAE's ContrastiveCrop boxes and schedule live in its adapter: they travel with the checkpoint."""
+    from fastmim.train.checkpoint import STATE_NAME, load_state
+    from fastmim.train.methods import CMAEAdapter
+
+    common = {"method": "cmae", "max_steps": 4, "figures": False}
+    train(_config(tmp_path, stop_after=2, **common))
+    saved = load_state(tmp_path / "run" / STATE_NAME)["adapter"]
+    assert "contrastive_crop" in saved
+    restored = []
+    original = CMAEAdapter.load_state_dict
+
+    def record(self, state):
+        restored.append(state)
+        original(self, state)
+
+    monkeypatch.setattr(CMAEAdapter, "load_state_dict", record)
+    result = train(_config(tmp_path, resume=True, **common))
+    assert result.finished and result.step == 4
+    assert len(restored) == 1 and restored[0].keys() == saved.keys()
 
 
 def test_loss_decreases_on_the_bundled_data(tmp_path):

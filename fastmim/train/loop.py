@@ -371,6 +371,7 @@ class _Run:
             raise CheckpointError(f"optimizer state in {self.out / STATE_NAME} does not fit the model "
                                   f"({exc})") from None
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.adapter.load_state_dict(state.get("adapter", {}))
         rng = state["rng"]
         _set_rng_state(rng[self.info.rank] if isinstance(rng, list) else rng, self.device)
 
@@ -441,7 +442,7 @@ class _Run:
             "optimizer": optimizer_state, "scheduler": {"kind": "cosine", "lr": self.lr,
                                                                    "warmup_steps": self.warmup, "step": self.step},
             "rng": rng, "config": self.cfg.to_json(), "world_size": self.info.world_size,
-            "fastmim_version": fastmim.__version__})
+            "adapter": self.adapter.state_dict(), "fastmim_version": fastmim.__version__})
         self.files["checkpoint"] = self.out / CHECKPOINT_NAME
         self.files["state"] = self.out / STATE_NAME
         self.saved_step = self.step

@@ -119,6 +119,14 @@ class MethodAdapter:
     def after_step(self, module: nn.Module, ctx: StepContext) -> None:
         """Called after each optimizer step (e.g. an EMA teacher update)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Per-run state the adapter keeps outside the model, saved with each checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` on ``--resume``."""
+        del state
+
     def reconstruct(self, module: nn.Module, imgs: torch.Tensor, mask_ratio: float,
                     noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(reconstruction (B, C, H, W), mask (B, L))`` for the figure, or ``None`` when the
