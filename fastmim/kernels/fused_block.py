@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)  # a jit function reads only constexpr globals
-_INV_SQRT_2PI = 0.3989422804014327
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 # Programs of the LayerNorm backward: enough to fill a GPU, few enough that the fp32 partial
 # sums of dweight/dbias (2 x programs x C) stay small next to dx.
