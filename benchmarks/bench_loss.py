@@ -128,8 +128,10 @@ def main(argv=None):
     imgs_dtype = torch.float32
     if args.smoke:
         shapes = [("vit-b-224-p16", 2, 32, 16), ("small-32-p4", 4, 16, 4)]
-    else:
+    elif on_cuda:
         shapes = [("vit-b-224-p16", 256, 224, 16), ("small-32-p4", 1024, 32, 4)]
+    else:  # CPU timings at the tiny models' shapes
+        shapes = [("vit-tiny-224-p16", 16, 224, 16), ("small-32-p4", 64, 32, 4)]
     ceilings = harness.measure_ceilings(device, smoke=args.smoke)
     records = []
     for label, batch, size, p in shapes:

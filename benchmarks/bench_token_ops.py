@@ -160,8 +160,10 @@ def main(argv=None):
     dtype = torch.bfloat16 if on_cuda else torch.float32
     if args.smoke:
         B, L, enc_dims, dec_dims = 2, 16, (32,), (32,)
-    else:
+    elif on_cuda:
         B, L, enc_dims, dec_dims = 256, 196, (768, 1024), (512, 768, 1024)
+    else:  # CPU timings at the tiny model's shapes (ViT-Tiny/16 at 224 px, batch 16)
+        B, L, enc_dims, dec_dims = 16, 196, (192,), (128,)
     ceilings = harness.measure_ceilings(device, smoke=args.smoke)
     records = []
     cases = [("encoder", D) for D in enc_dims] + [("decoder", D) for D in dec_dims]
