@@ -188,11 +188,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_varlen(const at::T
 }
 
 // ---- Meta kernels: output shapes and dtypes (torch.compile traces through these) ----
+// The dispatcher also picks them when any argument is a meta tensor, so they repeat the real
+// kernels' same-device checks: a meta index tensor next to CPU tokens is an error, not a
+// shape-only result.
+
+void check_same_device_opt(const std::optional<at::Tensor>& a, const at::Tensor& b, const char* op,
+                           const char* name_a, const char* name_b) {
+  if (a.has_value()) check_same_device(*a, b, op, name_a, name_b);
+}
 
 at::Tensor gather_visible_meta(const at::Tensor& x, const at::Tensor& ids_keep,
                                const std::optional<at::Tensor>& pos_embed,
                                const std::optional<at::Tensor>& cls_token) {
   const char* op = "csrc_gather_visible";
+  check_same_device(x, ids_keep, op, "x", "ids_keep");
+  check_same_device_opt(pos_embed, x, op, "pos_embed", "the tokens");
+  check_same_device_opt(cls_token, x, op, "cls_token", "the tokens");
   TORCH_CHECK(x.dim() == 3 && ids_keep.dim() == 2, op, ": x must be (B, L, D) and ids_keep (B, K)");
   const at::ScalarType dtype = token_result_dtype(x, {&pos_embed, &cls_token}, op);
   return at::empty({x.size(0), ids_keep.size(1) + (cls_token.has_value() ? 1 : 0), x.size(2)},
@@ -204,6 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_meta(cons
                                                                             int64_t num_patches, bool has_cls,
                                                                             bool need_x, bool need_pos,
                                                                             bool need_cls) {
+  check_same_device(grad_out, ids_keep, "csrc_gather_visible_backward", "grad_out", "ids_keep");
   auto opts = grad_out.options();
   const int64_t D = grad_out.size(-1);
   return {need_x ? at::empty({grad_out.size(0), num_patches, D}, opts) : at::empty({0}, opts),
@@ -214,6 +226,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_meta(cons
 at::Tensor unshuffle_meta(const at::Tensor& x_visible, const at::Tensor& ids_restore, const at::Tensor& mask_token,
                           const std::optional<at::Tensor>& pos_embed, bool has_cls) {
   const char* op = "csrc_unshuffle";
+  check_same_device(x_visible, ids_restore, op, "x_visible", "ids_restore");
+  check_same_device(mask_token, x_visible, op, "mask_token", "the tokens");
+  check_same_device_opt(pos_embed, x_visible, op, "pos_embed", "the tokens");
   TORCH_CHECK(x_visible.dim() == 3 && ids_restore.dim() == 2, op,
               ": x_visible must be (B, K, D) and ids_restore (B, L)");
   const std::optional<at::Tensor> mask_opt = mask_token;
@@ -226,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_meta(const at:
                                                                        const at::Tensor& ids_restore,
                                                                        int64_t num_visible, bool has_cls, bool need_x,
                                                                        bool need_mask, bool need_pos) {
+  check_same_device(grad_out, ids_restore, "csrc_unshuffle_backward", "grad_out", "ids_restore");
   auto opts = grad_out.options();
   const int64_t D = grad_out.size(-1), hc = has_cls ? 1 : 0;
   return {need_x ? at::empty({grad_out.size(0), num_visible + hc, D}, opts) : at::empty({0}, opts),
@@ -238,13 +254,19 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_meta(const at::Tensor& pred,
                                                          const std::optional<at::Tensor>& ids_masked,
                                                          int64_t patch_size, bool norm_pix, double eps,
                                                          c10::string_view reduction, bool compute_grad) {
+  const char* op = "csrc_masked_patch_mse";
+  check_same_device(pred, imgs, op, "pred", "imgs");
+  check_same_device_opt(mask, pred, op, "mask", "pred");
+  check_same_device_opt(ids_masked, pred, op, "ids_masked", "pred");
   auto f32 = pred.options().dtype(at::kFloat);
   auto loss = reduction == "none" ? at::empty(pred.sizes().slice(0, pred.dim() - 1), f32) : at::empty({}, f32);
   auto grad = compute_grad ? at::empty(pred.sizes(), pred.options()) : at::empty({0}, pred.options());
   return {loss, grad};
 }
 
-void masked_patch_mse_backward_meta(const at::Tensor& grad_pred, const at::Tensor& grad_output) {}
+void masked_patch_mse_backward_meta(const at::Tensor& grad_pred, const at::Tensor& grad_output) {
+  check_same_device(grad_output, grad_pred, "csrc_masked_patch_mse_backward", "grad_output", "grad_pred");
+}
 
 }  // namespace
 }  // namespace fastmim

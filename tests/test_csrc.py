@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,6 +182,101 @@ def test_unshuffle_mixed_dtypes(device):
     assert out.dtype == torch.float32 and torch.equal(out, ref)
 
 
+# ------------------------------------------------------------------------------ edge layouts
+
+
+def _offset_copy(t, offset_bytes):
+    """A contiguous copy of ``t`` whose data starts ``offset_bytes`` past an aligned address."""
+    step = offset_bytes // t.element_size()
+    flat = torch.full((t.numel() + step,), float("nan"), dtype=t.dtype, device=t.device)
+    view = flat[step:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 == offset_bytes % 16
+    return view
+
+
+# D is a multiple of every pack width, so only the addresses can rule the 16-byte packs out; a
+# 16-byte offset of an fp32 operand next to fp16 tokens breaks the 32-byte alignment its packs
+# of 8 would need.
+MISALIGNED_CASES = [(torch.float32, torch.float32, 4), (torch.bfloat16, torch.bfloat16, 2),
+                    (torch.float16, torch.float32, 16), (torch.float16, torch.float32, 4)]
+
+
+@pytest.mark.parametrize("dtype,aux_dtype,offset", MISALIGNED_CASES)
+@pytest.mark.parametrize("operand", ["x", "pos_embed", "cls_token"])
+def test_gather_visible_misaligned_views(device, dtype, aux_dtype, offset, operand):
+    B, L, K, D = 2, 49, 13, 64
+    x, ids_keep, pos, cls = _tokens(B, L, K, D, dtype, device, L + 1, True, pos_dtype=aux_dtype)
+    ref = token_ops.gather_visible_reference(x, ids_keep, pos, cls_token=cls)
+    args = {"x": x, "pos_embed": pos, "cls_token": cls}
+    args[operand] = _offset_copy(args[operand], offset)
+    out = ops.csrc_gather_visible(args["x"], ids_keep, args["pos_embed"], args["cls_token"])
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+
+    grad_out = torch.randn_like(ref).to(dtype)
+    grad_out = _offset_copy(grad_out, grad_out.element_size())
+    grad_x, grad_pos, grad_cls = ops.csrc_gather_visible_backward(grad_out, ids_keep, L, True, True, True, True)
+    ref_x, ref_pos, ref_cls = token_ops._gather_visible_backward_reference(grad_out, ids_keep, None, L, True)
+    assert torch.equal(grad_x, ref_x.to(dtype))
+    assert_rel_close(grad_pos, ref_pos, dtype, name="grad_pos")
+    assert_rel_close(grad_cls, ref_cls, dtype, name="grad_cls")
+
+
+@pytest.mark.parametrize("dtype,aux_dtype,offset", MISALIGNED_CASES)
+@pytest.mark.parametrize("operand", ["x_visible", "mask_token", "pos_embed"])
+def test_unshuffle_misaligned_views(device, dtype, aux_dtype, offset, operand):
+    B, L, K, D = 2, 49, 13, 64
+    ids_restore = torch.stack([torch.argsort(torch.randperm(L, device=device)) for _ in range(B)])
+    args = {"x_visible": torch.randn(B, K + 1, D, device=device).to(dtype),
+            "mask_token": torch.randn(D, device=device).to(aux_dtype),
+            "pos_embed": torch.randn(L + 1, D, device=device).to(aux_dtype)}
+    ref = token_ops.unshuffle_reference(args["x_visible"], ids_restore, args["mask_token"], args["pos_embed"],
+                                        has_cls=True)
+    args[operand] = _offset_copy(args[operand], offset)
+    out = ops.csrc_unshuffle(args["x_visible"], ids_restore, args["mask_token"], args["pos_embed"], True)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+
+    grad_out = torch.randn_like(ref).to(dtype)
+    grad_out = _offset_copy(grad_out, grad_out.element_size())
+    grad_x, grad_mask, grad_pos = ops.csrc_unshuffle_backward(grad_out, ids_restore, K, True, True, True, True)
+    ref_x, ref_mask, ref_pos = token_ops._unshuffle_backward_reference(grad_out, ids_restore, None, K + 1, True)
+    assert torch.equal(grad_x, ref_x.to(dtype))
+    assert_rel_close(grad_mask, ref_mask, dtype, name="grad_mask_token")
+    assert_rel_close(grad_pos, ref_pos, dtype, name="grad_pos")
+
+
+@pytest.mark.parametrize("has_cls", [False, True])
+def test_token_ops_with_no_patches(device, has_cls):
+    # L = K = 0: every kernel has nothing (or only the cls row) to do; none may launch an empty grid.
+    B, D, hc = 2, 16, int(has_cls)
+    ids = torch.empty(B, 0, dtype=torch.int64, device=device)
+    x = torch.randn(B, 0, D, device=device)
+    cls = torch.randn(D, device=device) if has_cls else None
+    out = ops.csrc_gather_visible(x, ids, None, cls)
+    ref = token_ops.gather_visible_reference(x, ids, None, cls_token=cls)
+    assert out.shape == ref.shape == (B, hc, D) and torch.equal(out, ref)
+    grad_out = torch.randn(B, hc, D, device=device)
+    got = ops.csrc_gather_visible_backward(grad_out, ids, 0, has_cls, True, True, True)
+    ref_x, ref_pos, ref_cls = token_ops._gather_visible_backward_reference(grad_out, ids, None, 0, has_cls)
+    assert got[0].shape == ref_x.shape == (B, 0, D) and got[1].shape == ref_pos.shape == (0, D)
+    if has_cls:
+        assert_rel_close(got[2], ref_cls, torch.float32, name="grad_cls")
+    else:
+        assert got[2].numel() == 0
+
+    x_visible = torch.randn(B, hc, D, device=device)
+    mask_token = torch.randn(D, device=device)
+    out = ops.csrc_unshuffle(x_visible, ids, mask_token, None, has_cls)
+    ref = token_ops.unshuffle_reference(x_visible, ids, mask_token, None, has_cls=has_cls)
+    assert out.shape == ref.shape == (B, hc, D) and torch.equal(out, ref)
+    grad_x, grad_mask, grad_pos = ops.csrc_unshuffle_backward(grad_out, ids, 0, has_cls, True, True, True)
+    ref_x, ref_mask, ref_pos = token_ops._unshuffle_backward_reference(grad_out, ids, None, hc, has_cls)
+    assert torch.equal(grad_x, ref_x) and grad_pos.shape == ref_pos.shape == (hc, D)
+    assert torch.equal(grad_mask, ref_mask) and not grad_mask.any()  # no masked position: sum over nothing
+    if has_cls:
+        assert torch.equal(grad_pos, ref_pos)
+
+
 # ------------------------------------------------------------------------------ masked_patch_mse
 
 
@@ -289,71 +386,329 @@ def test_meta_shapes():
 
 
 # ------------------------------------------------------------------------------ bad input
+# One case per argument check of the C++ ops, called directly (the public ops validate first).
+# A CPU tensor next to a meta one exercises the same-device checks: the dispatcher then picks
+# the Meta kernel, which must refuse the mix rather than return a shape-only result.
+
+_B, _L, _K, _D = 2, 49, 12, 16
+CPU = torch.device("cpu")
 
 
-def test_bad_input_raises_clear_errors():
-    x = torch.randn(2, 49, 16)
-    ids = torch.stack([torch.randperm(49)[:12] for _ in range(2)])
-    bad_ids = ids.clone()
-    bad_ids[1, 3] = 49
-    with pytest.raises(RuntimeError, match=r"ids_keep\[1, 3\] = 49 is out of range"):
-        ops.csrc_gather_visible(x, bad_ids, None, None)
-    negative = ids.clone()
-    negative[1, 3] = -1
-    with pytest.raises(RuntimeError, match=r"ids_keep\[1, 3\] = -1 is out of range"):
-        ops.csrc_gather_visible(x, negative, None, None)
-    with pytest.raises(RuntimeError, match="ids_keep must be int64 or int32"):
-        ops.csrc_gather_visible(x, ids.float(), None, None)
-    with pytest.raises(RuntimeError, match="x must be contiguous"):
-        ops.csrc_gather_visible(x.transpose(0, 1), ids, None, None)
-    with pytest.raises(RuntimeError, match="pos_embed must have shape"):
-        ops.csrc_gather_visible(x, ids, torch.randn(48, 16), None)
-    with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
-        ops.csrc_gather_visible(x.double(), ids, None, None)
-    with pytest.raises(RuntimeError, match=r"ids_keep\[1, 3\] = 49 is out of range"):
-        ops.csrc_gather_visible_backward(torch.randn(2, 12, 16), bad_ids, 49, False, True, True, False)
-    with pytest.raises(RuntimeError, match="grad_out must have K \\+ has_cls = 13 rows"):
-        ops.csrc_gather_visible_backward(torch.randn(2, 12, 16), ids, 49, True, True, True, False)
+def _x(dtype=torch.float32, B=_B, L=_L, D=_D):
+    return torch.randn(B, L, D).to(dtype)
 
-    ids_restore = torch.stack([torch.argsort(torch.randperm(49)) for _ in range(2)])
-    bad_restore = ids_restore.clone()
-    bad_restore[0, 7] = 1000
-    xv = torch.randn(2, 12, 16)
-    with pytest.raises(RuntimeError, match=r"ids_restore\[0, 7\] = 1000 is out of range"):
-        ops.csrc_unshuffle(xv, bad_restore, torch.randn(16), None, False)
-    with pytest.raises(RuntimeError, match="mask_token must have 16 elements"):
-        ops.csrc_unshuffle(xv, ids_restore, torch.randn(15), None, False)
-    with pytest.raises(RuntimeError, match=r"ids_restore\[0, 7\] = 1000 is out of range"):
-        ops.csrc_unshuffle_backward(torch.randn(2, 49, 16), bad_restore, 12, False, True, True, True)
-    with pytest.raises(RuntimeError, match="num_visible must be in"):
-        ops.csrc_unshuffle_backward(torch.randn(2, 49, 16), ids_restore, 50, False, True, True, True)
 
-    pred, imgs, mask = _loss_inputs(2, 3, 16, 16, 4, torch.float32, "cpu", 0.5)
-    with pytest.raises(RuntimeError, match="not divisible by patch_size 5"):
-        ops.csrc_masked_patch_mse(pred, imgs, mask, None, 5, True, 1e-6, "mean", True)
-    with pytest.raises(RuntimeError, match=r"pred must have shape \(2, 16, 48\)"):
-        ops.csrc_masked_patch_mse(pred[:, :15].contiguous(), imgs, mask, None, 4, True, 1e-6, "mean", True)
-    with pytest.raises(RuntimeError, match="mask must have shape"):
-        ops.csrc_masked_patch_mse(pred, imgs, mask[:, :3], None, 4, True, 1e-6, "mean", True)
-    with pytest.raises(RuntimeError, match="reduction must be"):
-        ops.csrc_masked_patch_mse(pred, imgs, mask, None, 4, True, 1e-6, "max", True)
-    ids_masked = torch.full((2, 3), 16, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match=r"ids_masked\[0, 0\] = 16 is out of range"):
-        ops.csrc_masked_patch_mse(pred[:, :3].contiguous(), imgs, mask, ids_masked, 4, True, 1e-6, "mean", True)
-    with pytest.raises(RuntimeError, match="grad_pred is empty"):
-        ops.csrc_masked_patch_mse_backward(torch.empty(0), torch.tensor(1.0))
-    with pytest.raises(RuntimeError, match="grad_output must be a scalar or have shape"):
-        ops.csrc_masked_patch_mse_backward(pred.clone(), torch.ones(3))
+def _ids(B=_B, K=_K, L=_L):
+    return torch.stack([torch.randperm(L)[:K] for _ in range(B)])
 
-    with pytest.raises(RuntimeError, match="num_keep must be in"):
-        ops.csrc_random_masking(torch.tensor(1), 2, 49, 50, torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="seed must be an int64 tensor"):
-        ops.csrc_random_masking(torch.tensor(1.0), 2, 49, 5, torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="keep count of sample 1"):
-        ops.csrc_random_masking_varlen(torch.tensor(1), torch.tensor([0, 3, 60]), 2, 49, 60, torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="no kernel for device meta"):
-        ops.csrc_random_permutation(torch.tensor(1), 2, 49, torch.device("meta"))
 
+def _with(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _restore(B=_B, L=_L):
+    return torch.stack([torch.argsort(torch.randperm(L)) for _ in range(B)])
+
+
+def _xv(dtype=torch.float32, B=_B, rows=_K):
+    return torch.randn(B, rows, _D).to(dtype)
+
+
+def _meta(t):
+    return t.to("meta")
+
+
+def _loss(pred=None, imgs=None, mask=None, ids=None, p=4, reduction="mean"):
+    ref_pred, ref_imgs, ref_mask = _loss_inputs(2, 3, 16, 16, 4, torch.float32, "cpu", 0.5)
+    pred = ref_pred if pred is None else pred
+    imgs = ref_imgs if imgs is None else imgs
+    mask = ref_mask if mask is None else mask
+    return ops.csrc_masked_patch_mse(pred, imgs, mask, ids, p, True, 1e-6, reduction, True)
+
+
+def _pred(*shape):  # (2, 16, 48) by default: imgs (2, 3, 16, 16) with p = 4
+    return torch.randn(*(shape or (2, 16, 48)))
+
+
+def _varlen(cu, total, batch=2, device=CPU):
+    return ops.csrc_random_masking_varlen(torch.tensor(1), cu, batch, _L, total, device)
+
+
+BAD_INPUT_CASES = {
+    # gather_visible
+    "gather/ids_keep too large": (lambda: ops.csrc_gather_visible(_x(), _with(_ids(), (1, 3), 49), None, None),
+                                  r"ids_keep\[1, 3\] = 49 is out of range \[0, 49\)"),
+    "gather/ids_keep negative": (lambda: ops.csrc_gather_visible(_x(), _with(_ids(), (1, 3), -1), None, None),
+                                 r"ids_keep\[1, 3\] = -1 is out of range"),
+    "gather/ids_keep dtype": (lambda: ops.csrc_gather_visible(_x(), _ids().float(), None, None),
+                              "ids_keep must be int64 or int32, got Float"),
+    "gather/ids_keep 1-D": (lambda: ops.csrc_gather_visible(_x(), _ids()[0], None, None),
+                            "ids_keep must be 2-D"),
+    "gather/ids_keep batch": (lambda: ops.csrc_gather_visible(_x(), _ids(B=3), None, None),
+                              r"ids_keep must have shape \(2, N\), got \[3, 12\]"),
+    "gather/ids_keep non-contiguous": (lambda: ops.csrc_gather_visible(_x(), _ids(B=_K, K=_B).t(), None, None),
+                                       "ids_keep must be contiguous"),
+    "gather/ids_keep too many columns": (
+        lambda: ops.csrc_gather_visible(_x(), torch.randint(0, _L, (_B, _L + 1)), None, None),
+        "ids_keep has 50 columns but x has only 49 patches"),
+    "gather/ids_keep device": (lambda: ops.csrc_gather_visible(_x(), _meta(_ids()), None, None),
+                               "x and ids_keep must be on the same device, got cpu and meta"),
+    "gather/x dtype": (lambda: ops.csrc_gather_visible(_x(torch.float64), _ids(), None, None),
+                       "x must be float32, bfloat16 or float16, got Double"),
+    "gather/x non-contiguous": (lambda: ops.csrc_gather_visible(_x(L=_B, B=_L).transpose(0, 1), _ids(), None, None),
+                                "x must be contiguous"),
+    "gather/x 2-D": (lambda: ops.csrc_gather_visible(_x()[0], _ids(), None, None), "x must be 3-D"),
+    "gather/x D == 0": (lambda: ops.csrc_gather_visible(_x(D=0), _ids(), None, None),
+                        "x must have B >= 1 and D >= 1"),
+    "gather/dtypes promote to float64": (
+        lambda: ops.csrc_gather_visible(_x(), _ids(), torch.randn(_L, _D, dtype=torch.float64), None),
+        "the inputs promote to Double"),
+    "gather/pos_embed dtype": (  # bf16 tokens + fp16 pos_embed promote to fp32, which pos_embed is not
+        lambda: ops.csrc_gather_visible(_x(torch.bfloat16), _ids(), torch.randn(_L, _D).half(), None),
+        "pos_embed must have the result dtype Float, got Half"),
+    "gather/pos_embed shape": (lambda: ops.csrc_gather_visible(_x(), _ids(), torch.randn(48, _D), None),
+                               r"pos_embed must have shape \(L, D\) or \(L \+ 1, D\)"),
+    "gather/pos_embed 3-D batch": (lambda: ops.csrc_gather_visible(_x(), _ids(), torch.randn(2, _L, _D), None),
+                                   r"pos_embed must have shape .* got \[2, 49, 16\]"),
+    "gather/pos_embed non-contiguous": (lambda: ops.csrc_gather_visible(_x(), _ids(), torch.randn(_D, _L).t(), None),
+                                        "pos_embed must be contiguous"),
+    "gather/pos_embed device": (lambda: ops.csrc_gather_visible(_x(), _ids(), _meta(torch.randn(_L, _D)), None),
+                                "pos_embed and the tokens must be on the same device"),
+    "gather/cls_token shape": (lambda: ops.csrc_gather_visible(_x(), _ids(), None, torch.randn(_D - 1)),
+                               r"cls_token must have 16 elements \(D,\), got shape \[15\]"),
+    "gather/cls_token dtype": (  # pos_embed fp32 makes the result fp32; cls_token stayed bf16
+        lambda: ops.csrc_gather_visible(_x(torch.bfloat16), _ids(), torch.randn(_L, _D),
+                                        torch.randn(_D).bfloat16()),
+        "cls_token must have the result dtype Float, got BFloat16"),
+    "gather/cls_token non-contiguous": (lambda: ops.csrc_gather_visible(_x(), _ids(), None, torch.randn(2 * _D)[::2]),
+                                        "cls_token must be contiguous"),
+    "gather/cls_token device": (lambda: ops.csrc_gather_visible(_x(), _ids(), None, _meta(torch.randn(_D))),
+                                "cls_token and the tokens must be on the same device"),
+    # gather_visible backward
+    "gather_bwd/ids_keep too large": (
+        lambda: ops.csrc_gather_visible_backward(_xv(), _with(_ids(), (1, 3), 49), _L, False, True, True, False),
+        r"ids_keep\[1, 3\] = 49 is out of range"),
+    "gather_bwd/grad_out rows": (
+        lambda: ops.csrc_gather_visible_backward(_xv(), _ids(), _L, True, True, True, False),
+        r"grad_out must have K \+ has_cls = 13 rows, got 12"),
+    "gather_bwd/num_patches < K": (
+        lambda: ops.csrc_gather_visible_backward(_xv(), _ids(), 10, False, True, True, False),
+        r"num_patches \(10\) must be >= K \(12\)"),
+    "gather_bwd/grad_out dtype": (
+        lambda: ops.csrc_gather_visible_backward(_xv(torch.float64), _ids(), _L, False, True, True, False),
+        "grad_out must be float32, bfloat16 or float16"),
+    "gather_bwd/grad_out non-contiguous": (
+        lambda: ops.csrc_gather_visible_backward(torch.randn(_B, _D, _K).transpose(1, 2), _ids(), _L, False, True,
+                                                 True, False),
+        "grad_out must be contiguous"),
+    "gather_bwd/ids_keep non-contiguous": (
+        lambda: ops.csrc_gather_visible_backward(_xv(), _ids(B=_K, K=_B).t(), _L, False, True, True, False),
+        "ids_keep must be contiguous"),
+    "gather_bwd/ids_keep batch": (
+        lambda: ops.csrc_gather_visible_backward(_xv(), _ids(B=1), _L, False, True, True, False),
+        r"ids_keep must have shape \(2, N\)"),
+    "gather_bwd/ids_keep device": (
+        lambda: ops.csrc_gather_visible_backward(_xv(), _meta(_ids()), _L, False, True, True, False),
+        "grad_out and ids_keep must be on the same device"),
+    # unshuffle
+    "unshuffle/ids_restore out of range": (
+        lambda: ops.csrc_unshuffle(_xv(), _with(_restore(), (0, 7), 1000), torch.randn(_D), None, False),
+        r"ids_restore\[0, 7\] = 1000 is out of range \[0, 49\)"),
+    "unshuffle/ids_restore dtype": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore().to(torch.int16), torch.randn(_D), None, False),
+        "ids_restore must be int64 or int32, got Short"),
+    "unshuffle/ids_restore batch": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore(B=3), torch.randn(_D), None, False),
+        r"ids_restore must have shape \(2, N\)"),
+    "unshuffle/ids_restore non-contiguous": (
+        lambda: ops.csrc_unshuffle(_xv(), torch.randint(0, _L, (_L, _B)).t(), torch.randn(_D), None, False),
+        "ids_restore must be contiguous"),
+    "unshuffle/ids_restore device": (
+        lambda: ops.csrc_unshuffle(_xv(), _meta(_restore()), torch.randn(_D), None, False),
+        "x_visible and ids_restore must be on the same device"),
+    "unshuffle/x_visible dtype": (
+        lambda: ops.csrc_unshuffle(_xv(torch.float64), _restore(), torch.randn(_D).double(), None, False),
+        "x_visible must be float32, bfloat16 or float16, got Double"),
+    "unshuffle/x_visible non-contiguous": (
+        lambda: ops.csrc_unshuffle(torch.randn(_B, _D, _K).transpose(1, 2), _restore(), torch.randn(_D), None,
+                                   False),
+        "x_visible must be contiguous"),
+    "unshuffle/x_visible rows": (
+        lambda: ops.csrc_unshuffle(_xv(rows=_L + 1), _restore(), torch.randn(_D), None, False),
+        r"x_visible must have K \+ has_cls rows with 0 <= K <= L = 49, got 50 rows"),
+    "unshuffle/x_visible no cls row": (
+        lambda: ops.csrc_unshuffle(_xv(rows=0), _restore(), torch.randn(_D), None, True),
+        r"x_visible must have K \+ has_cls rows .* got 0 rows"),
+    "unshuffle/mask_token shape": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore(), torch.randn(_D - 1), None, False),
+        "mask_token must have 16 elements"),
+    "unshuffle/mask_token dtype": (
+        lambda: ops.csrc_unshuffle(_xv(torch.bfloat16), _restore(), torch.randn(_D).half(), None, False),
+        "mask_token must have the result dtype Float, got Half"),
+    "unshuffle/mask_token non-contiguous": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore(), torch.randn(2 * _D)[::2], None, False),
+        "mask_token must be contiguous"),
+    "unshuffle/mask_token device": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore(), _meta(torch.randn(_D)), None, False),
+        "mask_token and the tokens must be on the same device"),
+    "unshuffle/pos_embed dtype": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore(), torch.randn(_D), torch.randn(_L, _D).bfloat16(), False),
+        "pos_embed must have the result dtype Float, got BFloat16"),
+    "unshuffle/pos_embed shape": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore(), torch.randn(_D), torch.randn(_L + 2, _D), False),
+        r"pos_embed must have shape \(L, D\) or \(L \+ 1, D\)"),
+    "unshuffle/pos_embed device": (
+        lambda: ops.csrc_unshuffle(_xv(), _restore(), torch.randn(_D), _meta(torch.randn(_L, _D)), False),
+        "pos_embed and the tokens must be on the same device"),
+    # unshuffle backward
+    "unshuffle_bwd/ids_restore out of range": (
+        lambda: ops.csrc_unshuffle_backward(_xv(rows=_L), _with(_restore(), (0, 7), 1000), _K, False, True, True,
+                                            True),
+        r"ids_restore\[0, 7\] = 1000 is out of range"),
+    "unshuffle_bwd/num_visible": (
+        lambda: ops.csrc_unshuffle_backward(_xv(rows=_L), _restore(), _L + 1, False, True, True, True),
+        r"num_visible must be in \[0, 49\], got 50"),
+    "unshuffle_bwd/grad_out rows": (
+        lambda: ops.csrc_unshuffle_backward(_xv(rows=_L), _restore(), _K, True, True, True, True),
+        r"grad_out must have L \+ has_cls = 50 rows, got 49"),
+    "unshuffle_bwd/grad_out dtype": (
+        lambda: ops.csrc_unshuffle_backward(_xv(torch.float64, rows=_L), _restore(), _K, False, True, True, True),
+        "grad_out must be float32, bfloat16 or float16"),
+    "unshuffle_bwd/ids_restore device": (
+        lambda: ops.csrc_unshuffle_backward(_xv(rows=_L), _meta(_restore()), _K, False, True, True, True),
+        "grad_out and ids_restore must be on the same device"),
+    # masked_patch_mse
+    "loss/patch_size divisibility": (lambda: _loss(p=5), "not divisible by patch_size 5"),
+    "loss/patch_size < 1": (lambda: _loss(p=0), "patch_size must be >= 1, got 0"),
+    "loss/reduction": (lambda: _loss(reduction="max"), "reduction must be 'mean', 'sum' or 'none', got 'max'"),
+    "loss/pred shape": (lambda: _loss(pred=_pred(2, 15, 48)), r"pred must have shape \(2, 16, 48\)"),
+    "loss/pred dtype": (lambda: _loss(pred=_pred().double()), "pred must be float32, bfloat16 or float16"),
+    "loss/pred non-contiguous": (lambda: _loss(pred=torch.randn(2, 48, 16).transpose(1, 2)),
+                                 "pred must be contiguous"),
+    "loss/imgs dtype": (lambda: _loss(imgs=torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)),
+                        "imgs must be float32, bfloat16 or float16, got Byte"),
+    "loss/imgs non-contiguous": (lambda: _loss(imgs=torch.randn(2, 3, 16, 16).transpose(2, 3)),
+                                 "imgs must be contiguous"),
+    "loss/imgs 3-D": (lambda: _loss(imgs=torch.randn(3, 16, 16)), r"imgs must be 4-D \(B, C, H, W\)"),
+    "loss/imgs empty": (lambda: _loss(imgs=torch.randn(2, 0, 16, 16)), "imgs must be non-empty"),
+    "loss/imgs device": (lambda: _loss(imgs=_meta(torch.randn(2, 3, 16, 16))),
+                         "pred and imgs must be on the same device"),
+    "loss/mask shape": (lambda: _loss(mask=torch.ones(2, 3)), r"mask must have shape \(2, 16\)"),
+    "loss/mask dtype": (lambda: _loss(mask=torch.ones(2, 16, dtype=torch.int64)),
+                        "mask must be a float or bool tensor, got Long"),
+    "loss/mask device": (lambda: _loss(mask=_meta(torch.ones(2, 16))), "mask and pred must be on the same device"),
+    "loss/ids_masked out of range": (
+        lambda: _loss(pred=_pred(2, 3, 48), ids=torch.full((2, 3), 16)),
+        r"ids_masked\[0, 0\] = 16 is out of range \[0, 16\)"),
+    "loss/packed ids_masked out of range": (
+        lambda: _loss(pred=_pred(4, 48), ids=torch.tensor([0, 5, 32, 7])),
+        r"ids_masked\[2\] = 32 is out of range \[0, B \* L = 32\)"),
+    "loss/ids_masked dtype": (lambda: _loss(pred=_pred(2, 3, 48), ids=torch.zeros(2, 3)),
+                              "ids_masked must be int64 or int32, got Float"),
+    "loss/ids_masked non-contiguous": (lambda: _loss(pred=_pred(2, 3, 48), ids=torch.zeros(3, 2).long().t()),
+                                       "ids_masked must be contiguous"),
+    "loss/ids_masked device": (lambda: _loss(pred=_pred(2, 3, 48), ids=_meta(torch.zeros(2, 3).long())),
+                               "ids_masked and pred must be on the same device"),
+    "loss/ids_masked selected layout shape": (
+        lambda: _loss(pred=_pred(2, 4, 48), ids=torch.zeros(2, 3).long()),
+        r"with ids_masked \(B, K\) = \[2, 3\], pred must have shape \(2, K, 48\)"),
+    "loss/ids_masked packed layout shape": (
+        lambda: _loss(pred=_pred(5, 48), ids=torch.zeros(6).long()),
+        r"with packed ids_masked \(T,\), pred must have shape \(T, 48\)"),
+    # masked_patch_mse backward
+    "loss_bwd/grad_pred empty": (lambda: ops.csrc_masked_patch_mse_backward(torch.empty(0), torch.tensor(1.0)),
+                                 "grad_pred is empty"),
+    "loss_bwd/grad_pred dtype": (lambda: ops.csrc_masked_patch_mse_backward(_pred().double(), torch.tensor(1.0)),
+                                 "grad_pred must be float32, bfloat16 or float16"),
+    "loss_bwd/grad_pred non-contiguous": (
+        lambda: ops.csrc_masked_patch_mse_backward(torch.randn(2, 48, 16).transpose(1, 2), torch.tensor(1.0)),
+        "grad_pred must be contiguous"),
+    "loss_bwd/grad_output shape": (lambda: ops.csrc_masked_patch_mse_backward(_pred(), torch.ones(3)),
+                                   r"grad_output must be a scalar or have shape \[2, 16\]"),
+    "loss_bwd/grad_output device": (lambda: ops.csrc_masked_patch_mse_backward(_pred(), _meta(torch.tensor(1.0))),
+                                    "grad_output and grad_pred must be on the same device"),
+    # random masking
+    "masking/num_keep": (lambda: ops.csrc_random_masking(torch.tensor(1), 2, _L, _L + 1, CPU),
+                         r"num_keep must be in \[0, num_patches=49\], got 50"),
+    "masking/batch": (lambda: ops.csrc_random_masking(torch.tensor(1), 0, _L, 5, CPU), "batch must be >= 1, got 0"),
+    "masking/num_patches": (lambda: ops.csrc_random_permutation(torch.tensor(1), 2, 0, CPU),
+                            r"num_patches must be in \[1, 2\*\*31\), got 0"),
+    "masking/seed dtype": (lambda: ops.csrc_random_masking(torch.tensor(1.0), 2, _L, 5, CPU),
+                           "seed must be an int64 tensor with one element, got Float"),
+    "masking/seed numel": (lambda: ops.csrc_random_permutation(torch.tensor([1, 2]), 2, _L, CPU),
+                           r"seed must be an int64 tensor with one element, got Long of shape \[2\]"),
+    "masking/no kernel for device": (lambda: ops.csrc_random_permutation(torch.tensor(1), 2, _L, torch.device("meta")),
+                                     "no kernel for device meta"),
+    "varlen/cu_seqlens[0] != 0": (lambda: _varlen(torch.tensor([1, 3, 10]), 10),
+                                  r"cu_seqlens\[0\] must be 0, got 1"),
+    "varlen/cu_seqlens decreasing": (
+        lambda: _varlen(torch.tensor([0, 10, 5]), 5),
+        r"keep count of sample 1 \(cu_seqlens\[2\] - cu_seqlens\[1\] = -5\) is out of range \[0, 49\]"),
+    "varlen/count > L": (
+        lambda: _varlen(torch.tensor([0, 3, 60], dtype=torch.int32), 60),
+        r"keep count of sample 1 \(cu_seqlens\[2\] - cu_seqlens\[1\] = 57\) is out of range \[0, 49\]"),
+    "varlen/last != total": (lambda: _varlen(torch.tensor([0, 3, 10]), 12),
+                             r"total must equal cu_seqlens\[-1\] = 10, got 12"),
+    "varlen/total > B * L": (lambda: _varlen(torch.tensor([0, 49, 99]), 99), r"total must be in \[0, B \* L\], got 99"),
+    "varlen/cu_seqlens dtype": (lambda: _varlen(torch.tensor([0.0, 3.0, 10.0]), 10),
+                                "cu_seqlens must be int64 or int32, got Float"),
+    "varlen/cu_seqlens shape": (lambda: _varlen(torch.tensor([0, 3, 10, 12]), 12),
+                                r"cu_seqlens must have shape \(3,\), got \[4\]"),
+    "varlen/cu_seqlens device": (lambda: _varlen(torch.tensor([0, 3, 10]), 10, device=torch.device("meta")),
+                                 "cu_seqlens must be on meta, got cpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT_CASES))
+def test_bad_input_raises_clear_error(case):
+    call, message = BAD_INPUT_CASES[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+# On CUDA cu_seqlens is checked by the kernel (no host sync): a bad one trips a device-side
+# assert, which leaves the CUDA context unusable, so each case runs in its own process.
+CUDA_BAD_CU_SEQLENS = {"cu_seqlens[0] != 0": ([1, 3, 10], 10), "decreasing": ([0, 10, 5], 5),
+                       "count > L": ([0, 3, 60], 60), "last != total": ([0, 3, 10], 12)}
+
+
+@pytest.mark.parametrize("case", list(CUDA_BAD_CU_SEQLENS))
+def test_cuda_varlen_bad_cu_seqlens_trips_device_assert(ext, case):
+    if not (torch.cuda.is_available() and ext.has_cuda()):
+        pytest.skip("needs a GPU and the CUDA kernels")
+    cu, total = CUDA_BAD_CU_SEQLENS[case]
+    script = (
+        "import torch\n"
+        "from fastmim.ops import _csrc\n"
+        "assert _csrc.load_error() is None, _csrc.load_error()\n"
+        f"cu = torch.tensor({cu}, device='cuda')\n"
+        f"torch.ops.fastmim.csrc_random_masking_varlen(torch.tensor(1), cu, 2, 49, {total}, torch.device('cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "inconsistent cu_seqlens" in output or "device-side assert" in output, output
+
+
+def test_meta_kernels_accept_meta_inputs_under_the_device_checks():
+    # The same-device checks of the Meta kernels must not reject an all-meta call (torch.compile).
+    B, L, K, D = 2, 49, 12, 16
+    m = {"device": "meta"}
+    ids = torch.empty(B, K, dtype=torch.int64, **m)
+    gx, gpos, gcls = ops.csrc_gather_visible_backward(torch.empty(B, K + 1, D, **m), ids, L, True, True, True, True)
+    assert (gx.shape, gpos.shape, gcls.shape) == ((B, L, D), (L, D), (D,))
+    ids_restore = torch.empty(B, L, dtype=torch.int64, **m)
+    gx, gmask, gpos = ops.csrc_unshuffle_backward(torch.empty(B, L + 1, D, **m), ids_restore, K, True, True, True,
+                                                  True)
+    assert (gx.shape, gmask.shape, gpos.shape) == ((B, K + 1, D), (D,), (L + 1, D))
+    pred = torch.empty(B, L, 48, **m)
+    loss, grad = ops.csrc_masked_patch_mse(pred, torch.empty(B, 3, 28, 28, **m), torch.empty(B, L, **m), None, 4,
+                                           True, 1e-6, "none", True)
+    assert loss.shape == (B, L) and grad.shape == pred.shape
+    ops.csrc_masked_patch_mse_backward(grad, torch.empty((), **m))
 
 
 # ------------------------------------------------------------------------------ the public ops on csrc

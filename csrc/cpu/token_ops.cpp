@@ -424,7 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::
         // Column sums over the batch. Positions are split in fixed chunks, each with its own fp32
         // partial of the mask-token sum; the partials are added in chunk order.
         const int64_t chunks = std::min<int64_t>(S, std::max<int64_t>(1, at::get_num_threads()) * 4);
-        std::vector<float> mask_partial(need_mask ? chunks * D : 0, 0.0f);
+        // At least one partial: with S == 0 (no patch, no cls row) grad_mask is that zero row.
+        std::vector<float> mask_partial(need_mask ? std::max<int64_t>(chunks, 1) * D : 0, 0.0f);
         scalar_t* gpos = need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
         at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
           std::vector<float> acc(D);

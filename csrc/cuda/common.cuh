@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace fastmim {
 namespace cuda {
@@ -36,11 +37,21 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The widest pack of T (16 bytes) if every row of `dim` elements stays aligned to it, else 1.
+// The widest pack of T (16 / sizeof(T) elements) if every row of `dim` elements of each tensor
+// in `vectorised` stays aligned to it, else 1. A tensor of another element type is moved in
+// packs of the same count, so it needs element_size() * width bytes of alignment; a contiguous
+// view (a slice of pos_embed, say) need not start at an aligned address, hence the pointer
+// checks. Undefined tensors are skipped.
 template <typename T>
-inline int pack_width(int64_t dim) {
+inline int pack_width(int64_t dim, std::initializer_list<at::Tensor> vectorised) {
   constexpr int kWide = 16 / sizeof(T);
-  return dim % kWide == 0 ? kWide : 1;
+  if (dim % kWide != 0) return 1;
+  for (const at::Tensor& t : vectorised) {
+    if (!t.defined()) continue;
+    const auto bytes = static_cast<uintptr_t>(t.element_size()) * kWide;
+    if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes != 0) return 1;
+  }
+  return kWide;
 }
 
 }  // namespace cuda

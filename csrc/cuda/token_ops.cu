@@ -5,15 +5,17 @@
 //   index) sits in shared memory and its rank is counted by pairwise comparison, which equals
 //   the stable argsort: L^2 / threads comparisons per block, all shared-memory broadcasts.
 //   Rows longer than kMaxSmemPatches fall back to a segmented sort of the keys (at::sort).
-// - gathers (gather_visible, unshuffle): one warp per output row, 16-byte packs along D.
+// - gathers (gather_visible, unshuffle): one warp per output row, 16-byte packs along D when D
+//   and the address of every tensor read or written in packs allow it, else scalar accesses.
 // - scatter-type backward passes are gathers through an inverse index table (first source,
 //   count) built with integer atomics, so every output row is written by one thread, with
 //   no floating-point atomics: deterministic, and repeated indices are summed.
 // - sums over the batch (pos_embed, cls_token, mask_token gradients) walk the batch inside
 //   one thread per (position, feature pack), accumulating in fp32 registers.
 //
-// Index values cannot be validated on the host without a device sync: an out-of-range index
-// trips a device-side assert, and the kernels never read out of bounds (the row is skipped).
+// Index values (and the keep counts in cu_seqlens) cannot be validated on the host without a
+// device sync: an out-of-range index trips a device-side assert, and the kernels never read or
+// write out of bounds (the row is skipped).
 #include "../fastmim_ops.h"
 #include "common.cuh"
 
@@ -41,14 +43,34 @@ struct MaskingOut {
   int64_t* ids_restore;      // (B, L)
   float* mask;               // (B, L) or null
   const int64_t* cu_seqlens; // (B + 1,) or null: then K is num_keep for every sample
-  int64_t num_keep;
+  int64_t num_keep;          // K, or with cu_seqlens the packed total T (the length of ids_keep)
+  int64_t batch;
 };
+
+// Sample b's rows [start, start + keep) of ids_keep. cu_seqlens is read on the device, where
+// checking it on the host would cost a sync: an inconsistent one (cu_seqlens[0] != 0, a count
+// outside [0, L], cu_seqlens[B] != T) trips a device-side assert, and its sample keeps no
+// patch, so ids_keep is never written out of bounds even where asserts are compiled out.
+__device__ __forceinline__ void keep_range(const MaskingOut& o, int64_t b, int64_t L, int64_t* start,
+                                           int64_t* keep) {
+  if (o.cu_seqlens == nullptr) {
+    *start = b * o.num_keep;
+    *keep = o.num_keep;
+    return;
+  }
+  const int64_t lo = o.cu_seqlens[b], hi = o.cu_seqlens[b + 1];
+  const bool ok = lo >= 0 && hi >= lo && hi - lo <= L && hi <= o.num_keep && (b > 0 || lo == 0) &&
+                  (b + 1 < o.batch || hi == o.num_keep);
+  CUDA_KERNEL_ASSERT(ok && "csrc_random_masking_varlen: inconsistent cu_seqlens");
+  *start = ok ? lo : 0;
+  *keep = ok ? hi - lo : 0;
+}
 
 __device__ __forceinline__ void emit_rank(const MaskingOut& o, int64_t b, int64_t L, int64_t i, int64_t rank) {
   o.ids_restore[b * L + i] = rank;
   if (o.ids_shuffle != nullptr) o.ids_shuffle[b * L + rank] = i;
-  const int64_t start = o.cu_seqlens != nullptr ? o.cu_seqlens[b] : b * o.num_keep;
-  const int64_t keep = o.cu_seqlens != nullptr ? o.cu_seqlens[b + 1] - start : o.num_keep;
+  int64_t start = 0, keep = 0;
+  keep_range(o, b, L, &start, &keep);
   if (o.ids_keep != nullptr && rank < keep) o.ids_keep[start + rank] = i;
   if (o.mask != nullptr) o.mask[b * L + i] = rank >= keep ? 1.0f : 0.0f;
 }
@@ -386,7 +408,8 @@ std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& see
   auto opts = at::TensorOptions().dtype(at::kLong).device(device);
   auto ids_shuffle = at::empty({batch, num_patches}, opts);
   auto ids_restore = at::empty({batch, num_patches}, opts);
-  MaskingOut out{ids_shuffle.data_ptr<int64_t>(), nullptr, ids_restore.data_ptr<int64_t>(), nullptr, nullptr, 0};
+  MaskingOut out{ids_shuffle.data_ptr<int64_t>(), nullptr, ids_restore.data_ptr<int64_t>(), nullptr, nullptr, 0,
+                 batch};
   launch_permutation(seed, batch, num_patches, out, device);
   return {ids_shuffle, ids_restore};
 }
@@ -398,12 +421,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(const at::Ten
   const c10::cuda::CUDAGuard guard(device);
   auto opts = at::TensorOptions().dtype(at::kLong).device(device);
   at::Tensor cu;
-  if (cu_seqlens.has_value()) cu = cu_seqlens->to(at::kLong).contiguous();  // counts validated by the caller
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) == batch + 1,
+                "csrc_random_masking_varlen: cu_seqlens must have shape (", batch + 1, ",), got ",
+                cu_seqlens->sizes());
+    cu = cu_seqlens->to(at::kLong).contiguous();  // its values are checked by the kernel
+  }
   auto ids_keep = cu.defined() ? at::empty({num_keep}, opts) : at::empty({batch, num_keep}, opts);
   auto ids_restore = at::empty({batch, num_patches}, opts);
   auto mask = at::empty({batch, num_patches}, opts.dtype(at::kFloat));
   MaskingOut out{nullptr, ids_keep.data_ptr<int64_t>(), ids_restore.data_ptr<int64_t>(), mask.data_ptr<float>(),
-                 ptr_or_null<int64_t>(cu), cu.defined() ? 0 : num_keep};
+                 ptr_or_null<int64_t>(cu), num_keep, batch};
   launch_permutation(seed, batch, num_patches, out, device);
   return {ids_keep, ids_restore, mask};
 }
@@ -438,7 +466,7 @@ at::Tensor gather_visible_cuda(const at::Tensor& x, const at::Tensor& ids_keep,
                 x.const_data_ptr<in_t>(), ids_keep.const_data_ptr<index_t>(), pos_patch, pos_cls, cls,
                 out.data_ptr<out_t>(), B, L, K, D, hc);
       };
-      if (cuda::pack_width<in_t>(D) > 1) {
+      if (cuda::pack_width<in_t>(D, {x, pos.rows, cls_token.value_or(at::Tensor()), out}) > 1) {
         launch(std::integral_constant<int, 16 / sizeof(in_t)>{});
       } else {
         launch(std::integral_constant<int, 1>{});
@@ -467,7 +495,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cuda(cons
   auto grad_x = need_x ? at::empty({B, L, D}, opts) : at::empty({0}, opts);
   auto grad_pos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
   auto grad_cls = cls_grad ? at::empty({D}, opts) : at::empty({0}, opts);
-  if (!need_x && !need_pos && !cls_grad) return {grad_x, grad_pos, grad_cls};
+  // No position to write (L == 0 without a cls gradient): an empty grid is not launchable.
+  if ((!need_x && !need_pos && !cls_grad) || L + (cls_grad ? 1 : 0) == 0) return {grad_x, grad_pos, grad_cls};
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc_cuda", [&] {
       auto [first, count] = build_inverse<index_t>(ids_keep, L, L);
@@ -485,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cuda(cons
             need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr,
             cls_grad ? grad_cls.data_ptr<scalar_t>() : nullptr, B, L, K, D, hc, batch_per_block);
       };
-      if (cuda::pack_width<scalar_t>(D) > 1) {
+      if (cuda::pack_width<scalar_t>(D, {grad_out, grad_x, grad_pos, grad_cls}) > 1) {
         launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
       } else {
         launch(std::integral_constant<int, 1>{});
@@ -510,6 +539,7 @@ at::Tensor unshuffle_cuda(const at::Tensor& x_visible, const at::Tensor& ids_res
   check_token_vector(mask_token, x_visible, out_dtype, D, op, "mask_token");
   const PosRows pos = check_pos_embed(pos_embed, x_visible, out_dtype, L, D, op);
   auto out = at::empty({B, L + hc, D}, x_visible.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
   dispatch_in_out(x_visible.scalar_type(), out_dtype, [&](auto in_v, auto out_v) {
     using in_t = decltype(in_v);
     using out_t = decltype(out_v);
@@ -524,7 +554,7 @@ at::Tensor unshuffle_cuda(const at::Tensor& x_visible, const at::Tensor& ids_res
             x_visible.const_data_ptr<in_t>(), ids_restore.const_data_ptr<index_t>(), mask_token.const_data_ptr<out_t>(),
             pos_patch, pos_cls, out.data_ptr<out_t>(), B, L, K, D, hc);
       };
-      if (cuda::pack_width<in_t>(D) > 1) {
+      if (cuda::pack_width<in_t>(D, {x_visible, mask_token, pos.rows, out}) > 1) {
         launch(std::integral_constant<int, 16 / sizeof(in_t)>{});
       } else {
         launch(std::integral_constant<int, 1>{});
@@ -551,11 +581,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cuda(const at:
   auto grad_x = need_x ? at::empty({B, rows_x, D}, opts) : at::empty({0}, opts);
   auto grad_mask = need_mask ? at::empty({D}, opts) : at::empty({0}, opts);
   auto grad_pos = need_pos ? at::empty({S, D}, opts) : at::empty({0}, opts);
+  if (S == 0) {  // L == 0 without a cls row: nothing to gather or sum, and no launchable grid
+    if (need_mask) grad_mask.zero_();
+    return {grad_x, grad_mask, grad_pos};
+  }
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc_cuda", [&] {
       auto [first, count] = build_inverse<index_t>(ids_restore, K, L);  // also validates every index
       auto stream = c10::cuda::getCurrentCUDAStream();
-      const bool wide = cuda::pack_width<scalar_t>(D) > 1;
+      const bool wide = cuda::pack_width<scalar_t>(D, {grad_out, grad_x, grad_pos}) > 1;
       if (need_x && B * rows_x > 0) {
         auto launch = [&](auto vec) {
           constexpr int VEC = decltype(vec)::value;
