@@ -4,17 +4,25 @@ The fast path (Triton, through the interpreter on CPU) is compared with the plai
 references, and the references with the official MAE chain they replace. Index ops are pure
 copies plus one rounded add, so forward results must be bit-identical; gradient sums over the
 batch are compared within the dtype tolerance.
+
+Every buffer the Triton launchers allocate (outputs and reduction workspaces) is poisoned and
+followed by a poisoned guard band, checked after each test: a skipped write shows up as NaN (or
+the integer max) instead of inheriting a correct value, and a write past the end is caught.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastmim.kernels import token_ops as kernels
 from fastmim.ops import (
     PackedMasking,
+    backend_status,
     gather_visible,
     gather_visible_reference,
     random_masking,
@@ -26,11 +34,65 @@ from fastmim.ops import (
     use_backend,
 )
 from fastmim.ops.token_ops import masking_noise_reference
-from fastmim.testing import assert_rel_close, kernel_devices
+from fastmim.testing import assert_rel_close, kernel_devices, poison_like
 
 DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIOS = [0.0, 0.5, 0.75, 0.9]
+CSRC_ERROR = backend_status("cpu")["csrc"]
+_GUARD = 1024  # elements of poison after every launcher buffer
+_LAUNCHERS = ("random_masking_forward", "gather_visible_forward", "gather_visible_backward", "unshuffle_forward",
+              "unshuffle_backward")
+
+
+def _is_poison(t):
+    return bool(torch.isnan(t).all()) if t.dtype.is_floating_point else bool((t == torch.iinfo(t.dtype).max).all())
+
+
+class _PoisonedTorch:
+    """Stands in for ``torch`` inside the launcher module: ``empty`` returns the head of a poisoned
+    buffer ``_GUARD`` elements longer; everything else is torch itself."""
+
+    def __init__(self):
+        self.buffers = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, size, **kwargs):
+        size = torch.Size(size)
+        base = poison_like(torch.empty(size.numel() + _GUARD, **kwargs))
+        self.buffers.append(base)
+        return base[: size.numel()].view(size)
+
+    def assert_guards_intact(self):
+        for base in self.buffers:
+            assert _is_poison(base[base.numel() - _GUARD:]), "a Triton kernel wrote past the end of its buffer"
+
+
+@pytest.fixture(autouse=True)
+def triton_calls(monkeypatch):
+    """Poisons the Triton launchers' allocations; yields a Counter of launcher calls by name."""
+    poisoned = _PoisonedTorch()
+    monkeypatch.setattr(kernels, "torch", poisoned)
+    calls = Counter()
+
+    def counted(name, launch):
+        def launch_counted(*args, **kwargs):
+            calls[name] += 1
+            return launch(*args, **kwargs)
+        return launch_counted
+
+    for name in _LAUNCHERS:
+        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
+    yield calls
+    poisoned.assert_guards_intact()
+
+
+def test_launcher_buffers_are_poisoned():
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        t = kernels.torch.empty((3, 5), dtype=dtype, device="cpu")
+        assert t.shape == (3, 5) and t.dtype == dtype and t.is_contiguous() and _is_poison(t)
 
 
 def _assert_same_values(out, ref, device):
@@ -212,10 +274,12 @@ def _make_gather_inputs(B, L, D, K, dtype, device, pos_kind, with_cls, seed=0):
     return x, ids_keep, pos, cls
 
 
-def _grads(fn, inputs, grad_out_seed=5):
+def _grads(fn, inputs, grad_out_seed=5, grad_out=None):
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
     out = fn(*leaves)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out)
+    if grad_out is not None:
+        g = grad_out.to(out.dtype)
     wrt = [t for t in leaves if t is not None]
     return out.detach(), torch.autograd.grad(out, wrt, g)
 
@@ -228,11 +292,13 @@ def _grads(fn, inputs, grad_out_seed=5):
     (2, 49, 96, 49, "1L", True),
     (2, 16, 32, 4, "none", False),
 ])
-def test_gather_visible_triton_matches_reference(device, dtype, B, L, D, K, pos_kind, with_cls):
+def test_gather_visible_triton_matches_reference(device, dtype, B, L, D, K, pos_kind, with_cls, triton_calls):
     x, ids_keep, pos, cls = _make_gather_inputs(B, L, D, K, dtype, device, pos_kind, with_cls)
     ref_out, ref_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c), (x, pos, cls))
+    # The backward op picks its backend when it runs: the gradient must be taken inside the block.
     with use_backend("triton"):
         out, grads = _grads(lambda x, p, c: gather_visible(x, ids_keep.int(), p, cls_token=c), (x, pos, cls))
+    assert triton_calls["gather_visible_forward"] == 1 and triton_calls["gather_visible_backward"] == 1
     assert out.shape == (B, K + with_cls, D) and out.dtype == ref_out.dtype
     _assert_same_values(out, ref_out, device)
     assert torch.equal(grads[0], ref_grads[0])  # grad_x is a pure scatter
@@ -257,6 +323,121 @@ def test_gather_visible_non_contiguous_and_only_x_grad(device):
     want = torch.zeros(B, L, D, device=device)
     want[torch.arange(B)[:, None], ids_keep] = 1.0
     assert torch.equal(gx, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_outside_use_backend_picks_its_backend_again(device, triton_calls):
+    x = torch.randn(2, 16, 8, device=device, requires_grad=True)
+    ids_keep = random_masking_reference(2, 16, num_keep=5, seed=1).ids_keep.to(device)
+    with use_backend("triton"):
+        out = gather_visible(x, ids_keep)
+    with use_backend("reference"):
+        out.sum().backward()
+    assert triton_calls["gather_visible_forward"] == 1 and triton_calls["gather_visible_backward"] == 0
+    want = torch.zeros_like(x)
+    want[torch.arange(2)[:, None], ids_keep] = 1.0
+    assert torch.equal(x.grad, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unshuffle_non_contiguous_inputs_triton(device):
+    # x_visible and the incoming gradient transposed in memory (stride 1 along the rows), dense
+    # and packed; the packed one also skips every other column.
+    B, L, D, K = 2, 49, 64, 12
+    m = random_masking_reference(B, L, num_keep=K, seed=6)
+    x = torch.randn(B, D, K + 1, device=device).transpose(1, 2)
+    mt = torch.randn(D, device=device)
+    pos = torch.randn(L + 1, D, device=device)
+    grad = torch.randn(B, D, L + 1, device=device).transpose(1, 2)
+    ids_restore = m.ids_restore.to(device)
+    ref_out, ref_grads = _grads(lambda x, mt, p: unshuffle_reference(x, ids_restore, mt, p, has_cls=True),
+                                (x, mt, pos), grad_out=grad)
+    with use_backend("triton"):
+        out, grads = _grads(lambda x, mt, p: unshuffle(x, ids_restore, mt, p, has_cls=True), (x, mt, pos),
+                            grad_out=grad)
+    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+        assert_rel_close(got, want, torch.float32)
+    v = random_masking_reference(B, L, num_keep=[3, 9], seed=6)
+    packed = torch.randn(12 + B, 2 * D, device=device)[:, ::2]
+    cu = v.cu_seqlens.to(device)
+    restore = v.ids_restore.to(device)
+    ref_out, ref_grads = _grads(lambda x, mt: unshuffle_reference(x, restore, mt, has_cls=True, cu_seqlens=cu),
+                                (packed, mt))
+    with use_backend("triton"):
+        out, grads = _grads(lambda x, mt: unshuffle(x, restore, mt, has_cls=True, cu_seqlens=cu), (packed, mt))
+    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    assert_rel_close(grads[1], ref_grads[1], torch.float32)
+
+
+@pytest.mark.skipif(CSRC_ERROR is not None, reason=f"csrc backend unavailable: {CSRC_ERROR}")
+def test_csrc_non_contiguous_inputs_match_reference():
+    # The csrc backend (the CPU default) makes x, x_visible and grad_out contiguous before its kernels.
+    B, L, D = 3, 49, 40
+    m = random_masking_reference(B, L, 0.75, seed=9)
+    K = m.ids_keep.shape[1]
+    x = torch.randn(B, D, L).transpose(1, 2)
+    pos = torch.randn(1, L + 1, D)
+    cls = torch.randn(D)
+    ids_keep = torch.stack([m.ids_keep, m.ids_keep], -1)[..., 0]  # int64, row stride 2 K
+    assert not x.is_contiguous() and not ids_keep.is_contiguous()
+    grad_enc = torch.randn(B, D, K + 1).transpose(1, 2)
+    ref_out, ref_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c), (x, pos, cls),
+                                grad_out=grad_enc)
+    with use_backend("csrc"):
+        out, grads = _grads(lambda x, p, c: gather_visible(x, ids_keep, p, cls_token=c), (x, pos, cls),
+                            grad_out=grad_enc)
+    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+        assert_rel_close(got, want, torch.float32)
+    xv = torch.randn(B, D, K + 1).transpose(1, 2)
+    mt = torch.randn(1, 1, D)
+    grad_dec = torch.randn(B, D, L + 1).transpose(1, 2)
+    ids_restore = m.ids_restore.t().contiguous().t()
+    ref_out, ref_grads = _grads(lambda x, mt, p: unshuffle_reference(x, ids_restore, mt, p, has_cls=True),
+                                (xv, mt, pos), grad_out=grad_dec)
+    with use_backend("csrc"):
+        out, grads = _grads(lambda x, mt, p: unshuffle(x, ids_restore, mt, p, has_cls=True), (xv, mt, pos),
+                            grad_out=grad_dec)
+    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+        assert_rel_close(got, want, torch.float32)
+
+
+def _duplicate_ids_backends():
+    backends = [("triton", d) for d in DEVICES]
+    return backends + ([("csrc", "cpu")] if CSRC_ERROR is None else [])
+
+
+@pytest.mark.parametrize("backend,device", _duplicate_ids_backends())
+def test_gather_visible_repeated_indices_sum_gradients(backend, device):
+    # Indices drawn with replacement: pairs, triples and more per row; K = 150 spans two blocks of
+    # the Triton backward's scan (128 indices each), so a repeat can straddle them.
+    B, L, D, K = 2, 197, 8, 150
+    g = torch.Generator().manual_seed(3)
+    ids_keep = torch.randint(0, L, (B, K), generator=g)
+    ids_keep[0, :4] = ids_keep[0, -1]
+    assert any(int(torch.bincount(row).max()) >= 3 for row in ids_keep)
+    x = torch.randn(B, L, D, generator=g)
+    pos = torch.randn(L + 1, D, generator=g)
+    cls = torch.randn(D, generator=g)
+    inputs = [t.to(device) for t in (x, pos, cls)]
+    ids = ids_keep.to(device)
+    ref_out, ref_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids, p, cls_token=c), inputs)
+    with use_backend(backend):
+        out, grads = _grads(lambda x, p, c: gather_visible(x, ids, p, cls_token=c), inputs)
+    assert torch.equal(out, ref_out)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert_rel_close(got, want, torch.float32)
+    if backend == "triton":  # packed varlen: the same rows, sample 1 keeping a shorter prefix
+        cu = torch.tensor([0, K, K + 100], dtype=torch.int32, device=device)
+        packed = torch.cat([ids[0], ids[1, :100]])
+        ref_out, ref_grads = _grads(lambda x, p: gather_visible_reference(x, packed, p, cu_seqlens=cu), inputs[:2])
+        with use_backend(backend):
+            out, grads = _grads(lambda x, p: gather_visible(x, packed, p, cu_seqlens=cu), inputs[:2])
+        assert torch.equal(out, ref_out)
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert_rel_close(got, want, torch.float32)
 
 
 def test_gather_visible_equals_official_encoder_chain():
@@ -321,13 +502,14 @@ def test_unshuffle_equals_official_decoder_chain():
     (2, 49, 96, 0, "1L", True),
     (2, 16, 32, 16, "none", False),
 ])
-def test_unshuffle_triton_matches_reference(device, dtype, B, L, D, K, pos_kind, has_cls):
+def test_unshuffle_triton_matches_reference(device, dtype, B, L, D, K, pos_kind, has_cls, triton_calls):
     x, ids_restore, mask_token, pos = _make_unshuffle_inputs(B, L, D, K, dtype, device, pos_kind, has_cls)
     ref_out, ref_grads = _grads(lambda x, m, p: unshuffle_reference(x, ids_restore, m, p, has_cls=has_cls),
                                 (x, mask_token, pos))
     with use_backend("triton"):
         out, grads = _grads(lambda x, m, p: unshuffle(x, ids_restore.int(), m, p, has_cls=has_cls),
                             (x, mask_token, pos))
+    assert triton_calls["unshuffle_forward"] == 1 and triton_calls["unshuffle_backward"] == 1
     assert out.shape == (B, L + has_cls, D)
     _assert_same_values(out, ref_out, device)
     assert torch.equal(grads[0], ref_grads[0])  # grad_x_visible is a pure gather
@@ -446,25 +628,40 @@ def test_gradcheck_references_and_registered_ops_float64():
 # ----------------------------------------------------------------------------- random shapes
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(B=st.integers(1, 3), L=st.integers(1, 70), D=st.sampled_from([8, 24, 40, 64]),
        ratio=st.sampled_from(RATIOS + [0.3]), has_cls=st.booleans(), seed=st.integers(0, 2**63 - 1))
 def test_random_shapes_triton_matches_reference(B, L, D, ratio, has_cls, seed):
+    # The encoder gather and the decoder unshuffle chained, forward and backward: the gradient
+    # reaches x through both backward kernels, pos_embed gets both ops' contributions.
     ref = random_masking_reference(B, L, ratio, seed=seed)
-    x = torch.randn(B, L, D)
-    pos = torch.randn(L + 1, D)
-    cls = torch.randn(D) if has_cls else None
-    mt = torch.randn(D)
-    enc_ref = gather_visible_reference(x, ref.ids_keep, pos, cls_token=cls)
-    dec_ref = unshuffle_reference(enc_ref, ref.ids_restore, mt, pos, has_cls=has_cls)
+    g = torch.Generator().manual_seed(seed % 2**32)
+    x = torch.randn(B, L, D, generator=g)
+    pos = torch.randn(L + 1, D, generator=g)
+    cls = torch.randn(D, generator=g) if has_cls else None
+    mt = torch.randn(D, generator=g)
+
+    def chain(x, pos, cls, mt, m):
+        enc = gather_visible(x, m.ids_keep, pos, cls_token=cls)
+        return enc, unshuffle(enc, m.ids_restore, mt, pos, has_cls=has_cls)
+
+    def reference_chain(x, pos, cls, mt):
+        enc = gather_visible_reference(x, ref.ids_keep, pos, cls_token=cls)
+        return enc, unshuffle_reference(enc, ref.ids_restore, mt, pos, has_cls=has_cls)
+
+    enc_ref = reference_chain(x, pos, cls, mt)[0]
+    dec_ref, grads_ref = _grads(lambda *a: reference_chain(*a)[1], (x, pos, cls, mt))
     for device in DEVICES:
+        inputs = [None if t is None else t.to(device) for t in (x, pos, cls, mt)]
         with use_backend("triton"):
             m = random_masking(B, L, ratio, seed=seed, device=device)
-            enc = gather_visible(x.to(device), m.ids_keep, pos.to(device),
-                                 cls_token=None if cls is None else cls.to(device))
-            dec = unshuffle(enc, m.ids_restore, mt.to(device), pos.to(device), has_cls=has_cls)
+            enc = chain(*inputs, m)[0]
+            dec, grads = _grads(lambda *a, m=m: chain(*a, m)[1], inputs)
         assert torch.equal(m.ids_keep.cpu(), ref.ids_keep) and torch.equal(m.mask.cpu(), ref.mask)
         assert torch.equal(enc.cpu(), enc_ref) and torch.equal(dec.cpu(), dec_ref)
+        assert torch.equal(grads[0].cpu(), grads_ref[0])  # grad_x: a gather then a scatter, no sums
+        for got, want in zip(grads[1:], grads_ref[1:], strict=True):
+            assert_rel_close(got, want, torch.float32)
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -532,6 +729,16 @@ def test_bad_masking_arguments():
         random_masking(2, 16, 0.5, seed=1, generator=torch.Generator())
     with pytest.raises(ValueError, match="seed tensor must be int64"):
         random_permutation(2, 16, seed=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="seed tensor must be int64"):
+        random_permutation(2, 16, seed=torch.tensor(5, dtype=torch.int32))
+    # a tensor seed obeys the int seed's range: int64 covers [-2**63, 2**63), negatives are refused
+    for seed in (torch.tensor(-5), torch.tensor([-(2**63)])):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got -"):
+            random_masking(2, 16, 0.5, seed=seed)
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got -"):
+            random_permutation(2, 16, seed=seed)
+    assert torch.equal(random_permutation(2, 16, seed=torch.tensor(2**63 - 1))[0],
+                       random_permutation(2, 16, seed=2**63 - 1)[0])
     with pytest.raises(ValueError, match="num_patches must be >= 1"):
         random_permutation(2, 0, seed=1)
 
@@ -565,3 +772,64 @@ def test_bad_gather_and_unshuffle_arguments():
         unshuffle(xv, restore.flatten(), torch.randn(8), has_cls=True)
     with pytest.raises(TypeError, match="has_cls must be a bool"):
         unshuffle(xv, restore, torch.randn(8), has_cls=1)
+
+
+def test_bad_varlen_lengths():
+    B, L, D = 2, 16, 8
+    v = random_masking_reference(B, L, num_keep=[3, 5], seed=0)
+    x = torch.randn(B, L, D)
+    with pytest.raises(ValueError, match=r"ids_keep must have cu_seqlens\[-1\] = 8 rows.*got shape \(7,\)"):
+        gather_visible(x, v.ids_keep[:7], cu_seqlens=v.cu_seqlens)
+    with pytest.raises(ValueError, match=r"ids_keep must have cu_seqlens\[-1\] = 8 rows.*got shape \(9,\)"):
+        gather_visible(x, torch.cat([v.ids_keep, v.ids_keep[:1]]), cu_seqlens=v.cu_seqlens)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and be non-decreasing"):
+        gather_visible(x, v.ids_keep, cu_seqlens=torch.tensor([1, 4, 8]))
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and be non-decreasing"):
+        gather_visible(x, v.ids_keep, cu_seqlens=torch.tensor([0, 9, 8]))
+    with pytest.raises(ValueError, match=r"max_seqlen must be >= the largest count in cu_seqlens \(5\), got 4"):
+        gather_visible(x, v.ids_keep, cu_seqlens=v.cu_seqlens, max_seqlen=4)
+    packed = gather_visible(x, v.ids_keep, cls_token=torch.randn(D), cu_seqlens=v.cu_seqlens)
+    assert packed.shape == (8 + B, D)
+    mt = torch.randn(D)
+    for rows in (8 + B - 1, 8 + B + 1, 8):
+        with pytest.raises(ValueError, match=rf"x_visible must be packed \(T \+ B, D\) = \(10, D\).*\({rows}, 8\)"):
+            unshuffle(torch.randn(rows, D), v.ids_restore, mt, has_cls=True, cu_seqlens=v.cu_seqlens)
+    with pytest.raises(ValueError, match=r"x_visible must be packed \(T \+ B, D\) with B = 2, got shape \(1, 8\)"):
+        unshuffle(torch.randn(1, D), v.ids_restore, mt, has_cls=True, cu_seqlens=v.cu_seqlens)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and be non-decreasing"):
+        unshuffle(packed, v.ids_restore, mt, has_cls=True, cu_seqlens=torch.tensor([0, 6, 5]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_kernels_stay_inside_short_tensors(device):
+    # cu_seqlens on a device is not checked against the packed lengths (a host sync); the
+    # registered ops are called directly here to skip the host-side check. The packed inputs are
+    # the heads of longer buffers whose tails hold markers: a read past the end would pull a
+    # marker into the result; a write past the end trips the guard band of the fixture.
+    B, L, D = 2, 16, 8
+    # claims 11 packed rows for 9: sample 0 runs 1 past the end, sample 1 starts past it
+    cu = torch.tensor([0, 10, 11], dtype=torch.int32, device=device)
+    ids_buf = torch.randint(0, L - 1, (12,), device=device)
+    ids_buf[9:] = L - 1  # patch L - 1 holds the marker and is never gathered from the real rows
+    ids_keep = ids_buf[:9]
+    x = torch.randn(B, L, D, device=device)
+    x[:, L - 1] = 1e4
+    xg = x.detach().requires_grad_(True)
+    cls = torch.randn(D, device=device, requires_grad=True)
+    with use_backend("triton"):
+        out = torch.ops.fastmim.gather_visible(xg, ids_keep, None, cls, cu, 10)
+        gx, gcls = torch.autograd.grad(out, (xg, cls), torch.ones_like(out))
+    assert out.shape == (9 + B, D) and bool((out.abs() < 1e3).all())
+    assert bool(torch.isfinite(gcls).all())
+    assert torch.equal(gx[:, L - 1], torch.zeros(B, D, device=device))
+    assert float(gx.sum()) == 9 * D  # the 9 rows of ids_keep, all in sample 0
+    ids_restore = random_permutation_reference(B, L, seed=2)[1].to(device)
+    xv_buf = torch.randn(9 + B + 3, D, device=device)
+    xv_buf[9 + B:] = 1e4
+    xv = xv_buf[: 9 + B].detach().requires_grad_(True)
+    mt = torch.randn(D, device=device)
+    with use_backend("triton"):
+        dec = torch.ops.fastmim.unshuffle(xv, ids_restore, mt, None, cu, True)
+        (gxv,) = torch.autograd.grad(dec, (xv,), torch.ones_like(dec))
+    assert dec.shape == (B, L + 1, D) and bool((dec.abs() < 1e3).all())
+    assert gxv.shape == xv.shape

@@ -10,6 +10,9 @@ result); they allocate outputs and launch. Layout conventions shared by all laun
 - ``cls_token`` / ``mask_token`` are 1-D ``(D,)`` contiguous.
 - Index tensors (``ids_keep``, ``ids_restore``) are contiguous int32 or int64; the kernels
   load either. ``cu_seqlens`` (varlen) is contiguous int32 or int64, ``(B + 1,)``.
+- ``cu_seqlens`` may live on the device, where checking it against the packed lengths would
+  need a host sync: the varlen kernels instead mask every packed read and write with the
+  tensor's real length, so inconsistent offsets give wrong values, never out-of-bounds access.
 - Big activations (``x``, ``x_visible``, ``grad_out``) are read with their strides (no copy);
   every output is freshly allocated and contiguous.
 - Values are added in fp32 and rounded once to the output dtype; gradient reductions over the
@@ -47,7 +50,7 @@ def _row_noise(row_key, i):
 @triton.jit
 def _random_masking_kernel(
     seed_ptr, cu_ptr, ids_keep_ptr, ids_restore_ptr, mask_ptr,
-    L, K,
+    L, K, T,
     VARLEN: tl.constexpr, WRITE_MASK: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Program (b, i-block): noise of patches i, their rank among all L patches of row b, and the
@@ -83,7 +86,10 @@ def _random_masking_kernel(
     tl.store(ids_restore_ptr + row * L + i, rank.to(ids_restore_ptr.dtype.element_ty), mask=i_valid)
     if WRITE_MASK:
         tl.store(mask_ptr + row * L + i, (rank >= count).to(mask_ptr.dtype.element_ty), mask=i_valid)
-    tl.store(ids_keep_ptr + start + rank, i.to(ids_keep_ptr.dtype.element_ty), mask=i_valid & (rank < count))
+    keep = i_valid & (rank < count)
+    if VARLEN:
+        keep = keep & (start + rank >= 0) & (start + rank < T)
+    tl.store(ids_keep_ptr + start + rank, i.to(ids_keep_ptr.dtype.element_ty), mask=keep)
 
 
 def random_masking_forward(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int,
@@ -108,7 +114,7 @@ def random_masking_forward(seed: torch.Tensor, batch: int, num_patches: int, num
     grid = (B, triton.cdiv(L, block_i))
     _random_masking_kernel[grid](
         seed, cu_seqlens if varlen else ids_restore, ids_keep, ids_restore, mask if write_mask else ids_restore,
-        L, 0 if varlen else num_keep,
+        L, 0 if varlen else num_keep, ids_keep.shape[0],
         VARLEN=varlen, WRITE_MASK=write_mask, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
     )
     return ids_keep, ids_restore, mask
@@ -153,7 +159,7 @@ def _num_chunks(batch: int, tiles: int, device: torch.device) -> int:
 @triton.jit
 def _gather_visible_fwd_kernel(
     x_ptr, ids_ptr, pos_ptr, cls_ptr, cu_ptr, out_ptr,
-    B, L, K, D, tiles_per_sample,
+    B, L, K, T, D, tiles_per_sample,
     stride_xb, stride_xl, stride_xd,
     HAS_POS: tl.constexpr, POS_OFFSET: tl.constexpr, HAS_CLS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -169,8 +175,8 @@ def _gather_visible_fwd_kernel(
         start = tl.load(cu_ptr + b_scalar).to(tl.int64)
         count = tl.load(cu_ptr + b_scalar + 1).to(tl.int64) - start
         b = tl.zeros([BLOCK_T], dtype=tl.int64) + b_scalar
-        row_valid = t < count + HAS_CLS
         out_row = start + b * HAS_CLS + t
+        row_valid = (t < count + HAS_CLS) & (out_row >= 0) & (out_row < T + B * HAS_CLS)
     else:
         rows_per_sample = K + HAS_CLS
         out_row = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -180,6 +186,8 @@ def _gather_visible_fwd_kernel(
         start = b * K
     k = t - HAS_CLS
     is_patch = row_valid & (k >= 0)
+    if VARLEN:
+        is_patch = is_patch & (start + k >= 0) & (start + k < T)
     idx = tl.load(ids_ptr + start + k, mask=is_patch, other=0).to(tl.int64)
     # Out-of-range indices read nothing (zeros) instead of faulting; the reference raises.
     take = is_patch & (idx >= 0) & (idx < L)
@@ -224,7 +232,7 @@ def gather_visible_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: t
     _gather_visible_fwd_kernel[grid](
         x, ids_keep, pos_embed if pos_embed is not None else x, cls_token if has_cls else x,
         cu_seqlens if varlen else ids_keep, out,
-        B, L, K, D, tiles_per_sample,
+        B, L, K, ids_keep.shape[0], D, tiles_per_sample,
         x.stride(0), x.stride(1), x.stride(2),
         HAS_POS=pos_embed is not None, POS_OFFSET=pos_offset, HAS_CLS=int(has_cls), VARLEN=varlen,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
@@ -233,16 +241,35 @@ def gather_visible_forward(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: t
 
 
 @triton.jit
+def _last_match_below(ids_ptr, start, count, T, patch, below, VARLEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For each patch: the largest k < below with ids_keep[start + k] == patch (-1 if none), and how
+    many such k there are. Compares against the whole ids_keep row: no inverse map to build."""
+    found = tl.full(patch.shape, -1, dtype=tl.int64)
+    hits = tl.zeros(patch.shape, dtype=tl.int32)
+    for k0 in range(0, count, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_valid = kk < count
+        if VARLEN:
+            k_valid = k_valid & (start + kk >= 0) & (start + kk < T)
+        ids = tl.load(ids_ptr + start + kk, mask=k_valid, other=-1).to(tl.int64)
+        hit = (ids[None, :] == patch[:, None]) & (kk[None, :] < below[:, None])
+        found = tl.maximum(found, tl.max(tl.where(hit, kk[None, :].to(tl.int64), -1), axis=1))
+        hits += tl.sum(hit.to(tl.int32), axis=1)
+    return found, hits
+
+
+@triton.jit
 def _gather_visible_bwd_kernel(
     grad_ptr, ids_ptr, cu_ptr, grad_x_ptr, pos_part_ptr,
-    B, L, K, D, b_per_chunk,
+    B, L, K, T, D, b_per_chunk,
     stride_gb, stride_gt, stride_gd,
     HAS_CLS: tl.constexpr, VARLEN: tl.constexpr, WRITE_X: tl.constexpr, WRITE_POS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (patch block patch, D block, batch chunk): for each b, find k with ids_keep[b, k] == patch by
-    comparing against the whole ids_keep row (no inverse map to build, no zero-fill pass), write
-    grad_x[b, patch] (zero where patch was removed) and accumulate the pos_embed gradient over b in fp32."""
+    """Program (patch block, D block, batch chunk): for each b, sum the gradient rows k with
+    ids_keep[b, k] == patch into grad_x[b, patch] (zero where patch was removed), and accumulate
+    the pos_embed gradient over b in fp32. A repeated index gets the sum of its rows, as the
+    reference's scatter_add; the common case (no repeats) costs one scan of the ids_keep row."""
     patch = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     chunk = tl.program_id(2)
@@ -263,15 +290,17 @@ def _gather_visible_bwd_kernel(
             count = K
             row_base = 0
             g_base = b64 * stride_gb
-        found = tl.full([BLOCK_P], -1, dtype=tl.int64)
-        for k0 in range(0, count, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            ids = tl.load(ids_ptr + start + kk, mask=kk < count, other=-1).to(tl.int64)
-            hit = ids[None, :] == patch[:, None]
-            found = tl.maximum(found, tl.max(tl.where(hit, kk[None, :].to(tl.int64), -1), axis=1))
+        found, hits = _last_match_below(ids_ptr, start, count, T, patch, tl.zeros([BLOCK_P], dtype=tl.int64) + count,
+                                        VARLEN, BLOCK_K)
         has = patch_valid & (found >= 0)
         g = tl.load(grad_ptr + g_base + (row_base + HAS_CLS + found)[:, None] * stride_gt + d[None, :] * stride_gd,
                     mask=has[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+        # Repeated indices: walk down to the next-lower match once per extra hit.
+        for _ in range(1, tl.max(tl.where(patch_valid, hits, 0), axis=0)):
+            found, _hits_below = _last_match_below(ids_ptr, start, count, T, patch, found, VARLEN, BLOCK_K)
+            has = patch_valid & (found >= 0)
+            g += tl.load(grad_ptr + g_base + (row_base + HAS_CLS + found)[:, None] * stride_gt
+                         + d[None, :] * stride_gd, mask=has[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
         if WRITE_X:
             tl.store(grad_x_ptr + (b64 * L + patch[:, None]) * D + d[None, :], g.to(grad_x_ptr.dtype.element_ty),
                      mask=patch_valid[:, None] & d_valid[None, :])
@@ -315,7 +344,7 @@ def gather_visible_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, cu_s
     _gather_visible_bwd_kernel[grid](
         grad_out, ids_keep, cu_seqlens if varlen else ids_keep,
         grad_x if write_x else grad_out, pos_part if need_pos else grad_out,
-        B, L, 0 if varlen else ids_keep.shape[1], D, b_per_chunk,
+        B, L, 0 if varlen else ids_keep.shape[1], ids_keep.shape[0], D, b_per_chunk,
         *strides,
         HAS_CLS=int(has_cls), VARLEN=varlen, WRITE_X=write_x, WRITE_POS=need_pos,
         BLOCK_P=block_l, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
@@ -330,7 +359,7 @@ def gather_visible_backward(grad_out: torch.Tensor, ids_keep: torch.Tensor, cu_s
 @triton.jit
 def _unshuffle_fwd_kernel(
     x_ptr, ids_restore_ptr, mask_token_ptr, pos_ptr, cu_ptr, out_ptr,
-    B, L, K, D,
+    B, L, K, X_ROWS, D,
     stride_xb, stride_xt, stride_xd,
     HAS_POS: tl.constexpr, POS_OFFSET: tl.constexpr, HAS_CLS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -359,6 +388,8 @@ def _unshuffle_fwd_kernel(
         x_off = b * stride_xb + tl.where(is_cls, 0, HAS_CLS + rank) * stride_xt
     visible = is_patch & (rank >= 0) & (rank < count)
     take_x = visible | is_cls
+    if VARLEN:
+        take_x = take_x & (x_row >= 0) & (x_row < X_ROWS)
     xv = tl.load(x_ptr + x_off[:, None] + d[None, :] * stride_xd, mask=take_x[:, None] & d_valid[None, :],
                  other=0.0).to(tl.float32)
     mask_tok = tl.load(mask_token_ptr + d, mask=d_valid, other=0.0).to(tl.float32)
@@ -398,7 +429,7 @@ def unshuffle_forward(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_t
     _unshuffle_fwd_kernel[grid](
         x_visible, ids_restore, mask_token, pos_embed if pos_embed is not None else mask_token,
         cu_seqlens if varlen else ids_restore, out,
-        B, L, K, D, *strides,
+        B, L, K, x_visible.shape[0], D, *strides,
         HAS_POS=pos_embed is not None, POS_OFFSET=0 if pos_embed is None else pos_embed.shape[0] - L,
         HAS_CLS=int(has_cls), VARLEN=varlen, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
     )
@@ -408,7 +439,7 @@ def unshuffle_forward(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_t
 @triton.jit
 def _unshuffle_bwd_kernel(
     grad_ptr, ids_restore_ptr, cu_ptr, grad_x_ptr, pos_part_ptr, mask_part_ptr,
-    B, L, K, D, b_per_chunk,
+    B, L, K, X_ROWS, D, b_per_chunk,
     stride_gb, stride_gt, stride_gd,
     HAS_CLS: tl.constexpr, VARLEN: tl.constexpr,
     WRITE_X: tl.constexpr, WRITE_POS: tl.constexpr, WRITE_MASK: tl.constexpr,
@@ -445,8 +476,11 @@ def _unshuffle_bwd_kernel(
         visible = is_patch & (rank >= 0) & (rank < count)
         if WRITE_X:
             x_row = x_base + tl.where(is_cls, 0, HAS_CLS + rank)
+            write = visible | is_cls
+            if VARLEN:
+                write = write & (x_row >= 0) & (x_row < X_ROWS)
             tl.store(grad_x_ptr + x_row[:, None] * D + d[None, :], g.to(grad_x_ptr.dtype.element_ty),
-                     mask=(visible | is_cls)[:, None] & d_valid[None, :])
+                     mask=write[:, None] & d_valid[None, :])
         if WRITE_MASK:
             mask_acc += tl.sum(tl.where((is_patch & ~visible)[:, None], g, 0.0), axis=0)
         if WRITE_POS:
@@ -493,7 +527,7 @@ def unshuffle_backward(grad_out: torch.Tensor, ids_restore: torch.Tensor, cu_seq
     _unshuffle_bwd_kernel[grid](
         grad_out, ids_restore, cu_seqlens if varlen else ids_restore,
         grad_x if write_x else grad_out, pos_part if need_pos else grad_out, mask_part if need_mask else grad_out,
-        B, L, 0 if varlen else visible_rows - has_cls, D, b_per_chunk,
+        B, L, 0 if varlen else visible_rows - has_cls, visible_rows, D, b_per_chunk,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         HAS_CLS=int(has_cls), VARLEN=varlen, WRITE_X=write_x, WRITE_POS=need_pos, WRITE_MASK=need_mask,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,

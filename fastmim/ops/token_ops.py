@@ -20,10 +20,16 @@ Conventions shared by the ops:
 
 - Shapes: ``B`` samples, ``L`` patches, ``K`` kept (visible) patches, ``D`` channels.
 - Index tensors may be int64 or int32 (validated: dtype, shape, device). Their *values* are
-  not checked (that would synchronise with the device): rows of ``ids_keep`` must hold distinct
-  indices in ``[0, L)`` and rows of ``ids_restore`` must be permutations of ``0..L-1``, as
+  not checked (that would synchronise with the device): entries of ``ids_keep`` must be in
+  ``[0, L)`` and rows of ``ids_restore`` must be permutations of ``0..L-1``, as
   :func:`random_masking` returns. The references raise on out-of-range indices; the Triton
-  path reads zeros for them.
+  path reads zeros for them. An index repeated within a row of ``ids_keep`` is gathered once
+  per occurrence and its gradient is the sum over the occurrences, on every backend.
+- Varlen ``cu_seqlens`` on the host is checked against the packed lengths (``cu_seqlens[0] =
+  0``, non-decreasing, ``cu_seqlens[-1]`` the packed length, ``max_seqlen`` at least the largest
+  count) with a ``ValueError``; on an accelerator that check would be a device sync, so it is
+  skipped and the kernels mask every packed access with the tensor's real length instead
+  (inconsistent offsets give wrong values, never an out-of-bounds access).
 - ``pos_embed`` is ``(L, D)`` / ``(1, L, D)`` (patch rows only) or ``(L + 1, D)`` /
   ``(1, L + 1, D)``: one more row than there are patches means row 0 is the cls slot and rows
   ``1..L`` belong to the patches, the layout of the official MAE's ``pos_embed`` and
@@ -35,9 +41,13 @@ Conventions shared by the ops:
   is what eager PyTorch does, so the forward results equal the eager chain's bit for bit.
 - Gradients: reductions over the batch (``pos_embed``, ``cls_token``, ``mask_token``)
   accumulate in fp32 and are deterministic (no atomics).
-- Large activations (``x``, ``x_visible``, incoming gradients) are read with their strides, no
-  copy; the small ones (``pos_embed``, tokens, index tensors, ``cu_seqlens``) are made
-  contiguous (a copy only if they are not).
+- Non-contiguous inputs give the same results on every backend. The Triton kernels read the
+  large activations (``x``, ``x_visible``, incoming gradients) with their strides, no copy; the
+  csrc backend makes them contiguous first (a copy when they are not); the reference indexes
+  them with PyTorch. The small operands (``pos_embed``, tokens, index tensors, ``cu_seqlens``)
+  are made contiguous on every backend (a copy only if they are not).
+- The backend is chosen per call, forward and backward separately: a backward run outside a
+  :func:`~fastmim.ops.use_backend` block picks its backend again (the default one).
 - float64 inputs always run the reference (the kernels compute in fp32).
 """
 
@@ -222,6 +232,10 @@ def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None) -
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise ValueError(f"seed tensor must be int64 with one element, got {seed.dtype} of shape "
                              f"{tuple(seed.shape)}")
+        # int64 holds exactly [-2**63, 2**63): only the sign is left to check. Free on the host;
+        # skipped on an accelerator (a device sync) and while torch.compile traces (a graph break).
+        if seed.device.type == "cpu" and not torch.compiler.is_compiling() and int(seed) < 0:
+            raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
         return seed.reshape(())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
@@ -253,8 +267,9 @@ def random_permutation(batch: int, num_patches: int, *, seed: int | Tensor | Non
     Returns ``(ids_shuffle, ids_restore)``, both ``(B, L)`` int64 on ``device`` (default CPU):
     ``ids_shuffle[b]`` lists the patches in shuffled order, ``ids_restore[b]`` is its inverse
     (the rank of each patch). ``seed`` (int in ``[0, 2**63)`` or an int64 scalar tensor on the
-    host or on ``device``) gives the same permutation on every backend; without one, a seed is
-    drawn from ``generator`` (or the default CPU generator): never a device sync.
+    host or on ``device``, its value in the same range: checked on the host, not on a device)
+    gives the same permutation on every backend; without one, a seed is drawn from
+    ``generator`` (or the default CPU generator): never a device sync.
     """
     _check_sizes(batch, num_patches)
     device = _resolve_device(device)
@@ -468,6 +483,20 @@ def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
+def _host_varlen_total(cu_seqlens: Tensor, max_seqlen: int | None) -> int | None:
+    """``cu_seqlens[-1]`` after checking the offsets, when ``cu_seqlens`` is on the host (free to
+    read); ``None`` on an accelerator (a device sync) or while torch.compile traces (a graph break)."""
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    cu = cu_seqlens.tolist()
+    counts = [hi - lo for lo, hi in zip(cu[:-1], cu[1:], strict=True)]
+    if cu[0] != 0 or any(c < 0 for c in counts):
+        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
+    if max_seqlen is not None and counts and max_seqlen < max(counts):
+        raise ValueError(f"max_seqlen must be >= the largest count in cu_seqlens ({max(counts)}), got {max_seqlen}")
+    return cu[-1]
+
+
 def _varlen_rows(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
     """For each packed row j: its sample ``b`` and its position ``j - cu_seqlens[b]`` within it."""
     counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
@@ -532,14 +561,16 @@ def gather_visible(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None = None,
     """Gather each sample's visible tokens and add their position embedding, in one pass.
 
     Args:
-        x: ``(B, L, D)`` tokens (any strides: read in place, no copy).
+        x: ``(B, L, D)`` tokens, any strides (read in place by the Triton kernels, copied to a
+            contiguous tensor by the csrc backend).
         ids_keep: ``(B, K)`` int64/int32 kept patch indices (from :func:`random_masking`), or packed
-            ``(T,)`` with ``cu_seqlens``.
+            ``(T,)`` with ``cu_seqlens``; a repeated index is gathered once per occurrence.
         pos_embed: optional ``(L, D)`` / ``(1, L, D)``, or ``(L + 1, D)`` / ``(1, L + 1, D)`` with a
             leading cls slot (the official MAE's ``pos_embed`` as is).
         cls_token: optional ``(D,)`` / ``(1, D)`` / ``(1, 1, D)``: prepends ``cls_token`` (+ the
             cls slot of ``pos_embed`` when it has one) to every sample, unshuffled.
-        cu_seqlens: optional ``(B + 1,)`` int32/int64 for the packed varlen layout.
+        cu_seqlens: optional ``(B + 1,)`` int32/int64 for the packed varlen layout;
+            ``cu_seqlens[-1]`` must equal ``T`` (checked when it is on the host).
         max_seqlen: the largest per-sample count of the varlen layout; computed from
             ``cu_seqlens`` if omitted (a device sync on an accelerator: pass it, e.g. from
             :class:`PackedMasking`).
@@ -555,7 +586,8 @@ def gather_visible(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None = None,
     random_masking(x); x = cat(cls_token + pos_embed[:, :1], x)``, is one call:
     ``gather_visible(x, masking.ids_keep, pos_embed, cls_token=cls_token)``.
 
-    Backward: ``x`` receives the gradient at the kept positions and zero elsewhere; ``pos_embed``
+    Backward: ``x`` receives the gradient at the kept positions (summed over the occurrences of a
+    repeated index) and zero elsewhere; ``pos_embed``
     the sum over samples (fp32 accumulation, deterministic); ``cls_token`` the sum of the cls rows.
     """
     _check_float("x", x)
@@ -574,6 +606,10 @@ def gather_visible(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None = None,
         ids_keep = _check_index("ids_keep", ids_keep, 1, device)
         cu_seqlens = _check_varlen(cu_seqlens, B, device)
         max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+        total = _host_varlen_total(cu_seqlens, max_seqlen)
+        if total is not None and total != ids_keep.shape[0]:
+            raise ValueError(f"ids_keep must have cu_seqlens[-1] = {total} rows (the packed length), "
+                             f"got shape {tuple(ids_keep.shape)}")
     pos = _pos_2d(pos_embed, L, D, device)
     cls = None if cls_token is None else _token_1d("cls_token", cls_token, D, device)
     return torch.ops.fastmim.gather_visible(x, ids_keep, pos, cls, cu_seqlens, max_seqlen)
@@ -652,8 +688,13 @@ def _gather_visible_backward_op(grad_out: Tensor, ids_keep: Tensor, cu_seqlens: 
             batch, L, has_cls, x_dtype if need_x else None, need_pos)
         grad_cls = None
         if need_cls_sum:
-            cls_rows = grad_out[:, 0] if cu_seqlens is None else grad_out[
-                cu_seqlens[:-1].long() + torch.arange(batch, device=grad_out.device)]
+            if cu_seqlens is None:
+                cls_rows = grad_out[:, 0]
+            else:
+                # Clamped like the kernels' masks: offsets on a device are not checked against the
+                # packed length, and an out-of-range index would be a device-side assert.
+                rows = cu_seqlens[:-1].long() + torch.arange(batch, device=grad_out.device)
+                cls_rows = grad_out[rows.clamp(0, grad_out.shape[0] - 1)]
             grad_cls = cls_rows.float().sum(0)
     else:
         grad_x, grad_pos_patch, grad_cls = _gather_visible_backward_reference(grad_out, ids_keep, cu_seqlens, L,
@@ -753,14 +794,17 @@ def unshuffle(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_em
     ``mask_token`` at the masked ones, ``+ pos_embed``; one pass.
 
     Args:
-        x_visible: ``(B, K + has_cls, D)`` (cls row first when ``has_cls``), any strides; or, with
+        x_visible: ``(B, K + has_cls, D)`` (cls row first when ``has_cls``); or, with
             ``cu_seqlens``, packed ``(T + B * has_cls, D)`` as :func:`gather_visible` returns it.
+            Any strides (read in place by the Triton kernels, copied to a contiguous tensor by
+            the csrc backend).
         ids_restore: ``(B, L)`` int64/int32, from :func:`random_masking`.
         mask_token: ``(D,)`` / ``(1, D)`` / ``(1, 1, D)``.
         pos_embed: optional ``(L, D)`` / ``(1, L, D)``, or ``(L + 1, D)`` / ``(1, L + 1, D)`` with a
             leading cls slot (the official ``decoder_pos_embed`` as is).
         has_cls: ``x_visible`` carries a cls row first; it is passed through (+ the cls slot).
-        cu_seqlens: ``(B + 1,)`` int32/int64 per-sample visible counts (packed varlen input).
+        cu_seqlens: ``(B + 1,)`` int32/int64 per-sample visible counts (packed varlen input);
+            ``cu_seqlens[-1]`` must equal ``T`` (checked when it is on the host).
 
     Returns:
         ``(B, L + has_cls, D)``: ``out[b, has_cls + i] = x_visible[b, has_cls + ids_restore[b, i]]``
@@ -783,9 +827,14 @@ def unshuffle(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_em
                              f"K <= L = {L} (ids_restore is {tuple(ids_restore.shape)}), got {tuple(x_visible.shape)}")
     else:
         cu_seqlens = _check_varlen(cu_seqlens, B, device)
-        if x_visible.dim() != 2:
-            raise ValueError(f"with cu_seqlens, x_visible must be packed (T{' + B' if has_cls else ''}, D), "
+        packed = f"(T{' + B' if has_cls else ''}, D)"
+        if x_visible.dim() != 2 or x_visible.shape[0] < B * has_cls:
+            raise ValueError(f"with cu_seqlens, x_visible must be packed {packed} with B = {B}, "
                              f"got shape {tuple(x_visible.shape)}")
+        total = _host_varlen_total(cu_seqlens, None)
+        if total is not None and x_visible.shape[0] != total + B * has_cls:
+            raise ValueError(f"x_visible must be packed {packed} = ({total + B * has_cls}, D) with T = "
+                             f"cu_seqlens[-1] = {total}, B = {B}, got shape {tuple(x_visible.shape)}")
     D = x_visible.shape[-1]
     mask_token = _token_1d("mask_token", mask_token, D, device)
     pos = _pos_2d(pos_embed, L, D, device)
