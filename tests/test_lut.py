@@ -2,6 +2,7 @@
 eval mode, one foreach update, momentum schedule), where gradients go, bf16, torch.compile,
 and an overfitting check."""
 
+import copy
 from functools import partial
 
 import pytest
@@ -12,7 +13,7 @@ from fastmim.models import LUT, EMATeacher, create_model
 from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss
 from fastmim.models.lut import ema_momentum
 from fastmim.ops import use_backend
-from fastmim.testing import assert_rel_close, kernel_devices
+from fastmim.testing import assert_rel_close, kernel_devices, rel_error
 
 # 20 px / patch 4: L = 25 patches (odd); mask 0.75 keeps K = 6 per view, 12 of 25 seen in all.
 TINY = dict(img_size=20, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
@@ -97,17 +98,25 @@ def test_fused_token_ops_on_the_triton_backend_match_the_reference_path(device):
     fused = tiny_lut(attn_backend="sdpa").to(device)
     ref = tiny_lut(fused=False).to(device)
     ref.load_state_dict(fused.state_dict())
+    exact = copy.deepcopy(ref).double()
     a, b = (v.to(device) for v in views(batch=2))
     with use_backend("triton"):
         out_f = fused(a, b, 0.75, seed=5)
         out_f["loss"].backward()
     out_r = ref(a, b, 0.75, seed=5)
     out_r["loss"].backward()
+    out_x = exact(a.double(), b.double(), 0.75, seed=5)
+    out_x["loss"].backward()
     for key in ("loss", "loss_mae", "loss_bc"):
         assert_rel_close(out_f[key], out_r[key], torch.float32)
-    g_r = grads(ref)
+    # The heads' BatchNorm over a batch of 2 amplifies fp32 rounding in the gradients (an input
+    # perturbed by 1e-7 moves them by 1e-5): each gradient must be as close to the float64 result as
+    # the fp32 reference path's own, within a small multiple (the flash-attention test rule).
+    g_r, g_x = grads(ref), grads(exact)
     for name, g in grads(fused).items():
-        assert_rel_close(g, g_r[name], torch.float32)
+        own_error = rel_error(g_r[name].double(), g_x[name])
+        error = rel_error(g.double(), g_x[name])
+        assert error <= 3 * own_error + 1e-6, f"{name}: error {error:.2e} vs the fp32 reference's {own_error:.2e}"
 
 
 # ---------------------------------------------------------------------------------- the losses

@@ -113,7 +113,7 @@ REGION_OF_MODULE: tuple[tuple[Callable[[nn.Module], bool], str | None], ...] = (
     (lambda m: "Attention" in type(m).__name__, "attention"),
 )
 # Methods of the models that open a region (the official MAE's and fastmim's names).
-REGION_OF_METHOD = {"random_masking": "masking", "forward_loss": "loss", "patchify": "loss"}
+REGION_OF_METHOD = {"random_masking": "masking", "forward_loss": "loss", "patchify": "loss", "attend": "attention"}
 ABSORBING_REGIONS = {"attention", "loss", "masking", "optimizer"}
 
 # FLOP, byte and launch formulas for ops the defaults get wrong. Keys: "namespace::name".
@@ -412,14 +412,6 @@ class StepCounter:
                 return r
         return None
 
-    @contextlib.contextmanager
-    def in_region(self, region: str | None) -> Iterator[None]:
-        self._region_stack.append(region)
-        try:
-            yield
-        finally:
-            self._region_stack.pop()
-
     def attach(self, model: nn.Module) -> None:
         """Region hooks on every module, region wrappers on the model's known methods; parameter storages."""
         for module in model.modules():
@@ -429,7 +421,7 @@ class StepCounter:
                     region = r
                     break
             self._hooks.append(module.register_forward_pre_hook(
-                lambda m, a, region=region: self._region_stack.append(region) and None))
+                lambda m, a, region=region: self._enter(region, a)))
             self._hooks.append(module.register_forward_hook(self._pop_region))
             for method, region_name in REGION_OF_METHOD.items():
                 bound = getattr(module, method, None)
@@ -438,13 +430,23 @@ class StepCounter:
                     self._patched.append((module, method))
         self._param_keys |= {storage_key(p) for p in model.parameters()}
 
+    def _enter(self, region: str | None, inputs: Any) -> None:
+        # Nodes the function mode never saw (a custom autograd.Function's) belong to the region that
+        # made them, not to the first region whose ops walk back to them: tag them before entering.
+        if torch.is_grad_enabled():
+            self.tag_new_nodes(inputs)
+        self._region_stack.append(region)
+
     def _pop_region(self, module: nn.Module, args: Any, output: Any) -> None:
         self._region_stack.pop()
 
     def _wrap(self, fn: Callable, region: str) -> Callable:
         def wrapped(*args, **kwargs):
-            with self.in_region(region):
+            self._enter(region, (args, kwargs))
+            try:
                 return fn(*args, **kwargs)
+            finally:
+                self._region_stack.pop()
 
         return wrapped
 

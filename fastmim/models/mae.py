@@ -8,7 +8,9 @@ and official training scripts run unchanged. What it adds:
 
 - ``fused=True`` (default): masking, the visible-token gather, the decoder's un-shuffle and
   the loss are fastmim ops (``random_masking``, ``gather_visible``, ``unshuffle``,
-  ``masked_patch_mse``) and attention goes to ``attn_backend``. ``fused=False`` runs the
+  ``masked_patch_mse``), attention goes to ``attn_backend``, and the blocks are
+  :class:`~fastmim.models.vit.FusedBlock` (fused LayerNorm, residual add and bias + GELU,
+  their outputs recomputed in backward instead of saved). ``fused=False`` runs the
   official plain-PyTorch steps. Both compute the same function; with the same ``noise`` they
   give the same loss.
 - ``pred_masked_only=True``: the decoder's output projection and the loss see the masked
@@ -33,6 +35,7 @@ from torch import nn
 from fastmim.models.presets import ViTPreset, register_method
 from fastmim.models.vit import (
     Block,
+    FusedBlock,
     PatchEmbed,
     check_images,
     check_mask_ratio,
@@ -115,6 +118,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.pred_masked_only = pred_masked_only
         self.in_chans = in_chans
         block_backend = attn_backend if (attn_backend is not None or fused) else "sdpa"
+        block_cls = FusedBlock if fused else Block  # same parameters, same function
 
         # ----- encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -123,8 +127,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)  # fixed
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule of timm
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=dpr[i],
-                  attn_backend=block_backend)
+            block_cls(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=dpr[i],
+                      attn_backend=block_backend)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
 
@@ -133,8 +137,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                  attn_backend=block_backend)
+            block_cls(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                      attn_backend=block_backend)
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
