@@ -7,7 +7,10 @@ kernel that skips an element cannot pass by inheriting a correct value.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import types
+from collections.abc import Iterator
 
 import torch
 
@@ -51,6 +54,37 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
     if t.dtype.is_floating_point:
         return torch.full_like(t, float("nan"))
     return torch.full_like(t, torch.iinfo(t.dtype).max)
+
+
+class _PoisonedTorch(types.SimpleNamespace):
+    """``torch`` as a launcher module sees it, but ``empty`` / ``empty_like`` hand out NaN-filled tensors."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return poison_like(torch.empty(*args, **kwargs))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return poison_like(torch.empty_like(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def poison_allocations(module: types.ModuleType) -> Iterator[None]:
+    """Inside the block, the buffers ``module`` allocates with ``torch.empty`` / ``torch.empty_like`` are
+    NaN-poisoned, so a kernel that skips writing an element of an output it allocated is caught.
+
+    Only ``module``'s name ``torch`` is replaced (the rest of torch keeps its allocator): meant for a
+    launcher module that imports ``torch`` and allocates its outputs itself.
+    """
+    real = module.torch
+    module.torch = _PoisonedTorch()
+    try:
+        yield
+    finally:
+        module.torch = real
 
 
 def kernel_devices() -> list[str]:

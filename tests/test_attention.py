@@ -9,7 +9,10 @@ full (N, D, dtype) grid and a few larger cases are marked ``cuda``.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ from fastmim.ops.attention import (
     visible_attention,
     visible_attention_reference,
 )
-from fastmim.testing import kernel_devices, poison_like, rel_error
+from fastmim.testing import kernel_devices, poison_allocations, rel_error
 
 DEVICES = kernel_devices()
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -51,27 +54,46 @@ def _forward_backward(fn, tensors, grad_out):
     return out.detach(), [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
 
 
+@contextlib.contextmanager
+def _on_triton_kernels():
+    """Run forward and backward on the Triton kernels, their outputs NaN-poisoned; yields the launch counts.
+
+    The backward op chooses its backend when autograd calls it, so the block must hold the backward too.
+    """
+    from fastmim.kernels import attention as kernels
+
+    calls = {"forward": 0, "backward": 0}
+    launchers = {"forward": kernels.attention_forward, "backward": kernels.attention_backward}
+
+    def counting(name):
+        def launch(*args, **kwargs):
+            calls[name] += 1
+            return launchers[name](*args, **kwargs)
+        return launch
+
+    with use_backend("triton"), poison_allocations(kernels), \
+            mock.patch.object(kernels, "attention_forward", counting("forward")), \
+            mock.patch.object(kernels, "attention_backward", counting("backward")):
+        yield calls
+
+
 def _check(fast, ref, tensors, dtype, device, names=("q", "k", "v")):
-    """Compare ``fast`` (on ``device``, in ``dtype``) with ``ref`` in float64 and in ``dtype`` (the yardstick)."""
+    """Compare ``fast`` (Triton kernels on ``device``, in ``dtype``) with ``ref`` in float64 and in ``dtype``
+    (the yardstick), forward and backward."""
     cpu = [t.cpu() for t in tensors]
     low = [t.to(dtype) for t in cpu]
     grad_out = torch.randn_like(ref(*[t.double() for t in low])).float()
     out64, grads64 = _forward_backward(ref, [t.double() for t in low], grad_out.double())
     out_lp, grads_lp = _forward_backward(lambda *a: ref(*a, upcast=False), low, grad_out)
-    out, grads = _forward_backward(fast, [t.to(device) for t in low], grad_out.to(device))
+    with _on_triton_kernels() as calls:
+        out, grads = _forward_backward(fast, [t.to(device) for t in low], grad_out.to(device))
+    assert calls == {"forward": 1, "backward": 1}, f"the Triton kernels did not run forward and backward: {calls}"
     for name, got, yard, want in zip(("out", *names), [out, *grads], [out_lp, *grads_lp], [out64, *grads64],
                                      strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name
         err, err_lp = rel_error(got, want), rel_error(yard, want)
         tol = 2 * err_lp + FLOOR[dtype]
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.2e} (naive {dtype} attention: {err_lp:.2e})"
-
-
-def _triton(fn):
-    def run(*args, **kwargs):
-        with use_backend("triton"):
-            return fn(*args, **kwargs)
-    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +105,7 @@ def _triton(fn):
 @pytest.mark.parametrize("n, head_dim, dtype", GRID)
 def test_dense_matches_reference(device, n, head_dim, dtype):
     q, k, v = (_randn(1, 2, n, head_dim, dtype=torch.float32, device="cpu") for _ in range(3))
-    _check(_triton(visible_attention), visible_attention_reference, (q, k, v), dtype, device)
+    _check(visible_attention, visible_attention_reference, (q, k, v), dtype, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -91,24 +113,21 @@ def test_dense_cross_lengths_strided_and_scale(device):
     """k/v longer than q; q read through strides of a (B, N, H, D) buffer; explicit scale."""
     q = _randn(2, 23, 3, 64, dtype=torch.float32, device="cpu").transpose(1, 2)  # non-contiguous view
     k, v = (_randn(2, 3, 70, 64, dtype=torch.float32, device="cpu") for _ in range(2))
-    _check(_triton(lambda q, k, v: visible_attention(q, k, v, scale=0.3)),
+    _check(lambda q, k, v: visible_attention(q, k, v, scale=0.3),
            lambda q, k, v, upcast=True: visible_attention_reference(q, k, v, scale=0.3, upcast=upcast),
            (q, k, v), torch.float16, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [50, 197])
-def test_kernels_write_every_element(device, n, monkeypatch):
+def test_kernels_write_every_element(device, n):
     """Output, lse and gradients come from the kernels, not from what the memory held (NaN poison)."""
     from fastmim.kernels import attention as kernels
 
     q, k, v = (_randn(1, 2, n, 80, dtype=torch.bfloat16, device=device) for _ in range(3))
-    real_empty_like, real_empty = torch.empty_like, torch.empty
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison_like(real_empty_like(*a, **kw)))
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison_like(real_empty(*a, **kw)))
-    out, lse = kernels.attention_forward(q, k, v, 80**-0.5)
-    dq, dk, dv = kernels.attention_backward(torch.randn_like(out), q, k, v, out, lse, 80**-0.5)
-    monkeypatch.undo()
+    with poison_allocations(kernels):
+        out, lse = kernels.attention_forward(q, k, v, 80**-0.5)
+        dq, dk, dv = kernels.attention_backward(torch.randn_like(out), q, k, v, out, lse, 80**-0.5)
     for t in (out, lse, dq, dk, dv):
         assert torch.isfinite(t).all()
 
@@ -140,7 +159,7 @@ def test_lse_and_its_gradient(device, through):
     def ref(q, k, v, upcast=True):
         return loss(*visible_attention_reference(q, k, v, return_lse=True, upcast=upcast))
 
-    _check(_triton(fast), ref, (q, k, v), torch.float32, device)
+    _check(fast, ref, (q, k, v), torch.float32, device)
 
 
 def _out_plus_lse(out, lse):
@@ -188,6 +207,8 @@ VARLEN_CASES = [
     pytest.param([64, 50, 17, 1, 197], 128, torch.float16, 256, marks=pytest.mark.cuda, id="hd128-loose-bound"),
     pytest.param([20, 3], 128, torch.bfloat16, 32, id="hd128-loose-bound-small"),
     pytest.param([49, 33, 1], 64, torch.float32, 49, id="fp32"),
+    pytest.param([37], 64, torch.bfloat16, 37, id="one-seq"),  # cu_seqlens of length 2
+    pytest.param([1], 32, torch.float16, 1, id="one-seq-len1"),
 ]
 
 
@@ -197,7 +218,10 @@ def test_varlen_equals_per_sample_dense(device, lengths, head_dim, dtype, max_se
     total = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q, k, v = (_randn(total, 3, head_dim, dtype=torch.float32, device="cpu") for _ in range(3))
-    fast = _triton(lambda q, k, v: visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen))
+
+    def fast(q, k, v):
+        return visible_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen)
+
     _check(fast, _per_sample_dense(lengths), (q, k, v), dtype, device)
     # The op's own reference (block-diagonal mask) agrees with the per-sample definition.
     ref = visible_attention_reference(q.double(), k.double(), v.double(), cu_seqlens=cu.cpu(), max_seqlen=max_seqlen)
@@ -224,24 +248,29 @@ def _gathered_dense(ids):
 
 
 KEY_CASES = [
-    pytest.param(50, 13, 32, torch.bfloat16, id="L50-K13"),
-    pytest.param(197, 49, 32, torch.bfloat16, id="decoder-L197-K49"),
-    pytest.param(64, 64, 80, torch.float16, id="all-visible-hd80"),
-    pytest.param(17, 1, 64, torch.float16, id="one-key"),
-    pytest.param(197, 150, 128, torch.float16, marks=pytest.mark.cuda, id="L197-K150-hd128"),
-    pytest.param(40, 30, 128, torch.bfloat16, id="L40-K30-hd128"),
-    pytest.param(50, 20, 64, torch.float32, id="fp32"),
+    pytest.param(2, 50, 13, 32, torch.bfloat16, id="L50-K13"),
+    pytest.param(2, 197, 49, 32, torch.bfloat16, id="decoder-L197-K49"),
+    pytest.param(2, 64, 64, 80, torch.float16, id="all-visible-hd80"),
+    pytest.param(2, 17, 1, 64, torch.float16, id="one-key"),
+    pytest.param(1, 1, 1, 64, torch.bfloat16, id="B1-L1"),
+    pytest.param(1, 23, 6, 32, torch.float16, id="B1-L23-K6"),
+    pytest.param(2, 197, 150, 128, torch.float16, marks=pytest.mark.cuda, id="L197-K150-hd128"),
+    pytest.param(2, 40, 30, 128, torch.bfloat16, id="L40-K30-hd128"),
+    pytest.param(2, 50, 20, 64, torch.float32, id="fp32"),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["index", "mask"])
-@pytest.mark.parametrize("length, num_visible, head_dim, dtype", KEY_CASES)
-def test_key_visibility_equals_dense_on_gathered_keys(device, kind, length, num_visible, head_dim, dtype):
-    ids, mask = _visible_sets(2, length, num_visible, device)
+@pytest.mark.parametrize("batch, length, num_visible, head_dim, dtype", KEY_CASES)
+def test_key_visibility_equals_dense_on_gathered_keys(device, kind, batch, length, num_visible, head_dim, dtype):
+    ids, mask = _visible_sets(batch, length, num_visible, device)
     key_visible = ids if kind == "index" else mask
-    q, k, v = (_randn(2, 2, length, head_dim, dtype=torch.float32, device="cpu") for _ in range(3))
-    fast = _triton(lambda q, k, v: visible_attention(q, k, v, key_visible=key_visible))
+    q, k, v = (_randn(batch, 2, length, head_dim, dtype=torch.float32, device="cpu") for _ in range(3))
+
+    def fast(q, k, v):
+        return visible_attention(q, k, v, key_visible=key_visible)
+
     _check(fast, _gathered_dense(ids), (q, k, v), dtype, device)
 
 
@@ -349,6 +378,76 @@ def test_attention_backend_env_override(monkeypatch):
     monkeypatch.setenv("FASTMIM_ATTN_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="FASTMIM_ATTN_BACKEND"):
         choose_attn_backend(q, q, q)
+
+
+def _measured_choice(monkeypatch, times):
+    """``choose_attn_backend`` on CPU as if on CUDA: it measures, with the timing replaced by a recorder."""
+    attn = importlib.import_module("fastmim.ops.attention")  # the package's ``attention`` is the function
+
+    timed = []
+
+    def time_backend(backend, args, kwargs, backward, reps=10):
+        timed.append(backend)
+        return times[backend]
+
+    monkeypatch.setattr(attn, "_measures_on", lambda device: True)
+    monkeypatch.setattr(attn, "_time_backend", time_backend)
+    monkeypatch.setattr(attn, "_xformers_available", lambda: False)
+    monkeypatch.setattr(attn, "_CHOICE_CACHE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return attn, timed
+
+
+def _packed(lengths, heads=2, head_dim=16, dtype=torch.float32):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return [torch.randn(sum(lengths), heads, head_dim, dtype=dtype) for _ in range(3)], cu
+
+
+def test_choice_cache_varlen_bucket_ignores_the_packed_total(monkeypatch):
+    """Per-sample numbers of visible tokens change T every step: one measurement serves them all."""
+    attn, timed = _measured_choice(monkeypatch, {"fastmim": 1.0, "sdpa": 2.0})
+    for lengths in ([5, 7], [9, 11], [16, 1], [3, 3]):
+        (q, k, v), cu = _packed(lengths)
+        assert choose_attn_backend(q, k, v, cu_seqlens=cu, max_seqlen=16) == "fastmim"
+    assert timed == ["fastmim", "sdpa"] and len(attn._CHOICE_CACHE) == 1
+    # What the timing does depend on is a new bucket: the bound, the number of sequences, heads, dtype.
+    for (q, k, v), cu, bound in [(*_packed([5, 7]), 32), (*_packed([5, 7, 2]), 16), (*_packed([5, 7], heads=4), 16),
+                                 (*_packed([5, 7], dtype=torch.float16), 16)]:
+        choose_attn_backend(q, k, v, cu_seqlens=cu, max_seqlen=bound)
+    assert len(timed) == 2 + 4 * 2 and len(attn._CHOICE_CACHE) == 5
+
+
+def test_choice_cache_dense_and_key_visibility_buckets(monkeypatch):
+    attn, timed = _measured_choice(monkeypatch, {"fastmim": 3.0, "sdpa": 2.0})
+    q = torch.randn(2, 3, 12, 16)
+    ids = torch.stack([torch.randperm(12)[:5] for _ in range(2)])
+    assert choose_attn_backend(q, q, q) == "sdpa"
+    assert choose_attn_backend(q, q, q, key_visible=ids) == "sdpa"
+    assert choose_attn_backend(q, q, q, key_visible=ids[:, :3]) == "sdpa"  # same bucket: K is not part of it
+    assert choose_attn_backend(q, q, q, key_visible=torch.rand(2, 12) < 0.5) == "sdpa"
+    assert choose_attn_backend(q.requires_grad_(), q, q) == "sdpa"  # forward + backward is timed apart
+    assert len(timed) == 4 * 2 and len(attn._CHOICE_CACHE) == 4
+
+
+def test_choice_under_compile_is_fixed_and_skips_the_cache(monkeypatch):
+    """While dynamo traces, the choice neither measures nor reads the cache (its sizes may be symbolic)."""
+    class NoLookup(dict):
+        def __contains__(self, key):
+            raise AssertionError("the backend cache was consulted while tracing")
+
+        __getitem__ = __contains__
+
+    attn, timed = _measured_choice(monkeypatch, {"fastmim": 2.0, "sdpa": 1.0})
+    monkeypatch.setattr(attn, "_CHOICE_CACHE", NoLookup())
+    torch._dynamo.reset()
+
+    def f(q, k, v, cu):
+        return attention(q, k, v, cu_seqlens=cu, max_seqlen=8)
+
+    (q, k, v), cu = _packed([5, 8])
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, cu)
+    ref = visible_attention_reference(q, k, v, cu_seqlens=cu)
+    assert timed == [] and rel_error(out, ref) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """masked_patch_mse: Triton kernels and the op against the official MAE forward_loss."""
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
 from fastmim.ops import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify, use_backend
-from fastmim.testing import TOLERANCES, assert_rel_close, kernel_devices
+from fastmim.ops._dispatch import backend_status
+from fastmim.testing import TOLERANCES, assert_rel_close, kernel_devices, poison_allocations, rel_error
 
 DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -65,11 +69,38 @@ def reference_loss_and_grad(pred, imgs, mask, grad_output=None, **kwargs):
     return loss.detach(), grad
 
 
+@contextlib.contextmanager
+def _kernel_calls(backend):
+    """Counts the Triton launchers' calls; their outputs (allocated by the launcher) are NaN-poisoned."""
+    calls = {"forward": 0, "backward": 0}
+    if backend != "triton":
+        yield calls
+        return
+    from fastmim.kernels import loss as kernels
+
+    launchers = {"forward": kernels.masked_patch_mse_forward, "backward": kernels.masked_patch_mse_scale_grad_}
+
+    def counting(name):
+        def launch(*args, **kwargs):
+            calls[name] += 1
+            return launchers[name](*args, **kwargs)
+        return launch
+
+    with poison_allocations(kernels), \
+            mock.patch.object(kernels, "masked_patch_mse_forward", counting("forward")), \
+            mock.patch.object(kernels, "masked_patch_mse_scale_grad_", counting("backward")):
+        yield calls
+
+
 def run_op(pred, imgs, mask, grad_output=None, backend="triton", **kwargs):
+    """Forward and backward on ``backend``: the backward op picks its backend when autograd calls it, so
+    both run inside the block (on "triton" the kernels' launches are asserted)."""
     pred = pred.detach().clone().requires_grad_(True)
-    with use_backend(backend):
+    with use_backend(backend), _kernel_calls(backend) as calls:
         loss = masked_patch_mse(pred, imgs, mask, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+        loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    if backend == "triton":
+        assert calls == {"forward": 1, "backward": 1}, f"the Triton kernels did not run forward and backward: {calls}"
     return loss.detach(), pred.grad
 
 
@@ -158,7 +189,9 @@ def test_triton_matches_reference(device, dtype, geometry, norm_pix):
 def test_triton_mask_ratios_and_reductions(device, mask_ratio, reduction):
     pred, imgs, mask, _ = make_inputs(2, 3, 28, 28, 4, torch.float32, device, mask_ratio=mask_ratio)
     kwargs = dict(patch_size=4, reduction=reduction)
-    grad_output = None if reduction != "none" else torch.randn(2, 49, device=device)
+    # "mean" takes grad_output = 1 (the scaling kernel's no-op branch), "sum" another scalar, "none" one per row.
+    grad_output = {"mean": None, "sum": torch.tensor(-0.37, device=device),
+                   "none": torch.randn(2, 49, device=device)}[reduction]
     loss, grad = run_op(pred, imgs, mask, grad_output, **kwargs)
     ref_loss, ref_grad = reference_loss_and_grad(pred, imgs, mask, grad_output, **kwargs)
     assert loss.shape == ref_loss.shape
@@ -187,6 +220,66 @@ def test_triton_constant_patches_are_finite(device, dtype):
     assert_rel_close(grad[:, exact_rows], ref_grad[:, exact_rows], dtype, name="grad_pred (exact patches)")
 
 
+def _loss_with_normalisation(imgs, pred, mask, p, normalise):
+    """The official loss with another patch normalisation ``normalise(target, mean, var_unbiased)``."""
+    target = patchify(imgs, p)
+    target = normalise(target, target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True))
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("backend, dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                            ("reference", torch.float32), ("csrc", torch.float32)], ids=str)
+def test_eps_inside_the_square_root_and_unbiased_variance(backend, dtype):
+    """Patches with variance of the order of eps: target = (t - mean) / sqrt(var + eps) with the unbiased
+    variance, as the official code; the near misses (sqrt(var) + eps, the biased variance) are far off."""
+    if backend == "triton" and not DEVICES:
+        pytest.skip("no device runs the Triton kernels here")
+    if backend == "csrc" and backend_status("cpu")["csrc"] is not None:
+        pytest.skip(f"csrc backend unavailable: {backend_status('cpu')['csrc']}")
+    device = DEVICES[0] if backend == "triton" else "cpu"
+    pred, imgs, mask, _ = make_inputs(2, 3, 16, 16, 4, torch.float32, device)
+    pred, imgs = pred.to(dtype), (imgs * 1e-3).to(dtype)  # var ~ 1e-6 = eps
+    pred64 = pred.double().requires_grad_(True)
+    official = official_forward_loss(imgs.double(), pred64, mask.double(), 4, norm_pix_loss=True)
+    (official_grad,) = torch.autograd.grad(official, pred64)
+    loss, grad = run_op(pred, imgs, mask, backend=backend, patch_size=4)
+    assert_rel_close(loss, official, torch.float32, name="loss")
+    assert_rel_close(grad, official_grad, dtype, name="grad_pred")
+    eps = 1e-6
+    near_misses = {
+        "sqrt(var) + eps": lambda t, mean, var: (t - mean) / (var.sqrt() + eps),
+        "biased variance": lambda t, mean, var: (t - mean) / (var * (47 / 48) + eps).sqrt(),
+    }
+    for name, normalise in near_misses.items():
+        other = _loss_with_normalisation(imgs.double(), pred.double(), mask.double(), 4, normalise)
+        assert rel_error(other, official) > 100 * TOLERANCES[torch.float32], name
+
+
+@pytest.mark.skipif("cpu" not in DEVICES, reason="an out-of-range index is a device-side assert on CUDA")
+@pytest.mark.parametrize("layout", ["selected", "packed"])
+def test_out_of_range_ids_masked_behaves_as_documented(layout):
+    """Not checked on the host: "mean" with a mask gathers the weights and raises; otherwise the Triton
+    kernel reads nothing for the row and gives it weight 0."""
+    pred, imgs, mask, ids_masked = make_inputs(2, 3, 16, 16, 4, torch.float32, "cpu")  # L = 16, K = 12
+    pred = pred[:, :12].contiguous()
+    if layout == "packed":  # flat indices b * L + l, in [0, B * L)
+        pred, ids_masked = pred.reshape(-1, 48), (ids_masked + torch.tensor([[0], [16]])).reshape(-1)
+    bad = ids_masked.clone()
+    bad.view(-1)[0] = mask.numel() if layout == "packed" else mask.shape[1]
+    with use_backend("triton"), pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        masked_patch_mse(pred, imgs, mask, patch_size=4, ids_masked=bad)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        masked_patch_mse_reference(pred, imgs, mask, patch_size=4, ids_masked=bad)
+    loss, grad = run_op(pred, imgs, mask, patch_size=4, ids_masked=bad, reduction="none")
+    clean_loss, clean_grad = run_op(pred, imgs, mask, patch_size=4, ids_masked=ids_masked, reduction="none")
+    first = (0, 0) if layout == "selected" else (0,)
+    assert loss[first] == 0 and torch.count_nonzero(grad[first]) == 0 and clean_loss[first] > 0
+    rest = torch.ones_like(loss, dtype=torch.bool)
+    rest[first] = False
+    assert torch.equal(loss[rest], clean_loss[rest]) and torch.equal(grad[rest], clean_grad[rest])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_mask", [True, False])
@@ -194,14 +287,22 @@ def test_masked_only_and_packed_layouts_equal_the_full_layout(device, reduction,
     batch, p = 3, 4
     pred, imgs, mask, ids_masked = make_inputs(batch, 3, 20, 28, p, torch.float32, device)  # L = 35
     n = pred.shape[-1]
-    full_loss, full_grad = run_op(pred, imgs, mask, patch_size=p, reduction=reduction)
+    if reduction == "none":  # one factor per row, the same for a patch in every layout
+        go_full = torch.randn(mask.shape, device=device)
+        go_sel = go_full.gather(1, ids_masked)
+        go_packed = torch.empty(2 * go_sel.numel(), device=device)[::2]  # a strided grad_output
+        go_packed.copy_(go_sel.reshape(-1))
+    else:
+        go_full = go_sel = go_packed = torch.tensor(1.7, device=device)
+    full_loss, full_grad = run_op(pred, imgs, mask, go_full, patch_size=p, reduction=reduction)
     pred_masked = pred.gather(1, ids_masked[..., None].expand(-1, -1, n))
     kwargs = dict(patch_size=p, reduction=reduction, ids_masked=ids_masked)
-    sel_loss, sel_grad = run_op(pred_masked, imgs, mask if with_mask else None, **kwargs)
+    sel_loss, sel_grad = run_op(pred_masked, imgs, mask if with_mask else None, go_sel, **kwargs)
     num_patches = mask.shape[1]
     flat_ids = (ids_masked + torch.arange(batch, device=device)[:, None] * num_patches).reshape(-1)
     kwargs["ids_masked"] = flat_ids
-    packed_loss, packed_grad = run_op(pred_masked.reshape(-1, n), imgs, mask if with_mask else None, **kwargs)
+    packed_loss, packed_grad = run_op(pred_masked.reshape(-1, n), imgs, mask if with_mask else None, go_packed,
+                                      **kwargs)
     full_grad_masked = full_grad.gather(1, ids_masked[..., None].expand(-1, -1, n))
     if reduction == "none":
         full_loss = full_loss.gather(1, ids_masked)
@@ -210,7 +311,7 @@ def test_masked_only_and_packed_layouts_equal_the_full_layout(device, reduction,
     assert_rel_close(packed_loss.reshape(sel_loss.shape), full_loss, torch.float32, name="packed loss")
     assert_rel_close(sel_grad, full_grad_masked, torch.float32, name="masked-only grad")
     assert_rel_close(packed_grad.reshape(sel_grad.shape), full_grad_masked, torch.float32, name="packed grad")
-    ref_loss, ref_grad = reference_loss_and_grad(pred_masked, imgs, mask if with_mask else None,
+    ref_loss, ref_grad = reference_loss_and_grad(pred_masked, imgs, mask if with_mask else None, go_sel,
                                                  patch_size=p, reduction=reduction, ids_masked=ids_masked)
     assert_rel_close(sel_loss, ref_loss, torch.float32, name="masked-only loss vs reference")
     assert_rel_close(sel_grad, ref_grad, torch.float32, name="masked-only grad vs reference")
@@ -267,10 +368,10 @@ def test_second_backward_through_the_same_node_raises(backend):
     pred.requires_grad_(True)
     with use_backend(backend):
         loss = masked_patch_mse(pred, imgs, mask, patch_size=2)
-    loss.backward(retain_graph=True)
-    # The saved gradient was scaled in place: autograd refuses to reuse it rather than give a wrong result.
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+        loss.backward(retain_graph=True)
+        # The saved gradient was scaled in place: autograd refuses to reuse it rather than give a wrong result.
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 # --------------------------------------------------------------------------------------------

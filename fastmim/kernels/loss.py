@@ -69,7 +69,9 @@ def _masked_patch_mse_fwd_kernel(
         flat = tl.load(ids_ptr + within.to(tl.int64) * stride_ids_row, mask=row_ok, other=0).to(tl.int32)
         b = flat // num_patches
         patch = flat - b * num_patches
-    # Indices are not checked on the host (that would sync); one out of range reads nothing.
+    # Indices are not checked on the host (that would sync); a row whose index is out of range
+    # reads nothing and gets weight 0 (for "mean" with weights, the launcher's gather of the
+    # weights fails on such an index before this kernel runs).
     row_ok = row_ok & (patch >= 0) & (patch < num_patches) & (b >= 0) & (b < batch)
 
     if HAS_WEIGHT:
@@ -177,7 +179,10 @@ def masked_patch_mse_forward(
     (``LAYOUT_SELECTED``) or ``(T, N)`` (``LAYOUT_PACKED``), last dimension contiguous, other
     strides free (e.g. ``decoder_out[:, 1:]``); ``weight (B, L)`` or ``None`` (all ones, only
     with ids); ``ids`` ``None``, ``(B, K)`` patch indices in ``[0, L)`` or ``(T,)`` flat
-    indices ``b * L + l``. Inputs are trusted (the caller validated them).
+    indices ``b * L + l``. Inputs are trusted (the caller validated them); the range of ``ids``
+    is not checked: for ``"mean"`` with ``weight`` the gather of the rows' weights fails on an
+    index out of range (an index error on CPU, a device-side assert on CUDA), otherwise such a
+    row counts with weight 0.
 
     ``loss``: float32, ``()`` for ``reduction`` ``"mean"`` (sum of ``weight * patch_loss``
     divided by the sum of the weights, 0 when that sum is 0) and ``"sum"``, else the rows'

@@ -436,30 +436,56 @@ def _time_backend(backend: str, args: tuple, kwargs: dict, backward: bool, reps:
     return (time.perf_counter() - start) / reps
 
 
+def _measures_on(device: torch.device) -> bool:
+    """Whether the backends are timed on ``device`` (elsewhere the choice is fixed)."""
+    return device.type == "cuda"
+
+
+def _choice_bucket(q, k, cu_seqlens, max_seqlen, key_visible, needs_grad) -> tuple:
+    """The cache key of a measured choice: what the timing depends on, and nothing that changes per step.
+
+    Varlen: the number of sequences and the ``max_seqlen`` bound, never the packed total ``T``, which
+    moves with every batch under per-sample mask ratios (a key on it would re-time every step and
+    grow the cache without bound). Key-visibility: the kind of ``key_visible``, not its ``K``.
+    """
+    if cu_seqlens is not None:
+        mode, batch, lengths = "varlen", cu_seqlens.shape[0] - 1, (max_seqlen,)
+        heads, head_dim = q.shape[1], q.shape[2]
+    else:
+        mode = "dense" if key_visible is None else ("keys-mask" if key_visible.dtype == torch.bool else "keys-index")
+        batch, lengths = q.shape[0], (q.shape[2], k.shape[2])
+        heads, head_dim = q.shape[1], q.shape[3]
+    return (q.device.index, mode, batch, heads, *lengths, head_dim, q.dtype, needs_grad)
+
+
 def choose_attn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                         max_seqlen: int | None = None, key_visible: torch.Tensor | None = None,
                         scale: float | None = None) -> str:
     """The backend ``attention(..., backend=None)`` uses for these inputs.
 
     ``FASTMIM_ATTN_BACKEND`` forces one. On CPU: ``"sdpa"``. On CUDA: the fastest of ``fastmim``,
-    ``sdpa`` (and ``xformers`` if importable and the mode is supported) measured once per
-    (device, mode, shape, dtype, grad) on the first eager call, like ``cudnn.benchmark``; while
-    ``torch.compile`` traces or a CUDA graph is captured, an unmeasured case takes ``"fastmim"``.
+    ``sdpa`` (and ``xformers`` if importable and the mode is supported) measured on the first eager
+    call of each bucket, like ``cudnn.benchmark``. A bucket is (device, mode, number of samples or
+    sequences, heads, sequence lengths (``max_seqlen`` in varlen mode, not the packed total), head
+    dim, dtype, grad): varlen batches with per-sample numbers of visible tokens share one
+    measurement. While ``torch.compile`` traces, the choice is ``"fastmim"`` (no lookup: the cache
+    is never consulted with symbolic sizes); while a CUDA graph is captured, an unmeasured bucket
+    takes ``"fastmim"``.
     """
     forced = os.environ.get("FASTMIM_ATTN_BACKEND") or None
     if forced is not None:
         if forced not in ATTN_BACKENDS:
             raise ValueError(f"FASTMIM_ATTN_BACKEND must be one of {ATTN_BACKENDS}, got {forced!r}")
         return forced
-    if q.device.type != "cuda":
+    if not _measures_on(q.device):
         return "sdpa"
+    if torch.compiler.is_compiling():
+        return "fastmim"
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    mode = "varlen" if cu_seqlens is not None else ("keys" if key_visible is not None else "dense")
-    key = (q.device.index, mode, _shape(q), _shape(k), q.dtype, max_seqlen,
-           None if key_visible is None else (key_visible.dtype, _shape(key_visible)), needs_grad)
+    key = _choice_bucket(q, k, cu_seqlens, max_seqlen, key_visible, needs_grad)
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key]
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
         return "fastmim"
     candidates = ["fastmim", "sdpa"]
     if key_visible is None and _xformers_available():

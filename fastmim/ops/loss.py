@@ -178,9 +178,13 @@ def masked_patch_mse(
             loss and gradient).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         ids_masked: the patch indices of the rows of ``pred`` (int64 or int32), see ``pred``.
-            Not checked against ``L`` (that would sync with the device): an out-of-range
-            index gives an undefined value for its row (the Triton kernel reads nothing for
-            it; the reference raises).
+            Not checked against ``L`` (``B * L`` packed) here: that would sync with the device.
+            An out-of-range index is an error the backends catch late or not at all: the
+            reference and the CPU csrc kernel raise, the CUDA csrc kernel asserts on the device;
+            the Triton path, for ``"mean"`` with a ``mask``, first gathers the rows' weights with
+            an indexing op, which raises on CPU and asserts on the device on CUDA; otherwise the
+            Triton kernel reads nothing for that row and gives it weight 0 (loss 0, gradient 0;
+            with ``"mean"`` and no ``mask`` it still counts in the number of rows divided by).
 
     Returns:
         float32 (float64 if an input is float64): a scalar, or ``pred.shape[:-1]`` for
