@@ -2,8 +2,9 @@
 .PHONY: demo test bench-smoke lint
 
 # A short MAE pretraining run on the bundled dataset (CPU: a few minutes), with plots.
+# Running it again replaces the previous demo run (--overwrite); other runs are never replaced.
 demo:
-	scripts/env.sh fastmim train --method mae --data default --output runs/demo
+	scripts/env.sh fastmim train --method mae --data default --output runs/demo --overwrite
 
 # The whole test suite (Triton kernels through the interpreter on CPU; natively with a GPU).
 test:

@@ -125,6 +125,51 @@ def test_run_length_fills_an_unset_schedule_and_resuming_past_warmup_recomputes(
     assert resumed.on_epoch_start(4, lambda: torch.zeros(3, 4)) and resumed.boxes_epoch == 4
 
 
+def test_boxes_restored_mid_epoch_are_not_recomputed():
+    """A run resumed inside update epoch 3 keeps the boxes of that epoch's start (the ones its
+    checkpoint holds), instead of recomputing them from the mid-epoch weights."""
+    crop = ContrastiveCrop(3, warmup=1, box_update_every=2)
+    crop.on_epoch_start(3, lambda: torch.rand(3, 4, generator=torch.Generator().manual_seed(0)))
+    resumed = ContrastiveCrop(3)
+    resumed.load_state_dict(crop.state_dict())
+
+    def mid_epoch_boxes():
+        raise AssertionError("boxes recomputed on resume")
+
+    assert not resumed.on_epoch_start(3, mid_epoch_boxes)
+    assert torch.equal(resumed.boxes, crop.boxes) and resumed.use_boxes and resumed.boxes_epoch == 3
+    assert not resumed.on_epoch_start(4, mid_epoch_boxes)  # not an update epoch
+    fresh = torch.full((3, 4), 0.25)
+    assert resumed.on_epoch_start(5, lambda: fresh) and torch.equal(resumed.boxes, fresh)  # the next update
+
+
+def test_cmae_adapter_resumed_inside_an_update_epoch_keeps_its_boxes(monkeypatch):
+    from fastmim.train.methods import CMAEAdapter, StepContext
+
+    source = SimpleNamespace(train=tiny_dataset(4), mean=(0.5,), std=(0.5,))
+    ctx = StepContext(step=3, max_steps=50, micro_step=0, mask_ratio=0.75, seed=0)
+    first, second = (CMAEAdapter(ccrop={"warmup": 1, "box_update_every": 2}) for _ in range(2))
+    model = tiny_model()
+    first.crop_sampler(model, source)
+    first.before_epoch(model, 1, ctx)
+    with torch.no_grad():  # the weights move during the epoch: recomputed boxes would differ
+        model.blocks[0].mlp.fc2.weight.add_(torch.randn_like(model.blocks[0].mlp.fc2.weight))
+    second.crop_sampler(model, source)
+    second.load_state_dict(first.state_dict())
+    calls = []
+    original = ContrastiveCrop.update_boxes
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContrastiveCrop, "update_boxes", counted)
+    second.before_epoch(model, 1, ctx)
+    assert calls == [] and torch.equal(second.contrastive_crop.boxes, first.contrastive_crop.boxes)
+    second.before_epoch(model, 3, ctx)
+    assert calls == [1] and second.contrastive_crop.boxes_epoch == 3
+
+
 def test_state_dict_round_trip_and_bad_options():
     crop = ContrastiveCrop(3, warmup=1, box_update_every=1)
     crop.on_epoch_start(1, lambda: torch.rand(3, 4))

@@ -175,6 +175,36 @@ def test_image_folder_train_val_layout_and_truncated_file(tmp_path):
         strict.train.load(0)
 
 
+def test_undecodable_image_is_replaced_together_with_its_label(tmp_path):
+    _write_images(tmp_path / "train" / "a", 3, size=(64, 64), fmt="JPEG")
+    _write_images(tmp_path / "train" / "b", 3, seed=1)
+    _write_images(tmp_path / "val" / "a", 1)
+    path = tmp_path / "train" / "a" / "2.jpg"  # class a's last image: the next one is class b's first
+    path.write_bytes(path.read_bytes()[:1500])
+    source = open_data(str(tmp_path))
+    assert source.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    dataset = source.split("train", [lambda img, index, generator: img])
+    with pytest.warns(UserWarning, match="skipping undecodable image"):
+        item = dataset[2]
+    assert item["label"] == 1 and item["index"] == 2
+    assert torch.equal(item["views"][0], dataset[3]["views"][0])  # b/0.png, 20 x 14
+    assert dataset[1]["label"] == 0 and dataset[1]["views"][0].shape == (3, 64, 64)
+
+
+def test_small_classes_keep_a_held_out_image(tmp_path):
+    for name, count in (("one", 1), ("two", 2), ("four", 4), ("five", 5), ("many", 25)):
+        _write_images(tmp_path / name, count)
+    source = open_data(str(tmp_path))
+    per_class = dict(zip(source.classes, torch.bincount(source.test.labels, minlength=5).tolist(), strict=True))
+    assert per_class == {"five": 1, "four": 1, "many": 2, "one": 0, "two": 1}
+    assert torch.bincount(source.train.labels, minlength=5).tolist() == [4, 3, 23, 1, 1]
+    lonely = tmp_path / "lonely"
+    for name in ("x", "y"):
+        _write_images(lonely / name, 1)
+    with pytest.raises(DataError, match="one image per class, so none can be held out"):
+        open_data(str(lonely))
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         open_data(str(tmp_path / "missing"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -211,6 +212,46 @@ def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, monkeypatch):
     assert [full_rec[i]["loss"] for i in (0, 1, 3)] == [part_rec[i]["loss"] for i in (0, 1, 3)]
 
 
+@pytest.mark.parametrize("crashed_rename", ["checkpoint.safetensors", "train_state.pt"])
+def test_crash_between_checkpoint_writes_resumes_from_the_last_complete_pair(tmp_path, monkeypatch, crashed_rename):
+    """The save at step 4 of 6 dies just before its weights or its state replace the old file:
+    resuming continues from the newest complete pair, to the parameters of a run that never
+    crashed. (Renaming the weights and then dying left new weights beside the old state.)"""
+    from fastmim.train import checkpoint
+
+    common = {"max_steps": 6, "ckpt_every": 2, "figures": False}
+    full = train(_config(tmp_path, output=str(tmp_path / "full"), **common))
+    assert full.finished
+    real_replace = os.replace
+    renames = []
+
+    def crash_on_second_save(src, dst):
+        if os.path.basename(dst) == crashed_rename:
+            renames.append(dst)
+            if len(renames) == 2:
+                raise RuntimeError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_config(tmp_path, **common))
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    run = tmp_path / "run"
+    assert read_metadata(run / "checkpoint.safetensors")["step"] == (4 if crashed_rename == "train_state.pt" else 2)
+    shutil.copytree(run, tmp_path / "crashed")
+    resumed = train(_config(tmp_path, resume=True, **common))
+    assert resumed.finished and resumed.step == 6
+    a, b = _params(tmp_path / "full" / "checkpoint.safetensors"), _params(run / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.load_checkpoint_state(run)["step"] == 6
+    assert not (run / checkpoint.PENDING_STATE_NAME).exists()
+    if crashed_rename == "train_state.pt":
+        # Without the complete pending state the pair is refused, never mixed.
+        (tmp_path / "crashed" / checkpoint.PENDING_STATE_NAME).unlink()
+        with pytest.raises(CheckpointError, match="from step 4 but there is train_state.pt from step 2"):
+            checkpoint.load_checkpoint_state(tmp_path / "crashed")
+
+
 def test_compile_and_bf16_autocast_run(tmp_path):
     compiled = train(_config(tmp_path, output=str(tmp_path / "c"), max_steps=2, compile="eager", figures=False))
     assert compiled.finished and math.isfinite(compiled.loss)
@@ -318,6 +359,59 @@ def test_resume_rejects_weights_of_another_model(tmp_path, capsys):
     save_weights(other, tmp_path / "run" / "checkpoint.safetensors", meta)
     msg = _cli_error(capsys, ["train", "--output", str(tmp_path / "run"), "--resume", "--no-progress"])
     assert "does not fit mae vit_tiny_patch4_32" in msg
+
+
+def test_small_image_folder_holds_out_one_image_per_class(tmp_path, capsys):
+    """Three images per class: 10% rounds to none, yet the figures need held-out images."""
+    rest = ["--max-steps", "1", "--batch-size", "2", "--image-size", "16", "--no-progress", *TINY_ARGS]
+    data = str(_image_folder(tmp_path / "data", per_class=3))
+    assert main(["train", "--data", data, "--output", str(tmp_path / "run"), *rest]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "reconstruction.png").is_file()
+    single = str(_image_folder(tmp_path / "single", per_class=1))
+    msg = _cli_error(capsys, ["train", "--data", single, "--output", str(tmp_path / "single_run"), *rest])
+    assert "one image per class, so none can be held out" in msg
+
+
+def test_overwrite_replaces_a_run_and_only_its_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--output", str(out), "--batch-size", "4", "--no-progress", "--no-figures", *TINY_ARGS]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    (out / "eval.jsonl").write_text("{}\n")  # the old checkpoint's scores
+    (out / "notes.txt").write_text("mine")
+    assert "already holds a training run" in _cli_error(capsys, [*argv, "--max-steps", "1"])
+    assert read_metadata(out / "checkpoint.safetensors")["step"] == 2
+    assert "pass one of them" in _cli_error(capsys, [*argv, "--max-steps", "1", "--overwrite", "--resume"])
+    # A replacement that cannot start leaves the old run.
+    assert "cannot build" in _cli_error(capsys, [*argv, "--max-steps", "1", "--overwrite", "--model-arg", "bogus=1"])
+    assert (out / "eval.jsonl").exists() and read_metadata(out / "checkpoint.safetensors")["step"] == 2
+    assert main([*argv, "--max-steps", "1", "--overwrite"]) == 0
+    assert read_metadata(out / "checkpoint.safetensors")["step"] == 1
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "eval.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_demo_command_runs_twice(tmp_path, capsys):
+    """The Makefile's demo (the README's first command), shortened, into a temporary folder."""
+    import shlex
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[1] / "Makefile").read_text().splitlines()
+    recipe = lines[lines.index("demo:") + 1].strip()
+    words = shlex.split(recipe)
+    argv = words[words.index("fastmim") + 1:]
+    argv[argv.index("--output") + 1] = str(tmp_path / "demo")
+    argv += ["--max-steps", "1", "--batch-size", "4", "--no-progress", "--no-figures", *TINY_ARGS]
+    for _ in range(2):
+        assert main(argv) == 0, capsys.readouterr().err
+
+
+def test_resume_rejects_a_state_that_is_not_fastmims(tmp_path, capsys):
+    argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-progress",
+            "--no-figures", "--stop-after", "1", *TINY_ARGS]
+    assert main(argv) == 0
+    torch.save({"step": 1, "config": {}}, tmp_path / "run" / "train_state.pt")
+    msg = _cli_error(capsys, ["train", "--output", str(tmp_path / "run"), "--resume", "--no-progress"])
+    assert "lacks epoch, position, optimizer, rng" in msg
 
 
 def test_train_error_is_a_value_error():

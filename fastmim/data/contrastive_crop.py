@@ -173,10 +173,14 @@ class ContrastiveCrop:
     def on_epoch_start(self, epoch: int, compute_boxes: Callable[[], torch.Tensor]) -> bool:
         """The box-update hook: before ``epoch``'s data loading, recompute the boxes if the
         schedule says so (or if the run resumed past an update without boxes), and switch from
-        RandomResizedCrop to box crops from epoch ``warmup`` on. Returns whether it updated."""
+        RandomResizedCrop to box crops from epoch ``warmup`` on. Returns whether it updated.
+
+        Boxes already computed at this epoch's start are kept: a run resumed in the middle of
+        an update epoch restores them from its checkpoint, and recomputing them from the
+        mid-epoch weights would change the rest of the epoch's crops."""
         updated = False
         resumed_without_boxes = self.scheduled and epoch >= self.warmup and self.boxes_epoch is None
-        if self.is_update_epoch(epoch) or resumed_without_boxes:
+        if (self.is_update_epoch(epoch) or resumed_without_boxes) and self.boxes_epoch != epoch:
             boxes = compute_boxes()
             if tuple(boxes.shape) != tuple(self.boxes.shape):
                 raise ValueError(f"compute_boxes returned shape {tuple(boxes.shape)}, expected "

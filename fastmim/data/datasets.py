@@ -49,7 +49,9 @@ class DataError(ValueError):
 
 class ImageDataset(Dataset):
     """Base class: subclasses define ``__len__``, ``load(index) -> uint8 (C, H, W)`` and
-    ``labels``/``classes``. ``views`` are callables ``(img, index, generator) -> tensor``."""
+    ``labels``/``classes``; one that may load another image than ``index``'s overrides
+    :meth:`load_item` so the label follows the image. ``views`` are callables
+    ``(img, index, generator) -> tensor``."""
 
     classes: Sequence[str]
     labels: torch.Tensor
@@ -60,13 +62,17 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def load_item(self, index: int) -> tuple[torch.Tensor, int]:
+        """``(image, label)`` of ``index``, both of the same file."""
+        return self.load(index), int(self.labels[index])
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
         index = int(index)
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        img = self.load(index)
+        img, label = self.load_item(index)
         views = [view(img, index, generator) for view in self.views]
-        return {"views": views, "label": int(self.labels[index]), "index": index}
+        return {"views": views, "label": label, "index": index}
 
 
 class ArrayImageDataset(ImageDataset):
@@ -113,7 +119,7 @@ class ImageFolderDataset(ImageDataset):
     skipped with one warning counting them all (``on_corrupt="skip"``, the default) or
     raises :class:`DataError` naming it (``on_corrupt="error"``). A file that passes the scan
     but fails to decode later (e.g. a truncated JPEG body) is handled the same way at load
-    time: skipped means the next image in the folder order is used instead.
+    time: skipped means the next image in the folder order is used instead, with its label.
     """
 
     def __init__(self, samples: Sequence[tuple[Path, int]], classes: Sequence[str], *, channels: int = 3,
@@ -177,10 +183,13 @@ class ImageFolderDataset(ImageDataset):
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
     def load(self, index: int) -> torch.Tensor:
+        return self.load_item(index)[0]
+
+    def load_item(self, index: int) -> tuple[torch.Tensor, int]:
         for attempt in range(len(self.samples)):
-            path = self.samples[(index + attempt) % len(self.samples)][0]
+            path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return self._decode(path)
+                return self._decode(path), label
             except Exception as exc:  # any decoder failure of this file
                 if self.on_corrupt == "error":
                     raise DataError(f"corrupt image {path} ({type(exc).__name__}: {exc})") from None
@@ -224,14 +233,20 @@ def _load_animal_mnist() -> DataSource:
                       std=ANIMAL_MNIST_STD, eval_crop_pct=1.0, classes=classes)
 
 
-def _stratified_holdout(samples: list[tuple[Path, int]], fraction: float, seed: int = 0) -> tuple[list, list]:
+def _stratified_holdout(samples: list[tuple[Path, int]], fraction: float, root: Path,
+                        seed: int = 0) -> tuple[list, list]:
+    """``fraction`` of each class held out, at least one image of every class that has two (and
+    at least one left to train on); :class:`DataError` if nothing can be held out."""
     rng = np.random.default_rng(seed)
     labels = np.array([label for _, label in samples])
     test_index = []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        n_test = int(round(len(members) * fraction)) if len(members) > 1 else 0
+        n_test = min(len(members) - 1, max(1, int(round(len(members) * fraction))))
         test_index.extend(members[:n_test].tolist())
+    if not test_index:
+        raise DataError(f"data folder {root} has one image per class, so none can be held out for evaluation; "
+                        f"add images or give train/ and val/ sub-folders")
     test_set = set(test_index)
     train = [s for i, s in enumerate(samples) if i not in test_set]
     test = [s for i, s in enumerate(samples) if i in test_set]
@@ -244,7 +259,8 @@ def open_data(data: str, *, channels: int = 3, on_corrupt: str = "skip", holdout
 
     A folder either has ``train/`` and ``val/`` (or ``test/``) sub-folders, each with class
     sub-folders, or class sub-folders directly; then a fixed stratified ``holdout_fraction``
-    of each class (``numpy.random.default_rng(0)``) is held out.
+    of each class (``numpy.random.default_rng(0)``) is held out, at least one image of each
+    class with two or more.
     """
     if data == "default":
         return _load_animal_mnist()
@@ -260,7 +276,7 @@ def open_data(data: str, *, channels: int = 3, on_corrupt: str = "skip", holdout
         test_samples = [(p, index[test_classes[label]]) for p, label in test_samples]
     else:
         samples, classes = ImageFolderDataset.scan(root, on_corrupt)
-        train_samples, test_samples = _stratified_holdout(samples, holdout_fraction)
+        train_samples, test_samples = _stratified_holdout(samples, holdout_fraction, root)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD)
 
     def make(samples: list) -> ImageFolderDataset:

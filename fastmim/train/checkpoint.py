@@ -3,8 +3,15 @@ training state (optimizer, schedule, RNG, step, data position) with ``torch.save
 
 Every file is written atomically: to a temporary file in the same folder, flushed and
 fsynced, then ``os.replace``d over the old one, so a crash leaves either the previous file
-or the new one, never a torn file. The training state records the step of the weights it
-belongs to; :func:`load_run` refuses a pair that disagrees.
+or the new one, never a torn file.
+
+A run folder holds one pair, ``checkpoint.safetensors`` and ``train_state.pt``; the state
+records the step of the weights it belongs to. :func:`save_checkpoint` makes the pair
+crash-safe: it first writes the new state completely under a side name
+(``.train_state.pt.pending``), then replaces the weights, then renames the pending state
+over the old one. A crash before the weights are replaced leaves the previous pair; a crash
+between the two renames leaves the new weights beside the complete new pending state, which
+:func:`load_checkpoint_state` then uses. It refuses a pair that disagrees otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch import nn
 __all__ = [
     "CHECKPOINT_NAME",
     "STATE_NAME",
+    "PENDING_STATE_NAME",
     "CheckpointError",
     "atomic_write",
     "save_weights",
@@ -32,10 +40,15 @@ __all__ = [
     "load_weights",
     "save_state",
     "load_state",
+    "save_checkpoint",
+    "load_checkpoint_state",
 ]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 STATE_NAME = "train_state.pt"
+PENDING_STATE_NAME = f".{STATE_NAME}.pending"
+# What resuming reads from a training state; a state without one of them is not fastmim's.
+STATE_KEYS = ("step", "epoch", "position", "optimizer", "rng", "config")
 FORMAT = "fastmim-checkpoint-1"
 
 
@@ -64,6 +77,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable, so the order of two renames survives a power cut."""
+    if os.name != "posix":  # Windows cannot open a folder; NTFS journals renames itself
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> None:
@@ -131,6 +156,42 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"training state {path} does not exist")
     try:
         # The state holds RNG states (tensors), optimizer state and plain Python containers.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors of many kinds
         raise CheckpointError(f"training state {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"training state {path} lacks {', '.join(missing)} (not written by fastmim train)")
+    return state
+
+
+def save_checkpoint(folder: str | Path, write_weights: Callable[[Path], None], state: dict[str, Any]) -> None:
+    """Replace the pair in ``folder`` crash-safely (see the module docstring).
+
+    ``write_weights(path)`` writes the weights atomically (:func:`save_weights` or
+    :func:`save_weights_dict`); ``state["step"]`` must be the step in their metadata."""
+    folder = Path(folder)
+    pending = folder / PENDING_STATE_NAME
+    save_state(pending, state)
+    write_weights(folder / CHECKPOINT_NAME)
+    os.replace(pending, folder / STATE_NAME)
+    _fsync_folder(folder)
+
+
+def load_checkpoint_state(folder: str | Path) -> dict[str, Any]:
+    """The training state belonging to ``folder``'s weights: ``train_state.pt``, or the pending
+    state of a save interrupted between its two renames. Reads only (every process of a
+    distributed run calls it); the next save replaces a leftover pending state."""
+    folder = Path(folder)
+    weights_step = read_metadata(folder / CHECKPOINT_NAME).get("step")
+    state_path, pending_path = folder / STATE_NAME, folder / PENDING_STATE_NAME
+    state = load_state(state_path) if state_path.is_file() or not pending_path.is_file() else None
+    if state is not None and state["step"] == weights_step:
+        return state
+    if pending_path.is_file():
+        pending = load_state(pending_path)
+        if pending["step"] == weights_step:
+            return pending
+    found = f"{STATE_NAME} from step {state['step']}" if state is not None else f"no {STATE_NAME}"
+    raise CheckpointError(f"{folder / CHECKPOINT_NAME} is from step {weights_step} but there is {found}: "
+                          f"the pair is inconsistent")

@@ -46,6 +46,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "the bundled Animal-MNIST (default: default)")
     g.add_argument("--output", default=_S, metavar="DIR", help="run folder (default: runs/<method>)")
     g.add_argument("--resume", action="store_true", default=_S, help="continue the run in --output exactly")
+    g.add_argument("--overwrite", action="store_true", default=_S,
+                   help="replace the run already in --output: its checkpoint, state, metrics, figures and eval "
+                        "log are removed first (other files stay); without it such a folder is refused")
     g.add_argument("--model-arg", action="append", type=_model_arg, default=_S, metavar="KEY=VALUE",
                    help="extra model constructor argument (JSON value), repeatable, e.g. depth=2")
     g = p.add_argument_group("schedule and optimizer (MAE recipe)")
@@ -100,6 +103,11 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _is_data_worker_error(exc: RuntimeError) -> bool:
+    """A DataLoader worker's failure re-raised in the main process (e.g. a corrupt image)."""
+    return "DataLoader worker" in str(exc) or "DataError" in str(exc)
+
+
 def run_train(args: argparse.Namespace) -> int:
     from fastmim.data import DataError
     from fastmim.train.checkpoint import CheckpointError
@@ -122,7 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
         # ValueError: a model's own argument validation (e.g. LUT needs --mask-ratio >= 0.5).
         raise CLIError(_one_line(exc)) from None
     except RuntimeError as exc:
-        if "DataLoader worker" in str(exc) or "DataError" in str(exc):
+        if _is_data_worker_error(exc):
             raise CLIError(_one_line(exc)) from None
         raise
     finally:
@@ -158,9 +166,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL file the results are appended to (default: eval.jsonl beside the checkpoint)")
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from fastmim.data import DataError, RandomResizedCropSampler, ViewTransform
-    from fastmim.train.checkpoint import CheckpointError
+def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list[dict[str, Any]]]:
+    """``(checkpoint, one result record per protocol)``; prints each accuracy."""
+    from fastmim.data import RandomResizedCropSampler, ViewTransform
     from fastmim.train.evaluate import (
         classifier_accuracy,
         evaluation_data,
@@ -171,41 +179,26 @@ def run_eval(args: argparse.Namespace) -> int:
         load_checkpoint,
         subset_indices,
     )
-    from fastmim.train.loop import TrainError, _resolve_device
+    from fastmim.train.loop import _resolve_device
 
-    protocols = {"knn": ["knn"], "linear": ["linear"], "classifier": ["classifier"], "finetune": ["finetune"],
-                 "all": ["knn", "linear", "classifier"]}.get(args.protocol)
-    if protocols is None:
-        raise CLIError(f"unknown --protocol {args.protocol!r}; choose knn, linear, classifier, finetune or all")
-    for name in ("k", "batch_size", "probe_epochs", "limit_train", "limit_test", "finetune_epochs",
-                 "finetune_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.temperature <= 0:
-        raise CLIError(f"--temperature must be positive, got {args.temperature}")
-    try:
-        device = _resolve_device(args.device)
-        ckpt = load_checkpoint(args.checkpoint, device)
-        meta = ckpt.metadata
-        source, train_set, test_set = evaluation_data(meta, args.data)
-        train_idx = subset_indices(train_set.labels, args.limit_train)
-        test_idx = subset_indices(test_set.labels, args.limit_test)
-        common = {"batch_size": args.batch_size, "device": device, "num_workers": args.num_workers,
-                  "pool": args.pool}
-        has_classifier = callable(getattr(ckpt.module, "classify", None))
-        if protocols == ["classifier"] and not has_classifier:
-            raise CLIError(f"{meta['method']} checkpoints have no classifier; use knn, linear or finetune")
-        if not has_classifier and "classifier" in protocols:
-            protocols.remove("classifier")
-        if any(p in protocols for p in ("knn", "linear")):
-            train_f, train_y = extract_features(ckpt.module, ckpt.adapter, train_set, indices=train_idx, **common)
-            test_f, test_y = extract_features(ckpt.module, ckpt.adapter, test_set, indices=test_idx, **common)
-    except (TrainError, DataError, CheckpointError, ValueError) as exc:
-        raise CLIError(_one_line(exc)) from None
+    device = _resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    meta = ckpt.metadata
+    source, train_set, test_set = evaluation_data(meta, args.data)
+    train_idx = subset_indices(train_set.labels, args.limit_train)
+    test_idx = subset_indices(test_set.labels, args.limit_test)
+    common = {"batch_size": args.batch_size, "device": device, "num_workers": args.num_workers, "pool": args.pool}
+    has_classifier = callable(getattr(ckpt.module, "classify", None))
+    if protocols == ["classifier"] and not has_classifier:
+        raise CLIError(f"{meta['method']} checkpoints have no classifier; use knn, linear or finetune")
+    if not has_classifier and "classifier" in protocols:
+        protocols.remove("classifier")
     num_classes = len(source.classes)
     if meta.get("num_classes") not in (None, num_classes) and "classifier" in protocols:
         raise CLIError(f"the checkpoint's classifier has {meta['num_classes']} classes, the data {num_classes}")
+    if any(p in protocols for p in ("knn", "linear")):
+        train_f, train_y = extract_features(ckpt.module, ckpt.adapter, train_set, indices=train_idx, **common)
+        test_f, test_y = extract_features(ckpt.module, ckpt.adapter, test_set, indices=test_idx, **common)
     num_train, num_test = len(train_idx), len(test_idx)
     results = []
     for protocol in protocols:
@@ -237,7 +230,37 @@ def run_eval(args: argparse.Namespace) -> int:
                         "checkpoint": str(ckpt.path), "step": meta.get("step"), "method": meta["method"],
                         "preset": meta["preset"], "data": source.name, "num_train": num_train,
                         "num_test": num_test, "pool": args.pool})
-    log = Path(args.log) if args.log else ckpt.path.parent / "eval.jsonl"
+    return ckpt, results
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from fastmim.data import DataError
+    from fastmim.train.checkpoint import CheckpointError
+    from fastmim.train.config import EVAL_LOG_NAME, TrainError
+
+    protocols = {"knn": ["knn"], "linear": ["linear"], "classifier": ["classifier"], "finetune": ["finetune"],
+                 "all": ["knn", "linear", "classifier"]}.get(args.protocol)
+    if protocols is None:
+        raise CLIError(f"unknown --protocol {args.protocol!r}; choose knn, linear, classifier, finetune or all")
+    for name in ("k", "batch_size", "probe_epochs", "limit_train", "limit_test", "finetune_epochs",
+                 "finetune_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.num_workers < 0:
+        raise CLIError(f"--num-workers must be >= 0, got {args.num_workers}")
+    for name in ("temperature", "finetune_blr"):
+        if not getattr(args, name) > 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    try:
+        ckpt, results = _evaluate(args, protocols)
+    except (TrainError, DataError, CheckpointError, ValueError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    except RuntimeError as exc:
+        if _is_data_worker_error(exc):
+            raise CLIError(_one_line(exc)) from None
+        raise
+    log = Path(args.log) if args.log else ckpt.path.parent / EVAL_LOG_NAME
     try:
         with open(log, "a") as f:
             for r in results:

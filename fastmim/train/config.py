@@ -13,11 +13,12 @@ __all__ = ["TrainConfig", "TrainError", "DEFAULT_MAX_STEPS", "RUNTIME_FIELDS"]
 DEFAULT_MAX_STEPS = 300
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
+EVAL_LOG_NAME = "eval.jsonl"  # fastmim eval's default log, beside the checkpoint
 NUM_FIGURE_IMAGES = 8
 
 # Settings that may differ between a run and its resumption (they do not change the math).
 RUNTIME_FIELDS = frozenset({"output", "resume", "num_workers", "compile", "progress", "stop_after", "log_every",
-                            "ckpt_every", "figures", "device", "on_corrupt"})
+                            "ckpt_every", "figures", "device", "on_corrupt", "overwrite"})
 
 
 class TrainError(ValueError):
@@ -63,6 +64,7 @@ class TrainConfig:
     progress: bool = True
     figures: bool = True
     resume: bool = False
+    overwrite: bool = False  # start afresh in an output folder that holds a run, removing its files
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

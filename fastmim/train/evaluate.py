@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastmim.data import EvalTransform, ImageDataset, open_data
-from fastmim.train.checkpoint import CHECKPOINT_NAME, load_weights, read_metadata
+from fastmim.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_weights, read_metadata
 from fastmim.train.methods import MethodAdapter, get_adapter
 
 __all__ = [
@@ -43,6 +43,9 @@ __all__ = [
     "classifier_accuracy",
     "finetune",
 ]
+
+# What evaluation reads from a checkpoint's metadata (fastmim train writes them all).
+METADATA_KEYS = ("method", "preset", "model_kwargs", "data", "channels", "image_size", "mean", "std")
 
 
 @dataclass
@@ -64,6 +67,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     meta = read_metadata(path)
+    missing = [key for key in METADATA_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks the metadata {', '.join(missing)} needed to rebuild and "
+                              f"evaluate its model")
     adapter = get_adapter(meta["method"])
     module = build_model(meta["method"], meta["preset"], meta["model_kwargs"])
     load_weights(module, path, what=f"{meta['method']} {meta['preset']}")

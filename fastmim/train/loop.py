@@ -11,9 +11,14 @@ Output folder::
     metrics.jsonl               one record per logged step (loss, parts, lr, img/s, epoch)
     checkpoint.safetensors      model weights + metadata to rebuild it (fastmim eval reads it)
     train_state.pt              optimizer, step, data position, RNG states, config
+    .train_state.pt.pending     only during a save (or after a crash in one): the next state
     loss.png                    loss (and parts) and lr against the step
     reconstruction_step0.png    fixed held-out images reconstructed before training
     reconstruction.png          the same images at the end
+
+The checkpoint pair is replaced crash-safely (:func:`fastmim.train.checkpoint.save_checkpoint`):
+a crash while saving leaves the previous pair or the new one, and ``--resume`` finds it.
+``overwrite=True`` starts a new run in a folder holding one, removing that run's files first.
 
 Resuming (``resume=True``) reloads weights and state and continues exactly: the data order
 and augmentations are a function of ``(seed, epoch, position)``, the masking noise of
@@ -48,18 +53,20 @@ import fastmim
 from fastmim.data import DataSource, EvalTransform, TrainBatchSampler, build_views, derive_seed, open_data
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
+    PENDING_STATE_NAME,
     STATE_NAME,
     CheckpointError,
     atomic_write,
-    load_state,
+    load_checkpoint_state,
     load_weights,
-    save_state,
+    save_checkpoint,
     save_weights,
     save_weights_dict,
 )
 from fastmim.train.config import (
     CONFIG_NAME,
     DEFAULT_MAX_STEPS,
+    EVAL_LOG_NAME,
     METRICS_NAME,
     NUM_FIGURE_IMAGES,
     RUNTIME_FIELDS,
@@ -110,6 +117,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--on-corrupt must be skip or error, got {cfg.on_corrupt!r}")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -153,15 +162,21 @@ def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int,
     return kwargs, image_size, preset.patch_size
 
 
+# Everything a run (and fastmim eval's default log) writes in its folder: what --overwrite removes.
+RUN_FILES = (CHECKPOINT_NAME, STATE_NAME, PENDING_STATE_NAME, METRICS_NAME, CONFIG_NAME, "loss.png",
+             "reconstruction_step0.png", "reconstruction.png", EVAL_LOG_NAME)
+
+
 def _prepare_output(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
-    """Checks before anything is written: never overwrite a run unless resuming."""
+    """Checks before anything is written: never overwrite a run unless resuming or told to."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"output {out} exists and is not a folder")
     has_run = (out / CHECKPOINT_NAME).exists() or (out / STATE_NAME).exists()
     if cfg.resume and not has_run:
         raise TrainError(f"nothing to resume in {out} (no {CHECKPOINT_NAME} and {STATE_NAME})")
-    if not cfg.resume and has_run:
-        raise TrainError(f"{out} already holds a training run; pass --resume to continue it or choose another --output")
+    if not cfg.resume and not cfg.overwrite and has_run:
+        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+                         f"replace it, or choose another --output")
     ancestor = out
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -169,8 +184,9 @@ def _prepare_output(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
         raise TrainError(f"output folder {out} is not writable ({ancestor} is a file)")
 
 
-def _create_output(out: Path, info: DistInfo) -> None:
-    """Create ``out`` (rank 0) and check that files can be written in it."""
+def _create_output(out: Path, info: DistInfo, overwrite: bool) -> None:
+    """Create ``out`` (rank 0) and check that files can be written in it; with ``overwrite``,
+    remove a previous run's files (only those: the folder may hold the user's own)."""
     if not info.is_main:
         return
     try:
@@ -178,6 +194,9 @@ def _create_output(out: Path, info: DistInfo) -> None:
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        if overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise TrainError(f"output folder {out} is not writable ({exc.strerror or exc})") from None
 
@@ -256,7 +275,7 @@ class _Run:
         _prepare_output(self.out, cfg, self.info)
         self.state: dict[str, Any] | None = None
         if cfg.resume:
-            self.state = load_state(self.out / STATE_NAME)
+            self.state = load_checkpoint_state(self.out)
             cfg = self.cfg = _merge_resumed_config(cfg, self.state["config"], self.explicit)
             if self.state.get("world_size", 1) != self.info.world_size:
                 raise TrainError(f"the run in {self.out} used {self.state.get('world_size', 1)} process(es); "
@@ -275,8 +294,6 @@ class _Run:
         self.source: DataSource = open_data(cfg.data, channels=cfg.channels, on_corrupt=cfg.on_corrupt)
         self.model_kwargs, self.image_size, self.patch_size = resolve_model(
             cfg, self.adapter, self.source.channels, len(self.source.classes))
-        _create_output(self.out, self.info)
-
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.module = build_model(cfg.method, cfg.model, self.model_kwargs).to(self.device)
         self.num_params = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
@@ -333,6 +350,8 @@ class _Run:
         else:
             self.num_workers = 0 if self.device.type == "cpu" else min(8, (os.cpu_count() or 1) // max(
                 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        # Last: a run that cannot start leaves the folder (and, with --overwrite, the old run) as it was.
+        _create_output(self.out, self.info, cfg.overwrite)
 
     def _shard(self) -> None:
         """FSDP2: every block of every block list its own unit, then the root."""
@@ -348,14 +367,8 @@ class _Run:
         fully_shard(self.module)
 
     def _restore_weights(self) -> None:
-        state = self.state
+        # load_checkpoint_state chose the state of these weights' step.
         load_weights(self.module, self.out / CHECKPOINT_NAME, what=f"{self.cfg.method} {self.cfg.model}")
-        from fastmim.train.checkpoint import read_metadata
-
-        weights_step = read_metadata(self.out / CHECKPOINT_NAME).get("step")
-        if weights_step != state["step"]:
-            raise CheckpointError(f"{self.out / CHECKPOINT_NAME} is from step {weights_step} but {STATE_NAME} "
-                                  f"from step {state['step']}: the pair is inconsistent")
 
     def _restore_optimizer(self) -> None:
         state = self.state
@@ -368,7 +381,7 @@ class _Run:
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"optimizer state in {self.out / STATE_NAME} does not fit the model "
+            raise CheckpointError(f"optimizer state in {self.out} does not fit the model "
                                   f"({exc})") from None
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.adapter.load_state_dict(state.get("adapter", {}))
@@ -413,7 +426,7 @@ class _Run:
                 "eval_crop_pct": self.source.eval_crop_pct}
 
     def save(self) -> None:
-        """Write weights then state (rank 0). Every rank's RNG state is gathered first."""
+        """Write the checkpoint pair (rank 0). Every rank's RNG state is gathered first."""
         rng = _rng_state(self.device)
         if self.info.enabled:
             gathered: list[Any] = [None] * self.info.world_size
@@ -433,11 +446,12 @@ class _Run:
             weights, optimizer_state = None, self.optimizer.state_dict()
         if not self.info.is_main:
             return
+        metadata = self.metadata()
         if weights is not None:
-            save_weights_dict(weights, self.out / CHECKPOINT_NAME, self.metadata())
+            write_weights = lambda path: save_weights_dict(weights, path, metadata)
         else:
-            save_weights(self.module, self.out / CHECKPOINT_NAME, self.metadata())
-        save_state(self.out / STATE_NAME, {
+            write_weights = lambda path: save_weights(self.module, path, metadata)
+        save_checkpoint(self.out, write_weights, {
             "step": self.step, "epoch": self.epoch, "position": self.position, "max_steps": self.max_steps,
             "optimizer": optimizer_state, "scheduler": {"kind": "cosine", "lr": self.lr,
                                                                    "warmup_steps": self.warmup, "step": self.step},
