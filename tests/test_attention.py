@@ -21,8 +21,10 @@ from fastmim.ops import use_backend
 from fastmim.ops.attention import (
     ATTN_BACKENDS,
     attention,
+    attention_qkvpacked,
     choose_attn_backend,
     visible_attention,
+    visible_attention_qkvpacked,
     visible_attention_reference,
 )
 from fastmim.testing import kernel_devices, poison_allocations, rel_error
@@ -226,6 +228,105 @@ def test_varlen_equals_per_sample_dense(device, lengths, head_dim, dtype, max_se
     # The op's own reference (block-diagonal mask) agrees with the per-sample definition.
     ref = visible_attention_reference(q.double(), k.double(), v.double(), cu_seqlens=cu.cpu(), max_seqlen=max_seqlen)
     assert rel_error(ref, _per_sample_dense(lengths)(q.double(), k.double(), v.double())) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# packed qkv (the layout of the models' qkv projection)
+# ---------------------------------------------------------------------------------------------
+
+
+def _views(qkv, varlen):
+    return qkv.unbind(1) if varlen else qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _qkvpacked_reference(cu_seqlens=None, max_seqlen=None):
+    def ref(qkv, upcast=True):
+        varlen = cu_seqlens is not None
+        out = visible_attention_reference(*_views(qkv, varlen), cu_seqlens=None if not varlen else cu_seqlens.cpu(),
+                                          max_seqlen=max_seqlen, upcast=upcast)
+        return out if varlen else out.transpose(1, 2)
+    return ref
+
+
+QKVPACKED_CASES = [((1, 50, 3, 64), torch.bfloat16), ((2, 17, 2, 80), torch.float16), ((3, 1, 2, 32), torch.float32),
+                   ((2, 197, 2, 32), torch.bfloat16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, dtype", QKVPACKED_CASES)
+def test_qkvpacked_dense_matches_reference(device, shape, dtype):
+    batch, n, heads, head_dim = shape
+    qkv = _randn(batch, n, 3, heads, head_dim, dtype=torch.float32, device="cpu")
+    _check(visible_attention_qkvpacked, _qkvpacked_reference(), (qkv,), dtype, device, names=("qkv",))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths, dtype", [([13], torch.float16), ([50, 1, 0, 23], torch.bfloat16)])
+def test_qkvpacked_varlen_matches_reference(device, lengths, dtype):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    qkv = _randn(sum(lengths), 3, 2, 64, dtype=torch.float32, device="cpu")
+    _check(lambda t: visible_attention_qkvpacked(t, cu_seqlens=cu, max_seqlen=max(lengths)),
+           _qkvpacked_reference(cu, max(lengths)), (qkv,), dtype, device, names=("qkv",))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_qkvpacked_is_visible_attention_on_the_views(device, varlen):
+    """Same kernels, other strides: the packed op equals visible_attention on q, k, v views bit for bit,
+    its output is token-major (the reshape before the projection is a view) and dqkv is one buffer."""
+    if varlen:
+        qkv = _randn(31, 3, 2, 32, dtype=torch.bfloat16, device=device)
+        kwargs = dict(cu_seqlens=torch.tensor([0, 9, 31], dtype=torch.int32, device=device), max_seqlen=22)
+    else:
+        qkv = _randn(2, 23, 3, 2, 32, dtype=torch.bfloat16, device=device)
+        kwargs = {}
+    packed, split = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    with use_backend("triton"):
+        out, lse = visible_attention_qkvpacked(packed, return_lse=True, **kwargs)
+        ref, ref_lse = visible_attention(*_views(split, varlen), return_lse=True, **kwargs)
+        ref = ref if varlen else ref.transpose(1, 2)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref.backward(grad)
+    assert out.is_contiguous() and out.shape == ref.shape
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert torch.equal(packed.grad, split.grad)
+
+
+def test_attention_qkvpacked_backends_agree():
+    qkv = torch.randn(2, 19, 3, 2, 16)
+    outs = {b: attention_qkvpacked(qkv, backend=b) for b in ("fastmim", "sdpa", "reference")}
+    assert outs["fastmim"].shape == (2, 19, 2, 16)
+    for b in ("sdpa", "reference"):
+        assert rel_error(outs[b], outs["fastmim"]) < 1e-5, b
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32)
+    packed = qkv[0]  # (19, 3, 2, 16)
+    got = {b: attention_qkvpacked(packed, backend=b, cu_seqlens=cu, max_seqlen=12) for b in ("fastmim", "sdpa")}
+    assert rel_error(got["sdpa"], got["fastmim"]) < 1e-5
+
+
+def test_qkvpacked_bad_input():
+    with pytest.raises(ValueError, match=r"qkv must be \(B, N, 3, H, D\), got shape \(2, 19, 2, 2, 16\)"):
+        visible_attention_qkvpacked(torch.randn(2, 19, 2, 2, 16))
+    with pytest.raises(ValueError, match=r"qkv must be \(T, 3, H, D\) with cu_seqlens"):
+        visible_attention_qkvpacked(torch.randn(2, 19, 3, 2, 16), cu_seqlens=torch.tensor([0, 2], dtype=torch.int32),
+                                    max_seqlen=2)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        attention_qkvpacked([1, 2, 3])
+    with pytest.raises(ValueError, match="max_seqlen must be a Python int"):
+        visible_attention_qkvpacked(torch.randn(5, 3, 2, 16), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+
+
+def test_qkvpacked_compiles_fullgraph():
+    torch._dynamo.reset()
+    qkv = torch.randn(2, 10, 3, 2, 16, requires_grad=True)
+
+    def f(t):
+        return visible_attention_qkvpacked(t).reshape(2, 10, 32)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv)
+    out.sum().backward()
+    assert torch.allclose(out, f(qkv), atol=1e-6) and torch.isfinite(qkv.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------

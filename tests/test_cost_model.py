@@ -252,13 +252,25 @@ def _call_masked_patch_mse_masked_only():
     return masked_patch_mse(pred, torch.randn(B, 3, 32, 32), None, patch_size=8, ids_masked=ids_masked), [pred]
 
 
-def _call_visible_attention_model_layout():
-    """As the model calls it: q, k, v strided views of one qkv tensor, the output transposed back."""
+def _call_visible_attention_strided():
+    """q, k, v strided views of one qkv tensor, the output transposed back."""
     from fastmim.ops.attention import visible_attention
 
     qkv = torch.randn(2, K + 1, 3, 2, 16, requires_grad=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return visible_attention(q, k, v).transpose(1, 2).reshape(2, K + 1, 32), [qkv]
+
+
+def _call_visible_attention_qkvpacked(varlen=False):
+    """As the models' attention module calls it: the qkv projection packed, the output token-major."""
+    from fastmim.ops.attention import visible_attention_qkvpacked
+
+    if varlen:
+        qkv = torch.randn(11, 3, 2, 16, requires_grad=True)
+        cu = torch.tensor([0, 4, 4, 11], dtype=torch.int32)
+        return visible_attention_qkvpacked(qkv, cu_seqlens=cu, max_seqlen=7).reshape(11, 32), [qkv]
+    qkv = torch.randn(2, K + 1, 3, 2, 16, requires_grad=True)
+    return visible_attention_qkvpacked(qkv).reshape(2, K + 1, 32), [qkv]
 
 
 def _call_visible_attention(n=K + 1):
@@ -322,7 +334,9 @@ KERNEL_CASES = {
     "masked_patch_mse_dense": (_call_masked_patch_mse_dense, SHARED),
     "masked_patch_mse_masked_only": (_call_masked_patch_mse_masked_only, SHARED),
     "visible_attention": (_call_visible_attention, FLASH),
-    "visible_attention_model_layout": (_call_visible_attention_model_layout, FLASH),
+    "visible_attention_strided": (_call_visible_attention_strided, FLASH),
+    "visible_attention_qkvpacked": (_call_visible_attention_qkvpacked, FLASH),
+    "visible_attention_qkvpacked_varlen": (lambda: _call_visible_attention_qkvpacked(varlen=True), FLASH),
     "layer_norm": (_call_layer_norm, FUSED_BLOCK),
     "add_layer_norm": (_call_add_layer_norm, FUSED_BLOCK),
     "bias_gelu": (_call_bias_gelu, FUSED_BLOCK),

@@ -268,9 +268,11 @@ def op_bytes_generic(args: tuple, kwargs: dict, out: Any, name: str, schema_args
         self_key = storage_key(args[0])
         reads.pop(self_key, None)
         writes[self_key] = {(): addressed_bytes(values)}
+    # Outputs: every view counts (dq, dk, dv written into one buffer add up), except the storages
+    # already charged as written through an in-place argument.
+    written_in_place = set(writes)
     for t in _tensors(out):
-        key = storage_key(t)
-        if key not in writes:
+        if storage_key(t) not in written_in_place:
             add(writes, t)
     return total(reads, storage_bytes) + total(writes, storage_bytes)
 

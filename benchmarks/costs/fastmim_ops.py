@@ -148,6 +148,31 @@ def _flash_backward_bytes(args, kwargs, out):
             + (dq_accum + _nbytes(dq)))
 
 
+# The packed-qkv ops run the same kernels on views of one qkv tensor: charged as the unpacked ops.
+def _unpacked_forward(args):
+    qkv, cu_seqlens, max_seqlen = args[:3]
+    from fastmim.ops.attention import _unpack_qkv
+
+    return (*_unpack_qkv(qkv, cu_seqlens is not None), cu_seqlens, None, None, max_seqlen)
+
+
+def _unpacked_backward(args, out):
+    grad_out, qkv, o, lse, grad_lse, cu_seqlens, max_seqlen = args[:7]
+    from fastmim.ops.attention import _unpack_qkv
+
+    varlen = cu_seqlens is not None
+    bhnd = (lambda t: t) if varlen else (lambda t: t.transpose(1, 2))
+    return ((bhnd(grad_out), *_unpack_qkv(qkv, varlen), bhnd(o), lse, grad_lse, cu_seqlens, None, None, max_seqlen),
+            _unpack_qkv(out, varlen))
+
+
+def _charged_as_unpacked_backward(formula):
+    def charge(args, kwargs, out):
+        unpacked_args, unpacked_out = _unpacked_backward(args, out)
+        return formula(unpacked_args, kwargs, unpacked_out)
+    return charge
+
+
 # ----------------------------------------------------------------------------- fused block
 def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
     return x.numel() // max(1, x.shape[-1]), x.shape[-1]
@@ -190,6 +215,10 @@ cm.LAUNCH_FORMULAS["fastmim::masked_patch_mse"] = _masked_patch_mse_launches
 cm.FLOP_FORMULAS["fastmim::visible_attention"] = _attention_flops
 cm.FLOP_FORMULAS["fastmim::visible_attention_backward"] = _attention_backward_flops
 cm.LAUNCH_FORMULAS["fastmim::visible_attention_backward"] = _attention_backward_launches
+cm.FLOP_FORMULAS["fastmim::visible_attention_qkvpacked"] = lambda a, k, o: _attention_flops(_unpacked_forward(a), k, o)
+for _table, _formula in ((cm.FLOP_FORMULAS, _attention_backward_flops), (cm.BYTE_FORMULAS, _attention_backward_bytes),
+                        (cm.LAUNCH_FORMULAS, _attention_backward_launches)):
+    _table["fastmim::visible_attention_qkvpacked_backward"] = _charged_as_unpacked_backward(_formula)
 cm.BYTE_FORMULAS["fastmim::layer_norm_backward"] = _layer_norm_backward_bytes
 cm.LAUNCH_FORMULAS["fastmim::layer_norm_backward"] = lambda args, kwargs, out: 2  # kernel, [dweight, dbias] sum
 cm.BYTE_FORMULAS["fastmim::bias_gelu_backward"] = _bias_gelu_backward_bytes

@@ -421,10 +421,15 @@ def _heads_per_program(heads: int, batch: int, n_q_blocks: int, block_m: int, de
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0,
                       key_index: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                      heads_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``out`` (like q) and ``lse`` (fp32, (B, H, Nq) or (H, T) varlen)."""
+                      heads_per_program: int | None = None, out: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``out`` (like q) and ``lse`` (fp32, (B, H, Nq) or (H, T) varlen).
+
+    ``out``: where to write the output, shaped like q with any strides but a unit last one (a
+    ``(B, N, H, D)`` buffer seen as ``(B, H, N, D)``, so the model's reshape back is a view)."""
     varlen, batch, heads, head_dim, n_q, n_k = _problem(q, k, cu_seqlens, max_seqlen, key_index)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((heads, q.shape[0]) if varlen else (batch, heads, n_q), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -450,14 +455,24 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, scale: float, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0,
                        key_index: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                       grad_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``dq, dk, dv`` (like q, k, v). ``grad_lse`` (like lse) is the gradient reaching the lse, if any."""
+                       grad_lse: torch.Tensor | None = None,
+                       grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``dq, dk, dv`` (like q, k, v). ``grad_lse`` (like lse) is the gradient reaching the lse, if any.
+
+    ``grads``: ``(dq, dk, dv)`` to write into, with any strides but a unit last one (views of one
+    packed ``dqkv`` buffer); not with ``key_index``, whose invisible rows must be zeroed first."""
     varlen, batch, heads, head_dim, n_q, n_k = _problem(q, k, cu_seqlens, max_seqlen, key_index)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    # With key_index only the visible rows of k/v get a gradient written: the others must be 0.
-    alloc = torch.zeros_like if key_index is not None else torch.empty_like
-    dk = alloc(k, memory_format=torch.contiguous_format)
-    dv = alloc(v, memory_format=torch.contiguous_format)
+    if grads is not None:
+        if key_index is not None:
+            raise ValueError("attention_backward: grads= cannot be combined with key_index")
+        dq, dk, dv = grads
+    else:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # With key_index only the visible rows of k/v get a gradient written: the others must be 0.
+        alloc = torch.zeros_like if key_index is not None else torch.empty_like
+        dk = alloc(k, memory_format=torch.contiguous_format)
+        dv = alloc(v, memory_format=torch.contiguous_format)
     if q.numel() == 0 or k.numel() == 0 or n_k == 0:  # nothing to attend to: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     blocks = _bwd_blocks(head_dim, n_q, n_k, q.dtype == torch.float32)
@@ -493,3 +508,45 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             stride_ib, stride_mb, BLOCK_M=blocks["dq_m"], BLOCK_N=blocks["dq_n"], KEY_MODE=key_mode, **common,
         )
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed qkv: the output of a ViT's qkv projection, read and written in place
+# ----------------------------------------------------------------------------------------------
+
+
+def unpack_qkv(qkv: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views ``q, k, v`` of a packed ``qkv``: ``(B, N, 3, H, D)`` -> three ``(B, H, N, D)``, or
+    ``(T, 3, H, D)`` -> three ``(T, H, D)``; no copy."""
+    return qkv.unbind(1) if varlen else qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _bhnd_view(t: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """A ``(B, N, H, D)`` tensor seen as ``(B, H, N, D)`` (varlen ``(T, H, D)`` as it is)."""
+    return t if varlen else t.transpose(1, 2)
+
+
+def attention_qkvpacked_forward(qkv: torch.Tensor, scale: float, cu_seqlens: torch.Tensor | None = None,
+                                max_seqlen: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` ``(B, N, H, D)`` (varlen ``(T, H, D)``) and ``lse`` from a packed ``qkv``.
+
+    The output is written in the token-major layout, so the model's ``out.reshape(B, N, H * D)``
+    before the projection is a view, not the copy a ``(B, H, N, D)`` output would need."""
+    varlen = cu_seqlens is not None
+    out = torch.empty((*qkv.shape[:-3], *qkv.shape[-2:]), dtype=qkv.dtype, device=qkv.device)
+    _, lse = attention_forward(*unpack_qkv(qkv, varlen), scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                               out=_bhnd_view(out, varlen))
+    return out, lse
+
+
+def attention_qkvpacked_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                 scale: float, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0,
+                                 grad_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """``dqkv`` shaped like ``qkv``: the kernels write ``dq``, ``dk``, ``dv`` into one buffer, so
+    autograd neither stacks three gradients nor copies them back through the permute."""
+    varlen = cu_seqlens is not None
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    attention_backward(_bhnd_view(grad_out, varlen), *unpack_qkv(qkv, varlen), _bhnd_view(out, varlen), lse, scale,
+                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, grad_lse=grad_lse,
+                       grads=unpack_qkv(dqkv, varlen))
+    return dqkv

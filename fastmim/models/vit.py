@@ -20,7 +20,7 @@ from timm.layers import Mlp, PatchEmbed  # noqa: F401  (re-exported: the models 
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
-from fastmim.ops.attention import ATTN_BACKENDS, attention
+from fastmim.ops.attention import ATTN_BACKENDS, attention_qkvpacked
 
 # --------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos position embeddings (MAE's util/pos_embed.py, computed in float64)
@@ -66,17 +66,6 @@ def _check_backend(backend: str | None) -> str | None:
     return backend
 
 
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
-                        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
-    """Attention over ``(B, H, N, D)`` (or packed ``(total, H, D)`` with ``cu_seqlens``) on ``backend``.
-
-    ``backend``: ``"fastmim"`` (fastmim's ``visible_attention``), ``"sdpa"``, ``"xformers"``,
-    ``"reference"``, or ``None`` (``fastmim.ops.attention.choose_attn_backend``: measured once per
-    shape on CUDA, SDPA on CPU). See :func:`fastmim.ops.attention.attention`.
-    """
-    return attention(q, k, v, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with timm's parameter layout (``qkv``, ``proj``) and a backend switch.
 
@@ -101,17 +90,15 @@ class Attention(nn.Module):
 
     def attend(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                ) -> torch.Tensor:
-        """Attention and ``proj`` from the ``qkv`` projection ``(B, N, 3C)`` (packed: ``(total, 3C)``)."""
-        channels = qkv.shape[-1] // 3
-        if cu_seqlens is not None:  # packed (total, C)
-            total = qkv.shape[0]
-            q, k, v = qkv.reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
-            out = multihead_attention(q, k, v, backend=self.attn_backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-            return self.proj(out.reshape(total, channels))
-        batch, n = qkv.shape[:2]
-        q, k, v = qkv.reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = multihead_attention(q, k, v, backend=self.attn_backend)
-        return self.proj(out.transpose(1, 2).reshape(batch, n, channels))
+        """Attention and ``proj`` from the ``qkv`` projection ``(B, N, 3C)`` (packed: ``(total, 3C)``).
+
+        The projection's output goes to the backend packed, ``(B, N, 3, H, D)``: fastmim's kernels
+        read q, k, v from it in place and write the output token-major, so neither the reshape
+        before ``proj`` nor the gradient of ``qkv`` needs a copy."""
+        lead = qkv.shape[:-1]  # (B, N), or (total,) packed
+        packed = qkv.reshape(*lead, 3, self.num_heads, self.head_dim)
+        out = attention_qkvpacked(packed, backend=self.attn_backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.proj(out.reshape(*lead, qkv.shape[-1] // 3))
 
 
 class Block(TimmBlock):

@@ -9,8 +9,10 @@ from fastmim.ops._dispatch import BACKENDS, backend_status, forced_backend, sele
 from fastmim.ops.attention import (
     ATTN_BACKENDS,
     attention,
+    attention_qkvpacked,
     choose_attn_backend,
     visible_attention,
+    visible_attention_qkvpacked,
     visible_attention_reference,
 )
 from fastmim.ops.fused_block import (
@@ -39,7 +41,8 @@ from fastmim.ops.token_ops import (
 )
 
 __all__ = ["BACKENDS", "backend_status", "forced_backend", "select_backend", "use_backend"]
-__all__ += ["ATTN_BACKENDS", "attention", "choose_attn_backend", "visible_attention", "visible_attention_reference"]
+__all__ += ["ATTN_BACKENDS", "attention", "attention_qkvpacked", "choose_attn_backend", "visible_attention",
+            "visible_attention_qkvpacked", "visible_attention_reference"]
 __all__ += ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear",
             "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference"]
 __all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]

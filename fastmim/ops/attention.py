@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from fastmim.ops._dispatch import select_backend
 
-__all__ = ["ATTN_BACKENDS", "attention", "choose_attn_backend", "visible_attention", "visible_attention_reference"]
+__all__ = ["ATTN_BACKENDS", "attention", "attention_qkvpacked", "choose_attn_backend", "visible_attention",
+           "visible_attention_qkvpacked", "visible_attention_reference"]
 
 ATTN_BACKENDS = ("fastmim", "sdpa", "xformers", "reference")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -339,6 +340,120 @@ def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_s
 
 
 # ---------------------------------------------------------------------------------------------
+# Packed qkv: a ViT's qkv projection in, the input of its output projection out, no copies
+# ---------------------------------------------------------------------------------------------
+
+
+def _unpack_qkv(qkv: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` views: ``(B, N, 3, H, D)`` -> ``(B, H, N, D)`` each, ``(T, 3, H, D)`` -> ``(T, H, D)``."""
+    return qkv.unbind(1) if varlen else qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _packed_out_shape(qkv: torch.Tensor) -> tuple[int, ...]:
+    return (*qkv.shape[:-3], *qkv.shape[-2:])
+
+
+def _packed_lse_shape(qkv: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    heads = qkv.shape[-2]
+    return (heads, qkv.shape[0]) if varlen else (qkv.shape[0], heads, qkv.shape[1])
+
+
+@torch.library.custom_op("fastmim::visible_attention_qkvpacked", mutates_args=())
+def _qkvpacked_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens is not None
+    q, k, v = _unpack_qkv(qkv, varlen)
+    if _backend_for(q) == "triton":
+        from fastmim.kernels.attention import attention_qkvpacked_forward
+
+        return attention_qkvpacked_forward(qkv, scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    out, lse = _attention_math(*_to_bhnd(q, k, v, cu_seqlens, None, None), scale)
+    out = _from_bhnd(out, varlen).to(qkv.dtype)
+    return (out if varlen else out.transpose(1, 2)).contiguous(), (lse[0] if varlen else lse).contiguous()
+
+
+@_qkvpacked_op.register_fake
+def _(qkv, cu_seqlens, max_seqlen, scale):
+    lse = qkv.new_empty(_packed_lse_shape(qkv, cu_seqlens is not None), dtype=_math_dtype(qkv.dtype))
+    return qkv.new_empty(_packed_out_shape(qkv)), lse
+
+
+@torch.library.custom_op("fastmim::visible_attention_qkvpacked_backward", mutates_args=())
+def _qkvpacked_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           grad_lse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int,
+                           scale: float) -> torch.Tensor:
+    varlen = cu_seqlens is not None
+    q, k, v = _unpack_qkv(qkv, varlen)
+    grad_out = grad_out.contiguous()  # (B, N, H, D) as the reshape before the projection gives it: no copy
+    if _backend_for(q) == "triton":
+        from fastmim.kernels.attention import attention_qkvpacked_backward
+
+        return attention_qkvpacked_backward(grad_out, qkv, out, lse, scale, cu_seqlens=cu_seqlens,
+                                            max_seqlen=max_seqlen, grad_lse=grad_lse)
+    bhnd = (lambda t: t) if varlen else (lambda t: t.transpose(1, 2))
+    grads = _reference_backward(bhnd(grad_out), q, k, v, bhnd(out), lse, grad_lse, cu_seqlens, None, None, scale)
+    return torch.stack([bhnd(g) for g in grads], dim=-3).contiguous()
+
+
+@_qkvpacked_backward_op.register_fake
+def _(grad_out, qkv, out, lse, grad_lse, cu_seqlens, max_seqlen, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _qkvpacked_setup_context(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.set_materialize_grads(False)
+
+
+def _qkvpacked_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dqkv = torch.ops.fastmim.visible_attention_qkvpacked_backward(grad_out, qkv, out, lse, grad_lse, cu_seqlens,
+                                                                  ctx.max_seqlen, ctx.scale)
+    return dqkv, None, None, None
+
+
+torch.library.register_autograd("fastmim::visible_attention_qkvpacked", _qkvpacked_backward,
+                                setup_context=_qkvpacked_setup_context)
+
+
+def _check_qkv(qkv, cu_seqlens) -> None:
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"visible_attention_qkvpacked: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    want = "(T, 3, H, D) with cu_seqlens" if cu_seqlens is not None else "(B, N, 3, H, D)"
+    if qkv.dim() != (4 if cu_seqlens is not None else 5) or qkv.shape[-3] != 3:
+        raise ValueError(f"visible_attention_qkvpacked: qkv must be {want}, got shape {_shape(qkv)}")
+
+
+def visible_attention_qkvpacked(qkv: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                                max_seqlen: int | None = None, scale: float | None = None,
+                                return_lse: bool = False):
+    """:func:`visible_attention` (dense or varlen) on the packed output of a qkv projection.
+
+    Args:
+        qkv: ``(B, N, 3, H, D)``, or ``(T, 3, H, D)`` packed with ``cu_seqlens`` -- the layout of
+            ``linear(x).reshape(B, N, 3, H, D)``. q, k and v are read from it in place.
+        cu_seqlens, max_seqlen, scale, return_lse: as for :func:`visible_attention`.
+
+    Returns ``out`` ``(B, N, H, D)`` (varlen ``(T, H, D)``), so ``out.reshape(B, N, H * D)`` is a
+    view (the input of the output projection), and ``lse`` as :func:`visible_attention` gives it.
+    The backward pass writes the gradient of ``qkv`` into one buffer: autograd neither stacks three
+    gradients nor copies them back through a permute. Same result as :func:`visible_attention` on
+    the q, k, v views (the same kernels).
+    """
+    _check_qkv(qkv, cu_seqlens)
+    q, k, v = _unpack_qkv(qkv, cu_seqlens is not None)
+    _validate(q, k, v, cu_seqlens, max_seqlen, None, scale)
+    scale = float(qkv.shape[-1] ** -0.5 if scale is None else scale)
+    out, lse = _qkvpacked_op(_unit_last_stride(qkv), cu_seqlens, 0 if max_seqlen is None else max_seqlen, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
 # The attention backend of the models: fastmim | sdpa | xformers | reference
 # ---------------------------------------------------------------------------------------------
 
@@ -535,3 +650,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
         return _xformers_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
     return visible_attention_reference(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                        key_visible=key_visible, scale=scale)
+
+
+def attention_qkvpacked(qkv: torch.Tensor, *, backend: str | None = None, cu_seqlens: torch.Tensor | None = None,
+                        max_seqlen: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """:func:`attention` on a packed ``qkv`` ``(B, N, 3, H, D)`` (varlen ``(T, 3, H, D)``), returning
+    ``(B, N, H, D)`` (varlen ``(T, H, D)``): the models' attention module calls this.
+
+    ``"fastmim"`` runs :func:`visible_attention_qkvpacked` (no copy around the kernels); the other
+    backends get q, k, v views and their output transposed back (as timm's attention does).
+    """
+    _check_qkv(qkv, cu_seqlens)
+    varlen = cu_seqlens is not None
+    q, k, v = _unpack_qkv(qkv, varlen)
+    if backend is None:
+        backend = choose_attn_backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    if backend == "fastmim":
+        return visible_attention_qkvpacked(qkv, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    out = attention(q, k, v, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    return out if varlen else out.transpose(1, 2)
