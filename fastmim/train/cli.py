@@ -7,9 +7,11 @@ stays fast. Every expected failure becomes a one-line :class:`fastmim.cli.CLIErr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +110,27 @@ def _is_data_worker_error(exc: RuntimeError) -> bool:
     return "DataLoader worker" in str(exc) or "DataError" in str(exc)
 
 
-def run_train(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _user_errors_as_one_line() -> Iterator[None]:
+    """Errors caused by the command's input become a one-line :class:`CLIError`; bugs keep their traceback.
+
+    ValueError covers a model's own argument validation (e.g. LUT needs --mask-ratio >= 0.5)."""
     from fastmim.data import DataError
     from fastmim.train.checkpoint import CheckpointError
-    from fastmim.train.config import TrainConfig, TrainError
+    from fastmim.train.config import TrainError
+
+    try:
+        yield
+    except (TrainError, DataError, CheckpointError, ValueError) as exc:
+        raise CLIError(_one_line(exc)) from None
+    except RuntimeError as exc:
+        if _is_data_worker_error(exc):
+            raise CLIError(_one_line(exc)) from None
+        raise
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastmim.train.config import TrainConfig
     from fastmim.train.loop import train
 
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
@@ -122,17 +141,10 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**given)
     format_warning = warnings.formatwarning
     try:
-        with warnings.catch_warnings():
+        with _user_errors_as_one_line(), warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.formatwarning = lambda message, category, *a, **k: f"fastmim: warning: {message}\n"
             result = train(cfg, explicit=explicit)
-    except (TrainError, DataError, CheckpointError, ValueError) as exc:
-        # ValueError: a model's own argument validation (e.g. LUT needs --mask-ratio >= 0.5).
-        raise CLIError(_one_line(exc)) from None
-    except RuntimeError as exc:
-        if _is_data_worker_error(exc):
-            raise CLIError(_one_line(exc)) from None
-        raise
     finally:
         warnings.formatwarning = format_warning
     return 0 if result.finished or cfg.stop_after is not None else 1
@@ -234,9 +246,7 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from fastmim.data import DataError
-    from fastmim.train.checkpoint import CheckpointError
-    from fastmim.train.config import EVAL_LOG_NAME, TrainError
+    from fastmim.train.config import EVAL_LOG_NAME
 
     protocols = {"knn": ["knn"], "linear": ["linear"], "classifier": ["classifier"], "finetune": ["finetune"],
                  "all": ["knn", "linear", "classifier"]}.get(args.protocol)
@@ -252,14 +262,8 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in ("temperature", "finetune_blr"):
         if not getattr(args, name) > 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    try:
+    with _user_errors_as_one_line():
         ckpt, results = _evaluate(args, protocols)
-    except (TrainError, DataError, CheckpointError, ValueError) as exc:
-        raise CLIError(_one_line(exc)) from None
-    except RuntimeError as exc:
-        if _is_data_worker_error(exc):
-            raise CLIError(_one_line(exc)) from None
-        raise
     log = Path(args.log) if args.log else ckpt.path.parent / EVAL_LOG_NAME
     try:
         with open(log, "a") as f:
