@@ -356,8 +356,10 @@ def test_bias_gelu_linear_compiles_fullgraph():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_residual", [False, None, True])
 def test_layer_norm_linear_matches_reference(backend, dtype, with_residual):
+    """``with_residual``: False, ``layer_norm_linear``; None, ``add_layer_norm_linear`` without a
+    residual, its ``s`` (a view of ``x``) used too, so ``dx`` carries the gradient of ``s``; True, with one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = (2, 13, 40)
     x, r = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
@@ -367,6 +369,13 @@ def test_layer_norm_linear_matches_reference(backend, dtype, with_residual):
     inputs = [x, r, w, b, lw, lb] if with_residual else [x, w, b, lw, lb]
 
     def run(*t, fast):
+        if with_residual is None:
+            xx, ww, bb, lww, lbb = t
+            s, y = add_layer_norm_linear(xx, None, ww, bb, 1e-6, lww, lbb) if fast else \
+                (xx, F.linear(layer_norm_reference(xx, ww, bb, 1e-6), lww, lbb))
+            if fast:
+                assert s._base is xx
+            return (s, y), (grad_s, grad)
         if with_residual:
             xx, rr, ww, bb, lww, lbb = t
             s, y = add_layer_norm_linear(xx, rr, ww, bb, 1e-6, lww, lbb) if fast else \
@@ -422,3 +431,77 @@ def test_fused_block_compiles_fullgraph():
     assert_rel_close(out, eager, torch.float32, name="compiled block")
     for n, p in block.named_parameters():
         assert_rel_close(p.grad, eager_grads[n], torch.float32, name=f"compiled grad {n}")
+
+
+def _block_stack(fused: bool, depth: int = 3, plain_at: int | None = None):
+    from functools import partial
+
+    from fastmim.models.vit import Block, FusedBlock
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList()
+    for i in range(depth):
+        cls = FusedBlock if fused and i != plain_at else Block
+        blocks.append(cls(32, 2, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                          attn_backend="fastmim"))
+    with torch.no_grad():
+        for p in blocks.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return blocks
+
+
+@pytest.mark.parametrize("plain_at", [None, 1])
+@pytest.mark.parametrize("packed", [False, True])
+def test_run_blocks_is_the_blocks_in_turn(plain_at, packed):
+    """Fused blocks chained on a two-term residual stream (a plain block in the middle breaks the
+    chain) give the blocks' function, forward and backward, dense and packed."""
+    from fastmim.models.vit import run_blocks
+
+    fused, plain = _block_stack(True, plain_at=plain_at), _block_stack(False)
+    fused.load_state_dict(plain.state_dict())
+    kwargs = {}
+    x = torch.randn(2, 9, 32)
+    if packed:
+        x = torch.randn(13, 32)
+        kwargs = dict(cu_seqlens=torch.tensor([0, 6, 13], dtype=torch.int32), max_seqlen=7)
+    grad = torch.randn_like(x)
+    xp, xf = _leaf(x), _leaf(x)
+    ref = xp
+    for blk in plain:
+        ref = blk(ref, **kwargs)
+    ref.backward(grad)
+    with use_backend("triton"):
+        out = run_blocks(fused, xf, **kwargs)
+        out.backward(grad)
+    assert_rel_close(out, ref, torch.float32, name="output")
+    assert_rel_close(xf.grad, xp.grad, torch.float32, name="dx")
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        assert_rel_close(p.grad, q.grad, tol=1e-4, name=f"grad {name}")
+
+
+def test_run_blocks_leaves_no_residual_add_in_the_fused_blocks():
+    """Forward: one add joins the two residual terms after the last block; backward: no add at all
+    (each residual gradient joins dx inside a LayerNorm backward kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastmim.models.vit import run_blocks
+
+    class CountAdds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.adds = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_):
+                self.adds += 1
+            return func(*args, **(kwargs or {}))
+
+    blocks = _block_stack(True)
+    x = _leaf(torch.randn(2, 9, 32))
+    with use_backend("triton"):
+        with CountAdds() as forward:
+            out = run_blocks(blocks, x)
+        with CountAdds() as backward:
+            out.backward(torch.randn_like(out))
+    assert forward.adds == 1
+    assert backward.adds == 0

@@ -122,22 +122,26 @@ class FusedBlock(Block):
     """:class:`Block` whose memory-bound steps run as fastmim's ``fused_block`` ops.
 
     Same parameters and names as timm's block (``norm1``, ``attn``, ``norm2``, ``mlp.fc1``,
-    ``mlp.fc2``: the state dict does not change) and the same function::
+    ``mlp.fc2``: the state dict does not change) and the same function. On a residual stream kept
+    as two terms, ``x = hidden + residual`` (:meth:`forward_residual`, as flash-attention's
+    prenorm ``Block``)::
 
-        qkv = layer_norm_linear(x, norm1, attn.qkv)          # LayerNorm output not saved
+        x, qkv = add_layer_norm_linear(hidden, residual, norm1, attn.qkv)   # x = hidden + residual
         x, h = add_layer_norm_linear(x, attn.attend(qkv), norm2, fc1 without its bias)
-        x = x + bias_gelu_linear(h, fc1.bias, fc2)           # GELU output not saved
+        return bias_gelu_linear(h, fc1.bias, fc2), x                         # (hidden, residual) out
 
-    The residual add and ``norm2`` run in one pass; ``fc1``'s bias goes into the GELU kernel.
-    Each block saves for backward the residual stream, ``fc1``'s output and the attention's own
-    tensors: the LayerNorm outputs and the GELU output, which the next matmul would otherwise
-    keep for its weight gradient, are recomputed in the backward pass that computes their
-    gradient (one extra store each). A block whose norms are not affine ``nn.LayerNorm``, whose
-    activation is not the exact ``nn.GELU``, or whose attention or MLP has other layers runs the
-    unfused steps (timm's).
+    Every residual add runs inside the LayerNorm kernel after it, and its gradient inside that
+    LayerNorm's backward pass: no add kernel is left in the block, forward or backward (the next
+    block, or :func:`run_blocks` after the last, joins the two terms). ``fc1``'s bias goes into
+    the GELU kernel. Each block saves for backward the residual stream, ``fc1``'s output and the
+    attention's own tensors: the LayerNorm outputs and the GELU output, which the next matmul
+    would otherwise keep for its weight gradient, are recomputed in the backward pass that
+    computes their gradient (one extra store each). A block whose norms are not affine
+    ``nn.LayerNorm``, whose activation is not the exact ``nn.GELU``, or whose attention or MLP has
+    other layers runs the unfused steps (timm's).
     """
 
-    def _fusable(self) -> bool:
+    def fusable(self) -> bool:
         mlp = self.mlp
         norms_ok = all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
                        and len(n.normalized_shape) == 1 for n in (self.norm1, self.norm2))
@@ -147,18 +151,45 @@ class FusedBlock(Block):
                   and not (self.training and getattr(mlp.drop1, "p", 0.0) > 0))
         return norms_ok and act_ok and mlp_ok and isinstance(self.attn, Attention)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                ) -> torch.Tensor:
-        if not self._fusable():
-            return super().forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear, layer_norm_linear
+    def forward_residual(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
+                         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x = hidden + residual`` (``residual=None``: ``x = hidden``); returns the
+        output as ``(hidden, residual)`` terms. Needs :meth:`fusable`."""
+        from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear
 
         norm1, norm2, attn, mlp = self.norm1, self.norm2, self.attn, self.mlp
-        qkv = layer_norm_linear(x, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight, attn.qkv.bias)
+        x, qkv = add_layer_norm_linear(hidden, residual, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight,
+                                       attn.qkv.bias)
         branch = self.drop_path1(self.ls1(attn.attend(qkv, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)))
         x, h = add_layer_norm_linear(x, branch, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight)
         h = mlp.drop2(bias_gelu_linear(h, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias))
-        return x + self.drop_path2(self.ls2(h))
+        return self.drop_path2(self.ls2(h)), x
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                ) -> torch.Tensor:
+        if not self.fusable():
+            return super().forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        hidden, residual = self.forward_residual(x, None, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return residual + hidden
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+               max_seqlen: int | None = None) -> torch.Tensor:
+    """``x`` through ``blocks`` in order: the same result as calling each block in turn.
+
+    Runs of fusable :class:`FusedBlock` pass the residual stream between them as two terms
+    (:meth:`FusedBlock.forward_residual`), so each block's last residual add happens inside the
+    next block's first LayerNorm kernel; one add joins the terms at the end of a run."""
+    hidden, residual = x, None
+    for blk in blocks:
+        if isinstance(blk, FusedBlock) and blk.fusable():
+            hidden, residual = blk.forward_residual(hidden, residual, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            continue
+        if residual is not None:
+            hidden, residual = residual + hidden, None
+        hidden = blk(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return hidden if residual is None else residual + hidden
 
 
 def set_attn_backend(module: nn.Module, backend: str | None) -> None:

@@ -377,30 +377,36 @@ class _BiasGeluLinear(torch.autograd.Function):
 
 
 class _LayerNormLinear(torch.autograd.Function):
-    """``linear(layer_norm(s), weight, linear_bias)`` with ``s = x`` or ``s = x + residual``, saving
-    ``s`` (the residual stream keeps it anyway), ``mean``/``rstd`` and the parameters, not the
-    normalised tensor: backward recomputes it in the LayerNorm backward pass, for the weight
-    gradient. Returns ``(s, out)`` with a residual, else ``out``. Casts as :class:`_BiasGeluLinear`.
+    """``(s, linear(layer_norm(s), weight, linear_bias))`` with ``s = x + residual``, or ``s = x``
+    (returned as a view of ``x``) without a residual, saving ``s`` (the residual stream keeps it
+    anyway), ``mean``/``rstd`` and the parameters, not the normalised tensor: backward recomputes
+    it in the LayerNorm backward pass, for the weight gradient. The gradient reaching ``s`` joins
+    ``dx`` inside that pass, so a residual stream read by this LayerNorm and passed on as ``s``
+    needs no separate gradient add. Casts as :class:`_BiasGeluLinear`.
     """
 
     @staticmethod
     def forward(ctx, x, residual, ln_weight, ln_bias, eps, weight, linear_bias):
         if residual is None:
-            s = x
+            s = x.view_as(x)
             y, mean, rstd = torch.ops.fastmim.layer_norm(x, ln_weight, ln_bias, eps)
         else:
             s, y, mean, rstd = torch.ops.fastmim.add_layer_norm(x, residual, ln_weight, ln_bias, eps)
-        ctx.save_for_backward(s, ln_weight, ln_bias, mean, rstd, weight)
+        ctx.save_for_backward(x if residual is None else s, ln_weight, ln_bias, mean, rstd, weight)
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype,
                       None if linear_bias is None else linear_bias.dtype)
-        out = torch.nn.functional.linear(y, weight, linear_bias)
-        return out if residual is None else (s, out)
+        ctx.set_materialize_grads(False)
+        return s, torch.nn.functional.linear(y, weight, linear_bias)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad_s, grad_out):
         s, ln_weight, ln_bias, mean, rstd, weight = ctx.saved_tensors
         x_dtype, residual_dtype, linear_bias_dtype = ctx.dtypes
-        grad_s, grad_out = (None, grads[0]) if residual_dtype is None else grads
+        if grad_out is None:  # only s was used: the gradient passes through to the inputs
+            if grad_s is None:
+                return None, None, None, None, None, None, None
+            dresidual = None if residual_dtype is None else grad_s.to(residual_dtype)
+            return grad_s.to(x_dtype), dresidual, None, None, None, None, None
         grad_y = torch.matmul(grad_out, weight.to(grad_out.dtype))
         param_dtype = _param_dtype(ln_weight, ln_bias)
         ds, dparams, y = torch.ops.fastmim.layer_norm_backward(grad_y, s, ln_weight, mean, rstd, grad_s, param_dtype,
@@ -494,18 +500,22 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     qkv), saving ``x`` and the row statistics but not the normalised tensor (recomputed in backward)."""
     eps = _check_layer_norm(x, weight, bias, eps)
     _check_linear(linear_weight, linear_bias, x, ("linear_weight", "linear_bias"))
-    return _LayerNormLinear.apply(x, None, weight, bias, eps, linear_weight, linear_bias)
+    return _LayerNormLinear.apply(x, None, weight, bias, eps, linear_weight, linear_bias)[1]
 
 
-def add_layer_norm_linear(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def add_layer_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
                           eps: float, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, linear(layer_norm(s), linear_weight, linear_bias))`` with ``s = x + residual`` (a block's
-    residual add, norm2 and fc1), saving ``s`` and the row statistics, not the normalised tensor."""
+    residual add, norm2 and fc1), saving ``s`` and the row statistics, not the normalised tensor.
+
+    ``residual=None``: ``s = x`` (a view). Either way the gradient that reaches ``s`` through its other
+    uses is added to ``x``'s inside the LayerNorm backward pass, not by a separate add."""
     eps = _check_layer_norm(x, weight, bias, eps)
-    _check_x(residual, "residual")
-    if residual.shape != x.shape or residual.device != x.device:
-        raise ValueError(f"residual must have the shape and device of x {tuple(x.shape)} ({x.device}), got "
-                         f"{tuple(residual.shape)} ({residual.device})")
+    if residual is not None:
+        _check_x(residual, "residual")
+        if residual.shape != x.shape or residual.device != x.device:
+            raise ValueError(f"residual must have the shape and device of x {tuple(x.shape)} ({x.device}), got "
+                             f"{tuple(residual.shape)} ({residual.device})")
     _check_linear(linear_weight, linear_bias, x, ("linear_weight", "linear_bias"))
     return _LayerNormLinear.apply(x, residual, weight, bias, eps, linear_weight, linear_bias)
