@@ -1,6 +1,7 @@
 """fused_block ops (layer_norm, add_layer_norm, bias_gelu): Triton kernels and op against their references."""
 
 import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -236,6 +237,27 @@ def test_tolerances_are_the_shared_ones():
 # The ViT block on these ops
 # --------------------------------------------------------------------------------------------
 
+def test_fused_block_runs_timm_steps_where_the_fused_ops_have_no_kernel():
+    """On CPU without the Triton path the fused ops' reference would only add recomputation: the block
+    takes timm's steps there (no fastmim op runs), and the fused ones on the Triton path."""
+    from fastmim.models.vit import FusedBlock
+
+    block = FusedBlock(32, 2, qkv_bias=True, attn_backend="sdpa")
+    x = torch.randn(2, 5, 32)
+    with use_backend("reference"):
+        assert not block.fusable(x)
+    with use_backend("triton"):
+        assert block.fusable(x)
+    assert block.fusable(x.to("meta"))  # shape-only runs (the cost model) see the GPU step
+    real = torch.ops.fastmim.layer_norm
+    for backend, fused in (("reference", False), ("triton", True)):
+        seen = []
+        with use_backend(backend), mock.patch.object(torch.ops.fastmim, "layer_norm",
+                                                     side_effect=lambda *a, seen=seen: seen.append(a) or real(*a)):
+            block(x)
+        assert bool(seen) == fused, backend
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fused_block_is_the_timm_block(backend):
     from functools import partial
@@ -417,17 +439,31 @@ def test_layer_norm_linear_saves_no_normalised_tensor_and_passes_gradcheck():
 
 
 def test_fused_block_compiles_fullgraph():
+    """The fused steps (Triton path) trace into one graph and compute what the eager block does."""
     from fastmim.models.vit import FusedBlock
 
     torch.manual_seed(0)
     block = FusedBlock(32, 2, qkv_bias=True, attn_backend="sdpa")
     x = torch.randn(2, 9, 32)
-    eager = block(x)
-    eager.sum().backward()
-    eager_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
-    block.zero_grad()
-    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
-    out.sum().backward()
+    with use_backend("triton"):
+        assert block.fusable(x)
+        eager = block(x)
+        eager.sum().backward()
+        eager_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+        block.zero_grad()
+        torch._dynamo.reset()
+        targets = []
+        aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+        def inspecting_aot_eager(gm, example_inputs):
+            targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return aot_eager(gm, example_inputs)
+
+        out = torch.compile(block, fullgraph=True, backend=inspecting_aot_eager)(x)
+        out.sum().backward()
+    # the three fused steps, as autograd Functions; no LayerNorm or GELU of timm's steps left
+    assert targets.count("autograd_function_apply") == 3, targets
+    assert not any("layer_norm" in t or "gelu" in t for t in targets), targets
     assert_rel_close(out, eager, torch.float32, name="compiled block")
     for n, p in block.named_parameters():
         assert_rel_close(p.grad, eager_grads[n], torch.float32, name=f"compiled grad {n}")

@@ -20,6 +20,7 @@ from timm.layers import Mlp, PatchEmbed  # noqa: F401  (re-exported: the models 
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
+from fastmim.ops._dispatch import forced_backend, select_backend
 from fastmim.ops.attention import ATTN_BACKENDS, attention_qkvpacked
 
 # --------------------------------------------------------------------------------------------
@@ -138,10 +139,20 @@ class FusedBlock(Block):
     would otherwise keep for its weight gradient, are recomputed in the backward pass that
     computes their gradient (one extra store each). A block whose norms are not affine
     ``nn.LayerNorm``, whose activation is not the exact ``nn.GELU``, or whose attention or MLP has
-    other layers runs the unfused steps (timm's).
+    other layers runs the unfused steps (timm's), and so does every block on a device where the
+    fused ops have no kernel (CPU, unless Triton's interpreter runs them): see :meth:`fusable`.
     """
 
-    def fusable(self) -> bool:
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused steps run for ``x``: the block has the layers they replace, and the fused
+        ops have kernels on ``x``'s device (Triton: CUDA, or CPU under the interpreter; or meta, whose
+        shape-only runs model a GPU step). Elsewhere their reference path would only add the backward
+        pass's recomputation to timm's steps: on CPU that measured slower than the plain block."""
+        if torch.compiler.is_compiling():  # the full backend choice is not traceable: CUDA defaults to Triton
+            if x.device.type not in ("cuda", "meta") and forced_backend() != "triton":
+                return False
+        elif x.device.type != "meta" and select_backend("layer_norm", x.device) != "triton":
+            return False
         mlp = self.mlp
         norms_ok = all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
                        and len(n.normalized_shape) == 1 for n in (self.norm1, self.norm2))
@@ -155,7 +166,7 @@ class FusedBlock(Block):
                          cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on ``x = hidden + residual`` (``residual=None``: ``x = hidden``); returns the
-        output as ``(hidden, residual)`` terms. Needs :meth:`fusable`."""
+        output as ``(hidden, residual)`` terms. Needs :meth:`fusable` (it runs the fused ops on any backend)."""
         from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear
 
         norm1, norm2, attn, mlp = self.norm1, self.norm2, self.attn, self.mlp
@@ -168,7 +179,7 @@ class FusedBlock(Block):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 ) -> torch.Tensor:
-        if not self.fusable():
+        if not self.fusable(x):
             return super().forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         hidden, residual = self.forward_residual(x, None, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return residual + hidden
@@ -183,7 +194,7 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, cu_seqlens: torch.T
     next block's first LayerNorm kernel; one add joins the terms at the end of a run."""
     hidden, residual = x, None
     for blk in blocks:
-        if isinstance(blk, FusedBlock) and blk.fusable():
+        if isinstance(blk, FusedBlock) and blk.fusable(hidden):
             hidden, residual = blk.forward_residual(hidden, residual, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             continue
         if residual is not None:
