@@ -20,7 +20,9 @@ fraction of the matmul throughput the harness measured in the same run (``roofli
 device's dense bf16 spec where known (``extra.mfu_vs_spec``).
 
 ``--device cpu`` runs a small preset (``vit_tiny_patch4_32``, batch 32, fp32; ``--config
-mae_vit_tiny_p16_224 --batch 16`` for ViT-Tiny/16 at 224 px); ``--smoke`` a 2-block toy model.
+mae_vit_tiny_p16_224 --batch 16`` for ViT-Tiny/16 at 224 px), timing the providers interleaved:
+after a warm-up, ``--rounds`` rounds of one step each, the median per provider. ``--smoke`` runs a
+2-block toy model.
 """
 
 from __future__ import annotations
@@ -132,6 +134,8 @@ def main(argv=None) -> None:
                             help="batch size (default: 256 on CUDA, 32 on CPU, 4 with --smoke)")
         parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
                             help="model (default: mae_vit_b16 on CUDA, mae_vit_tiny_p4_32 on CPU)")
+        parser.add_argument("--rounds", type=int, default=10,
+                            help="CPU: interleaved rounds (each provider one step per round); the median is reported")
 
     args = harness.parse_args(__doc__.splitlines()[0], argv, extra=extra_args)
     device = torch.device(args.device)
@@ -172,18 +176,33 @@ def main(argv=None) -> None:
     case = f"{name}_b{batch}_{'bf16' if dtype is not None else 'fp32'}_step"
     shape = {**cfg, "batch": batch, "mask_ratio": MASK_RATIO, "dtype": str(dtype or torch.float32)}
     records = []
-    for provider, model in models.items():
-        model.to(device).train()
-        step = make_step(model, device, dtype)
-        step(imgs[0])  # first call: compilation, autotuning, the attention backend choice
-        ms = harness.time_ms(step, [(x,) for x in imgs], device=device, warmup=100, rep=1000, smoke=args.smoke)
-        extra = {"img_per_s": batch / (ms * 1e-3), "peak_mem_gb": peak_memory_gb(step, imgs[0], device)}
+
+    def record(provider: str, ms: float, peak: float | None) -> None:
+        extra = {"img_per_s": batch / (ms * 1e-3), "peak_mem_gb": peak}
         if spec is not None:
             extra["mfu_vs_spec"] = flops / (ms * 1e-3) / (spec * 1e12)
         records.append(harness.Record(case, provider, ms, shape, flops=flops, extra=extra))
-        model.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    arg_sets = [(x,) for x in imgs]
+    if device.type == "cpu" and not args.smoke:
+        # CPU: every model stays in memory and the providers take turns step by step (interleaved)
+        steps = {}
+        for provider, model in models.items():
+            model.train()
+            steps[provider] = make_step(model, device, dtype)
+            steps[provider](imgs[0])  # first call: compilation
+        for provider, ms in harness.time_interleaved_ms(steps, arg_sets, rounds=args.rounds).items():
+            record(provider, ms, None)
+    else:
+        for provider, model in models.items():
+            model.to(device).train()
+            step = make_step(model, device, dtype)
+            step(imgs[0])  # first call: compilation, autotuning, the attention backend choice
+            ms = harness.time_ms(step, arg_sets, device=device, warmup=100, rep=1000, smoke=args.smoke)
+            record(provider, ms, peak_memory_gb(step, imgs[0], device))
+            model.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     for r in records:
         mem = r.extra["peak_mem_gb"]
         print(f"{r.provider:28s} {r.extra['img_per_s']:10.1f} img/s" + (f"  peak {mem:.2f} GB" if mem else ""))

@@ -78,6 +78,24 @@ def time_ms(fn: Callable[..., Any], arg_sets: Sequence[tuple] = ((),), *, device
     return statistics.median(samples)
 
 
+def time_interleaved_ms(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[tuple] = ((),), *,
+                        rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+    """CPU: median milliseconds of each ``fns[name](*args)``, the providers taking turns call by call.
+
+    Round after round every provider runs once, so a slow phase of the machine (another process, a
+    frequency change) lands on all of them alike instead of on whichever ran then."""
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(*arg_sets[i % len(arg_sets)])
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(*arg_sets[i % len(arg_sets)])
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def measure_ceilings(device: torch.device | str, smoke: bool = False) -> dict[str, float]:
     """Copy bandwidth (GB/s, read + write) and matmul throughput (TFLOP/s) measured now."""
     device = torch.device(device)
