@@ -46,7 +46,10 @@ FASTMIM_HOST_DEVICE uint32_t seed_key(uint64_t seed) {
   return mix32(static_cast<uint32_t>(seed)) ^ mix32(static_cast<uint32_t>(seed >> 32) ^ 0x1B873593u);
 }
 
-FASTMIM_HOST_DEVICE uint32_t row_key(uint32_t key, uint32_t b) { return mix32(key ^ mix32(b)); }
+// Key of sample `counter` = offset + b (the sample offset of the call plus the row), mod 2**32.
+FASTMIM_HOST_DEVICE uint32_t row_key(uint32_t key, uint64_t counter) {
+  return mix32(key ^ mix32(static_cast<uint32_t>(counter)));
+}
 
 FASTMIM_HOST_DEVICE uint32_t patch_noise(uint32_t rkey, uint32_t i) { return mix32(rkey ^ (i * 0x2545F491u)); }
 
@@ -80,11 +83,18 @@ void check_patch_mse_args(const at::Tensor& pred, const at::Tensor& imgs, const 
                           const std::string& reduction, const char* op);
 // Seed of the random ops, read on the host (an int64 tensor with one element on the host).
 uint64_t host_seed(const at::Tensor& seed, const char* op);
+// Checks the sample offset of the random ops (an int64 tensor with one element; a host value
+// must be >= 0: one on a device is not read, that would be a sync).
+void check_offset(const std::optional<at::Tensor>& offset, const char* op);
+// The sample offset read on the host (0 when absent); check_offset first.
+uint64_t host_offset(const std::optional<at::Tensor>& offset);
 
 // ---- CPU ----
-std::tuple<at::Tensor, at::Tensor> random_permutation_cpu(const at::Tensor& seed, int64_t batch, int64_t num_patches);
+// Row b of every random op is sample offset + b of the seed's stream.
+std::tuple<at::Tensor, at::Tensor> random_permutation_cpu(const at::Tensor& seed, uint64_t offset, int64_t batch,
+                                                          int64_t num_patches);
 // Dense (cu_seqlens absent: num_keep per sample) or packed varlen (num_keep = total rows).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& seed,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& seed, uint64_t offset,
                                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                                   int64_t batch, int64_t num_patches,
                                                                   int64_t num_keep);
@@ -109,9 +119,11 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cpu(const at::Tensor& pred, 
 void masked_patch_mse_backward_cpu(const at::Tensor& grad_pred, const at::Tensor& grad_output);
 
 // ---- CUDA (defined only when the extension is built with CUDA) ----
-std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& seed, int64_t batch,
+std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& seed,
+                                                           const std::optional<at::Tensor>& offset, int64_t batch,
                                                            int64_t num_patches, c10::Device device);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(const at::Tensor& seed,
+                                                                   const std::optional<at::Tensor>& offset,
                                                                    const std::optional<at::Tensor>& cu_seqlens,
                                                                    int64_t batch, int64_t num_patches,
                                                                    int64_t num_keep, c10::Device device);

@@ -132,6 +132,21 @@ uint64_t host_seed(const at::Tensor& seed, const char* op) {
   return static_cast<uint64_t>(seed.item<int64_t>());
 }
 
+void check_offset(const std::optional<at::Tensor>& offset, const char* op) {
+  if (!offset.has_value()) return;
+  TORCH_CHECK(offset->scalar_type() == at::kLong && offset->numel() == 1, op,
+              ": offset must be an int64 tensor with one element, got ", offset->scalar_type(), " of shape ",
+              offset->sizes());
+  if (offset->device().is_cpu()) {
+    const int64_t value = offset->item<int64_t>();
+    TORCH_CHECK(value >= 0, op, ": offset must be in [0, 2**63), got ", value);
+  }
+}
+
+uint64_t host_offset(const std::optional<at::Tensor>& offset) {
+  return offset.has_value() ? static_cast<uint64_t>(offset->item<int64_t>()) : 0;
+}
+
 namespace {
 
 void check_random_args(int64_t batch, int64_t num_patches, int64_t num_keep, const char* op) {
@@ -146,24 +161,27 @@ void check_random_args(int64_t batch, int64_t num_patches, int64_t num_keep, con
 // kernel picks the implementation from `device` (their fake kernels are registered from Python).
 
 std::tuple<at::Tensor, at::Tensor> random_permutation(const at::Tensor& seed, int64_t batch, int64_t num_patches,
-                                                      c10::Device device) {
+                                                      c10::Device device, const std::optional<at::Tensor>& offset) {
   const char* op = "csrc_random_permutation";
   check_random_args(batch, num_patches, 0, op);
-  if (device.is_cpu()) return random_permutation_cpu(seed, batch, num_patches);
+  check_offset(offset, op);
+  if (device.is_cpu()) return random_permutation_cpu(seed, host_offset(offset), batch, num_patches);
 #ifdef FASTMIM_WITH_CUDA
-  if (device.is_cuda()) return random_permutation_cuda(seed, batch, num_patches, device);
+  if (device.is_cuda()) return random_permutation_cuda(seed, offset, batch, num_patches, device);
 #endif
   TORCH_CHECK(false, op, ": no kernel for device ", device, " (fastmim._C supports cpu", FASTMIM_CUDA_NOTE, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking(const at::Tensor& seed, int64_t batch,
                                                               int64_t num_patches, int64_t num_keep,
-                                                              c10::Device device) {
+                                                              c10::Device device,
+                                                              const std::optional<at::Tensor>& offset) {
   const char* op = "csrc_random_masking";
   check_random_args(batch, num_patches, num_keep, op);
-  if (device.is_cpu()) return random_masking_cpu(seed, std::nullopt, batch, num_patches, num_keep);
+  check_offset(offset, op);
+  if (device.is_cpu()) return random_masking_cpu(seed, host_offset(offset), std::nullopt, batch, num_patches, num_keep);
 #ifdef FASTMIM_WITH_CUDA
-  if (device.is_cuda()) return random_masking_cuda(seed, std::nullopt, batch, num_patches, num_keep, device);
+  if (device.is_cuda()) return random_masking_cuda(seed, offset, std::nullopt, batch, num_patches, num_keep, device);
 #endif
   TORCH_CHECK(false, op, ": no kernel for device ", device, " (fastmim._C supports cpu", FASTMIM_CUDA_NOTE, ")");
 }
@@ -171,18 +189,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_varlen(const at::Tensor& seed,
                                                                      const at::Tensor& cu_seqlens, int64_t batch,
                                                                      int64_t num_patches, int64_t total,
-                                                                     c10::Device device) {
+                                                                     c10::Device device,
+                                                                     const std::optional<at::Tensor>& offset) {
   const char* op = "csrc_random_masking_varlen";
   check_random_args(batch, num_patches, 0, op);
+  check_offset(offset, op);
   TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong || cu_seqlens.scalar_type() == at::kInt, op,
               ": cu_seqlens must be int64 or int32, got ", cu_seqlens.scalar_type());
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) == batch + 1, op, ": cu_seqlens must have shape (",
               batch + 1, ",), got ", cu_seqlens.sizes());
   TORCH_CHECK(total >= 0 && total <= batch * num_patches, op, ": total must be in [0, B * L], got ", total);
   TORCH_CHECK(cu_seqlens.device() == device, op, ": cu_seqlens must be on ", device, ", got ", cu_seqlens.device());
-  if (device.is_cpu()) return random_masking_cpu(seed, cu_seqlens, batch, num_patches, total);
+  if (device.is_cpu()) return random_masking_cpu(seed, host_offset(offset), cu_seqlens, batch, num_patches, total);
 #ifdef FASTMIM_WITH_CUDA
-  if (device.is_cuda()) return random_masking_cuda(seed, cu_seqlens, batch, num_patches, total, device);
+  if (device.is_cuda()) return random_masking_cuda(seed, offset, cu_seqlens, batch, num_patches, total, device);
 #endif
   TORCH_CHECK(false, op, ": no kernel for device ", device, " (fastmim._C supports cpu", FASTMIM_CUDA_NOTE, ")");
 }
@@ -272,13 +292,17 @@ void masked_patch_mse_backward_meta(const at::Tensor& grad_pred, const at::Tenso
 }  // namespace fastmim
 
 TORCH_LIBRARY(fastmim, m) {
-  m.def("csrc_random_permutation(Tensor seed, int batch, int num_patches, Device device) -> (Tensor, Tensor)");
+  // offset: row b is sample offset + b of the seed's stream (absent: 0). Keyword-only with a
+  // default, so calls without it keep the shorter argument list.
   m.def(
-      "csrc_random_masking(Tensor seed, int batch, int num_patches, int num_keep, Device device) "
-      "-> (Tensor, Tensor, Tensor)");
+      "csrc_random_permutation(Tensor seed, int batch, int num_patches, Device device, *, Tensor? offset=None) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "csrc_random_masking(Tensor seed, int batch, int num_patches, int num_keep, Device device, *, "
+      "Tensor? offset=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "csrc_random_masking_varlen(Tensor seed, Tensor cu_seqlens, int batch, int num_patches, int total, "
-      "Device device) -> (Tensor, Tensor, Tensor)");
+      "Device device, *, Tensor? offset=None) -> (Tensor, Tensor, Tensor)");
   m.def("csrc_gather_visible(Tensor x, Tensor ids_keep, Tensor? pos_embed, Tensor? cls_token) -> Tensor");
   m.def(
       "csrc_gather_visible_backward(Tensor grad_out, Tensor ids_keep, int num_patches, bool has_cls, bool need_x, "

@@ -91,6 +91,34 @@ def test_both_views_are_masked_by_one_random_masking_call(monkeypatch):
     assert calls == [(6, 25)]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_offset_masks_each_image_as_one_process_with_the_whole_batch_would(fused, monkeypatch):
+    """View v of image b is sample 2 * (offset + b) + v of the seed: images 2..3 of a batch of 4,
+    masked with offset 2, get the masks they get in the whole batch, from one call of 2B rows."""
+    import fastmim.ops
+    from fastmim.ops import random_masking_reference
+
+    calls = []
+    real = fastmim.ops.random_masking
+    monkeypatch.setattr(fastmim.ops, "random_masking", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    model = tiny_cmae(fused=fused)
+    cpu = torch.device("cpu")
+    whole = model.two_view_masking(8, cpu, 0.75, seed=7)
+    part = model.two_view_masking(4, cpu, 0.75, seed=7, offset=torch.tensor(2))
+    pairs = random_masking_reference(8, 25, 0.75, seed=7)  # rows 2b + v
+    for got_whole, got_part, want in zip(whole, part, pairs, strict=True):
+        assert torch.equal(got_whole, want.reshape(4, 2, -1).transpose(0, 1).reshape(8, -1))
+        assert torch.equal(got_part.reshape(2, 2, -1), got_whole.reshape(2, 4, -1)[:, 2:])
+    assert not torch.equal(whole[1][0], whole[1][4])  # the two views of an image differ
+    if fused:
+        assert len(calls) == 2 and calls[0][0][:2] == (8, 25) and calls[0][1]["offset"] == 0
+        assert calls[1][0][:2] == (4, 25) and int(calls[1][1]["offset"]) == 4  # 2 * 2: pairs of rows
+    else:
+        assert calls == []
+    with pytest.raises(ValueError, match="give noise or seed / offset, not both"):
+        model(*views(batch=2), 0.75, noise=torch.rand(4, 25), offset=1)
+
+
 # ---------------------------------------------------------------------------------- the encoder input
 
 

@@ -320,7 +320,7 @@ def _call_add_layer_norm_linear():
 
 
 # Small operands every program reads (a seed, a position table, a token, a scalar).
-SHARED = {"seed_ptr", "pos_ptr", "cls_ptr", "mask_token_ptr", "weight_sum_ptr", "grad_output_ptr"}
+SHARED = {"seed_ptr", "offset_ptr", "pos_ptr", "cls_ptr", "mask_token_ptr", "weight_sum_ptr", "grad_output_ptr"}
 # The affine parameters and the bias every row program of a fused_block kernel reads.
 FUSED_BLOCK = {"W", "B"}
 # Flash attention re-reads a head's K and V for each query block (and, in backward, its Q, dO, lse

@@ -18,7 +18,7 @@ import torch
 
 from fastmim.ops import loss as loss_ops
 from fastmim.ops import token_ops
-from fastmim.testing import assert_rel_close
+from fastmim.testing import assert_rel_close, kernel_devices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -88,6 +88,44 @@ def test_random_masking_varlen_matches_reference(device):
     assert torch.equal(ids_keep.cpu(), ref.ids_keep)
     assert torch.equal(ids_restore.cpu(), ref.ids_restore)
     assert torch.equal(mask.cpu(), ref.mask)
+
+
+@pytest.mark.parametrize("offset", [1, 6, 2**32 - 2, 2**63 - 2])
+@pytest.mark.parametrize("offset_on", ["host", "device"])
+def test_offset_gives_the_rows_of_a_larger_call(device, offset, offset_on):
+    """Row b of a call with offset is sample offset + b (mod 2**32) of the seed: the reference's
+    rows, which the reference tests pin to the rows of a larger offset-0 call."""
+    B, L, K, seed = 3, 49, 12, 2**40 + 7
+    seed_t, dev = torch.tensor(seed), torch.device(device)
+    off = torch.tensor(offset, device=device if offset_on == "device" else "cpu")
+    ids_shuffle, ids_restore = ops.csrc_random_permutation(seed_t, B, L, dev, offset=off)
+    ref_shuffle, ref_restore = token_ops.random_permutation_reference(B, L, seed=seed, offset=offset)
+    assert torch.equal(ids_shuffle.cpu(), ref_shuffle) and torch.equal(ids_restore.cpu(), ref_restore)
+    if offset < 2**32 - 2:
+        full_shuffle = token_ops.random_permutation_reference(B + offset, L, seed=seed)[0]
+        assert torch.equal(ids_shuffle.cpu(), full_shuffle[offset:])
+    ids_keep, ids_restore, mask = ops.csrc_random_masking(seed_t, B, L, K, dev, offset=off)
+    ref = token_ops.random_masking_reference(B, L, num_keep=K, seed=seed, offset=offset)
+    assert torch.equal(ids_keep.cpu(), ref.ids_keep) and torch.equal(ids_restore.cpu(), ref.ids_restore)
+    assert torch.equal(mask.cpu(), ref.mask)
+    counts = [5, 0, 49]
+    ref = token_ops.random_masking_reference(B, L, num_keep=counts, seed=seed, offset=offset)
+    ids_keep, ids_restore, mask = ops.csrc_random_masking_varlen(seed_t, ref.cu_seqlens.to(device), B, L,
+                                                                 sum(counts), dev, offset=off)
+    assert torch.equal(ids_keep.cpu(), ref.ids_keep) and torch.equal(ids_restore.cpu(), ref.ids_restore)
+    assert torch.equal(mask.cpu(), ref.mask)
+    # the public ops on the csrc backend, against the reference and the Triton path bit for bit
+    from fastmim.ops import use_backend
+
+    outs = {}
+    for backend in ("csrc", "reference", "triton"):
+        if backend == "triton" and device not in kernel_devices():
+            continue
+        with use_backend(backend):
+            outs[backend] = token_ops.random_masking(B, L, num_keep=K, seed=seed, offset=off, device=device)
+    for backend, out in outs.items():
+        for got, want in zip(out, outs["reference"], strict=True):
+            assert torch.equal(got.cpu(), want.cpu()), backend
 
 
 # ------------------------------------------------------------------------------ gather_visible
@@ -639,6 +677,19 @@ BAD_INPUT_CASES = {
                            "seed must be an int64 tensor with one element, got Float"),
     "masking/seed numel": (lambda: ops.csrc_random_permutation(torch.tensor([1, 2]), 2, _L, CPU),
                            r"seed must be an int64 tensor with one element, got Long of shape \[2\]"),
+    "masking/offset dtype": (
+        lambda: ops.csrc_random_masking(torch.tensor(1), 2, _L, 5, CPU, offset=torch.tensor(1, dtype=torch.int32)),
+        "csrc_random_masking: offset must be an int64 tensor with one element, got Int"),
+    "masking/offset numel": (
+        lambda: ops.csrc_random_permutation(torch.tensor(1), 2, _L, CPU, offset=torch.tensor([1, 2])),
+        r"csrc_random_permutation: offset must be an int64 tensor with one element, got Long of shape \[2\]"),
+    "masking/offset negative": (
+        lambda: ops.csrc_random_permutation(torch.tensor(1), 2, _L, CPU, offset=torch.tensor(-4)),
+        r"offset must be in \[0, 2\*\*63\), got -4"),
+    "varlen/offset negative": (
+        lambda: ops.csrc_random_masking_varlen(torch.tensor(1), torch.tensor([0, 3, 10]), 2, _L, 10, CPU,
+                                               offset=torch.tensor(-(2**63))),
+        r"csrc_random_masking_varlen: offset must be in \[0, 2\*\*63\), got -9223372036854775808"),
     "masking/no kernel for device": (lambda: ops.csrc_random_permutation(torch.tensor(1), 2, _L, torch.device("meta")),
                                      "no kernel for device meta"),
     "varlen/cu_seqlens[0] != 0": (lambda: _varlen(torch.tensor([1, 3, 10]), 10),

@@ -65,6 +65,20 @@ def test_one_random_permutation_call_serves_both_views(monkeypatch):
     assert calls == [(3, 25)]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_offset_permutes_each_image_as_one_process_with_the_whole_batch_would(fused):
+    from fastmim.ops import random_permutation_reference
+
+    model = tiny_lut(fused=fused)
+    cpu = torch.device("cpu")
+    whole = model.two_view_permutation(5, cpu, seed=3)
+    part = model.two_view_permutation(2, cpu, seed=3, offset=3)
+    for got_whole, got_part, want in zip(whole, part, random_permutation_reference(5, 25, seed=3), strict=True):
+        assert torch.equal(got_whole, want) and torch.equal(got_part, want[3:])
+    with pytest.raises(ValueError, match="give noise or seed / offset, not both"):
+        model.two_view_permutation(2, cpu, noise=torch.rand(2, 25), seed=3)
+
+
 def test_mask_ratio_below_one_half_is_refused_with_a_clear_error():
     model = tiny_lut()
     with pytest.raises(ValueError, match=r"mask_ratio >= 0\.5.*got 0\.4"):

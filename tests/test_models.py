@@ -271,17 +271,67 @@ def test_per_sample_mask_ratio_equals_each_sample_run_alone(fused):
     assert_rel_close(loss, total / weight, tol=1e-5)
 
 
-def test_fused_masking_uses_fastmim_random_masking_and_the_torch_seed():
+def test_fused_masking_uses_fastmim_random_masking_and_the_torch_seed(monkeypatch):
+    import fastmim.ops
+
+    calls = []
+    real = fastmim.ops.random_masking
+    monkeypatch.setattr(fastmim.ops, "random_masking", lambda *a, **k: calls.append(a) or real(*a, **k))
     model = tiny_mae(fused=True)
     imgs = torch.randn(2, 3, 32, 32)
     torch.manual_seed(3)
     loss_a, _, mask_a = model(imgs)
+    assert calls == [(2, 16, 0.75)]
+    # The mask is the op's, seeded from the default torch generator: the op called alone after the
+    # same manual_seed gives it (an argsort of torch.rand noise would not).
+    torch.manual_seed(3)
+    want = real(2, 16, 0.75)
+    assert torch.equal(mask_a, want.mask)
+    torch.manual_seed(3)
+    assert not torch.equal(torch.argsort(torch.argsort(torch.rand(2, 16), dim=1), dim=1) >= 4, mask_a.bool())
     torch.manual_seed(3)
     loss_b, _, mask_b = model(imgs)
     assert torch.equal(mask_a, mask_b) and torch.equal(loss_a, loss_b)
     assert mask_a.sum(dim=1).tolist() == [12.0, 12.0]
     _, _, mask_c = model(imgs)
     assert not torch.equal(mask_a, mask_c)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_seed_and_offset_mask_image_b_as_sample_offset_plus_b(fused, monkeypatch):
+    import fastmim.ops
+    from fastmim.ops import random_masking_reference
+
+    calls = []
+    real = fastmim.ops.random_masking
+    monkeypatch.setattr(fastmim.ops, "random_masking", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = tiny_mae(fused=fused)
+    imgs = torch.randn(3, 3, 32, 32)
+    _, _, mask = model(imgs, 0.75, seed=11, offset=5)
+    assert torch.equal(mask, random_masking_reference(8, 16, 0.75, seed=11).mask[5:])
+    # a process holding images 1..2 of the batch masks them as one holding the whole batch
+    _, _, whole = model(imgs, 0.75, seed=torch.tensor(11))
+    _, _, tail = model(imgs[1:], 0.75, seed=torch.tensor(11), offset=torch.tensor(1))
+    assert torch.equal(tail, whole[1:]) and not torch.equal(whole[0], whole[1])
+    # per-sample ratios keep a prefix of the same permutations
+    ratios = [0.5, 0.75, 0.25]
+    _, _, varied = model(imgs, ratios, seed=11, offset=5)
+    ids_restore = random_masking_reference(8, 16, 0.75, seed=11).ids_restore[5:]
+    assert torch.equal(varied, (ids_restore >= torch.tensor([8, 4, 12])[:, None]).float())
+    assert len(calls) == (4 if fused else 0)
+    assert all(k["seed"] is not None and "offset" in k for k in calls)
+
+
+def test_seed_gives_the_same_function_fused_or_not():
+    unfused = tiny_mae(fused=False, norm_pix_loss=True)
+    fused = tiny_mae(fused=True, norm_pix_loss=True)
+    fused.load_state_dict(unfused.state_dict())
+    imgs = torch.randn(3, 3, 32, 32)
+    for ratio in (0.75, [0.5, 0.75, 0.6]):
+        loss_u, _, mask_u = unfused(imgs, ratio, seed=2**40 + 1, offset=9)
+        loss_f, _, mask_f = fused(imgs, ratio, seed=2**40 + 1, offset=9)
+        assert torch.equal(mask_u, mask_f)
+        assert_rel_close(loss_f, loss_u, tol=1e-5, name="loss")
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -360,6 +410,22 @@ def test_encoder_loads_into_a_timm_vit():
 
 
 # ---------------------------------------------------------------------------------- errors
+
+
+def test_bad_masking_sources_raise_clear_errors():
+    imgs = torch.randn(2, 3, 32, 32)
+    for fused in (True, False):
+        with pytest.raises(ValueError, match="give noise or seed / offset, not both"):
+            tiny_mae(fused=fused)(imgs, 0.75, noise=torch.rand(2, 16), seed=1)
+        with pytest.raises(ValueError, match="give noise or seed / offset, not both"):
+            tiny_mae(fused=fused)(imgs, 0.75, noise=torch.rand(2, 16), offset=2)
+    with pytest.raises(ValueError, match="offset needs a seed when fused=False"):
+        tiny_mae(fused=False)(imgs, 0.75, offset=2)
+    for fused in (True, False):
+        with pytest.raises(ValueError, match=r"offset must be in \[0, 2\*\*63\), got -1"):
+            tiny_mae(fused=fused)(imgs, 0.75, seed=1, offset=-1)
+        with pytest.raises(TypeError, match="offset must be an int or an int64 tensor, got float"):
+            tiny_mae(fused=fused)(imgs, 0.75, seed=1, offset=1.0)
 
 
 def test_bad_sizes_and_ratios_raise_clear_errors():

@@ -64,6 +64,18 @@ def test_losses_are_the_documented_combination(fused, pool):
     assert_rel_close(out["loss"], loss_cls + loss_mim, tol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_seed_and_offset_choose_the_masks(fused):
+    from fastmim.ops import random_masking_reference
+
+    model = tiny(fused=fused)
+    imgs, labels = batch()
+    out = model(imgs, labels, seed=21, offset=4)
+    assert torch.equal(out["mask"], random_masking_reference(7, 16, 0.5, seed=21).mask[4:])
+    tail = model(imgs[1:], labels[1:], seed=torch.tensor(21), offset=5)
+    assert torch.equal(tail["mask"], out["mask"][1:])
+
+
 def test_supmae_recipe_weights_and_temperature():
     model = tiny(preset="supmae")
     model.eval()  # BatchNorm head: running statistics, so the hand computation below matches

@@ -145,7 +145,7 @@ def official_decoder_unshuffle(x, ids_restore, mask_token, decoder_pos_embed):
 # ----------------------------------------------------------------------------- RNG and masking
 
 
-def _spec_noise(seed, b, i):
+def _spec_noise(seed, b, i, offset=0):
     """The brief's RNG spec in plain Python integers."""
     M = 0xFFFFFFFF
 
@@ -157,15 +157,16 @@ def _spec_noise(seed, b, i):
         return x ^ (x >> 16)
 
     seed_key = mix32(seed & M) ^ mix32(((seed >> 32) & M) ^ 0x1B873593)
-    row_key = mix32(seed_key ^ mix32(b & M))
+    row_key = mix32(seed_key ^ mix32((offset + b) & M))
     return mix32(row_key ^ ((i * 0x2545F491) & M))
 
 
+@pytest.mark.parametrize("offset", [0, 5, 2**32 - 2, 2**63 - 2])
 @pytest.mark.parametrize("seed", [0, 1, 2**40 + 12345, 2**63 - 1])
-def test_noise_follows_the_spec(seed):
-    noise = masking_noise_reference(seed, 3, 50)
+def test_noise_follows_the_spec(seed, offset):
+    noise = masking_noise_reference(seed, 3, 50, offset=offset)
     for b, i in [(0, 0), (1, 7), (2, 49), (2, 13)]:
-        assert int(noise[b, i]) == _spec_noise(seed, b, i)
+        assert int(noise[b, i]) == _spec_noise(seed, b, i, offset)
     assert int(noise.min()) >= 0 and int(noise.max()) < 2**32
 
 
@@ -229,6 +230,58 @@ def test_seed_reproducibility():
     assert not torch.equal(a.ids_restore[0], a.ids_restore[1])
     lo = random_masking_reference(2, 49, 0.9, seed=99)
     assert torch.equal(a.ids_keep[:, : lo.ids_keep.shape[1]].cpu(), lo.ids_keep)
+
+
+# (offset, rows of the offset-0 call it must reproduce): the sample counter is offset + b mod
+# 2**32, so an offset near 2**32 (or one whose int64 sum wraps past 2**63) comes round to row 0.
+OFFSET_CASES = [(1, [1, 2, 3, 4]), (7, [7, 8, 9, 10]), (2**32 - 2, [4294967294, 4294967295, 0, 1]),
+                (2**63 - 2, [4294967294, 4294967295, 0, 1])]
+
+
+def _rows(full, rows, high):
+    """Rows of ``full`` (offset 0, ``len(full)`` rows); rows >= 2**32 - 2 come from ``high``."""
+    return torch.stack([high[r - (2**32 - 2)] if r >= 2**32 - 2 else full[r] for r in rows])
+
+
+@pytest.mark.parametrize("offset,rows", OFFSET_CASES)
+def test_offset_gives_the_rows_of_a_larger_call(offset, rows):
+    B, L, ratio, seed = 4, 49, 0.75, 2**40 + 3
+    full = random_masking_reference(11, L, ratio, seed=seed)
+    # Rows 2**32 - 2 and 2**32 - 1 of the offset-0 stream, without materialising 2**32 rows.
+    high = random_masking_reference(2, L, ratio, seed=seed, offset=2**32 - 2)
+    assert not torch.equal(high.ids_restore, full.ids_restore[:2])
+    counts = [3, 0, 49, 17]
+    full_shuffle = random_permutation_reference(11, L, seed=seed)[0]
+    high_shuffle = random_permutation_reference(2, L, seed=seed, offset=2**32 - 2)[0]
+    want_shuffle = _rows(full_shuffle, rows, high_shuffle)
+    want = {name: _rows(getattr(full, name), rows, getattr(high, name)) for name in ("ids_keep", "ids_restore", "mask")}
+    for backend, device in _backends("cpu"):
+        for off in (offset, torch.tensor(offset), torch.tensor(offset, device=device)):
+            with use_backend(backend):
+                m = random_masking(B, L, ratio, seed=seed, offset=off, device=device)
+                ids_shuffle, ids_restore = random_permutation(B, L, seed=seed, offset=off, device=device)
+                v = random_masking(B, L, num_keep=counts, seed=seed, offset=off, device=device)
+            for name, value in want.items():
+                assert torch.equal(getattr(m, name).cpu(), value), (backend, off, name)
+            assert torch.equal(ids_shuffle.cpu(), want_shuffle), (backend, off)
+            assert torch.equal(ids_restore.cpu(), want["ids_restore"]), (backend, off)
+            assert torch.equal(v.ids_restore.cpu(), want["ids_restore"]), (backend, off)
+            assert torch.equal(v.ids_keep.cpu(), torch.cat([want_shuffle[b, :c] for b, c in enumerate(counts)]))
+    # the references take the offset too, and an offset call is a slice of a larger one
+    ref = random_masking_reference(B, L, ratio, seed=seed, offset=offset)
+    assert all(torch.equal(getattr(ref, name), value) for name, value in want.items())
+
+
+def test_offset_splits_a_batch_across_processes():
+    """Rank r of W holding rows [r * B, (r + 1) * B) passes offset r * B: the masks of the global
+    batch do not depend on W."""
+    B_global, L = 12, 25
+    whole = random_masking(B_global, L, 0.5, seed=9)
+    for world in (2, 3, 4):
+        local = B_global // world
+        parts = [random_masking(local, L, 0.5, seed=9, offset=r * local) for r in range(world)]
+        assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)
+        assert torch.equal(torch.cat([p.ids_keep for p in parts]), whole.ids_keep)
 
 
 def test_random_masking_uniform_first_position():
@@ -676,8 +729,8 @@ class _TinyMAE(torch.nn.Module):
         self.mask_token = torch.nn.Parameter(torch.randn(1, 1, D))
         self.proj = torch.nn.Linear(D, D)
 
-    def forward(self, x, seed):
-        m = random_masking(x.shape[0], self.L, 0.75, seed=seed, device=x.device)
+    def forward(self, x, seed, offset):
+        m = random_masking(x.shape[0], self.L, 0.75, seed=seed, offset=offset, device=x.device)
         h = self.proj(gather_visible(x, m.ids_keep, self.pos_embed, cls_token=self.cls_token))
         out = unshuffle(h, m.ids_restore, self.mask_token, self.pos_embed, has_cls=True)
         return (out.square().mean(-1)[:, 1:] * m.mask).sum()
@@ -687,20 +740,22 @@ def test_compile_fullgraph_no_graph_break():
     torch._dynamo.reset()
     model = _TinyMAE()
     x = torch.randn(2, 16, 8)
-    seed = torch.tensor(3)
-    want = model(x, seed)
+    seed, offset = torch.tensor(3), torch.tensor(6)
+    want = model(x, seed, offset)
     want.backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    got = compiled(x, seed)
+    got = compiled(x, seed, offset)
     got.backward()
     assert torch.equal(got, want)
     for p, g in zip(model.parameters(), want_grads, strict=True):
         assert_rel_close(p.grad, g, torch.float32)
-    # a seed drawn from the default generator inside the graph traces too
+    # a seed drawn from the default generator inside the graph traces too, and an int offset
     fn = torch.compile(lambda: random_masking(2, 16, 0.5).ids_keep, backend="aot_eager", fullgraph=True)
     assert fn().shape == (2, 8)
+    fn = torch.compile(lambda s: random_permutation(2, 16, seed=s, offset=4)[0], backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(torch.tensor(3)), random_permutation_reference(6, 16, seed=3)[0][4:])
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -741,6 +796,36 @@ def test_bad_masking_arguments():
                        random_permutation(2, 16, seed=2**63 - 1)[0])
     with pytest.raises(ValueError, match="num_patches must be >= 1"):
         random_permutation(2, 0, seed=1)
+
+
+BAD_OFFSETS = [  # (offset, error, message)
+    (-1, ValueError, r"offset must be in \[0, 2\*\*63\), got -1"),
+    (2**63, ValueError, r"offset must be in \[0, 2\*\*63\), got 9223372036854775808"),
+    (torch.tensor(-3), ValueError, r"offset must be in \[0, 2\*\*63\), got -3"),
+    (torch.tensor([-(2**63)]), ValueError, r"offset must be in \[0, 2\*\*63\), got -"),
+    (torch.tensor(2, dtype=torch.int32), ValueError, "offset tensor must be int64 with one element, got torch.int32"),
+    (torch.tensor([1, 2]), ValueError, r"offset tensor must be int64 with one element, got torch.int64 of shape "
+                                       r"\(2,\)"),
+    (torch.tensor(1.0), ValueError, "offset tensor must be int64 with one element, got torch.float32"),
+    (True, TypeError, "offset must be an int or an int64 tensor, got bool"),
+    (2.0, TypeError, "offset must be an int or an int64 tensor, got float"),
+    (None, TypeError, "offset must be an int or an int64 tensor, got NoneType"),
+]
+
+
+@pytest.mark.parametrize("offset,error,message", BAD_OFFSETS)
+def test_bad_offsets_raise(offset, error, message):
+    calls = [lambda: random_masking(2, 16, 0.5, seed=1, offset=offset),
+             lambda: random_masking(2, 16, num_keep=[3, 4], seed=1, offset=offset),
+             lambda: random_permutation(2, 16, seed=1, offset=offset),
+             lambda: random_masking_reference(2, 16, 0.5, seed=1, offset=offset),
+             lambda: random_permutation_reference(2, 16, seed=1, offset=offset),
+             lambda: masking_noise_reference(1, 2, 16, offset=offset)]
+    for backend in ("reference", "triton", "csrc"):
+        with use_backend(backend):
+            for call in calls:
+                with pytest.raises(error, match=message):
+                    call()
 
 
 def test_bad_gather_and_unshuffle_arguments():

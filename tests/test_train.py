@@ -77,6 +77,48 @@ def test_masking_noise_is_one_global_batch_sliced_by_rank():
     assert not torch.equal(whole, other)
 
 
+@pytest.mark.parametrize("method,op", [("mae", "random_masking"), ("supmim", "random_masking"),
+                                       ("supmae", "random_masking"), ("cmae", "random_masking"),
+                                       ("lut", "random_permutation")])
+def test_adapters_mask_with_the_fused_op_whatever_the_world_size(monkeypatch, method, op):
+    """What `fastmim train` runs each micro-step masks through fastmim's fused op (the counter-based
+    RNG), seeded by a host tensor, and two ranks holding half the batch each draw the masks one
+    rank holding the whole batch draws."""
+    import fastmim.ops
+    from fastmim.models import create_model
+    from fastmim.train.methods import get_adapter
+
+    adapter = get_adapter(method)
+    torch.manual_seed(0)
+    model = create_model(method, "vit_tiny_patch4_32", **{**adapter.model_overrides(1, None, 3), **TINY})
+    calls = []
+    real = getattr(fastmim.ops, op)
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs, real(*args, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(fastmim.ops, op, recording)
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(4, 1, 32, 32, generator=g) for _ in range(adapter.num_views)]
+    labels = torch.randint(0, 3, (4,), generator=g)
+    for rows, rank, world in ((slice(0, 4), 0, 1), (slice(0, 2), 0, 2), (slice(2, 4), 1, 2)):
+        ctx = StepContext(step=2, max_steps=5, micro_step=1, mask_ratio=adapter.default_mask_ratio, seed=9,
+                          rank=rank, world_size=world)
+        out = adapter.loss(model, {"views": [v[rows] for v in views], "label": labels[rows]}, ctx)
+        assert torch.isfinite(out["loss"])
+    assert len(calls) == 3
+    for kwargs, _ in calls:
+        assert isinstance(kwargs["seed"], torch.Tensor) and kwargs["seed"].device.type == "cpu"
+    (_, whole), (_, first), (_, second) = calls
+    for w, a, b in zip(whole, first, second, strict=True):
+        assert torch.equal(torch.cat([a, b]), w)
+    # another step, other masks
+    ctx = StepContext(step=3, max_steps=5, micro_step=1, mask_ratio=adapter.default_mask_ratio, seed=9)
+    adapter.loss(model, {"views": views, "label": labels}, ctx)
+    assert not torch.equal(calls[-1][1][1], whole[1])
+
+
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     path = tmp_path / "ckpt.safetensors"

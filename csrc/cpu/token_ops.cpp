@@ -117,15 +117,16 @@ void check_tokens(const at::Tensor& x, const at::Tensor& ids, const char* op, co
   check_index_tensor(ids, op, ids_name, x.size(0), -1);
 }
 
-// Calls emit(b, ids_shuffle_row) for every sample; the row is the stable argsort of the noise.
-void permutation_rows(uint64_t seed, int64_t batch, int64_t num_patches,
+// Calls emit(b, ids_shuffle_row) for every row b (sample offset + b); the row is the stable
+// argsort of the noise.
+void permutation_rows(uint64_t seed, uint64_t offset, int64_t batch, int64_t num_patches,
                       const std::function<void(int64_t, const int64_t*)>& emit) {
   const uint32_t key = seed_key(seed);
   at::parallel_for(0, batch, 4, [&](int64_t b0, int64_t b1) {
     std::vector<uint64_t> keys(num_patches);
     std::vector<int64_t> shuffle(num_patches);
     for (int64_t b = b0; b < b1; ++b) {
-      const uint32_t rkey = row_key(key, static_cast<uint32_t>(b));
+      const uint32_t rkey = row_key(key, offset + static_cast<uint64_t>(b));
       for (int64_t i = 0; i < num_patches; ++i) {
         keys[i] = sort_key(patch_noise(rkey, static_cast<uint32_t>(i)), static_cast<uint32_t>(i));
       }
@@ -140,7 +141,7 @@ void permutation_rows(uint64_t seed, int64_t batch, int64_t num_patches,
 
 // ---------------------------------------------------------------- random permutation / masking
 
-std::tuple<at::Tensor, at::Tensor> random_permutation_cpu(const at::Tensor& seed, int64_t batch,
+std::tuple<at::Tensor, at::Tensor> random_permutation_cpu(const at::Tensor& seed, uint64_t offset, int64_t batch,
                                                           int64_t num_patches) {
   auto opts = at::TensorOptions().dtype(at::kLong);
   auto ids_shuffle = at::empty({batch, num_patches}, opts);
@@ -148,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> random_permutation_cpu(const at::Tensor& seed
   int64_t* sp = ids_shuffle.data_ptr<int64_t>();
   int64_t* rp = ids_restore.data_ptr<int64_t>();
   const uint64_t seed_value = host_seed(seed, "csrc_random_permutation");
-  permutation_rows(seed_value, batch, num_patches, [&](int64_t b, const int64_t* shuffle) {
+  permutation_rows(seed_value, offset, batch, num_patches, [&](int64_t b, const int64_t* shuffle) {
     int64_t* s = sp + b * num_patches;
     int64_t* r = rp + b * num_patches;
     for (int64_t i = 0; i < num_patches; ++i) {
@@ -159,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> random_permutation_cpu(const at::Tensor& seed
   return {ids_shuffle, ids_restore};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& seed,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tensor& seed, uint64_t offset,
                                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                                   int64_t batch, int64_t num_patches,
                                                                   int64_t num_keep) {
@@ -192,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
   int64_t* kp = ids_keep.data_ptr<int64_t>();
   int64_t* rp = ids_restore.data_ptr<int64_t>();
   float* mp = mask.data_ptr<float>();
-  permutation_rows(host_seed(seed, op), batch, num_patches, [&](int64_t b, const int64_t* shuffle) {
+  permutation_rows(host_seed(seed, op), offset, batch, num_patches, [&](int64_t b, const int64_t* shuffle) {
     const int64_t keep = offsets[b + 1] - offsets[b];
     int64_t* r = rp + b * num_patches;
     float* mk = mp + b * num_patches;

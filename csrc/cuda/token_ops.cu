@@ -32,8 +32,20 @@ using cuda::store_pack;
 constexpr int kMaxSmemPatches = 4096;  // 32 KiB of 64-bit keys per block
 constexpr int kWarpsPerBlock = 4;
 
-__device__ __forceinline__ uint32_t block_seed_key(const int64_t* seed_ptr, uint64_t seed_value) {
-  return seed_key(seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed_value);
+// An int64 scalar of the random ops (the seed, the sample offset): read by the kernel from
+// device memory when it lives on the output's device (no sync), else passed by value.
+struct Scalar {
+  const int64_t* ptr;
+  uint64_t value;
+};
+
+__device__ __forceinline__ uint64_t read(const Scalar& s) {
+  return s.ptr != nullptr ? static_cast<uint64_t>(*s.ptr) : s.value;
+}
+
+// Key of row b: sample offset + b of the seed's stream.
+__device__ __forceinline__ uint32_t block_row_key(const Scalar& seed, const Scalar& offset, int64_t b) {
+  return row_key(seed_key(read(seed)), read(offset) + static_cast<uint64_t>(b));
 }
 
 // Writes one sample's outputs from the rank of each patch.
@@ -75,10 +87,10 @@ __device__ __forceinline__ void emit_rank(const MaskingOut& o, int64_t b, int64_
   if (o.mask != nullptr) o.mask[b * L + i] = rank >= keep ? 1.0f : 0.0f;
 }
 
-__global__ void permutation_smem_kernel(const int64_t* seed_ptr, uint64_t seed_value, int64_t L, MaskingOut out) {
+__global__ void permutation_smem_kernel(Scalar seed, Scalar offset, int64_t L, MaskingOut out) {
   extern __shared__ uint64_t keys[];
   const int64_t b = blockIdx.x;
-  const uint32_t rkey = row_key(block_seed_key(seed_ptr, seed_value), static_cast<uint32_t>(b));
+  const uint32_t rkey = block_row_key(seed, offset, b);
   for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
     keys[i] = sort_key(patch_noise(rkey, static_cast<uint32_t>(i)), static_cast<uint32_t>(i));
   }
@@ -91,11 +103,11 @@ __global__ void permutation_smem_kernel(const int64_t* seed_ptr, uint64_t seed_v
   }
 }
 
-__global__ void sort_keys_kernel(const int64_t* seed_ptr, uint64_t seed_value, int64_t B, int64_t L, int64_t* keys) {
+__global__ void sort_keys_kernel(Scalar seed, Scalar offset, int64_t B, int64_t L, int64_t* keys) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= B * L) return;
   const int64_t b = idx / L, i = idx % L;
-  const uint32_t rkey = row_key(block_seed_key(seed_ptr, seed_value), static_cast<uint32_t>(b));
+  const uint32_t rkey = block_row_key(seed, offset, b);
   keys[idx] = static_cast<int64_t>(sort_key(patch_noise(rkey, static_cast<uint32_t>(i)), static_cast<uint32_t>(i)));
 }
 
@@ -106,30 +118,33 @@ __global__ void emit_sorted_kernel(const int64_t* sorted_keys, int64_t B, int64_
   emit_rank(out, b, L, sorted_keys[idx] & 0x7FFFFFFF, rank);
 }
 
-void launch_permutation(const at::Tensor& seed, int64_t B, int64_t L, const MaskingOut& out, c10::Device device) {
+// `t` (checked: int64, one element) as a kernel argument; `storage` keeps a device copy alive.
+Scalar scalar_arg(const at::Tensor& t, c10::Device device, at::Tensor& storage) {
+  if (t.device() == device) {
+    storage = t.contiguous();
+    return {storage.const_data_ptr<int64_t>(), 0};
+  }
+  return {nullptr, static_cast<uint64_t>(t.item<int64_t>())};
+}
+
+void launch_permutation(const at::Tensor& seed, const std::optional<at::Tensor>& offset, int64_t B, int64_t L,
+                        const MaskingOut& out, c10::Device device) {
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
               "csrc_random_masking: seed must be an int64 tensor with one element, got ", seed.scalar_type(),
               " of shape ", seed.sizes());
-  // A seed on the device is read by the kernel (no sync); a host seed is passed by value.
-  at::Tensor seed_dev;
-  const int64_t* seed_ptr = nullptr;
-  uint64_t seed_value = 0;
-  if (seed.device() == device) {
-    seed_dev = seed.contiguous();
-    seed_ptr = seed_dev.const_data_ptr<int64_t>();
-  } else {
-    seed_value = host_seed(seed, "csrc_random_masking");
-  }
+  at::Tensor seed_dev, offset_dev;
+  const Scalar seed_arg = scalar_arg(seed, device, seed_dev);
+  const Scalar offset_arg = offset.has_value() ? scalar_arg(*offset, device, offset_dev) : Scalar{nullptr, 0};
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (L <= kMaxSmemPatches) {
     const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(128, ceil_div(L, 32) * 32)));
-    permutation_smem_kernel<<<B, threads, L * sizeof(uint64_t), stream>>>(seed_ptr, seed_value, L, out);
+    permutation_smem_kernel<<<B, threads, L * sizeof(uint64_t), stream>>>(seed_arg, offset_arg, L, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   auto keys = at::empty({B, L}, at::TensorOptions().dtype(at::kLong).device(device));
   const int threads = 256;
-  sort_keys_kernel<<<ceil_div(B * L, threads), threads, 0, stream>>>(seed_ptr, seed_value, B, L,
+  sort_keys_kernel<<<ceil_div(B * L, threads), threads, 0, stream>>>(seed_arg, offset_arg, B, L,
                                                                       keys.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto sorted = std::get<0>(keys.sort(/*dim=*/1));
@@ -402,7 +417,8 @@ void dispatch_in_out(at::ScalarType in, at::ScalarType out, const F& f) {
 
 // ---------------------------------------------------------------- entry points
 
-std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& seed, int64_t batch,
+std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& seed,
+                                                           const std::optional<at::Tensor>& offset, int64_t batch,
                                                            int64_t num_patches, c10::Device device) {
   const c10::cuda::CUDAGuard guard(device);
   auto opts = at::TensorOptions().dtype(at::kLong).device(device);
@@ -410,11 +426,12 @@ std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& see
   auto ids_restore = at::empty({batch, num_patches}, opts);
   MaskingOut out{ids_shuffle.data_ptr<int64_t>(), nullptr, ids_restore.data_ptr<int64_t>(), nullptr, nullptr, 0,
                  batch};
-  launch_permutation(seed, batch, num_patches, out, device);
+  launch_permutation(seed, offset, batch, num_patches, out, device);
   return {ids_shuffle, ids_restore};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(const at::Tensor& seed,
+                                                                   const std::optional<at::Tensor>& offset,
                                                                    const std::optional<at::Tensor>& cu_seqlens,
                                                                    int64_t batch, int64_t num_patches,
                                                                    int64_t num_keep, c10::Device device) {
@@ -432,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(const at::Ten
   auto mask = at::empty({batch, num_patches}, opts.dtype(at::kFloat));
   MaskingOut out{nullptr, ids_keep.data_ptr<int64_t>(), ids_restore.data_ptr<int64_t>(), mask.data_ptr<float>(),
                  ptr_or_null<int64_t>(cu), num_keep, batch};
-  launch_permutation(seed, batch, num_patches, out, device);
+  launch_permutation(seed, offset, batch, num_patches, out, device);
   return {ids_keep, ids_restore, mask};
 }
 

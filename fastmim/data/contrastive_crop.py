@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmim.data.transforms import RandomResizedCropSampler, resized_crop
+from fastmim.models.vit import run_blocks
 
 __all__ = ["ContrastiveCrop", "heatmap_boxes", "vit_patch_features", "whole_image"]
 
@@ -53,9 +54,7 @@ def vit_patch_features(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     x = model.patch_embed(imgs) + model.pos_embed[:, 1:, :]
     cls = (model.cls_token + model.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)
-    for blk in model.blocks:
-        x = blk(x)
-    return x[:, 1:, :]
+    return run_blocks(model.blocks, x)[:, 1:, :]
 
 
 def heatmap_boxes(features: torch.Tensor, image_size: int | Sequence[int], threshold: float = 0.1,

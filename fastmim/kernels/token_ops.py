@@ -49,7 +49,7 @@ def _row_noise(row_key, i):
 
 @triton.jit
 def _random_masking_kernel(
-    seed_ptr, cu_ptr, ids_keep_ptr, ids_restore_ptr, mask_ptr,
+    seed_ptr, offset_ptr, cu_ptr, ids_keep_ptr, ids_restore_ptr, mask_ptr,
     L, K, T,
     VARLEN: tl.constexpr, WRITE_MASK: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
@@ -60,7 +60,9 @@ def _random_masking_kernel(
     seed = tl.load(seed_ptr).to(tl.int64)
     seed_key = _mix32((seed & 0xFFFFFFFF).to(tl.uint32)) ^ _mix32(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
                                                                 ^ 0x1B873593)
-    row_key = _mix32(seed_key ^ _mix32(b.to(tl.uint32)))
+    # The sample counter is offset + b mod 2**32: an int64 sum wraps mod 2**64, which keeps the low 32 bits.
+    counter = tl.load(offset_ptr).to(tl.int64) + b.to(tl.int64)
+    row_key = _mix32(seed_key ^ _mix32((counter & 0xFFFFFFFF).to(tl.uint32)))
 
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     i_valid = i < L
@@ -92,12 +94,13 @@ def _random_masking_kernel(
     tl.store(ids_keep_ptr + start + rank, i.to(ids_keep_ptr.dtype.element_ty), mask=keep)
 
 
-def random_masking_forward(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int,
+def random_masking_forward(seed: torch.Tensor, offset: torch.Tensor, batch: int, num_patches: int, num_keep: int,
                            device: torch.device, *, cu_seqlens: torch.Tensor | None = None,
                            total: int | None = None, write_mask: bool = True):
     """Launch the fused noise + rank + mask kernel.
 
-    ``seed``: int64 tensor with one element on ``device`` (read by the kernel, no host sync).
+    ``seed``, ``offset``: int64 tensors with one element on ``device`` (read by the kernel, no host
+    sync); row ``b`` is sample ``offset + b`` of the seed's stream.
     Dense: returns ``ids_keep (B, K)``, ``ids_restore (B, L)``, ``mask (B, L)`` float32.
     Varlen (``cu_seqlens`` given, ``total = cu_seqlens[-1]``): ``ids_keep`` is packed ``(total,)``.
     ``write_mask=False`` returns ``mask=None`` (used by ``random_permutation``: K = L).
@@ -113,7 +116,7 @@ def random_masking_forward(seed: torch.Tensor, batch: int, num_patches: int, num
     block_i = min(triton.next_power_of_2(L), max(16, 8192 // block_j))
     grid = (B, triton.cdiv(L, block_i))
     _random_masking_kernel[grid](
-        seed, cu_seqlens if varlen else ids_restore, ids_keep, ids_restore, mask if write_mask else ids_restore,
+        seed, offset, cu_seqlens if varlen else ids_restore, ids_keep, ids_restore, mask if write_mask else ids_restore,
         L, 0 if varlen else num_keep, ids_keep.shape[0],
         VARLEN=varlen, WRITE_MASK=write_mask, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
     )

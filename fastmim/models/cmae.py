@@ -8,8 +8,9 @@ position task, with a smaller decoder. ``forward(view1, view2)`` returns
 
 One step, both views in one batch of ``2B`` images:
 
-1. Masking: one ``random_masking`` call over the ``2B`` rows (rows ``0..B-1`` are view 1), or
-   the argsort of a given ``noise (2B, L)``.
+1. Masking: one ``random_masking`` call over the ``2B`` rows (view ``v`` of image ``b`` is
+   sample ``2 * (offset + b) + v`` of the seed, then reordered so that rows ``0..B-1`` are view
+   1), or the argsort of a given ``noise (2B, L)``.
 2. Encoder input: the first ``num_free = int(pos_fraction * K)`` visible tokens of each row
    (in shuffled order, so a uniformly random subset) get **no** position embedding, the others
    do (two ``gather_visible`` calls, ``cls`` first). One encoder pass serves all three tasks.
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmim.models.heads import info_nce, mlp_head
-from fastmim.models.mae import MaskedAutoencoderViT, _ln, _num_visible
+from fastmim.models.mae import MaskedAutoencoderViT, _check_masking_source, _ln, _num_visible
 from fastmim.models.presets import ViTPreset, register_method
 from fastmim.models.vit import check_images, check_mask_ratio
 
@@ -87,15 +88,21 @@ class CMAE(MaskedAutoencoderViT):
 
     def two_view_masking(self, batch: int, device: torch.device, mask_ratio: float,
                          noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
+                         offset: int | torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ids_keep (2B, K), ids_restore (2B, L), mask (2B, L))`` for both views at once.
+        """``(ids_keep (2B, K), ids_restore (2B, L), mask (2B, L))`` for both views at once
+        (``batch`` = ``2B`` rows, view 1's first).
 
         ``noise (2B, L)``: argsort of it (the official convention, both paths). Otherwise
         ``fastmim.ops.random_masking`` (fused) or its reference (``fused=False`` with a ``seed``:
-        the same bits), or the official ``torch.rand`` argsort (``fused=False``, no seed).
+        the same bits), one call over the ``2B`` rows in which view ``v`` of image ``b`` is sample
+        ``2 * (offset + b) + v`` (``offset`` default 0): a process holding images ``[offset,
+        offset + B)`` of a global batch gets the masks one process with the whole batch would.
+        Or the official ``torch.rand`` argsort (``fused=False``, no seed).
         """
         length = self.num_patches
         keep = _num_visible(length, check_mask_ratio(mask_ratio))
+        _check_masking_source(noise, seed, offset, self.fused)
         if noise is not None:
             if tuple(noise.shape) != (batch, length):
                 raise ValueError(f"noise must be (2B, L) = {(batch, length)} (view 1 rows first), "
@@ -104,12 +111,16 @@ class CMAE(MaskedAutoencoderViT):
             ids_restore = torch.argsort(ids_shuffle, dim=1)
             return ids_shuffle[:, :keep], ids_restore, (ids_restore >= keep).to(torch.float32)
         random_masking = self._fused_op("random_masking")
+        if random_masking is None and seed is not None:
+            from fastmim.ops.token_ops import random_masking_reference as random_masking
         if random_masking is not None:
-            return tuple(random_masking(batch, length, mask_ratio, seed=seed, device=device))
-        if seed is not None:
-            from fastmim.ops.token_ops import random_masking_reference
-
-            return tuple(random_masking_reference(batch, length, mask_ratio, seed=seed, device=device))
+            if batch % 2:
+                raise ValueError(f"batch must be 2B (the rows of both views), got {batch}")
+            images = batch // 2
+            pairs = random_masking(batch, length, mask_ratio, seed=seed, offset=2 * (0 if offset is None else offset),
+                                   device=device)
+            # Rows 2b + v -> v * B + b: view 1's rows first, as the model lays out the views.
+            return tuple(t.unflatten(0, (images, 2)).transpose(0, 1).flatten(0, 1) for t in pairs)
         ids_shuffle = torch.argsort(torch.rand(batch, length, device=device), dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         return ids_shuffle[:, :keep], ids_restore, (ids_restore >= keep).to(torch.float32)
@@ -145,11 +156,11 @@ class CMAE(MaskedAutoencoderViT):
 
     def forward(self, imgs1: torch.Tensor, imgs2: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
-                ) -> dict[str, torch.Tensor]:
+                offset: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{"loss", "loss_mim", "loss_con", "loss_pos"}`` (scalars) for two views ``(B, C, H, W)``.
 
-        ``noise (2B, L)`` (view 1's rows first) or ``seed`` fix the masks (see
-        :meth:`two_view_masking`).
+        ``noise (2B, L)`` (view 1's rows first) or ``seed`` and ``offset`` (the index of image 0
+        in the global batch) fix the masks (see :meth:`two_view_masking`).
         """
         self._check_view("imgs1", imgs1)
         self._check_view("imgs2", imgs2)
@@ -158,7 +169,7 @@ class CMAE(MaskedAutoencoderViT):
                              f"{tuple(imgs2.shape)}")
         batch = imgs1.shape[0]
         imgs = torch.cat([imgs1, imgs2], dim=0)
-        ids_keep, ids_restore, mask = self.two_view_masking(2 * batch, imgs.device, mask_ratio, noise, seed)
+        ids_keep, ids_restore, mask = self.two_view_masking(2 * batch, imgs.device, mask_ratio, noise, seed, offset)
         keep = ids_keep.shape[1]
         num_free = self.num_free(keep)
 

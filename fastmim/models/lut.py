@@ -6,9 +6,10 @@ with ``loss = w_mae * loss_mae + w_bc * loss_bc`` (defaults 1.0 and 0.25).
 
 One step (as the reference code ``naver-ai/lut``, with fastmim's fused ops):
 
-1. One random permutation per image (``random_permutation``, or the argsort of a given
-   ``noise (B, L)``); view 1 keeps ``ids_shuffle[:, :K]``, view 2 ``ids_shuffle[:, K:2K]``:
-   disjoint visible sets, hence ``mask_ratio >= 0.5``.
+1. One random permutation per image (``random_permutation``, image ``b`` as sample ``offset +
+   b`` of the seed, or the argsort of a given ``noise (B, L)``); view 1 keeps
+   ``ids_shuffle[:, :K]``, view 2 ``ids_shuffle[:, K:2K]``: disjoint visible sets, hence
+   ``mask_ratio >= 0.5``.
 2. The student encoder runs on both views' visible tokens as one batch of ``2B`` rows (one
    ``gather_visible`` call); the decoder (``unshuffle``) reconstructs view 1's masked patches,
    MAE loss (``masked_patch_mse``, normalised pixels) on view 1 only.
@@ -39,9 +40,9 @@ import torch
 from torch import nn
 
 from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss, mlp_head
-from fastmim.models.mae import MaskedAutoencoderViT, _ln, _num_visible
+from fastmim.models.mae import MaskedAutoencoderViT, _check_masking_source, _ln, _num_visible
 from fastmim.models.presets import ViTPreset, register_method
-from fastmim.models.vit import check_images, check_mask_ratio
+from fastmim.models.vit import check_images, check_mask_ratio, run_blocks
 
 __all__ = ["LUT", "EMATeacher", "ema_momentum"]
 
@@ -94,9 +95,7 @@ class EMATeacher(nn.Module):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        x = self.norm(run_blocks(self.blocks, x))
         return self.projector(x[:, 1:, :].mean(dim=1))
 
 
@@ -182,11 +181,15 @@ class LUT(MaskedAutoencoderViT):
 
     # ------------------------------------------------------------------ masking
     def two_view_permutation(self, batch: int, device: torch.device, noise: torch.Tensor | None = None,
-                             seed: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids_shuffle, ids_restore)``, ``(B, L)`` each: argsort of ``noise`` when given, else
         ``fastmim.ops.random_permutation`` (fused) / its reference (``fused=False`` with a
-        ``seed``) / the official ``torch.rand`` argsort (``fused=False``, no seed)."""
+        ``seed``), image ``b`` permuted as sample ``offset + b`` (default 0) of the seed / the
+        official ``torch.rand`` argsort (``fused=False``, no seed)."""
         length = self.num_patches
+        _check_masking_source(noise, seed, offset, self.fused)
+        offset = 0 if offset is None else offset
         if noise is not None:
             if tuple(noise.shape) != (batch, length):
                 raise ValueError(f"noise must be (B, L) = {(batch, length)}, got {tuple(noise.shape)}")
@@ -194,11 +197,11 @@ class LUT(MaskedAutoencoderViT):
             return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
         random_permutation = self._fused_op("random_permutation")
         if random_permutation is not None:
-            return random_permutation(batch, length, seed=seed, device=device)
+            return random_permutation(batch, length, seed=seed, offset=offset, device=device)
         if seed is not None:
             from fastmim.ops.token_ops import random_permutation_reference
 
-            return random_permutation_reference(batch, length, seed=seed, device=device)
+            return random_permutation_reference(batch, length, seed=seed, offset=offset, device=device)
         ids_shuffle = torch.argsort(torch.rand(batch, length, device=device), dim=1)
         return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
 
@@ -221,11 +224,12 @@ class LUT(MaskedAutoencoderViT):
 
     def forward(self, imgs1: torch.Tensor, imgs2: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
-                ) -> dict[str, torch.Tensor]:
+                offset: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{"loss", "loss_mae", "loss_bc"}`` (scalars) for two views ``(B, C, H, W)``.
 
         ``mask_ratio`` must be >= 0.5 (the two views' visible sets are disjoint). ``noise (B, L)``
-        or ``seed`` fix the permutation (see :meth:`two_view_permutation`).
+        or ``seed`` and ``offset`` (the index of image 0 in the global batch) fix the permutation
+        (see :meth:`two_view_permutation`).
         """
         self._check_view("imgs1", imgs1)
         self._check_view("imgs2", imgs2)
@@ -239,7 +243,7 @@ class LUT(MaskedAutoencoderViT):
         batch, length = imgs1.shape[0], self.num_patches
         keep = _num_visible(length, mask_ratio)
 
-        ids_shuffle, ids_restore = self.two_view_permutation(batch, imgs1.device, noise, seed)
+        ids_shuffle, ids_restore = self.two_view_permutation(batch, imgs1.device, noise, seed, offset)
         ids_keep = torch.cat([ids_shuffle[:, :keep], ids_shuffle[:, keep:2 * keep]], dim=0)  # (2B, K)
         x = self._visible_tokens(self.patch_embed(torch.cat([imgs1, imgs2], dim=0)), ids_keep)
         latent = self.norm(self._run_blocks(x, self.blocks))

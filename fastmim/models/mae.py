@@ -10,9 +10,15 @@ and official training scripts run unchanged. What it adds:
   the loss are fastmim ops (``random_masking``, ``gather_visible``, ``unshuffle``,
   ``masked_patch_mse``), attention goes to ``attn_backend``, and the blocks are
   :class:`~fastmim.models.vit.FusedBlock` (fused LayerNorm, residual add and bias + GELU,
-  their outputs recomputed in backward instead of saved). ``fused=False`` runs the
-  official plain-PyTorch steps. Both compute the same function; with the same ``noise`` they
-  give the same loss.
+  their outputs recomputed in backward instead of saved; where the fused ops have a kernel),
+  chained by :func:`~fastmim.models.vit.run_blocks` so that every residual add runs inside a
+  LayerNorm kernel. ``fused=False`` runs the
+  official plain-PyTorch steps. Both compute the same function; with the same ``noise`` (or
+  the same ``seed``) they give the same loss.
+- ``forward(imgs, mask_ratio, seed=..., offset=...)``: masks from the counter-based RNG of
+  ``fastmim.ops.random_masking`` (image ``b`` is sample ``offset + b`` of ``seed``), so a
+  process holding images ``[offset, offset + B)`` of a global batch masks them as one process
+  holding the whole batch would.
 - ``pred_masked_only=True``: the decoder's output projection and the loss see the masked
   tokens only; ``pred`` is then ``(B, L - K, p*p*C)``, the masked patches in increasing
   patch index (``pred`` fills ``mask.bool()`` in order). Same loss.
@@ -42,6 +48,7 @@ from fastmim.models.vit import (
     check_patch_grid,
     get_2d_sincos_pos_embed,
     init_mae_weights,
+    run_blocks,
 )
 
 
@@ -224,26 +231,40 @@ class MaskedAutoencoderViT(nn.Module):
         return x_masked, mask, ids_restore
 
     def _masking(self, batch: int, device: torch.device, mask_ratio: float | list[float],
-                 noise: torch.Tensor | None) -> _Masking:
-        """Keep indices, ``ids_restore`` and mask: fastmim's ``random_masking`` (counter-based RNG,
-        seeded from the default torch generator), or ``argsort(noise)`` when ``noise`` is given or
-        the model is not fused (the official rule)."""
+                 noise: torch.Tensor | None, seed: int | torch.Tensor | None = None,
+                 offset: int | torch.Tensor | None = None) -> _Masking:
+        """Keep indices, ``ids_restore`` and mask.
+
+        ``noise`` given: ``argsort(noise)`` (the official rule, both paths). Otherwise the
+        counter-based RNG of fastmim's ``random_masking`` with ``seed`` (default: drawn from the
+        default torch generator) and ``offset`` (image ``b`` is sample ``offset + b``): the fused
+        op, or, not fused with a ``seed``, its reference (the same bits). Not fused and no seed:
+        the argsort of ``torch.rand`` noise (the official rule).
+        """
         length = self.num_patches
+        _check_masking_source(noise, seed, offset, self.fused)
         if noise is not None and tuple(noise.shape) != (batch, length):
             raise ValueError(f"noise must be (B, L) = {(batch, length)}, got {tuple(noise.shape)}")
         per_sample = not isinstance(mask_ratio, float)
         counts = [_num_visible(length, r) for r in mask_ratio] if per_sample else _num_visible(length, mask_ratio)
+        offset = 0 if offset is None else offset
         random_masking = self._fused_op("random_masking")
         if noise is None and random_masking is not None:
             if per_sample:
-                m = random_masking(batch, length, num_keep=counts, device=device)
+                m = random_masking(batch, length, num_keep=counts, seed=seed, offset=offset, device=device)
                 return _Masking(m.ids_keep, m.ids_restore, m.mask, m.cu_seqlens, tuple(counts))
-            m = random_masking(batch, length, mask_ratio, device=device)
+            m = random_masking(batch, length, mask_ratio, seed=seed, offset=offset, device=device)
             return _Masking(m.ids_keep, m.ids_restore, m.mask, None, None)
-        if noise is None:
-            noise = torch.rand(batch, length, device=device)
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        if noise is None and seed is not None:
+            from fastmim.ops.token_ops import random_permutation_reference
+
+            ids_shuffle, ids_restore = random_permutation_reference(batch, length, seed=seed, offset=offset,
+                                                                    device=device)
+        else:
+            if noise is None:
+                noise = torch.rand(batch, length, device=device)
+            ids_shuffle = torch.argsort(noise, dim=1)
+            ids_restore = torch.argsort(ids_shuffle, dim=1)
         if not per_sample:
             mask = (ids_restore >= counts).to(torch.float32)
             return _Masking(ids_shuffle[:, :counts], ids_restore, mask, None, None)
@@ -260,13 +281,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _run_blocks(self, x: torch.Tensor | PackedTokens, blocks: nn.ModuleList) -> torch.Tensor | PackedTokens:
         if isinstance(x, PackedTokens):
-            tokens = x.tokens
-            for blk in blocks:
-                tokens = blk(tokens, cu_seqlens=x.cu_seqlens, max_seqlen=x.max_seqlen)
-            return x._replace(tokens=tokens)
-        for blk in blocks:
-            x = blk(x)
-        return x
+            return x._replace(tokens=run_blocks(blocks, x.tokens, cu_seqlens=x.cu_seqlens, max_seqlen=x.max_seqlen))
+        return run_blocks(blocks, x)
 
     def _gather_visible(self, x: torch.Tensor, masking: _Masking) -> torch.Tensor:
         """``[cls + pos, visible tokens + pos]`` per sample: ``(B, K + 1, D)``, or packed ``(B + T, D)``."""
@@ -290,19 +306,20 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.cat([cls.reshape(1, dim), x.reshape(batch * length, dim)]).index_select(0, src)
 
     def _encode_masked(self, imgs: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None,
+                       seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor | PackedTokens, torch.Tensor, torch.Tensor]:
         """Encoder on the visible tokens, before the final norm: ``(x, mask, ids_restore)``."""
         self._check_inputs(imgs)
         mask_ratio = _normalize_mask_ratio(mask_ratio, imgs.shape[0])
         x = self.patch_embed(imgs)
-        if isinstance(mask_ratio, float) and not self.fused:
+        if isinstance(mask_ratio, float) and not self.fused and seed is None and offset is None:
             # The official steps, in the official order (the same RNG draws as models_mae.py).
             x = x + self.pos_embed[:, 1:, :]
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
             cls = self.cls_token + self.pos_embed[:, :1, :]
             x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)
             return self._run_blocks(x, self.blocks), mask, ids_restore
-        masking = self._masking(imgs.shape[0], imgs.device, mask_ratio, noise)
+        masking = self._masking(imgs.shape[0], imgs.device, mask_ratio, noise, seed, offset)
         x = self._gather_visible(x, masking)
         if masking.num_visible is not None:
             with_cls = masking.cu_seqlens + torch.arange(imgs.shape[0] + 1, device=imgs.device, dtype=torch.int32)
@@ -312,12 +329,14 @@ class MaskedAutoencoderViT(nn.Module):
     def _apply_norm(self, x: torch.Tensor | PackedTokens, norm: nn.Module) -> torch.Tensor | PackedTokens:
         return x._replace(tokens=norm(x.tokens)) if isinstance(x, PackedTokens) else norm(x)
 
-    def forward_encoder(self, x: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None = None):
+    def forward_encoder(self, x: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None = None, *,
+                        seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None):
         """``imgs -> (latent, mask, ids_restore)``; ``latent`` is ``(B, K + 1, D)`` after the final norm.
 
-        With a per-sample ``mask_ratio`` the latent is a :class:`PackedTokens`.
+        With a per-sample ``mask_ratio`` the latent is a :class:`PackedTokens`. ``noise`` or
+        ``seed`` / ``offset`` choose the masks (see :meth:`forward`).
         """
-        latent, mask, ids_restore = self._encode_masked(x, mask_ratio, noise)
+        latent, mask, ids_restore = self._encode_masked(x, mask_ratio, noise, seed, offset)
         return self._apply_norm(latent, self.norm), mask, ids_restore
 
     # ------------------------------------------------------------------ decoder
@@ -402,13 +421,21 @@ class MaskedAutoencoderViT(nn.Module):
         loss = loss.mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: Any = 0.75, noise: torch.Tensor | None = None):
+    def forward(self, imgs: torch.Tensor, mask_ratio: Any = 0.75, noise: torch.Tensor | None = None, *,
+                seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None):
         """``(loss, pred, mask)`` as in the official model.
 
-        ``mask_ratio``: a float in [0, 1), or one per image (packed encoder). ``noise``
-        (``(B, L)``, optional): the masking noise, for reproducible masks across models.
+        ``mask_ratio``: a float in [0, 1), or one per image (packed encoder). The masks, for
+        reproducible ones across models (give ``noise`` or ``seed`` / ``offset``, not both):
+
+        - ``noise`` (``(B, L)``): the official rule, the argsort of the noise;
+        - ``seed`` (an int in ``[0, 2**63)`` or an int64 scalar tensor; no device sync either way)
+          and ``offset`` (default 0): fastmim's counter-based ``random_masking``, image ``b``
+          masked as sample ``offset + b`` of ``seed``; the same masks fused or not;
+        - neither: fused, ``random_masking`` seeded from the default torch generator; not fused,
+          the official ``torch.rand`` draw.
         """
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seed=seed, offset=offset)
         ids_masked = self.masked_ids(mask, _visible_counts(latent)) if self.pred_masked_only else None
         pred = self.forward_decoder(latent, ids_restore, ids_masked)
         loss = self.forward_loss(imgs, pred, mask, ids_masked)
@@ -430,6 +457,15 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"pool must be 'cls', 'mean' or 'avg', got {pool!r}")
         x = self.forward_features(imgs)
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
+
+
+def _check_masking_source(noise: torch.Tensor | None, seed: Any, offset: Any, fused: bool) -> None:
+    """``noise`` excludes ``seed`` / ``offset``; an ``offset`` numbers the samples of the counter-based
+    RNG, which the unfused model uses only with a ``seed`` (its official draw has no offset)."""
+    if noise is not None and (seed is not None or offset is not None):
+        raise ValueError("give noise or seed / offset, not both")
+    if offset is not None and seed is None and not fused:
+        raise ValueError("offset needs a seed when fused=False (the official torch.rand masking has no sample offset)")
 
 
 def _take_rows(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,8 @@ class SupervisedMIM(MaskedAutoencoderViT):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor, mask_ratio: Any = None,
-                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                noise: torch.Tensor | None = None, *, seed: int | torch.Tensor | None = None,
+                offset: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One training step's losses.
 
         Args:
@@ -147,13 +148,15 @@ class SupervisedMIM(MaskedAutoencoderViT):
             labels: ``(B,)`` class indices, or ``(B, num_classes)`` class probabilities (mixup).
             mask_ratio: default ``self.mask_ratio``; a float in [0, 1) or one per image.
             noise: optional ``(B, L)`` masking noise (reproducible masks).
+            seed, offset: or fastmim's counter-based masking, image ``b`` as sample ``offset + b``
+                of ``seed`` (see :meth:`MaskedAutoencoderViT.forward`).
 
         Returns a dict: ``loss`` (the total), ``loss_cls``, ``loss_mim``, ``logits`` ``(B, classes)``,
         ``pred`` (decoder output, as MAE's) and ``mask`` ``(B, L)``.
         """
         if mask_ratio is None:
             mask_ratio = self.mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seed=seed, offset=offset)
         ids_masked = self.masked_ids(mask, _visible_counts(latent)) if self.pred_masked_only else None
         pred = self.forward_decoder(latent, ids_restore, ids_masked)
         loss_mim = self._mim_loss(imgs, pred, mask, ids_masked)

@@ -124,18 +124,18 @@ def _register_fakes() -> None:
     """Fake (shape-only) kernels of the random ops, which write to a ``device`` argument."""
 
     @torch.library.register_fake("fastmim::csrc_random_permutation")
-    def _(seed, batch, num_patches, device):
+    def _(seed, batch, num_patches, device, offset=None):
         return (torch.empty(batch, num_patches, dtype=torch.int64, device=device),
                 torch.empty(batch, num_patches, dtype=torch.int64, device=device))
 
     @torch.library.register_fake("fastmim::csrc_random_masking")
-    def _(seed, batch, num_patches, num_keep, device):
+    def _(seed, batch, num_patches, num_keep, device, offset=None):
         return (torch.empty(batch, num_keep, dtype=torch.int64, device=device),
                 torch.empty(batch, num_patches, dtype=torch.int64, device=device),
                 torch.empty(batch, num_patches, dtype=torch.float32, device=device))
 
     @torch.library.register_fake("fastmim::csrc_random_masking_varlen")
-    def _(seed, cu_seqlens, batch, num_patches, total, device):
+    def _(seed, cu_seqlens, batch, num_patches, total, device, offset=None):
         return (torch.empty(total, dtype=torch.int64, device=device),
                 torch.empty(batch, num_patches, dtype=torch.int64, device=device),
                 torch.empty(batch, num_patches, dtype=torch.float32, device=device))

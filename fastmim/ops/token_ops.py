@@ -4,8 +4,10 @@ They replace the eager chain of the official MAE (``torch.rand`` noise, two ``ar
 expansion, ``gather``, ``cat`` with mask tokens, ``gather`` again, position-embedding adds):
 
 - :func:`random_masking` / :func:`random_permutation`: a per-sample random permutation of the
-  ``L`` patches from a counter-based RNG (the same bits on every backend for a given seed), the
-  keep set, the inverse permutation and the binary mask, in one kernel.
+  ``L`` patches from a counter-based RNG keyed by ``(seed, offset + b)`` (the same bits on every
+  backend for a given seed; ``offset`` lets each process of a data-parallel run take its rows
+  of the global batch's masks), the keep set, the inverse permutation and the binary mask, in
+  one kernel, with no host sync.
 - :func:`gather_visible`: ``x[b, ids_keep[b]] + pos_embed[ids_keep[b]]``, optionally with a
   leading cls token (``cls_token + pos_embed`` cls slot) and packed varlen output.
 - :func:`unshuffle`: the decoder's full-length sequence, visible tokens back at their
@@ -115,29 +117,32 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def masking_noise_reference(seed: int | Tensor, batch: int, num_patches: int,
-                            device: torch.device | str | None = None) -> Tensor:
+                            device: torch.device | str | None = None, *, offset: int | Tensor = 0) -> Tensor:
     """The noise that orders each sample's patches: ``(B, L)`` int64 values in ``[0, 2**32)``.
 
     ``seed_key = mix32(seed & M) ^ mix32((seed >> 32 & M) ^ 0x1B873593)``,
-    ``row_key(b) = mix32(seed_key ^ mix32(b))``,
+    ``row_key(b) = mix32(seed_key ^ mix32((offset + b) & M))``,
     ``noise(b, i) = mix32(row_key(b) ^ (i * 0x2545F491 & M))`` with ``M = 2**32 - 1``.
-    Counter-based: element ``(b, i)`` depends only on ``(seed, b, i)``, so every backend (and any
-    tiling of the work) produces the same bits.
+    Counter-based: element ``(b, i)`` depends only on ``(seed, offset + b, i)``, so every backend
+    (and any tiling of the work) produces the same bits, and row ``b`` of a call with ``offset``
+    is row ``offset + b`` of a larger call without. The sample counter is taken mod ``2**32``.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     seed = torch.as_tensor(seed, dtype=torch.int64).reshape(()).to(device)
+    offset = _offset_tensor(offset).to(device)
     seed_key = _mix32(seed & _M32) ^ _mix32(((seed >> 32) & _M32) ^ 0x1B873593)
-    b = torch.arange(batch, dtype=torch.int64, device=device)
+    # offset + b may wrap past 2**63: int64 addition wraps mod 2**64, which keeps the low 32 bits.
+    b = torch.arange(batch, dtype=torch.int64, device=device) + offset
     i = torch.arange(num_patches, dtype=torch.int64, device=device)
     row_key = _mix32(seed_key ^ _mix32(b & _M32))
     return _mix32(row_key[:, None] ^ ((i * 0x2545F491) & _M32)[None, :])
 
 
-def random_permutation_reference(batch: int, num_patches: int, *, seed: int | Tensor,
+def random_permutation_reference(batch: int, num_patches: int, *, seed: int | Tensor, offset: int | Tensor = 0,
                                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """``ids_shuffle`` = stable ascending argsort of the noise (ties: smaller index first),
-    ``ids_restore`` = its inverse; both ``(B, L)`` int64."""
-    noise = masking_noise_reference(seed, batch, num_patches, device)
+    ``ids_restore`` = its inverse; both ``(B, L)`` int64. Row ``b`` is sample ``offset + b``."""
+    noise = masking_noise_reference(seed, batch, num_patches, device, offset=offset)
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return ids_shuffle, ids_restore
@@ -145,14 +150,17 @@ def random_permutation_reference(batch: int, num_patches: int, *, seed: int | Te
 
 def random_masking_reference(batch: int, num_patches: int, mask_ratio: float | None = None, *,
                              num_keep: int | Sequence[int] | Tensor | None = None, seed: int | Tensor,
+                             offset: int | Tensor = 0,
                              device: torch.device | str | None = None) -> Masking | PackedMasking:
     """The official MAE's ``random_masking`` with the counter-based noise:
     ``ids_keep = ids_shuffle[:, :K]``, ``mask[b, i] = ids_restore[b, i] >= K``.
 
     With per-sample counts, sample b keeps ``ids_shuffle[b, :count_b]``, packed one after another.
+    Row ``b`` is sample ``offset + b`` (see :func:`random_permutation`).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    ids_shuffle, ids_restore = random_permutation_reference(batch, num_patches, seed=seed, device=device)
+    ids_shuffle, ids_restore = random_permutation_reference(batch, num_patches, seed=seed, offset=offset,
+                                                            device=device)
     counts = _keep_counts(batch, num_patches, mask_ratio, num_keep)
     if isinstance(counts, int):
         mask = (ids_restore >= counts).to(torch.float32)
@@ -220,6 +228,24 @@ def _cu_seqlens(counts: Tensor, device: torch.device) -> tuple[Tensor, int]:
     return cu.to(device, non_blocking=True), max_seqlen
 
 
+def _counter_key(name: str, value: int | Tensor, accepted: str) -> Tensor:
+    """``value`` (an int or an int64 scalar tensor in ``[0, 2**63)``) as an int64 scalar tensor."""
+    if isinstance(value, Tensor):
+        if value.dtype != torch.int64 or value.numel() != 1:
+            raise ValueError(f"{name} tensor must be int64 with one element, got {value.dtype} of shape "
+                             f"{tuple(value.shape)}")
+        # int64 holds exactly [-2**63, 2**63): only the sign is left to check. Free on the host;
+        # skipped on an accelerator (a device sync) and while torch.compile traces (a graph break).
+        if value.device.type == "cpu" and not torch.compiler.is_compiling() and int(value) < 0:
+            raise ValueError(f"{name} must be in [0, 2**63), got {int(value)}")
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__}")
+    if not 0 <= value < _SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return torch.tensor(value, dtype=torch.int64)
+
+
 def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None) -> Tensor:
     """The seed as an int64 scalar tensor; drawn from ``generator`` (or the default CPU generator)
     when not given: on the generator's device, so no device sync either way."""
@@ -228,20 +254,12 @@ def _seed_tensor(seed: int | Tensor | None, generator: torch.Generator | None) -
     if seed is None:
         device = generator.device if generator is not None else torch.device("cpu")
         return torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64, device=device)
-    if isinstance(seed, Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"seed tensor must be int64 with one element, got {seed.dtype} of shape "
-                             f"{tuple(seed.shape)}")
-        # int64 holds exactly [-2**63, 2**63): only the sign is left to check. Free on the host;
-        # skipped on an accelerator (a device sync) and while torch.compile traces (a graph break).
-        if seed.device.type == "cpu" and not torch.compiler.is_compiling() and int(seed) < 0:
-            raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
-        return seed.reshape(())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
-    if not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return torch.tensor(seed, dtype=torch.int64)
+    return _counter_key("seed", seed, "an int, an int64 tensor or None")
+
+
+def _offset_tensor(offset: int | Tensor) -> Tensor:
+    """The sample offset as an int64 scalar tensor (on its own device: no device sync)."""
+    return _counter_key("offset", offset, "an int or an int64 tensor")
 
 
 def _check_sizes(batch: int, num_patches: int) -> None:
@@ -260,7 +278,7 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def random_permutation(batch: int, num_patches: int, *, seed: int | Tensor | None = None,
-                       generator: torch.Generator | None = None,
+                       generator: torch.Generator | None = None, offset: int | Tensor = 0,
                        device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """A uniformly random permutation of ``0..L-1`` per sample, from the counter-based RNG.
 
@@ -270,15 +288,22 @@ def random_permutation(batch: int, num_patches: int, *, seed: int | Tensor | Non
     host or on ``device``, its value in the same range: checked on the host, not on a device)
     gives the same permutation on every backend; without one, a seed is drawn from
     ``generator`` (or the default CPU generator): never a device sync.
+
+    ``offset`` (same types and range as ``seed``, default 0) numbers the samples: row ``b`` gets
+    the permutation of sample ``offset + b`` of the seed, i.e. row ``offset + b`` of a call with
+    offset 0 and a larger batch. A process holding rows ``[r * B, (r + 1) * B)`` of a global
+    batch passes ``offset = r * B`` and gets the rows a single process would, whatever the
+    number of processes. Samples are counted mod ``2**32``.
     """
     _check_sizes(batch, num_patches)
     device = _resolve_device(device)
-    return torch.ops.fastmim.random_permutation(_seed_tensor(seed, generator), batch, num_patches, device)
+    return torch.ops.fastmim.random_permutation(_seed_tensor(seed, generator), _offset_tensor(offset), batch,
+                                                num_patches, device)
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float | None = None, *,
                    num_keep: int | Sequence[int] | Tensor | None = None, seed: int | Tensor | None = None,
-                   generator: torch.Generator | None = None,
+                   generator: torch.Generator | None = None, offset: int | Tensor = 0,
                    device: torch.device | str | None = None) -> Masking | PackedMasking:
     """Per-sample random masking of ``L = num_patches`` patches, as the official MAE's
     ``random_masking`` (same outputs and conventions) with a counter-based RNG and one fused kernel.
@@ -297,21 +322,23 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float | None = None
     ``ids_keep`` holds each sample's kept patch indices in shuffled order; ``ids_restore[b, i]``
     is the rank of patch ``i``; ``mask`` is float32 with 1 = masked (removed), 0 = kept. The
     permutation is that of :func:`random_permutation` for the same seed (``ids_keep`` is a prefix
-    of ``ids_shuffle``), so masks of the same seed nest across ratios. Seeding as in
-    :func:`random_permutation`. Everything is int64 / float32 on ``device`` (default CPU).
+    of ``ids_shuffle``), so masks of the same seed nest across ratios. Seeding and ``offset`` (row
+    ``b`` is sample ``offset + b``) as in :func:`random_permutation`. Everything is int64 / float32
+    on ``device`` (default CPU).
     """
     _check_sizes(batch, num_patches)
     device = _resolve_device(device)
     counts = _keep_counts(batch, num_patches, mask_ratio, num_keep)
     seed_t = _seed_tensor(seed, generator)
+    offset_t = _offset_tensor(offset)
     if isinstance(counts, int):
-        return Masking(*torch.ops.fastmim.random_masking(seed_t, batch, num_patches, counts, device))
+        return Masking(*torch.ops.fastmim.random_masking(seed_t, offset_t, batch, num_patches, counts, device))
     cu_seqlens, max_seqlen = _cu_seqlens(counts, device)
     if max_seqlen > num_patches:
         raise ValueError(f"num_keep counts must be <= num_patches={num_patches}, got a maximum of {max_seqlen}")
     total = int(counts.sum()) if counts.device.type == "cpu" else int(cu_seqlens[-1])
-    ids_keep, ids_restore, mask = torch.ops.fastmim.random_masking_varlen(seed_t, cu_seqlens, batch, num_patches,
-                                                                          total, device)
+    ids_keep, ids_restore, mask = torch.ops.fastmim.random_masking_varlen(seed_t, offset_t, cu_seqlens, batch,
+                                                                          num_patches, total, device)
     return PackedMasking(ids_keep, cu_seqlens, max_seqlen, ids_restore, mask)
 
 
@@ -329,73 +356,77 @@ def _masking_backend(device: torch.device) -> str:
     return _select("random_masking", device)
 
 
-def _seed_on(seed: Tensor, device: torch.device) -> Tensor:
-    # An 8-byte host-to-device copy, asynchronous (no wait on the device) when the seed is on the host.
-    return seed.reshape(1).to(device, non_blocking=True)
+def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
+    # An 8-byte host-to-device copy, asynchronous (no wait on the device) when the scalar is on the host.
+    return t.reshape(1).to(device, non_blocking=True)
 
 
 @torch.library.custom_op("fastmim::random_permutation", mutates_args=())
-def _random_permutation_op(seed: Tensor, batch: int, num_patches: int,
+def _random_permutation_op(seed: Tensor, offset: Tensor, batch: int, num_patches: int,
                            device: torch.device) -> tuple[Tensor, Tensor]:
     backend = _masking_backend(device)
     if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
         ids_shuffle, ids_restore, _ = kernels.random_masking_forward(
-            _seed_on(seed, device), batch, num_patches, num_patches, device, write_mask=False)
+            _scalar_on(seed, device), _scalar_on(offset, device), batch, num_patches, num_patches, device,
+            write_mask=False)
         return ids_shuffle, ids_restore
     if backend == "csrc":
-        return torch.ops.fastmim.csrc_random_permutation(seed, batch, num_patches, device)
-    return random_permutation_reference(batch, num_patches, seed=seed, device=device)
+        return torch.ops.fastmim.csrc_random_permutation(seed, batch, num_patches, device, offset=offset)
+    return random_permutation_reference(batch, num_patches, seed=seed, offset=offset, device=device)
 
 
 @_random_permutation_op.register_fake
-def _(seed, batch, num_patches, device):
+def _(seed, offset, batch, num_patches, device):
     return (torch.empty((batch, num_patches), dtype=torch.int64, device=device),
             torch.empty((batch, num_patches), dtype=torch.int64, device=device))
 
 
 @torch.library.custom_op("fastmim::random_masking", mutates_args=())
-def _random_masking_op(seed: Tensor, batch: int, num_patches: int, num_keep: int,
+def _random_masking_op(seed: Tensor, offset: Tensor, batch: int, num_patches: int, num_keep: int,
                        device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     backend = _masking_backend(device)
     if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
-        return kernels.random_masking_forward(_seed_on(seed, device), batch, num_patches, num_keep, device)
+        return kernels.random_masking_forward(_scalar_on(seed, device), _scalar_on(offset, device), batch, num_patches,
+                                              num_keep, device)
     if backend == "csrc":
-        return torch.ops.fastmim.csrc_random_masking(seed, batch, num_patches, num_keep, device)
-    out = random_masking_reference(batch, num_patches, num_keep=num_keep, seed=seed, device=device)
+        return torch.ops.fastmim.csrc_random_masking(seed, batch, num_patches, num_keep, device, offset=offset)
+    out = random_masking_reference(batch, num_patches, num_keep=num_keep, seed=seed, offset=offset, device=device)
     return out.ids_keep.clone(), out.ids_restore, out.mask  # clone: ids_keep must not be a view of a temporary
 
 
 @_random_masking_op.register_fake
-def _(seed, batch, num_patches, num_keep, device):
+def _(seed, offset, batch, num_patches, num_keep, device):
     return (torch.empty((batch, num_keep), dtype=torch.int64, device=device),
             torch.empty((batch, num_patches), dtype=torch.int64, device=device),
             torch.empty((batch, num_patches), dtype=torch.float32, device=device))
 
 
 @torch.library.custom_op("fastmim::random_masking_varlen", mutates_args=())
-def _random_masking_varlen_op(seed: Tensor, cu_seqlens: Tensor, batch: int, num_patches: int, total: int,
-                              device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _random_masking_varlen_op(seed: Tensor, offset: Tensor, cu_seqlens: Tensor, batch: int, num_patches: int,
+                              total: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     backend = _masking_backend(device)
     if backend == "triton":
         from fastmim.kernels import token_ops as kernels
 
-        return kernels.random_masking_forward(_seed_on(seed, device), batch, num_patches, 0, device,
-                                              cu_seqlens=cu_seqlens.contiguous(), total=total)
+        return kernels.random_masking_forward(_scalar_on(seed, device), _scalar_on(offset, device), batch, num_patches,
+                                              0, device, cu_seqlens=cu_seqlens.contiguous(), total=total)
     if backend == "csrc":
-        return torch.ops.fastmim.csrc_random_masking_varlen(seed, cu_seqlens, batch, num_patches, total, device)
+        return torch.ops.fastmim.csrc_random_masking_varlen(seed, cu_seqlens, batch, num_patches, total, device,
+                                                            offset=offset)
     counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    ids_shuffle, ids_restore = random_permutation_reference(batch, num_patches, seed=seed, device=device)
+    ids_shuffle, ids_restore = random_permutation_reference(batch, num_patches, seed=seed, offset=offset,
+                                                            device=device)
     keep = torch.arange(num_patches, device=device)[None, :] < counts[:, None]
     ids_keep = ids_shuffle.masked_select(keep)
     return ids_keep, ids_restore, (ids_restore >= counts[:, None]).to(torch.float32)
 
 
 @_random_masking_varlen_op.register_fake
-def _(seed, cu_seqlens, batch, num_patches, total, device):
+def _(seed, offset, cu_seqlens, batch, num_patches, total, device):
     return (torch.empty((total,), dtype=torch.int64, device=device),
             torch.empty((batch, num_patches), dtype=torch.int64, device=device),
             torch.empty((batch, num_patches), dtype=torch.float32, device=device))

@@ -10,11 +10,15 @@ Adding a method: subclass :class:`MethodAdapter`, then ``register_adapter(MyAdap
 (here, next to the others, so ``fastmim train --method NAME`` finds it). The model itself
 comes from ``fastmim.models.create_model(name, preset, **overrides)``.
 
-Masking noise: the loop hands every adapter :meth:`StepContext.masking_noise`, uniform noise
-``(B, L)`` drawn for the whole *global* batch from ``(seed, step, micro-step)`` and sliced
-to this rank's rows. Models that accept ``noise`` (MAE's ``forward(imgs, mask_ratio,
-noise)``) then mask each image the same way whatever the number of processes, and a resumed
-run replays the same masks.
+Masks: the adapters hand the model :meth:`StepContext.masking_seed`, one seed per
+``(seed, step, micro-step)`` shared by every rank, and ``offset`` =
+:meth:`StepContext.masking_offset`, the index of this rank's first image in the global batch.
+fastmim's models then mask with the fused ``fastmim.ops.random_masking`` /
+``random_permutation`` (counter-based RNG, no host sync), image ``b`` as sample ``offset + b``
+of the seed: each image gets the same mask whatever the number of processes, and a resumed
+run replays the same masks. A model whose forward takes ``noise`` but no ``seed`` (the
+official MAE's) gets :meth:`StepContext.masking_noise` instead, this rank's rows of uniform
+noise drawn for the whole global batch, which has the same two properties.
 """
 
 from __future__ import annotations
@@ -57,6 +61,19 @@ class StepContext:
     num_classes: int | None = None
     epochs: int | None = None  # epochs the whole run spans (rounded up), for epoch-based schedules
 
+    def masking_seed(self) -> torch.Tensor:
+        """The seed of this micro-step's masks, the same on every rank: an int64 CPU scalar.
+
+        A tensor rather than an int: a compiled model specialises on an int argument, and a new
+        one at every step would recompile it; a host tensor also costs the op no device sync.
+        """
+        return torch.tensor(derive_seed(self.seed, self.step, self.micro_step, 0x3A5C), dtype=torch.int64)
+
+    def masking_offset(self, batch_size: int) -> int:
+        """Index of this rank's first image in the global batch (ranks hold consecutive shares of
+        ``batch_size`` images): the sample offset of the masking RNG."""
+        return self.rank * batch_size
+
     def masking_noise(self, batch_size: int, num_patches: int, device: torch.device | str) -> torch.Tensor:
         """``float32 (batch_size, num_patches)`` uniform noise: this rank's rows of the global batch's noise."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.step, self.micro_step, 0x3A5C))
@@ -70,6 +87,17 @@ def _accepts(fn: Any, name: str) -> bool:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _masking_kwargs(module: nn.Module, ctx: StepContext, batch_size: int,
+                    device: torch.device | str) -> dict[str, Any]:
+    """How ``module`` is told its masks: ``seed`` and ``offset`` when its forward takes them
+    (fastmim's fused masking), else ``noise`` when it takes that, else nothing."""
+    if _accepts(module.forward, "seed") and _accepts(module.forward, "offset"):
+        return {"seed": ctx.masking_seed(), "offset": ctx.masking_offset(batch_size)}
+    if _accepts(module.forward, "noise"):
+        return {"noise": ctx.masking_noise(batch_size, module.patch_embed.num_patches, device)}
+    return {}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -154,22 +182,21 @@ class MethodAdapter:
 
 
 class MAEAdapter(MethodAdapter):
-    """MAE: ``model(imgs, mask_ratio, noise) -> (loss, pred, mask)``."""
+    """MAE: ``model(imgs, mask_ratio, seed=, offset=) -> (loss, pred, mask)`` (or ``noise=``
+    for a model that takes only that)."""
 
     name = "mae"
 
     def loss(self, model, batch, ctx):
         imgs = batch["views"][0]
-        module = unwrap(model)
-        noise = ctx.masking_noise(imgs.shape[0], module.patch_embed.num_patches, imgs.device)
-        loss, _, _ = model(imgs, ctx.mask_ratio, noise)
+        loss, _, _ = model(imgs, ctx.mask_ratio, **_masking_kwargs(unwrap(model), ctx, imgs.shape[0], imgs.device))
         return {"loss": loss}
 
 
 class SupervisedMIMAdapter(MethodAdapter):
-    """Supervised + MIM: ``model(imgs, labels[, mask_ratio, noise]) -> {"loss": ..., parts}``;
-    the classifier gets the dataset's number of classes. ``supmae`` is the same model with
-    SupMAE's recipe (its mask ratio comes from the model)."""
+    """Supervised + MIM: ``model(imgs, labels[, mask_ratio][, seed=, offset= | noise=]) ->
+    {"loss": ..., parts}``; the classifier gets the dataset's number of classes. ``supmae`` is
+    the same model with SupMAE's recipe (its mask ratio comes from the model)."""
 
     uses_labels = True
 
@@ -183,12 +210,9 @@ class SupervisedMIMAdapter(MethodAdapter):
     def loss(self, model, batch, ctx):
         imgs, labels = batch["views"][0], batch["label"]
         module = unwrap(model)
-        kwargs: dict[str, Any] = {}
-        forward = module.forward
-        if _accepts(forward, "mask_ratio"):
+        kwargs = _masking_kwargs(module, ctx, imgs.shape[0], imgs.device)
+        if _accepts(module.forward, "mask_ratio"):
             kwargs["mask_ratio"] = ctx.mask_ratio
-        if _accepts(forward, "noise"):
-            kwargs["noise"] = ctx.masking_noise(imgs.shape[0], module.patch_embed.num_patches, imgs.device)
         return _as_dict(model(imgs, labels, **kwargs))
 
 
@@ -215,19 +239,11 @@ class TwoViewAdapter(MethodAdapter):
             update(ctx.step + 1, ctx.max_steps)
 
 
-def _two_view_noise(ctx: StepContext, batch_size: int, num_patches: int, device: torch.device | str) -> torch.Tensor:
-    """``(2 * batch_size, L)`` masking noise, view 1's rows first: this rank's rows of each view's
-    global-batch noise, so the masks do not depend on the number of processes."""
-    generator = torch.Generator().manual_seed(derive_seed(ctx.seed, ctx.step, ctx.micro_step, 0x3A5C, 2))
-    noise = torch.rand(2, batch_size * ctx.world_size, num_patches, generator=generator)
-    rows = noise[:, ctx.rank * batch_size:(ctx.rank + 1) * batch_size].reshape(2 * batch_size, num_patches)
-    return rows.to(device, non_blocking=True)
-
-
 class CMAEAdapter(TwoViewAdapter):
-    """CMAE: ``model(view1, view2, mask_ratio, noise (2B, L)) -> {"loss", "loss_mim", "loss_con",
-    "loss_pos"}``; the views' crops come from :class:`fastmim.data.ContrastiveCrop`, whose boxes
-    this adapter refreshes from the model before the epochs its schedule names.
+    """CMAE: ``model(view1, view2, mask_ratio, seed=, offset=) -> {"loss", "loss_mim", "loss_con",
+    "loss_pos"}`` (both views' masks from one ``random_masking`` call); the views' crops come
+    from :class:`fastmim.data.ContrastiveCrop`, whose boxes this adapter refreshes from the
+    model before the epochs its schedule names.
 
     ContrastiveCrop options (``alpha``, ``threshold``, ``warmup`` and ``box_update_every`` in
     epochs; unset: 20% of the run each) are the constructor's ``ccrop`` dict; ``ccrop=None``
@@ -280,25 +296,23 @@ class CMAEAdapter(TwoViewAdapter):
 
     def loss(self, model, batch, ctx):
         view1, view2 = batch["views"]
-        module = unwrap(model)
-        noise = _two_view_noise(ctx, view1.shape[0], module.patch_embed.num_patches, view1.device)
-        return _as_dict(model(view1, view2, ctx.mask_ratio, noise))
+        return _as_dict(model(view1, view2, ctx.mask_ratio, seed=ctx.masking_seed(),
+                              offset=ctx.masking_offset(view1.shape[0])))
 
 
 class LUTAdapter(TwoViewAdapter):
-    """LUT: ``model(view1, view2, mask_ratio, noise (B, L)) -> {"loss", "loss_mae", "loss_bc"}``
-    (one permutation per image serves both views); after each optimizer step the EMA teacher
-    moves (``update_teacher(step, max_steps)``: momentum 0.996 -> 1 over the run). The teacher's
-    weights are buffers, so the optimizer never sees them."""
+    """LUT: ``model(view1, view2, mask_ratio, seed=, offset=) -> {"loss", "loss_mae", "loss_bc"}``
+    (one ``random_permutation`` row per image serves both views); after each optimizer step the
+    EMA teacher moves (``update_teacher(step, max_steps)``: momentum 0.996 -> 1 over the run).
+    The teacher's weights are buffers, so the optimizer never sees them."""
 
     def __init__(self):
         super().__init__("lut", second_view="photometric")
 
     def loss(self, model, batch, ctx):
         view1, view2 = batch["views"]
-        module = unwrap(model)
-        noise = ctx.masking_noise(view1.shape[0], module.patch_embed.num_patches, view1.device)
-        return _as_dict(model(view1, view2, ctx.mask_ratio, noise))
+        return _as_dict(model(view1, view2, ctx.mask_ratio, seed=ctx.masking_seed(),
+                              offset=ctx.masking_offset(view1.shape[0])))
 
 
 def _as_dict(out: Any) -> dict[str, torch.Tensor]:
