@@ -8,7 +8,8 @@
 #   machine with no internet) it is created with --system-site-packages so that torch, triton
 #   and the CUDA libraries are reused rather than downloaded.
 # - fastmim is installed editable with its [dev] extras; a stamp skips the install while
-#   setup.py is unchanged.
+#   setup.py is unchanged. Where no package index can be reached but the system has torch,
+#   triton and timm, fastmim alone is installed over them (no build isolation, no downloads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,8 +33,17 @@ STAMP="$VENV/.fastmim-installed"
 WANT=$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "env: installing fastmim and its dependencies into $VENV (the first time downloads torch: several minutes)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    if "$VENV/bin/python" -m pip install --quiet --upgrade pip && "$VENV/bin/python" -m pip install --quiet -e ".[dev]"; then
+        :
+    elif "$VENV/bin/python" -c "import torch, triton, timm, setuptools" 2>/dev/null; then
+        # No package index (a GPU machine without internet): install fastmim alone over the
+        # packages the system already has, building with the system's setuptools.
+        echo "env: the package index cannot be reached; installing fastmim over the system's packages"
+        "$VENV/bin/python" -m pip install --quiet --no-index --no-build-isolation --no-deps -e .
+    else
+        echo "env: installing the dependencies failed (see above)" >&2
+        exit 1
+    fi
     echo "$WANT" > "$STAMP"
 fi
 
