@@ -1,4 +1,4 @@
-"""The cost model of an MAE training step (modelled figures, no GPU needed).
+"""The cost model of a training step of each method (modelled figures, no GPU needed).
 
 Runs one steady-state training step (forward, backward, fused AdamW step) of each
 configuration at real size on the meta device and counts, op by op: FLOPs, HBM bytes read
@@ -18,7 +18,10 @@ Configurations (ViT-B/16 and ViT-L/16, 224 px, batch 256, mask ratio 0.75, norm_
   materialising the N x N scores, argsort masking with index gathers, patchify loss);
 - ``eager_sdpa``: the same on today's timm blocks with SDPA (``benchmarks/peers/eager_sdpa.py``);
 - ``fastmim``: ``fastmim.models.MaskedAutoencoderViT`` with the fused ops, ``pred_masked_only``
-  off and on.
+  off and on;
+- supervised + MIM, CMAE and LUT (:data:`METHODS`), each as ``eager_sdpa`` (the model's plain
+  PyTorch path on timm's blocks with SDPA) and ``fastmim`` (its fused path), with the method's
+  own views, heads and mask ratio (LUT's EMA teacher update counted after the optimizer step).
 
 Usage: ``python benchmarks/cost_model.py [--smoke] [--output DIR]``. Writes
 ``cost_model.json``, ``cost_model.md`` and ``cost_model.png`` in ``benchmarks/results/``
@@ -103,9 +106,41 @@ CONFIGS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "fastmim_pred_masked_only": partial(_fastmim, pred_masked_only=True),
 }
 
+# The other methods, on fastmim's own models: ``eager_sdpa`` is the model's plain-PyTorch path
+# (``fused=False``: argsort masking, gathers, the patchify loss, timm's blocks) with SDPA, as a user
+# would write the method on today's timm; ``fastmim`` its fused path. No published code of these
+# methods is re-implemented in ``benchmarks/peers/``, so they have no ``official`` configuration.
+METHOD_PRESETS = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224", "smoke": "vit_tiny_patch4_32"}
+SMOKE_OVERRIDES = dict(embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+METHOD_CONFIGS = {"eager_sdpa": dict(fused=False, attn_backend="sdpa"),
+                  "fastmim": dict(fused=True, attn_backend="fastmim")}
+METHODS = ("supmim", "cmae", "lut")
+
+
+def _method_step(method: str, model_name: str, config: str, batch: int):
+    """(model, inputs, loss function, hook run after the optimizer step) of one method's training step."""
+    from fastmim.models import create_model
+
+    overrides = {**METHOD_CONFIGS[config], **(SMOKE_OVERRIDES if model_name == "smoke" else {})}
+    if method == "lut" and model_name == "smoke":
+        overrides["head_hidden_dim"] = 64
+    if method == "cmae" and model_name == "smoke":
+        overrides.update(proj_hidden_dim=64, proj_dim=32)
+    with torch.device("meta"):
+        model = create_model(method, METHOD_PRESETS[model_name], **overrides).to(DTYPE)
+    size = model.patch_embed.img_size
+    view = torch.empty(batch, 3, *size, device="meta", dtype=DTYPE)
+    if method == "supmim":
+        labels = torch.zeros(batch, dtype=torch.int64, device="meta")
+        return model, [view, labels], lambda m, x, y: m(x, y)["loss"], None
+    # Two views; LUT's step ends with the teacher's EMA update (one foreach kernel), outside the optimizer.
+    after_step = model.update_teacher if method == "lut" else None
+    return model, [view, torch.empty_like(view)], lambda m, a, b: m(a, b, MASK_RATIO)["loss"], after_step
+
 
 @dataclasses.dataclass
 class Record:
+    method: str
     config: str
     model: str
     batch: int
@@ -125,14 +160,20 @@ class Record:
     count_seconds: float
 
 
-def measure(config: str, model_name: str, batch: int) -> Record:
-    size = SIZES[model_name]
-    MASKED_FRACTION["value"] = MASK_RATIO
+def measure(config: str, model_name: str, batch: int, method: str = "mae") -> Record:
     start = time.perf_counter()
-    with torch.device("meta"):
-        model = CONFIGS[config](size).to(DTYPE)
-    imgs = torch.empty(batch, 3, size["img_size"], size["img_size"], device="meta", dtype=DTYPE)
-    cost = count_step(model, [imgs], lambda m, x: m(x, mask_ratio=MASK_RATIO)[0])
+    MASKED_FRACTION["value"] = MASK_RATIO
+    if method == "mae":
+        size = SIZES[model_name]
+        with torch.device("meta"):
+            model = CONFIGS[config](size).to(DTYPE)
+        imgs = torch.empty(batch, 3, size["img_size"], size["img_size"], device="meta", dtype=DTYPE)
+        cost = count_step(model, [imgs], lambda m, x: m(x, mask_ratio=MASK_RATIO)[0])
+    else:
+        model, inputs, loss_fn, after_step = _method_step(method, model_name, config, batch)
+        if method == "supmim":
+            MASKED_FRACTION["value"] = model.mask_ratio
+        cost = count_step(model, inputs, loss_fn, after_step=after_step)
     projected = cm.project(cost, H100_SXM)
     fields = ("flops", "bytes", "launches", "time_s")
     by_family = {f: {k: cost.by_family(k)[f] for k in fields} for f in cm.FAMILIES}
@@ -142,7 +183,8 @@ def measure(config: str, model_name: str, batch: int) -> Record:
     op_launches = cost.by_op("launches")
     top = sorted(op_time, key=op_time.get, reverse=True)[:15]
     return Record(
-        config=config, model=model_name, batch=batch, dtype=str(DTYPE).removeprefix("torch."), mask_ratio=MASK_RATIO,
+        method=method, config=config, model=model_name, batch=batch, dtype=str(DTYPE).removeprefix("torch."),
+        mask_ratio=MASK_RATIO if method != "supmim" else MASKED_FRACTION["value"],
         flops=int(cost.total("flops")), hbm_bytes=int(cost.total("bytes")),
         non_gemm_bytes=int(cost.total("bytes") - by_family["gemm"]["bytes"]), launches=int(cost.total("launches")),
         activation_bytes=cost.activation_bytes, peak_bytes=cost.peak_bytes, resident_bytes=cost.resident_bytes,
@@ -151,8 +193,8 @@ def measure(config: str, model_name: str, batch: int) -> Record:
         count_seconds=time.perf_counter() - start)
 
 
-def evaluate_targets(records: list[Record], model_name: str) -> list[dict[str, Any]]:
-    by_config = {r.config: r for r in records if r.model == model_name}
+def evaluate_targets(records: list[Record], model_name: str, method: str = "mae") -> list[dict[str, Any]]:
+    by_config = {r.config: r for r in records if r.model == model_name and r.method == method}
     out = []
     for ours in ("fastmim", "fastmim_pred_masked_only"):
         if ours not in by_config:
@@ -169,8 +211,8 @@ def evaluate_targets(records: list[Record], model_name: str) -> list[dict[str, A
                 value = getattr(mine, metric) / getattr(theirs, metric)
                 met = value <= bound
                 rule = f"{metric}: {ours} / {peer} <= {bound}"
-            out.append({"model": model_name, "config": ours, "peer": peer, "metric": metric, "value": value,
-                        "bound": bound, "met": met, "rule": rule})
+            out.append({"method": method, "model": model_name, "config": ours, "peer": peer, "metric": metric,
+                        "value": value, "bound": bound, "met": met, "rule": rule})
     return out
 
 
@@ -190,36 +232,37 @@ def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str
         f"torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:12]}"
         + (" (uncommitted changes)" if env.get("commit_dirty") else "") + f", {env['date']}.",
         "",
-        "| model | config | batch | GFLOP | HBM GB | non-GEMM GB | launches | activations GB | peak GB "
+        "| method | model | config | batch | GFLOP | HBM GB | non-GEMM GB | launches | activations GB | peak GB "
         "| projected ms (H100) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        lines.append(f"| {r.model} | {r.config} | {r.batch} | {r.flops / 1e9:.0f} | {_gb(r.hbm_bytes)} | "
+        lines.append(f"| {r.method} | {r.model} | {r.config} | {r.batch} | {r.flops / 1e9:.0f} | {_gb(r.hbm_bytes)} | "
                      f"{_gb(r.non_gemm_bytes)} | {r.launches} | {_gb(r.activation_bytes)} | {_gb(r.peak_bytes)} | "
                      f"{r.projected_ms:.2f} |")
     lines += ["", "## Bytes moved (GB) by op family", "",
-              "| model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
-              "|---|---|" + "---|" * len(cm.FAMILIES)]
+              "| method | model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
+              "|---|---|---|" + "---|" * len(cm.FAMILIES)]
     for r in records:
-        lines.append(f"| {r.model} | {r.config} | "
+        lines.append(f"| {r.method} | {r.model} | {r.config} | "
                      + " | ".join(_gb(r.by_family[f]["bytes"]) for f in cm.FAMILIES) + " |")
     lines += ["", "## Projected time (ms) by op family", "",
-              "| model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
-              "|---|---|" + "---|" * len(cm.FAMILIES)]
+              "| method | model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
+              "|---|---|---|" + "---|" * len(cm.FAMILIES)]
     for r in records:
-        lines.append(f"| {r.model} | {r.config} | "
+        lines.append(f"| {r.method} | {r.model} | {r.config} | "
                      + " | ".join(f"{r.by_family[f]['time_s'] * 1e3:.2f}" for f in cm.FAMILIES) + " |")
     lines += ["", "## Launches by op family", "",
-              "| model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
-              "|---|---|" + "---|" * len(cm.FAMILIES)]
+              "| method | model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
+              "|---|---|---|" + "---|" * len(cm.FAMILIES)]
     for r in records:
-        lines.append(f"| {r.model} | {r.config} | "
+        lines.append(f"| {r.method} | {r.model} | {r.config} | "
                      + " | ".join(f"{r.by_family[f]['launches']:.0f}" for f in cm.FAMILIES) + " |")
     if targets:
-        lines += ["", "## Targets (issue 11)", "", "| model | rule | value | met |", "|---|---|---|---|"]
+        lines += ["", "## Targets (issue 11)", "", "| method | model | rule | value | met |", "|---|---|---|---|---|"]
         for t in targets:
-            lines.append(f"| {t['model']} | {t['rule']} | {t['value']:.3f} | {'yes' if t['met'] else 'NO'} |")
+            lines.append(f"| {t['method']} | {t['model']} | {t['rule']} | {t['value']:.3f} | "
+                         f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +272,7 @@ def chart(records: list[Record], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r.model + "\n" + r.config.replace("_pred_masked_only", "\n+pred_masked_only") for r in records]
+    labels = [f"{r.method} {r.model}\n" + r.config.replace("_pred_masked_only", "\n+pred_masked_only") for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(records) * 2), 6))
     colors = plt.get_cmap("tab10").colors
     for ax, (field, scale, unit) in zip(axes, (("bytes", 1e9, "HBM GB moved"), ("time_s", 1e-3, "projected ms")),
@@ -244,7 +287,7 @@ def chart(records: list[Record], path: Path) -> None:
         ax.set_title(f"{unit} per training step (modelled, H100)" if field == "time_s" else
                      f"{unit} per training step (modelled)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("MAE training step, batch per model in the table, bf16: cost model (no GPU run)")
+    fig.suptitle("One training step per method, batch per model in the table, bf16: cost model (no GPU run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,19 +297,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models (CI): checks the script runs")
     parser.add_argument("--output", type=Path, default=harness.RESULTS_DIR)
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="MAE: comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--methods", default=",".join(("mae", *METHODS)),
+                        help="comma-separated subset of mae," + ",".join(METHODS))
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
+    methods = [m for m in args.methods.split(",") if m]
     plan = [("smoke", 4)] if args.smoke else [("vit_b16", 256), ("vit_l16", 256)]
     records: list[Record] = []
     for model_name, batch in plan:
-        for config in configs:
-            record = measure(config, model_name, batch)
+        runs = [("mae", c) for c in configs if "mae" in methods]
+        runs += [(m, c) for m in METHODS if m in methods for c in METHOD_CONFIGS]
+        for method, config in runs:
+            record = measure(config, model_name, batch, method)
             records.append(record)
-            print(f"{model_name} {config}: {record.projected_ms:.2f} ms projected, {record.launches} launches, "
-                  f"{_gb(record.hbm_bytes)} GB moved, {_gb(record.activation_bytes)} GB saved "
+            print(f"{method} {model_name} {config}: {record.projected_ms:.2f} ms projected, {record.launches} "
+                  f"launches, {_gb(record.hbm_bytes)} GB moved, {_gb(record.activation_bytes)} GB saved "
                   f"({record.count_seconds:.1f} s to count)", flush=True)
-    targets = [t for model_name, _ in plan for t in evaluate_targets(records, model_name)]
+    targets = [t for model_name, _ in plan for method in methods for t in evaluate_targets(records, model_name, method)]
     env = harness.environment("cpu")
     env.pop("device", None)
     env.pop("device_type", None)

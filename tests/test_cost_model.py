@@ -396,8 +396,10 @@ def test_cost_model_script_runs_in_smoke_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     payload = json.loads((tmp_path / "cost_model-smoke.json").read_text())
     assert payload["kind"] == "smoke"
-    configs = {r["config"] for r in payload["records"]}
-    assert {"official", "eager_sdpa", "fastmim", "fastmim_pred_masked_only"} <= configs
+    configs = {(r["method"], r["config"]) for r in payload["records"]}
+    assert {("mae", c) for c in ("official", "eager_sdpa", "fastmim", "fastmim_pred_masked_only")} <= configs
+    assert {(m, c) for m in ("supmim", "cmae", "lut") for c in ("eager_sdpa", "fastmim")} <= configs
+    assert {(t["method"], t["peer"]) for t in payload["targets"]} >= {("lut", "eager_sdpa"), ("mae", "official")}
     for r in payload["records"]:
         for key in ("flops", "hbm_bytes", "launches", "activation_bytes", "peak_bytes", "projected_ms"):
             assert r[key] > 0, (r["config"], key)

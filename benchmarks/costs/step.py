@@ -71,12 +71,17 @@ def mae_loss(model: nn.Module, imgs: torch.Tensor, mask_ratio: float = 0.75) -> 
 
 def count_step(model: nn.Module, inputs: Sequence[torch.Tensor],
                loss_fn: Callable[..., torch.Tensor] = mae_loss, *, gpu_kernels: bool = True,
-               optimizer: FusedAdamW | None = None) -> StepCost:
-    """Counts one steady-state training step of ``model`` on ``inputs`` (any device; meta costs nothing)."""
+               optimizer: FusedAdamW | None = None, after_step: Callable[[], Any] | None = None) -> StepCost:
+    """Counts one steady-state training step of ``model`` on ``inputs`` (any device; meta costs nothing).
+
+    ``after_step``: work the method does after the optimizer step (LUT's EMA teacher update),
+    counted in the optimizer phase."""
     model.train()
     optimizer = optimizer or FusedAdamW(model)
     loss_fn(model, *inputs).backward()
     optimizer.step()
+    if after_step is not None:
+        after_step()
     optimizer.zero_grad()
     counter = StepCounter(model, gpu_kernels=gpu_kernels)
     try:
@@ -88,6 +93,8 @@ def count_step(model: nn.Module, inputs: Sequence[torch.Tensor],
         del loss
         with counter.phase("optimizer"):
             optimizer.step()
+            if after_step is not None:
+                after_step()
     finally:
         counter.detach()
     return counter.result()
