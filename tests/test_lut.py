@@ -239,6 +239,130 @@ def test_ema_update_is_one_foreach_call_over_parameters_and_running_statistics(m
     assert not torch.equal(model.teacher.projector[1].running_mean, teacher_before["projector.1.running_mean"])
 
 
+def _student_step(model: LUT, seed: int) -> None:
+    """An SGD step of the student (its BatchNorm running statistics move too)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(*views(batch=4, seed=seed), 0.75, seed=seed)["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _expected_teacher(model: LUT, momentum: float) -> dict[str, torch.Tensor]:
+    """The reference EMA, by name from the state dicts: ``m * teacher + (1 - m) * student``."""
+    student = {k: _full(v).detach().clone() for k, v in model.state_dict().items()}
+    return {k: momentum * v + (1 - momentum) * student[k] for k, v in model.teacher.state_dict().items()}
+
+
+def _assert_teacher(model: LUT, expected: dict[str, torch.Tensor]) -> None:
+    teacher = model.teacher.state_dict()
+    assert teacher.keys() == expected.keys()
+    for key, value in expected.items():
+        assert teacher[key].dtype == value.dtype, key
+        torch.testing.assert_close(teacher[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def _perturb_student(model: LUT, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tensors = [*model.parameters(), *(b for n, b in model.named_buffers()
+                                      if not n.startswith("teacher.") and b.is_floating_point())]
+    with torch.no_grad():
+        for t in tensors:
+            t.add_(torch.randn(t.shape, generator=g).to(t.dtype))
+
+
+def test_ema_pairs_are_built_once_and_follow_the_students_steps(monkeypatch):
+    import fastmim.models.lut as lut
+
+    built = []
+    real = lut._EMAPairs
+    monkeypatch.setattr(lut, "_EMAPairs", lambda model: built.append(model) or real(model))
+    model = tiny_lut()
+    for step in range(3):
+        _student_step(model, seed=10 + step)
+        expected = _expected_teacher(model, 0.8)
+        model.update_teacher(momentum=0.8)
+        _assert_teacher(model, expected)
+    assert built == [model]
+
+
+def test_ema_pairs_are_rebuilt_when_the_models_tensors_change():
+    model = tiny_lut()
+    pairs = model._ema_pairs()
+    assert model._ema_pairs() is pairs
+    model.to(torch.float64)  # new tensor objects, student's and teacher's
+    assert model._ema_pairs() is not pairs
+    _perturb_student(model, seed=1)
+    expected = _expected_teacher(model, 0.7)
+    model.update_teacher(momentum=0.7)
+    _assert_teacher(model, expected)
+    assert model.teacher.blocks[0].attn.qkv.weight.dtype == torch.float64
+
+    other = tiny_lut(seed=3).to(torch.float64)
+    pairs = model._ema_pairs()
+    model.load_state_dict(other.state_dict(), assign=True)  # assign: the loaded tensors replace the model's
+    assert model._ema_pairs() is not pairs
+    _perturb_student(model, seed=2)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.data = torch.randn_like(model.blocks[0].mlp.fc1.weight)  # same Parameter
+    expected = _expected_teacher(model, 0.6)
+    model.update_teacher(momentum=0.6)
+    _assert_teacher(model, expected)
+
+    pairs = model._ema_pairs()
+    model.reset_teacher()
+    assert model._ema_pairs() is not pairs
+    _perturb_student(model, seed=3)
+    expected = _expected_teacher(model, 0.5)
+    model.update_teacher(momentum=0.5)
+    _assert_teacher(model, expected)
+    assert copy.deepcopy(model)._ema_cache is None  # a copy pairs its own tensors
+
+
+def test_shard_rows_are_torch_chunks_as_fully_shard_splits_dim_0():
+    from fastmim.models.lut import _shard_rows
+
+    for length in range(1, 8):
+        for world in range(1, 5):
+            chunks = torch.arange(length).chunk(world)
+            expected = [(int(c[0]), len(c)) for c in chunks] + [(length, 0)] * (world - len(chunks))
+            assert _shard_rows(length, world) == expected, (length, world)
+
+
+def test_ema_update_of_an_fsdp_sharded_student_is_one_lerp_and_one_gather(tmp_path, monkeypatch):
+    """FSDP2 turns the student's parameters into DTensor shards; the teacher stays whole. One
+    process here (the 2-process run is in test_train): the pairing, the lerp on the local shard,
+    the gather and the staleness check run; the teacher moves as the reference EMA says."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = tiny_lut()
+    pairs = model._ema_pairs()  # paired before sharding: must not be used after it
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for block in (*model.blocks, *model.decoder_blocks):
+            fully_shard(block)
+        fully_shard(model)
+        assert isinstance(model.blocks[0].attn.qkv.weight, DTensor)
+        _student_step(model, seed=4)
+        expected = _expected_teacher(model, 0.8)
+        lerps, gathers = [], []
+        gather_name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+        real_lerp, real_gather = torch._foreach_lerp_, getattr(dist, gather_name)
+        monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a: lerps.append(len(a[0])) or real_lerp(*a))
+        monkeypatch.setattr(dist, gather_name, lambda *a, **k: gathers.append(1) or real_gather(*a, **k))
+        model.update_teacher(momentum=0.8)
+        assert model._ema_pairs() is not pairs and model._ema_pairs().gathers
+        assert lerps == [len(expected)] and gathers == [1]
+        _assert_teacher(model, expected)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_momentum_schedule_rises_from_base_to_one_on_a_half_cosine():
     assert ema_momentum(0, 100) == pytest.approx(0.996)
     assert ema_momentum(50, 100) == pytest.approx(0.998)

@@ -513,3 +513,91 @@ def test_ddp_and_fsdp_two_processes_match_one_process(tmp_path):
     assert pf.keys() == pa.keys()
     flat_f = torch.cat([pf[k].flatten() for k in pa])
     assert (flat_a - flat_f).norm() / flat_a.norm() < 1e-4
+
+
+def _object_folder(root, classes=3, per_class=6, size=20, seed=0):
+    """A dark square on a light, slightly noisy background, somewhere else in each image: even
+    an untrained ViT's heat maps single it out, so ContrastiveCrop's boxes are not all the
+    whole image (on uniform noise they are)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            array = rng.integers(190, 230, (size, size, 3), dtype=np.uint8)
+            side = int(rng.integers(6, 11))
+            top, left = rng.integers(0, size - side, 2)
+            array[top:top + side, left:left + side] = rng.integers(0, 30, 3, dtype=np.uint8)
+            Image.fromarray(array).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+# Tiny heads; LUT's teacher on a fast momentum (0.5 -> 1 over the run) so that it moves visibly.
+TWO_VIEW_MODELS = {"lut": {"head_hidden_dim": 32, "ema_momentum": 0.5}, "cmae": {"proj_hidden_dim": 32, "proj_dim": 16}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lut", "cmae"])
+def test_two_view_methods_under_ddp_and_fsdp_match_one_process(tmp_path, method):
+    """LUT (EMA teacher updated from FSDP's shards) and CMAE (ContrastiveCrop boxes computed by
+    the sharded model, gathered negatives), 2 gloo processes of batch 4 under DDP and under
+    FSDP2 against 1 process of batch 8: the same losses, parts, parameters, teacher and boxes.
+    15 train images make each step an epoch, so ContrastiveCrop's default schedule (warm-up and
+    period 20% of the 3 epochs: 1) recomputes the boxes before steps 2 and 3, over shares of 8
+    and 7 (+1 repeated) images. The FSDP run stops after step 1 and resumes: its first box
+    update is then the resumed model's first pass, before any training forward."""
+    import subprocess
+    import sys
+
+    from fastmim.models import create_model
+    from fastmim.train.checkpoint import STATE_NAME, load_state
+
+    data = _object_folder(tmp_path / "data")
+    model_kwargs = {**TINY, "patch_size": 4, **TWO_VIEW_MODELS[method]}
+    common = ["train", "--method", method, "--data", str(data), "--image-size", "16", "--max-steps", "3",
+              "--no-progress", "--no-figures", "--log-every", "1", "--seed", "3", "--blr", "1e-2",
+              *[a for k, v in model_kwargs.items() for a in ("--model-arg", f"{k}={v}")]]
+    assert main([*common, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    pa = _params(tmp_path / "one" / "checkpoint.safetensors")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastmim"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torch.manual_seed(3)
+    initial = create_model(method, "vit_tiny_patch4_32", in_chans=3, img_size=16, **model_kwargs).state_dict()
+    for name, flags in (("ddp", []), ("fsdp", ["--fsdp", "--stop-after", "1"])):
+        out = tmp_path / name
+        run = subprocess.run([*launch, *common, "--batch-size", "4", "--output", str(out), *flags], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+        if name == "fsdp":
+            resume = ["train", "--resume", "--no-progress", "--log-every", "1", "--output", str(out)]
+            run = subprocess.run([*launch, *resume], env=env, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, (name, run.stderr[-3000:])
+        two = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+        for a, b in zip(one, two, strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (name, a, b)
+            assert b["parts"].keys() == a["parts"].keys()
+            for part, value in a["parts"].items():
+                assert b["parts"][part] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, part, a, b)
+        pb = _params(out / "checkpoint.safetensors")
+        assert pb.keys() == pa.keys()
+        flat_a, flat_b = torch.cat([pa[k].flatten() for k in pa]), torch.cat([pb[k].flatten() for k in pa])
+        assert (flat_a - flat_b).norm() / flat_a.norm() < 1e-4, name
+        if method == "lut":
+            # The rows of the teacher's copies of parameters that rank 1 holds under FSDP (from
+            # ceil(N / 2) on), in the teacher rank 0 saved: moved from the start (the student's
+            # initial weights) as in one process. Not 1e-4: the key weights and bias, whose gradient
+            # is rounding noise, take Adam steps of +-lr either way, about 1e-3 of the movement;
+            # rows the gather missed would differ by all of it.
+            rows = [k for k in pa if k.startswith("teacher.") and "running_" not in k and pa[k].shape[0] > 1]
+            rank1 = {k: slice(-(-pa[k].shape[0] // 2), None) for k in rows}
+            moved = torch.cat([(pa[k] - initial[k[len("teacher."):]])[rank1[k]].flatten() for k in rows])
+            differ = torch.cat([(pa[k] - pb[k])[rank1[k]].flatten() for k in rows])
+            assert moved.norm() > 0 and differ.norm() < 1e-2 * moved.norm(), (name, differ.norm(), moved.norm())
+        else:
+            boxes_a = load_state(tmp_path / "one" / STATE_NAME)["adapter"]["contrastive_crop"]
+            boxes_b = load_state(out / STATE_NAME)["adapter"]["contrastive_crop"]
+            assert boxes_a["boxes_epoch"] == boxes_b["boxes_epoch"] == 2 and boxes_b["use_boxes"]
+            assert boxes_a["boxes"].shape == (15, 4)
+            assert torch.equal(boxes_a["boxes"], boxes_b["boxes"]), name
+            assert (boxes_a["boxes"] != torch.tensor([0.0, 0.0, 1.0, 1.0])).any(dim=1).sum() >= 5

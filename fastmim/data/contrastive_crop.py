@@ -32,7 +32,9 @@ DataLoader workers started after the hook see the new boxes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -55,6 +57,32 @@ def vit_patch_features(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     cls = (model.cls_token + model.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)
     return run_blocks(model.blocks, x)[:, 1:, :]
+
+
+@contextmanager
+def _as_root_forward(model: nn.Module, features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                     ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """``imgs -> features(model, imgs)``; under FSDP2 (``model`` the ``fully_shard`` root) run as
+    a forward of the root, so FSDP gathers the root's parameters (``patch_embed``, ``pos_embed``,
+    ...) and sets up its sharded blocks as in a training forward. Calling them outside the root's
+    forward would meet sharded ``DTensor`` parameters, or, before the first training step, make
+    a block FSDP's root. The root is resharded afterwards, as the pass found it."""
+    fsdp_module = None
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+        fsdp_module = FSDPModule
+    if fsdp_module is None or not isinstance(model, fsdp_module):
+        yield lambda imgs: features(model, imgs)
+        return
+    name = "_contrastive_crop_features"
+    setattr(model, name, types.MethodType(features, model))
+    register_fsdp_forward_method(model, name)
+    try:
+        yield getattr(model, name)
+    finally:
+        delattr(model, name)
+        model.reshard()
 
 
 def heatmap_boxes(features: torch.Tensor, image_size: int | Sequence[int], threshold: float = 0.1,
@@ -200,8 +228,12 @@ class ContrastiveCrop:
         from ``model``'s heat maps, each image resized whole to ``image_size``.
 
         The model runs in eval mode (restored afterwards). Under an initialised process group
-        each rank computes a contiguous share and the shares are all-gathered (on ``device``,
-        so NCCL gets CUDA tensors). Does not change ``self.boxes``: :meth:`on_epoch_start` does.
+        each rank computes a contiguous share of ``ceil(N / world)`` images and the shares are
+        all-gathered (on ``device``, so NCCL gets CUDA tensors); the last ranks fill their share
+        with the last image (rows dropped after the gather), so that every rank runs the same
+        batches: under FSDP2 each one is collectives all ranks join, and ``features`` runs as a
+        forward of the ``fully_shard`` root (see :func:`_as_root_forward`).
+        Does not change ``self.boxes``: :meth:`on_epoch_start` does.
         """
         num = self.boxes.shape[0]
         if len(dataset) != num:
@@ -212,24 +244,23 @@ class ContrastiveCrop:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         share = -(-num // world)
-        lo, hi = min(num, rank * share), min(num, (rank + 1) * share)
+        indices = [min(i, num - 1) for i in range(rank * share, (rank + 1) * share)]
         was_training = model.training
         model.eval()
         try:
             parts = []
-            for start in range(lo, hi, batch_size):
-                imgs = torch.stack([whole_image(dataset.load(i), image_size, mean, std)
-                                    for i in range(start, min(hi, start + batch_size))]).to(device)
-                parts.append(heatmap_boxes(features(model, imgs), image_size, self.threshold))
+            with _as_root_forward(model, features) as run:
+                for start in range(0, share, batch_size):
+                    imgs = torch.stack([whole_image(dataset.load(i), image_size, mean, std)
+                                        for i in indices[start:start + batch_size]]).to(device)
+                    parts.append(heatmap_boxes(run(imgs), image_size, self.threshold))
         finally:
             model.train(was_training)
-        local = torch.cat(parts) if parts else torch.zeros(0, 4, device=device)
+        local = torch.cat(parts)
         if world == 1:
             return local.cpu()
-        padded = torch.zeros(share, 4, device=device)
-        padded[:local.shape[0]] = local
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        torch.distributed.all_gather(gathered, padded)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        torch.distributed.all_gather(gathered, local)
         return torch.cat(gathered)[:num].cpu()
 
     # ------------------------------------------------------------------ sampling

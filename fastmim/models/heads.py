@@ -131,6 +131,9 @@ class FrozenBatchNorm1d(nn.Module):
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm1d:
         frozen = cls(bn.num_features, bn.eps)
+        like = bn.running_mean if bn.running_mean is not None else bn.weight
+        if like is not None:  # the source's device and dtype (a float64 model's teacher stays float64)
+            frozen.to(device=like.device, dtype=like.dtype)
         with torch.no_grad():
             if bn.affine:
                 frozen.weight.copy_(bn.weight)
@@ -138,7 +141,7 @@ class FrozenBatchNorm1d(nn.Module):
             if bn.running_mean is not None:
                 frozen.running_mean.copy_(bn.running_mean)
                 frozen.running_var.copy_(bn.running_var)
-        return frozen.to(bn.running_mean.device if bn.running_mean is not None else bn.weight.device)
+        return frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)

@@ -6,9 +6,10 @@ arXiv 2312.00950). One masked pass of the encoder (visible tokens only) feeds bo
 - the classifier: global average of the encoder's visible patch tokens after its final norm
   (``pool="avg"``, *default chosen*; ``pool="cls"`` takes the cls token) -> ``head``;
   ``cls_input="full"`` (*option*) classifies a second, unmasked pass instead;
-- the MIM branch: MAE's decoder (*defaults chosen*: depth 2, width 512) reconstructing the
-  masked patches, normalised pixels through fastmim's fused loss (*default chosen*), or the ids
-  of a ``tokenizer`` (any module mapping ``(B, C, H, W)`` images to ``(B, L)`` integer ids per
+- the MIM branch: MAE's decoder (*defaults chosen*: depth 2, width 512; 128 on the
+  small-image presets, see :class:`SupervisedMIM`) reconstructing the masked patches,
+  normalised pixels through fastmim's fused loss (*default chosen*), or the ids of a
+  ``tokenizer`` (any module mapping ``(B, C, H, W)`` images to ``(B, L)`` integer ids per
   patch) with cross-entropy.
 
 ``loss = w_cls * CE(logits / logit_temperature, labels; label_smoothing) + w_mim * L_mim``.
@@ -61,6 +62,16 @@ class SupervisedMIM(MaskedAutoencoderViT):
         head_hidden_dim: 0 for a linear head, else ``Linear -> BatchNorm1d -> ReLU -> Linear``.
         tokenizer, tokenizer_vocab_size: reconstruct a frozen tokenizer's ids instead of pixels.
         fused, attn_backend, pred_masked_only, drop_path_rate: as :class:`MaskedAutoencoderViT`.
+
+    Decoder width *(default chosen)*: METHODS.md's 512 (16 heads) is the width built here and by
+    ``create_model("supmim", preset)`` for the 224-px presets. The small-image presets
+    (``img_size < 224``: ``vit_tiny_patch4_32``, ``vit_tiny_patch8_64``, the CPU-scale runs) get
+    the preset's 128-wide, 4-head decoder instead, depth still the recipe's: at 512 the decoder
+    of ``vit_tiny_patch4_32`` would hold more parameters than its encoder (6.5M against 5.3M)
+    and, running on all 64 tokens while the encoder sees the 32 visible ones, cost about 2.4
+    times its compute, turning the shallow auxiliary head into most of each CPU step. Pass
+    ``decoder_embed_dim=512, decoder_num_heads=16`` to ``create_model`` (``--model-arg`` in
+    ``fastmim train``) for METHODS.md's width at any size.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
@@ -181,7 +192,7 @@ class SupervisedMIM(MaskedAutoencoderViT):
 @register_method("supmim")
 def _build_supmim(size: ViTPreset, /, **overrides: Any) -> SupervisedMIM:
     kwargs = size.encoder_kwargs()
-    if size.img_size < 224:  # the small-image (CPU-scale) presets keep their narrow decoder
+    if size.img_size < 224:  # the preset's narrow decoder: see SupervisedMIM's docstring
         kwargs.update(decoder_embed_dim=size.decoder_embed_dim, decoder_num_heads=size.decoder_num_heads)
     return SupervisedMIM(**{**kwargs, **overrides})
 
