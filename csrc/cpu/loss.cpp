@@ -7,11 +7,20 @@
 // one pass over pred accumulates the squared error and writes the final gradient with respect
 // to pred (2 (pred - target) / N times the row's weight and the reduction's scale: Liger-style,
 // the backward op only rescales it by grad_output).
+//
+// The fp32 passes over a row use at::vec::Vectorized<float>: a sum runs in kLanes independent
+// partials (a scalar float sum is one serial chain of adds, which -O3 must keep in order),
+// added in a fixed order at the end, so it stays deterministic. A 16-bit pred row is
+// converted to and from an fp32 buffer by plain loops: under the baseline ISA the extension
+// is built for, ATen's vector conversions go element by element through memory and measured
+// slower for bf16 (whose plain conversion loops the compiler vectorises), no faster for fp16.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../fastmim_ops.h"
@@ -22,6 +31,82 @@ namespace {
 struct Geometry {
   int64_t B, L, N, C, H, W, p, Wp;
 };
+
+using fVec = at::vec::Vectorized<float>;
+// Elements per step of the vector loops: two fp32 vectors, so two partial sums in flight.
+constexpr int64_t kLanes = 2 * fVec::size();
+
+// Sum of the lanes of lo and hi, lane by lane in a fixed order.
+inline float lane_sum(const fVec& lo, const fVec& hi) {
+  __at_align__ float lanes[kLanes];
+  lo.store(lanes);
+  hi.store(lanes + fVec::size());
+  float s = 0.0f;
+  for (int64_t k = 0; k < kLanes; ++k) s += lanes[k];
+  return s;
+}
+
+inline float row_sum(const float* x, int64_t n) {
+  const int64_t n_vec = n - n % kLanes;
+  fVec lo(0.0f), hi(0.0f);
+  for (int64_t e = 0; e < n_vec; e += kLanes) {
+    lo += fVec::loadu(x + e);
+    hi += fVec::loadu(x + e + fVec::size());
+  }
+  float s = lane_sum(lo, hi);
+  for (int64_t e = n_vec; e < n; ++e) s += x[e];
+  return s;
+}
+
+// x = (x - mean) / sqrt(var(x) + eps), var unbiased; two passes (the variance of centred
+// values: no cancellation).
+inline void normalise_row(float* x, int64_t n, float inv_n, float inv_n1, float eps) {
+  const int64_t n_vec = n - n % kLanes;
+  const float mean = row_sum(x, n) * inv_n;
+  const fVec vmean(mean);
+  fVec lo(0.0f), hi(0.0f);
+  for (int64_t e = 0; e < n_vec; e += kLanes) {
+    const fVec c_lo = fVec::loadu(x + e) - vmean, c_hi = fVec::loadu(x + e + fVec::size()) - vmean;
+    lo += c_lo * c_lo;
+    hi += c_hi * c_hi;
+  }
+  float sq = lane_sum(lo, hi);
+  for (int64_t e = n_vec; e < n; ++e) {
+    const float c = x[e] - mean;
+    sq += c * c;
+  }
+  const float rstd = 1.0f / std::sqrt(sq * inv_n1 + eps);
+  const fVec vrstd(rstd);
+  for (int64_t e = 0; e < n_vec; e += kLanes) {
+    ((fVec::loadu(x + e) - vmean) * vrstd).store(x + e);
+    ((fVec::loadu(x + e + fVec::size()) - vmean) * vrstd).store(x + e + fVec::size());
+  }
+  for (int64_t e = n_vec; e < n; ++e) x[e] = (x[e] - mean) * rstd;
+}
+
+// Returns sum((p - t)^2); with g, also writes g = (p - t) * coef (g may be p).
+inline float squared_error_row(const float* p, const float* t, float* g, float coef, int64_t n) {
+  const int64_t n_vec = n - n % kLanes;
+  const fVec vcoef(coef);
+  fVec lo(0.0f), hi(0.0f);
+  for (int64_t e = 0; e < n_vec; e += kLanes) {
+    const fVec d_lo = fVec::loadu(p + e) - fVec::loadu(t + e);
+    const fVec d_hi = fVec::loadu(p + e + fVec::size()) - fVec::loadu(t + e + fVec::size());
+    lo += d_lo * d_lo;
+    hi += d_hi * d_hi;
+    if (g != nullptr) {
+      (d_lo * vcoef).store(g + e);
+      (d_hi * vcoef).store(g + e + fVec::size());
+    }
+  }
+  float acc = lane_sum(lo, hi);
+  for (int64_t e = n_vec; e < n; ++e) {
+    const float d = p[e] - t[e];
+    acc += d * d;
+    if (g != nullptr) g[e] = d * coef;
+  }
+  return acc;
+}
 
 // Flat patch index q = b * L + l of each row of pred (identity for the full layout).
 template <typename index_t>
@@ -46,8 +131,11 @@ void patch_mse_rows(const pred_t* pred, const img_t* imgs, const float* weight, 
   const float inv_n = 1.0f / static_cast<float>(g.N);
   const float inv_n1 = 1.0f / static_cast<float>(g.N - 1);  // inf when N == 1: var = nan, as torch.var
   const float two_over_n = 2.0f / static_cast<float>(g.N);
+  constexpr bool pred_is_float = std::is_same_v<pred_t, float>;
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
     std::vector<float> target(g.N);
+    std::vector<float> pred_f32(pred_is_float ? 0 : g.N);  // the row of pred, then its gradient
+    float* t = target.data();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t q = row_patch(ids, r, rows_per_sample, g, layout, op);
       const float w = weight != nullptr ? weight[q] : 1.0f;
@@ -64,35 +152,22 @@ void patch_mse_rows(const pred_t* pred, const img_t* imgs, const float* weight, 
         const img_t* plane = imgs + ((b * g.C + c) * g.H + hp * g.p) * g.W + wp * g.p;
         for (int64_t i = 0; i < g.p; ++i) {
           const img_t* src = plane + i * g.W;
-          float* dst = target.data() + i * g.p * g.C + c;
+          float* dst = t + i * g.p * g.C + c;
           for (int64_t j = 0; j < g.p; ++j) dst[j * g.C] = static_cast<float>(src[j]);
         }
       }
-      if (norm_pix) {
-        float sum = 0.0f;
-        for (int64_t e = 0; e < g.N; ++e) sum += target[e];
-        const float mean = sum * inv_n;
-        float sq = 0.0f;  // two passes: the variance of centred values, no cancellation
-        for (int64_t e = 0; e < g.N; ++e) {
-          const float t = target[e] - mean;
-          sq += t * t;
-        }
-        const float rstd = 1.0f / std::sqrt(sq * inv_n1 + eps);
-        for (int64_t e = 0; e < g.N; ++e) target[e] = (target[e] - mean) * rstd;
-      }
+      if (norm_pix) normalise_row(t, g.N, inv_n, inv_n1, eps);
       const pred_t* prow = pred + r * g.N;
-      float acc = 0.0f;
-      if (grow != nullptr) {
-        const float coef = w * scale * two_over_n;
-        for (int64_t e = 0; e < g.N; ++e) {
-          const float d = static_cast<float>(prow[e]) - target[e];
-          acc += d * d;
-          grow[e] = static_cast<pred_t>(d * coef);
-        }
+      const float coef = w * scale * two_over_n;
+      float acc;
+      if constexpr (pred_is_float) {
+        acc = squared_error_row(prow, t, grow, coef, g.N);
       } else {
-        for (int64_t e = 0; e < g.N; ++e) {
-          const float d = static_cast<float>(prow[e]) - target[e];
-          acc += d * d;
+        float* p32 = pred_f32.data();
+        for (int64_t e = 0; e < g.N; ++e) p32[e] = static_cast<float>(prow[e]);
+        acc = squared_error_row(p32, t, grow != nullptr ? p32 : nullptr, coef, g.N);
+        if (grow != nullptr) {
+          for (int64_t e = 0; e < g.N; ++e) grow[e] = static_cast<pred_t>(p32[e]);
         }
       }
       row_loss[r] = acc * inv_n * w;
