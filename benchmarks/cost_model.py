@@ -222,7 +222,7 @@ def _gb(x: float) -> str:
 
 def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [
-        "# Cost model of one MAE training step (modelled, not measured)",
+        "# Cost model of one training step per method (modelled, not measured)",
         "",
         f"Modelled on the meta device; roofline projection for {H100_SXM.name}: "
         f"{H100_SXM.tensor_core_flops['bfloat16'] / 1e12:.0f} TFLOP/s bf16 tensor-core (measured), "
