@@ -273,7 +273,7 @@ def chart(records: list[Record], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r.method} {r.model}\n" + r.config.replace("_pred_masked_only", "\n+pred_masked_only") for r in records]
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(records) * 2), 6))
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(records)), 11))
     colors = plt.get_cmap("tab10").colors
     for ax, (field, scale, unit) in zip(axes, (("bytes", 1e9, "HBM GB moved"), ("time_s", 1e-3, "projected ms")),
                                         strict=True):
