@@ -14,6 +14,10 @@ Three modes (all non-causal, softmax scale ``D**-0.5`` unless given):
   no gathered copy of ``k``/``v`` is made (the kernel reads the visible rows in place). Keys
   that are not visible get zero gradient.
 
+:func:`visible_attention_qkvpacked` runs the dense and varlen modes on a ViT's packed qkv
+projection, ``(B, N, 3, H, D)`` or ``(T, 3, H, D)``, returning ``(B, N, H, D)`` / ``(T, H, D)``: the
+same kernels on views, with no copy on the way in, out or back (one ``dqkv`` buffer).
+
 A query whose visible key set is empty (a boolean mask row with no True, an index set with
 ``K = 0``, a varlen sequence of length 0 has no queries) gets output **0** and
 ``lse = -inf``, and contributes **zero** gradient to q, k and v (no NaN).
