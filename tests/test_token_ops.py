@@ -337,6 +337,18 @@ def _grads(fn, inputs, grad_out_seed=5, grad_out=None):
     return out.detach(), torch.autograd.grad(out, wrt, g)
 
 
+def _assert_matches_reference(fast, reference, inputs, backend, grad_out=None):
+    """``fast`` on ``backend`` against ``reference``: the output and the first input's gradient (index
+    copies) exactly, the other gradients (sums) within the fp32 tolerance; returns the output."""
+    ref_out, ref_grads = _grads(reference, inputs, grad_out=grad_out)
+    with use_backend(backend):
+        out, grads = _grads(fast, inputs, grad_out=grad_out)
+    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
+        assert_rel_close(got, want, torch.float32)
+    return out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L,D,K,pos_kind,with_cls", [
@@ -403,24 +415,16 @@ def test_unshuffle_non_contiguous_inputs_triton(device):
     pos = torch.randn(L + 1, D, device=device)
     grad = torch.randn(B, D, L + 1, device=device).transpose(1, 2)
     ids_restore = m.ids_restore.to(device)
-    ref_out, ref_grads = _grads(lambda x, mt, p: unshuffle_reference(x, ids_restore, mt, p, has_cls=True),
-                                (x, mt, pos), grad_out=grad)
-    with use_backend("triton"):
-        out, grads = _grads(lambda x, mt, p: unshuffle(x, ids_restore, mt, p, has_cls=True), (x, mt, pos),
-                            grad_out=grad)
-    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
-    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        assert_rel_close(got, want, torch.float32)
+    _assert_matches_reference(lambda x, mt, p: unshuffle(x, ids_restore, mt, p, has_cls=True),
+                              lambda x, mt, p: unshuffle_reference(x, ids_restore, mt, p, has_cls=True),
+                              (x, mt, pos), "triton", grad_out=grad)
     v = random_masking_reference(B, L, num_keep=[3, 9], seed=6)
     packed = torch.randn(12 + B, 2 * D, device=device)[:, ::2]
     cu = v.cu_seqlens.to(device)
     restore = v.ids_restore.to(device)
-    ref_out, ref_grads = _grads(lambda x, mt: unshuffle_reference(x, restore, mt, has_cls=True, cu_seqlens=cu),
-                                (packed, mt))
-    with use_backend("triton"):
-        out, grads = _grads(lambda x, mt: unshuffle(x, restore, mt, has_cls=True, cu_seqlens=cu), (packed, mt))
-    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
-    assert_rel_close(grads[1], ref_grads[1], torch.float32)
+    _assert_matches_reference(lambda x, mt: unshuffle(x, restore, mt, has_cls=True, cu_seqlens=cu),
+                              lambda x, mt: unshuffle_reference(x, restore, mt, has_cls=True, cu_seqlens=cu),
+                              (packed, mt), "triton")
 
 
 @pytest.mark.skipif(CSRC_ERROR is not None, reason=f"csrc backend unavailable: {CSRC_ERROR}")
@@ -435,26 +439,16 @@ def test_csrc_non_contiguous_inputs_match_reference():
     ids_keep = torch.stack([m.ids_keep, m.ids_keep], -1)[..., 0]  # int64, row stride 2 K
     assert not x.is_contiguous() and not ids_keep.is_contiguous()
     grad_enc = torch.randn(B, D, K + 1).transpose(1, 2)
-    ref_out, ref_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c), (x, pos, cls),
-                                grad_out=grad_enc)
-    with use_backend("csrc"):
-        out, grads = _grads(lambda x, p, c: gather_visible(x, ids_keep, p, cls_token=c), (x, pos, cls),
-                            grad_out=grad_enc)
-    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
-    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        assert_rel_close(got, want, torch.float32)
+    _assert_matches_reference(lambda x, p, c: gather_visible(x, ids_keep, p, cls_token=c),
+                              lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c),
+                              (x, pos, cls), "csrc", grad_out=grad_enc)
     xv = torch.randn(B, D, K + 1).transpose(1, 2)
     mt = torch.randn(1, 1, D)
     grad_dec = torch.randn(B, D, L + 1).transpose(1, 2)
     ids_restore = m.ids_restore.t().contiguous().t()
-    ref_out, ref_grads = _grads(lambda x, mt, p: unshuffle_reference(x, ids_restore, mt, p, has_cls=True),
-                                (xv, mt, pos), grad_out=grad_dec)
-    with use_backend("csrc"):
-        out, grads = _grads(lambda x, mt, p: unshuffle(x, ids_restore, mt, p, has_cls=True), (xv, mt, pos),
-                            grad_out=grad_dec)
-    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
-    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        assert_rel_close(got, want, torch.float32)
+    _assert_matches_reference(lambda x, mt, p: unshuffle(x, ids_restore, mt, p, has_cls=True),
+                              lambda x, mt, p: unshuffle_reference(x, ids_restore, mt, p, has_cls=True),
+                              (xv, mt, pos), "csrc", grad_out=grad_dec)
 
 
 def _duplicate_ids_backends():
@@ -577,12 +571,9 @@ def test_model_widths_forward_and_backward(device, D):
     # the ViT widths (768 and 1280 are not powers of two: 3 and 5 blocks of 256) and an odd one
     B, L, K = 2, 10, 3
     x, ids_keep, pos, cls = _make_gather_inputs(B, L, D, K, torch.float32, device, "1L+1", True)
-    ref_out, ref_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c), (x, pos, cls))
-    with use_backend("triton"):
-        out, grads = _grads(lambda x, p, c: gather_visible(x, ids_keep, p, cls_token=c), (x, pos, cls))
-    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
-    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        assert_rel_close(got, want, torch.float32)
+    out = _assert_matches_reference(lambda x, p, c: gather_visible(x, ids_keep, p, cls_token=c),
+                                    lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c),
+                                    (x, pos, cls), "triton")
     restore = random_masking_reference(B, L, num_keep=K, seed=1).ids_restore.to(device)
     mt = torch.randn(D, device=device)
     ref_out, ref_grads = _grads(lambda v, m, p: unshuffle_reference(v, restore, m, p, has_cls=True), (out, mt, pos))
