@@ -158,12 +158,11 @@ def _unpacked_forward(args):
 
 def _unpacked_backward(args, out):
     grad_out, qkv, o, lse, grad_lse, cu_seqlens, max_seqlen = args[:7]
-    from fastmim.ops.attention import _unpack_qkv
+    from fastmim.ops.attention import _token_major_swap, _unpack_qkv
 
     varlen = cu_seqlens is not None
-    bhnd = (lambda t: t) if varlen else (lambda t: t.transpose(1, 2))
-    return ((bhnd(grad_out), *_unpack_qkv(qkv, varlen), bhnd(o), lse, grad_lse, cu_seqlens, None, None, max_seqlen),
-            _unpack_qkv(out, varlen))
+    return ((_token_major_swap(grad_out, varlen), *_unpack_qkv(qkv, varlen), _token_major_swap(o, varlen), lse,
+             grad_lse, cu_seqlens, None, None, max_seqlen), _unpack_qkv(out, varlen))
 
 
 def _charged_as_unpacked_backward(formula):

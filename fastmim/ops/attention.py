@@ -353,6 +353,11 @@ def _unpack_qkv(qkv: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, torch.Te
     return qkv.unbind(1) if varlen else qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _token_major_swap(t: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """``(B, N, H, D)`` <-> ``(B, H, N, D)``, a view either way (varlen ``(T, H, D)`` as it is)."""
+    return t if varlen else t.transpose(1, 2)
+
+
 def _packed_out_shape(qkv: torch.Tensor) -> tuple[int, ...]:
     return (*qkv.shape[:-3], *qkv.shape[-2:])
 
@@ -373,7 +378,7 @@ def _qkvpacked_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen
         return attention_qkvpacked_forward(qkv, scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     out, lse = _attention_math(*_to_bhnd(q, k, v, cu_seqlens, None, None), scale)
     out = _from_bhnd(out, varlen).to(qkv.dtype)
-    return (out if varlen else out.transpose(1, 2)).contiguous(), (lse[0] if varlen else lse).contiguous()
+    return _token_major_swap(out, varlen).contiguous(), (lse[0] if varlen else lse).contiguous()
 
 
 @_qkvpacked_op.register_fake
@@ -394,9 +399,9 @@ def _qkvpacked_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch
 
         return attention_qkvpacked_backward(grad_out, qkv, out, lse, scale, cu_seqlens=cu_seqlens,
                                             max_seqlen=max_seqlen, grad_lse=grad_lse)
-    bhnd = (lambda t: t) if varlen else (lambda t: t.transpose(1, 2))
-    grads = _reference_backward(bhnd(grad_out), q, k, v, bhnd(out), lse, grad_lse, cu_seqlens, None, None, scale)
-    return torch.stack([bhnd(g) for g in grads], dim=-3).contiguous()
+    grads = _reference_backward(_token_major_swap(grad_out, varlen), q, k, v, _token_major_swap(out, varlen), lse,
+                                grad_lse, cu_seqlens, None, None, scale)
+    return torch.stack([_token_major_swap(g, varlen) for g in grads], dim=-3).contiguous()
 
 
 @_qkvpacked_backward_op.register_fake
@@ -672,4 +677,4 @@ def attention_qkvpacked(qkv: torch.Tensor, *, backend: str | None = None, cu_seq
     if backend == "fastmim":
         return visible_attention_qkvpacked(qkv, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
     out = attention(q, k, v, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
-    return out if varlen else out.transpose(1, 2)
+    return _token_major_swap(out, varlen)
