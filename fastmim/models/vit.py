@@ -22,6 +22,7 @@ from torch import nn
 
 from fastmim.ops._dispatch import forced_backend, select_backend
 from fastmim.ops.attention import ATTN_BACKENDS, attention_qkvpacked
+from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear
 
 # --------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos position embeddings (MAE's util/pos_embed.py, computed in float64)
@@ -167,8 +168,6 @@ class FusedBlock(Block):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on ``x = hidden + residual`` (``residual=None``: ``x = hidden``); returns the
         output as ``(hidden, residual)`` terms. Needs :meth:`fusable` (it runs the fused ops on any backend)."""
-        from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear
-
         norm1, norm2, attn, mlp = self.norm1, self.norm2, self.attn, self.mlp
         x, qkv = add_layer_norm_linear(hidden, residual, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight,
                                        attn.qkv.bias)
