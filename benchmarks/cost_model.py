@@ -111,7 +111,7 @@ CONFIGS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
 # would write the method on today's timm; ``fastmim`` its fused path. No published code of these
 # methods is re-implemented in ``benchmarks/peers/``, so they have no ``official`` configuration.
 METHOD_PRESETS = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224", "smoke": "vit_tiny_patch4_32"}
-SMOKE_OVERRIDES = dict(embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+SMOKE_OVERRIDES = {k: v for k, v in SIZES["smoke"].items() if k not in ("img_size", "patch_size")}  # MAE's toy widths
 METHOD_CONFIGS = {"eager_sdpa": dict(fused=False, attn_backend="sdpa"),
                   "fastmim": dict(fused=True, attn_backend="fastmim")}
 METHODS = ("supmim", "cmae", "lut")
