@@ -87,6 +87,28 @@ def poison_allocations(module: types.ModuleType) -> Iterator[None]:
         module.torch = real
 
 
+@contextlib.contextmanager
+def count_calls(module: types.ModuleType, names: dict[str, str]) -> Iterator[dict[str, int]]:
+    """Inside the block, each function ``module.<names[label]>`` counts its calls in the yielded
+    ``{label: calls}``: shows that a test really ran the launchers it means to check."""
+    calls = dict.fromkeys(names, 0)
+    real = {label: getattr(module, name) for label, name in names.items()}
+
+    def counting(label):
+        def launch(*args, **kwargs):
+            calls[label] += 1
+            return real[label](*args, **kwargs)
+        return launch
+
+    for label, name in names.items():
+        setattr(module, name, counting(label))
+    try:
+        yield calls
+    finally:
+        for label, name in names.items():
+            setattr(module, name, real[label])
+
+
 def kernel_devices() -> list[str]:
     """Devices the Triton kernels can be tested on here: CUDA if present, CPU under the interpreter."""
     devices = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from unittest import mock
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from fastmim.ops.attention import (
     visible_attention_qkvpacked,
     visible_attention_reference,
 )
-from fastmim.testing import kernel_devices, poison_allocations, rel_error
+from fastmim.testing import count_calls, kernel_devices, poison_allocations, rel_error
 
 DEVICES = kernel_devices()
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -64,18 +63,8 @@ def _on_triton_kernels():
     """
     from fastmim.kernels import attention as kernels
 
-    calls = {"forward": 0, "backward": 0}
-    launchers = {"forward": kernels.attention_forward, "backward": kernels.attention_backward}
-
-    def counting(name):
-        def launch(*args, **kwargs):
-            calls[name] += 1
-            return launchers[name](*args, **kwargs)
-        return launch
-
     with use_backend("triton"), poison_allocations(kernels), \
-            mock.patch.object(kernels, "attention_forward", counting("forward")), \
-            mock.patch.object(kernels, "attention_backward", counting("backward")):
+            count_calls(kernels, {"forward": "attention_forward", "backward": "attention_backward"}) as calls:
         yield calls
 
 

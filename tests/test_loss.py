@@ -1,14 +1,13 @@
 """masked_patch_mse: Triton kernels and the op against the official MAE forward_loss."""
 
 import contextlib
-from unittest import mock
 
 import pytest
 import torch
 
 from fastmim.ops import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify, use_backend
 from fastmim.ops._dispatch import backend_status
-from fastmim.testing import TOLERANCES, assert_rel_close, kernel_devices, poison_allocations, rel_error
+from fastmim.testing import TOLERANCES, assert_rel_close, count_calls, kernel_devices, poison_allocations, rel_error
 
 DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -72,23 +71,14 @@ def reference_loss_and_grad(pred, imgs, mask, grad_output=None, **kwargs):
 @contextlib.contextmanager
 def _kernel_calls(backend):
     """Counts the Triton launchers' calls; their outputs (allocated by the launcher) are NaN-poisoned."""
-    calls = {"forward": 0, "backward": 0}
     if backend != "triton":
-        yield calls
+        yield {"forward": 0, "backward": 0}
         return
     from fastmim.kernels import loss as kernels
 
-    launchers = {"forward": kernels.masked_patch_mse_forward, "backward": kernels.masked_patch_mse_scale_grad_}
-
-    def counting(name):
-        def launch(*args, **kwargs):
-            calls[name] += 1
-            return launchers[name](*args, **kwargs)
-        return launch
-
     with poison_allocations(kernels), \
-            mock.patch.object(kernels, "masked_patch_mse_forward", counting("forward")), \
-            mock.patch.object(kernels, "masked_patch_mse_scale_grad_", counting("backward")):
+            count_calls(kernels, {"forward": "masked_patch_mse_forward",
+                                  "backward": "masked_patch_mse_scale_grad_"}) as calls:
         yield calls
 
 

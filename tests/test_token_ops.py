@@ -12,8 +12,6 @@ the integer max) instead of inheriting a correct value, and a write past the end
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -34,7 +32,7 @@ from fastmim.ops import (
     use_backend,
 )
 from fastmim.ops.token_ops import masking_noise_reference
-from fastmim.testing import assert_rel_close, kernel_devices, poison_like
+from fastmim.testing import assert_rel_close, count_calls, kernel_devices, poison_like
 
 DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -72,20 +70,11 @@ class _PoisonedTorch:
 
 @pytest.fixture(autouse=True)
 def triton_calls(monkeypatch):
-    """Poisons the Triton launchers' allocations; yields a Counter of launcher calls by name."""
+    """Poisons the Triton launchers' allocations; yields the launcher calls by name."""
     poisoned = _PoisonedTorch()
     monkeypatch.setattr(kernels, "torch", poisoned)
-    calls = Counter()
-
-    def counted(name, launch):
-        def launch_counted(*args, **kwargs):
-            calls[name] += 1
-            return launch(*args, **kwargs)
-        return launch_counted
-
-    for name in _LAUNCHERS:
-        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
-    yield calls
+    with count_calls(kernels, {name: name for name in _LAUNCHERS}) as calls:
+        yield calls
     poisoned.assert_guards_intact()
 
 
