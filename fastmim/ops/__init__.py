@@ -6,6 +6,7 @@ per call (``FASTMIM_BACKEND`` or :func:`use_backend` force one).
 """
 
 from fastmim.ops._dispatch import BACKENDS, backend_status, forced_backend, select_backend, use_backend
+from fastmim.ops._validate import check_indices
 from fastmim.ops.attention import (
     ATTN_BACKENDS,
     attention,
@@ -40,7 +41,7 @@ from fastmim.ops.token_ops import (
     unshuffle_reference,
 )
 
-__all__ = ["BACKENDS", "backend_status", "forced_backend", "select_backend", "use_backend"]
+__all__ = ["BACKENDS", "backend_status", "check_indices", "forced_backend", "select_backend", "use_backend"]
 __all__ += ["ATTN_BACKENDS", "attention", "attention_qkvpacked", "choose_attn_backend", "visible_attention",
             "visible_attention_qkvpacked", "visible_attention_reference"]
 __all__ += ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear",
