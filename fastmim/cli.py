@@ -1,7 +1,8 @@
 """The ``fastmim`` command (also ``python -m fastmim``).
 
-Subcommands register themselves in ``SUBCOMMANDS``: each is a ``(help, add_arguments, run)``
-triple; ``run(args)`` returns the exit code. Expected failures (bad data, bad arguments found
+``SUBCOMMANDS`` lists every subcommand: its help and the module holding its
+``add_arguments(parser)`` and ``run(args)`` functions, imported only when the command line is
+parsed; ``run(args)`` returns the exit code. Expected failures (bad data, bad arguments found
 late) raise :class:`CLIError`, printed as one line with exit code 2 — never a traceback.
 """
 
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 
 class CLIError(Exception):
@@ -53,31 +54,25 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "info": ("versions, GPU and which op backends can run here", _add_info_arguments, run_info),
+# name -> (help, module, add_arguments function, run function)
+SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "info": ("versions, GPU and which op backends can run here", "fastmim.cli", "_add_info_arguments", "run_info"),
+    "train": ("train a model (MAE, supervised+MIM, CMAE, LUT) with progress, checkpoints and plots",
+              "fastmim.train.cli", "add_train_arguments", "run_train"),
+    "eval": ("k-NN / linear-probe / classifier / fine-tune accuracy of a checkpoint on the held-out split",
+             "fastmim.train.cli", "add_eval_arguments", "run_eval"),
 }
 
 
-def _register_optional_subcommands() -> None:
-    """Subcommands living in their own modules add themselves to ``SUBCOMMANDS`` on import."""
-    for module in ("fastmim.train.cli",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            # Only the subcommand module (or its package) being absent is expected.
-            if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
-                raise
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _register_optional_subcommands()
     parser = argparse.ArgumentParser(prog="fastmim", description="Fast masked image modeling.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+    for name, (help_text, module_name, add_arguments, run) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=run)
+        getattr(module, add_arguments)(sub_parser)
+        sub_parser.set_defaults(_run=getattr(module, run))
     return parser
 
 
@@ -95,4 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m fastmim.cli``: run the imported module's main, whose CLIError is the class the
+    # subcommands raise (this file's ``__main__`` copy has a class of its own).
+    from fastmim.cli import main as _main
+
+    sys.exit(_main())

@@ -21,3 +21,15 @@ def test_bad_usage_exits_2_with_usage_and_no_traceback(argv):
     assert proc.returncode == 2
     assert "usage: fastmim" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("entry", [["-m", "fastmim"], ["-m", "fastmim.cli"]])
+def test_both_module_entry_points_run_subcommands_with_one_line_errors(entry):
+    # A late error (CLIError raised inside the train subcommand) must be caught by the entry
+    # point's main as one line, whichever module was run.
+    proc = subprocess.run([sys.executable, *entry, "train", "--max-steps", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "fastmim: error: --max-steps must be positive, got 0"
+    for command in ("train", "eval", "info"):
+        proc = subprocess.run([sys.executable, *entry, command, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and f"usage: fastmim {command}" in proc.stdout, proc.stderr

@@ -1,4 +1,4 @@
-"""``fastmim train`` and ``fastmim eval`` (registered into ``fastmim.cli.SUBCOMMANDS`` on import).
+"""``fastmim train`` and ``fastmim eval`` (listed in ``fastmim.cli.SUBCOMMANDS``).
 
 Heavy imports (torch, the models) happen inside the ``run_*`` functions so ``fastmim --help``
 stays fast. Every expected failure becomes a one-line :class:`fastmim.cli.CLIError`.
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fastmim.cli import SUBCOMMANDS, CLIError
+from fastmim.cli import CLIError
 
 _S = argparse.SUPPRESS  # options not given stay absent: a resumed run knows what was set explicitly
 
@@ -272,9 +272,3 @@ def run_eval(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"fastmim: warning: could not log to {log} ({exc.strerror or exc})", file=sys.stderr)
     return 0
-
-
-SUBCOMMANDS["train"] = ("train a model (MAE, supervised+MIM, CMAE, LUT) with progress, checkpoints and plots",
-                        add_train_arguments, run_train)
-SUBCOMMANDS["eval"] = ("k-NN / linear-probe accuracy of a checkpoint on the held-out split",
-                       add_eval_arguments, run_eval)
