@@ -66,3 +66,39 @@ def test_preference_order_is_followed(monkeypatch):
     monkeypatch.setattr(_dispatch, "_csrc_import_error", lambda: None)
     chosen = select_backend("op", torch.device("cpu"), implemented=("reference", "csrc"), prefer_cpu=("csrc",))
     assert chosen == "csrc"
+
+
+def test_forcing_the_reference_never_loads_or_builds_the_extension(tmp_path):
+    # A fresh process with an empty extension cache: a training-shaped sequence of ops under
+    # FASTMIM_BACKEND=reference must not start a build (nor import a prebuilt fastmim._C).
+    script = """
+import sys, torch
+from fastmim.ops import gather_visible, masked_patch_mse, random_masking, unshuffle
+ids_keep, ids_restore, mask = random_masking(2, 4, mask_ratio=0.5, seed=0)
+x = torch.randn(2, 4, 8, requires_grad=True)
+visible = gather_visible(x, ids_keep, torch.randn(4, 8))
+full = unshuffle(visible, ids_restore, torch.zeros(8))
+imgs = torch.randn(2, 1, 4, 4)
+masked_patch_mse(full[..., :4], imgs, mask, patch_size=2).backward()
+assert "fastmim._C" not in sys.modules
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTMIM_BACKEND="reference", FASTMIM_EXT_DIR=str(tmp_path / "ext"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "ext").exists(), "the extension cache was created: a build started"
+    assert "compiling the C++ extension" not in proc.stderr
+
+
+def test_extension_cache_folder_is_keyed_by_the_sources():
+    from fastmim.ops import _csrc
+
+    kwargs = _csrc.extension_kwargs(False)
+    digest = _csrc._sources_digest(kwargs)
+    folder = _csrc._cache_dir(False, digest)
+    assert folder.name.endswith(digest)
+    changed = dict(kwargs, extra_compile_args={"cxx": ["-O2"]})
+    assert _csrc._sources_digest(changed) != digest

@@ -6,9 +6,11 @@ Loading it registers the ``torch.ops.fastmim.csrc_*`` ops. In order:
 2. the prebuilt module ``fastmim._C`` (built by ``setup.py``) if it imports;
 3. in a source tree (``csrc/`` next to the package, e.g. an editable install), a just-in-time
    build with ``torch.utils.cpp_extension.load`` into a cache folder
-   (``$FASTMIM_EXT_DIR``, default ``~/.cache/fastmim/torch_extensions/<python>-<torch>-<cpu|cuda>``).
-   The first build takes a minute or two (a message says so); later processes reuse it, and
-   a failed build is remembered for the same sources so it is not retried on every import.
+   (``$FASTMIM_EXT_DIR``, default ``~/.cache/fastmim/torch_extensions/<python>-<torch>-<cpu|cuda>-<hash>``,
+   the hash over the sources, headers and flags: checkouts with the same sources share one
+   build, checkouts with other sources never rebuild into the same folder nor wait on each
+   other's build lock). The first build takes a minute or two (a message says so); later
+   processes reuse it, and a failed build is remembered so it is not retried on every import.
 
 The package works without the extension: the dispatcher falls back to the other backends and
 :func:`load_error` says why (``fastmim info`` prints it). ``setup.py`` builds the same sources
@@ -72,11 +74,11 @@ def cuda_buildable() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _cache_dir(with_cuda: bool) -> Path:
+def _cache_dir(with_cuda: bool, digest: str) -> Path:
     root = os.environ.get("FASTMIM_EXT_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "fastmim" / "torch_extensions"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    tag = f"{python}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
+    tag = f"{python}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest}"
     return base / tag.replace("+", "_")
 
 
@@ -96,9 +98,9 @@ def _jit_build() -> None:
         raise ImportError("no C++ compiler found (set CXX or install g++/clang++)")
     with_cuda = cuda_buildable() and torch.cuda.is_available()
     kwargs = extension_kwargs(with_cuda)
-    build_dir = _cache_dir(with_cuda)
+    build_dir = _cache_dir(with_cuda, _sources_digest(kwargs))
     build_dir.mkdir(parents=True, exist_ok=True)
-    failed_marker = build_dir / f"failed-{_sources_digest(kwargs)}.txt"
+    failed_marker = build_dir / "failed.txt"
     if failed_marker.exists():
         raise ImportError(f"an earlier build of these sources failed (log: {failed_marker}; delete it to retry)")
     if not (build_dir / f"{_JIT_NAME}.so").exists():

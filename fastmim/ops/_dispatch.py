@@ -55,6 +55,36 @@ def _csrc_import_error() -> str | None:
     return _csrc.load_error()
 
 
+def backend_error(backend: str, device: torch.device) -> str | None:
+    """``None`` if ``backend`` can run on ``device`` here, else the reason why not.
+
+    Only the asked backend is probed: asking about the reference or Triton never loads (or
+    builds) the C++ extension.
+    """
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        error = _triton_import_error()
+        if error is None and device.type == "cuda" and not torch.cuda.is_available():
+            error = "no CUDA device"
+        if error is None and device.type == "cpu" and not triton_interpret():
+            error = "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+        if error is None and device.type not in ("cpu", "cuda"):
+            error = f"device type {device.type!r} is not supported"
+        return error
+    if backend == "csrc":
+        error = _csrc_import_error()
+        if error is None and device.type not in ("cpu", "cuda"):
+            error = f"device type {device.type!r} is not supported"
+        if error is None and device.type == "cuda":
+            from fastmim.ops import _csrc
+
+            if not _csrc.has_cuda():
+                error = "fastmim._C was built without CUDA"
+        return error
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def backend_status(device: torch.device | str | None = None) -> dict[str, str | None]:
     """Map each backend to ``None`` if it can run on ``device`` here, else to the reason why not.
 
@@ -63,25 +93,7 @@ def backend_status(device: torch.device | str | None = None) -> dict[str, str | 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    status: dict[str, str | None] = {"reference": None}
-    triton_error = _triton_import_error()
-    if triton_error is None and device.type == "cuda" and not torch.cuda.is_available():
-        triton_error = "no CUDA device"
-    if triton_error is None and device.type == "cpu" and not triton_interpret():
-        triton_error = "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
-    if triton_error is None and device.type not in ("cpu", "cuda"):
-        triton_error = f"device type {device.type!r} is not supported"
-    status["triton"] = triton_error
-    csrc_error = _csrc_import_error()
-    if csrc_error is None and device.type not in ("cpu", "cuda"):
-        csrc_error = f"device type {device.type!r} is not supported"
-    if csrc_error is None and device.type == "cuda":
-        from fastmim.ops import _csrc
-
-        if not _csrc.has_cuda():
-            csrc_error = "fastmim._C was built without CUDA"
-    status["csrc"] = csrc_error
-    return status
+    return {backend: backend_error(backend, device) for backend in BACKENDS}
 
 
 def forced_backend() -> str | None:
@@ -120,13 +132,12 @@ def select_backend(
     """
     forced = forced_backend()
     if forced is not None and forced in implemented:
-        reason = backend_status(device)[forced]
+        reason = backend_error(forced, device)
         if reason is not None:
             raise RuntimeError(f"fastmim op {op!r}: backend {forced!r} was forced but is unavailable: {reason}")
         return forced
-    status = backend_status(device)
     preferred = prefer_cuda if device.type == "cuda" else prefer_cpu
     for backend in preferred:
-        if backend in implemented and status[backend] is None:
+        if backend in implemented and backend_error(backend, device) is None:
             return backend
     return "reference"
