@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up the environment first (scripts/env.sh).
-.PHONY: demo test bench-smoke lint
+.PHONY: demo test lint
 
 # A short MAE pretraining run on the bundled dataset (CPU: a few minutes), with plots.
 # Running it again replaces the previous demo run (--overwrite); other runs are never replaced.

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import tempfile
+import time
 import types
 from collections.abc import Iterator
 
@@ -117,3 +121,62 @@ def kernel_devices() -> list[str]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         devices.append("cpu")
     return devices
+
+
+def _process_tree_cpu_ticks(root: int) -> int | None:
+    """CPU time (clock ticks, children included) of ``root`` and its live descendants, from
+    ``/proc``; ``None`` where there is no ``/proc`` to read."""
+    if not os.path.isdir("/proc"):
+        return None
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited while we looked
+            continue
+        # Fields after the parenthesised command name (which may hold spaces): state, ppid, ...
+        fields = stat[stat.rindex(")") + 2:].split()
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(ticks.get(pid, 0) for pid in tree)
+
+
+def run_until_stalled(args: list[str], *, stall_seconds: float = 180.0, env: dict[str, str] | None = None,
+                      cwd: str | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)`` with no wall-clock limit: the
+    process is killed (with its children) only once it has made no progress for
+    ``stall_seconds``, progress being new output or CPU time used by it or a descendant.
+
+    A slow run on a busy machine keeps using CPU and so is never cut short; a hung one (a
+    deadlocked collective, a process waiting on a lock) stops using CPU and is ended with an
+    error saying so, instead of hanging the test suite.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env, cwd=cwd, start_new_session=True)
+        last_progress, last_seen = time.monotonic(), None
+        while proc.poll() is None:
+            time.sleep(1.0)
+            seen = (os.fstat(out.fileno()).st_size, os.fstat(err.fileno()).st_size, _process_tree_cpu_ticks(proc.pid))
+            if seen != last_seen:
+                last_progress, last_seen = time.monotonic(), seen
+            elif time.monotonic() - last_progress > stall_seconds:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                out.seek(0)
+                err.seek(0)
+                raise AssertionError(f"{' '.join(args[:6])} ... made no progress (no output, no CPU time) for "
+                                     f"{stall_seconds:.0f} s and was killed\nstdout:\n{out.read()[-2000:]}\n"
+                                     f"stderr:\n{err.read()[-4000:]}")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())

@@ -2,12 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from fastmim.testing import run_until_stalled
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
@@ -47,8 +48,7 @@ def test_ceilings_are_positive_on_cpu():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_script_runs_in_smoke_mode(script, tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1" if not torch.cuda.is_available() else "0")
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / script), "--smoke", "--output", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_until_stalled([sys.executable, str(BENCH_DIR / script), "--smoke", "--output", str(tmp_path)], env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = list(tmp_path.glob("*.json"))
     assert results, f"{script} wrote no results JSON"

@@ -17,6 +17,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from fastmim.testing import run_until_stalled
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from costs import counter as cm  # noqa: E402
@@ -388,11 +390,9 @@ def test_triton_kernels_move_the_bytes_and_launch_the_kernels_the_model_charges(
 
 def test_cost_model_script_runs_in_smoke_mode(tmp_path):
     import json
-    import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_model.py"
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--output", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    proc = run_until_stalled([sys.executable, str(script), "--smoke", "--output", str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     payload = json.loads((tmp_path / "cost_model-smoke.json").read_text())
     assert payload["kind"] == "smoke"

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fastmim.cli import main
+from fastmim.testing import run_until_stalled
 from fastmim.train.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -465,16 +466,14 @@ def test_ddp_and_fsdp_two_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo), batch 4 each, against 1 process with batch 8: the
     same global batches, augmentations and masks, so the same losses and parameters up to
     the order of the gradient reduction."""
-    import subprocess
     import sys
 
     common = ["train", "--max-steps", "3", "--no-progress", "--no-figures", "--log-every", "1", "--seed", "3",
               "--blr", "1e-2", *TINY_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert main([*common, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "fastmim", *common, "--batch-size", "4", "--output", str(tmp_path / "two")],
-                            env=env, capture_output=True, text=True, timeout=300)
+    double = run_until_stalled([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fastmim", *common, "--batch-size", "4", "--output", str(tmp_path / "two")], env=env)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "x 2 processes" in double.stderr
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
@@ -500,11 +499,9 @@ def test_ddp_and_fsdp_two_processes_match_one_process(tmp_path):
     # checkpoints hold the full states, so it continues to the same result.
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastmim"]
     fsdp_out = ["--output", str(tmp_path / "fsdp"), "--fsdp"]
-    first = subprocess.run([*launch, *common, "--batch-size", "4", "--stop-after", "2", *fsdp_out], env=env,
-                           capture_output=True, text=True, timeout=300)
+    first = run_until_stalled([*launch, *common, "--batch-size", "4", "--stop-after", "2", *fsdp_out], env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run([*launch, "train", "--resume", "--no-progress", *fsdp_out], env=env,
-                            capture_output=True, text=True, timeout=300)
+    second = run_until_stalled([*launch, "train", "--resume", "--no-progress", *fsdp_out], env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     sharded = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(one, sharded, strict=True):
@@ -545,7 +542,6 @@ def test_two_view_methods_under_ddp_and_fsdp_match_one_process(tmp_path, method)
     period 20% of the 3 epochs: 1) recomputes the boxes before steps 2 and 3, over shares of 8
     and 7 (+1 repeated) images. The FSDP run stops after step 1 and resumes: its first box
     update is then the resumed model's first pass, before any training forward."""
-    import subprocess
     import sys
 
     from fastmim.models import create_model
@@ -565,12 +561,11 @@ def test_two_view_methods_under_ddp_and_fsdp_match_one_process(tmp_path, method)
     initial = create_model(method, "vit_tiny_patch4_32", in_chans=3, img_size=16, **model_kwargs).state_dict()
     for name, flags in (("ddp", []), ("fsdp", ["--fsdp", "--stop-after", "1"])):
         out = tmp_path / name
-        run = subprocess.run([*launch, *common, "--batch-size", "4", "--output", str(out), *flags], env=env,
-                             capture_output=True, text=True, timeout=300)
+        run = run_until_stalled([*launch, *common, "--batch-size", "4", "--output", str(out), *flags], env=env)
         assert run.returncode == 0, (name, run.stderr[-3000:])
         if name == "fsdp":
             resume = ["train", "--resume", "--no-progress", "--log-every", "1", "--output", str(out)]
-            run = subprocess.run([*launch, *resume], env=env, capture_output=True, text=True, timeout=300)
+            run = run_until_stalled([*launch, *resume], env=env)
             assert run.returncode == 0, (name, run.stderr[-3000:])
         two = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]

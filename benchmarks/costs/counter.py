@@ -545,5 +545,3 @@ def project(cost: StepCost, device: Any) -> float:
         total += r.time_s
     return total
 
-
-from costs import fastmim_ops  # noqa: E402,F401  (registers the charges of fastmim's ops)
