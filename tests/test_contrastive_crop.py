@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from fastmim.data import ArrayImageDataset, RandomResizedCropSampler, ViewTransform
-from fastmim.data.contrastive_crop import ContrastiveCrop, heatmap_boxes, vit_patch_features, whole_image
+from fastmim.data.contrastive_crop import ContrastiveCrop, heatmap_boxes, whole_image
 from fastmim.models import CMAE
+from fastmim.models.vit import patch_features
+from fastmim.train import contrastive_boxes
+from fastmim.train.contrastive_boxes import compute_boxes
 
 # ---------------------------------------------------------------------------------- heat-map boxes
 
@@ -157,13 +160,13 @@ def test_cmae_adapter_resumed_inside_an_update_epoch_keeps_its_boxes(monkeypatch
     second.crop_sampler(model, source)
     second.load_state_dict(first.state_dict())
     calls = []
-    original = ContrastiveCrop.update_boxes
+    original = contrastive_boxes.compute_boxes
 
-    def counted(self, *args, **kwargs):
+    def counted(*args, **kwargs):
         calls.append(1)
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(ContrastiveCrop, "update_boxes", counted)
+    monkeypatch.setattr(contrastive_boxes, "compute_boxes", counted)
     second.before_epoch(model, 1, ctx)
     assert calls == [] and torch.equal(second.contrastive_crop.boxes, first.contrastive_crop.boxes)
     second.before_epoch(model, 3, ctx)
@@ -203,25 +206,24 @@ def tiny_dataset(n: int = 5) -> ArrayImageDataset:
     return ArrayImageDataset(images, torch.zeros(n, dtype=torch.long), ["x"])
 
 
-def test_vit_patch_features_are_the_last_block_before_the_final_norm():
+def test_patch_features_are_the_last_block_before_the_final_norm():
     model = tiny_model().eval()
     imgs = torch.randn(2, 1, 16, 16)
-    feats = vit_patch_features(model, imgs)
+    feats = patch_features(model, imgs)
     assert feats.shape == (2, 16, 32)
     torch.testing.assert_close(model.norm(feats), model.forward_features(imgs)[:, 1:])
 
 
-def test_update_boxes_runs_the_model_over_every_image_in_eval_mode_and_restores_it():
+def test_compute_boxes_runs_the_model_over_every_image_in_eval_mode_and_restores_it():
     model = tiny_model().train()
     data = tiny_dataset()
-    crop = ContrastiveCrop(len(data), warmup=0, box_update_every=1)
     seen = []
 
     def features(m, imgs):
         seen.append((m.training, imgs.shape))
-        return vit_patch_features(m, imgs)
+        return patch_features(m, imgs)
 
-    boxes = crop.update_boxes(model, data, image_size=16, mean=(0.5,), std=(0.5,), batch_size=2, features=features)
+    boxes = compute_boxes(model, data, image_size=16, mean=(0.5,), std=(0.5,), batch_size=2, features=features)
     assert boxes.shape == (5, 4) and boxes.dtype == torch.float32
     assert ((boxes >= 0) & (boxes <= 1)).all()
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
@@ -231,11 +233,12 @@ def test_update_boxes_runs_the_model_over_every_image_in_eval_mode_and_restores_
     def pixels(m, imgs):
         return imgs.reshape(imgs.shape[0], 1, 16, 16)
 
-    boxes = crop.update_boxes(model, data, image_size=16, mean=(0.0,), std=(1.0,), features=pixels)
+    boxes = compute_boxes(model, data, image_size=16, mean=(0.0,), std=(1.0,), features=pixels)
     torch.testing.assert_close(boxes[0], torch.tensor([2 / 24, 3 / 20, 8 / 24, 12 / 20]), atol=1 / 16, rtol=0)
     assert (boxes[1:, 0] > boxes[:-1, 0]).all()  # the rectangle moves down
-    with pytest.raises(ValueError, match="built for"):
-        ContrastiveCrop(3).update_boxes(model, data, image_size=16, mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match="compute_boxes returned shape"):
+        ContrastiveCrop(3, warmup=0, box_update_every=1).on_epoch_start(
+            0, lambda: compute_boxes(model, data, image_size=16, mean=(0.5,), std=(0.5,)))
 
 
 def test_whole_image_resizes_without_cropping():

@@ -22,67 +22,28 @@ fastmim's ViT features: the last block's output *before* the final LayerNorm (af
 token's channel sum is ``sum(beta) + sum(gamma * x_hat)`` with ``sum(x_hat) = 0``: nearly the
 same constant for every token, a flat heat map).
 
-Wiring (done by the ``cmae`` train adapter): the sampler goes into every view's
-:class:`~fastmim.data.ViewTransform` (``crop_sampler=``); before each epoch the loop's hook
-calls :meth:`ContrastiveCrop.on_epoch_start` with a function that recomputes the boxes
-(:meth:`ContrastiveCrop.update_boxes` over the training images with the current encoder).
-DataLoader workers started after the hook see the new boxes.
+This module takes heat maps (or the features they are summed from) and never runs a model:
+computing the features is the model's (:func:`fastmim.models.vit.patch_features`) and running it
+over the training images is the ``cmae`` train adapter's
+(:func:`fastmim.train.contrastive_boxes.compute_boxes`). Wiring (done by that adapter): the
+sampler goes into every view's :class:`~fastmim.data.ViewTransform` (``crop_sampler=``); before
+each epoch the loop's hook calls :meth:`ContrastiveCrop.on_epoch_start` with a function that
+recomputes the boxes. DataLoader workers started after the hook see the new boxes.
 """
 
 from __future__ import annotations
 
 import math
-import types
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastmim.data.transforms import RandomResizedCropSampler, resized_crop
-from fastmim.models.vit import run_blocks
 
-__all__ = ["ContrastiveCrop", "heatmap_boxes", "vit_patch_features", "whole_image"]
-
-
-def vit_patch_features(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-    """``(B, L, D)``: the last block's patch tokens of the unmasked images, before the final norm.
-
-    Works for any fastmim MAE-family model (``patch_embed``, ``cls_token``, ``pos_embed``,
-    ``blocks``)."""
-    x = model.patch_embed(imgs) + model.pos_embed[:, 1:, :]
-    cls = (model.cls_token + model.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
-    x = torch.cat([cls, x], dim=1)
-    return run_blocks(model.blocks, x)[:, 1:, :]
-
-
-@contextmanager
-def _as_root_forward(model: nn.Module, features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                     ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """``imgs -> features(model, imgs)``; under FSDP2 (``model`` the ``fully_shard`` root) run as
-    a forward of the root, so FSDP gathers the root's parameters (``patch_embed``, ``pos_embed``,
-    ...) and sets up its sharded blocks as in a training forward. Calling them outside the root's
-    forward would meet sharded ``DTensor`` parameters, or, before the first training step, make
-    a block FSDP's root. The root is resharded afterwards, as the pass found it."""
-    fsdp_module = None
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
-
-        fsdp_module = FSDPModule
-    if fsdp_module is None or not isinstance(model, fsdp_module):
-        yield lambda imgs: features(model, imgs)
-        return
-    name = "_contrastive_crop_features"
-    setattr(model, name, types.MethodType(features, model))
-    register_fsdp_forward_method(model, name)
-    try:
-        yield getattr(model, name)
-    finally:
-        delattr(model, name)
-        model.reshard()
+__all__ = ["ContrastiveCrop", "heatmap_boxes", "whole_image"]
 
 
 def heatmap_boxes(features: torch.Tensor, image_size: int | Sequence[int], threshold: float = 0.1,
@@ -217,51 +178,6 @@ class ContrastiveCrop:
             updated = True
         self.use_boxes = self.scheduled and epoch >= self.warmup
         return updated
-
-    # ------------------------------------------------------------------ boxes
-    @torch.no_grad()
-    def update_boxes(self, model: nn.Module, dataset: Any, *, image_size: int, mean: Sequence[float],
-                     std: Sequence[float], batch_size: int = 256, device: torch.device | str | None = None,
-                     features: Callable[[nn.Module, torch.Tensor], torch.Tensor] = vit_patch_features,
-                     ) -> torch.Tensor:
-        """Boxes ``(N, 4)`` of every image of ``dataset`` (``load(index) -> uint8 (C, H, W)``)
-        from ``model``'s heat maps, each image resized whole to ``image_size``.
-
-        The model runs in eval mode (restored afterwards). Under an initialised process group
-        each rank computes a contiguous share of ``ceil(N / world)`` images and the shares are
-        all-gathered (on ``device``, so NCCL gets CUDA tensors); the last ranks fill their share
-        with the last image (rows dropped after the gather), so that every rank runs the same
-        batches: under FSDP2 each one is collectives all ranks join, and ``features`` runs as a
-        forward of the ``fully_shard`` root (see :func:`_as_root_forward`).
-        Does not change ``self.boxes``: :meth:`on_epoch_start` does.
-        """
-        num = self.boxes.shape[0]
-        if len(dataset) != num:
-            raise ValueError(f"the dataset has {len(dataset)} images but this ContrastiveCrop was built for {num}")
-        if device is None:
-            device = next(model.parameters()).device
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        share = -(-num // world)
-        indices = [min(i, num - 1) for i in range(rank * share, (rank + 1) * share)]
-        was_training = model.training
-        model.eval()
-        try:
-            parts = []
-            with _as_root_forward(model, features) as run:
-                for start in range(0, share, batch_size):
-                    imgs = torch.stack([whole_image(dataset.load(i), image_size, mean, std)
-                                        for i in indices[start:start + batch_size]]).to(device)
-                    parts.append(heatmap_boxes(run(imgs), image_size, self.threshold))
-        finally:
-            model.train(was_training)
-        local = torch.cat(parts)
-        if world == 1:
-            return local.cpu()
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        torch.distributed.all_gather(gathered, local)
-        return torch.cat(gathered)[:num].cpu()
 
     # ------------------------------------------------------------------ sampling
     def crop_in_box(self, box: Sequence[float], height: int, width: int,

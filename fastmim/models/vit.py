@@ -202,6 +202,19 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, cu_seqlens: torch.T
     return hidden if residual is None else residual + hidden
 
 
+def patch_features(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """``(B, L, D)``: the last block's patch tokens of the unmasked images, before the final norm.
+
+    Works for any fastmim MAE-family model (``patch_embed``, ``cls_token``, ``pos_embed``,
+    ``blocks``). ContrastiveCrop's heat maps are their channel sums: after the final LayerNorm
+    each token's channel sum is ``sum(beta) + sum(gamma * x_hat)`` with ``sum(x_hat) = 0``,
+    nearly the same constant for every token, a flat map."""
+    x = model.patch_embed(imgs) + model.pos_embed[:, 1:, :]
+    cls = (model.cls_token + model.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1)
+    return run_blocks(model.blocks, x)[:, 1:, :]
+
+
 def set_attn_backend(module: nn.Module, backend: str | None) -> None:
     """Set the attention backend of every :class:`Attention` inside ``module``."""
     _check_backend(backend)

@@ -279,11 +279,13 @@ class CMAEAdapter(TwoViewAdapter):
             crop.set_run_length(epochs)
         source = self._source
 
-        def compute_boxes():
-            return crop.update_boxes(module, source.train, image_size=module.patch_embed.img_size[0],
-                                     mean=source.mean, std=source.std, batch_size=self.box_batch_size)
+        def boxes_now():
+            from fastmim.train.contrastive_boxes import compute_boxes
 
-        crop.on_epoch_start(epoch, compute_boxes)
+            return compute_boxes(module, source.train, image_size=module.patch_embed.img_size[0], mean=source.mean,
+                                 std=source.std, threshold=crop.threshold, batch_size=self.box_batch_size)
+
+        crop.on_epoch_start(epoch, boxes_now)
 
     def state_dict(self) -> dict[str, Any]:
         """The ContrastiveCrop boxes and schedule, for an exact resume after the warm-up (without
