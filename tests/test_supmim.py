@@ -37,7 +37,7 @@ def test_create_model_presets():
     model = create_model("supmim", "vit_tiny_patch4_32", in_chans=1, num_classes=10, depth=1)
     assert model.decoder_embed.out_features == 128 and len(model.decoder_blocks) == 2
     assert model.patch_embed.proj.in_channels == 1
-    # METHODS.md's width stays an option on the small presets
+    # docs/METHODS.md's width stays an option on the small presets
     wide = create_model("supmim", "vit_tiny_patch4_32", depth=1, decoder_embed_dim=512, decoder_num_heads=16)
     assert wide.decoder_embed.out_features == 512 and wide.decoder_blocks[0].attn.num_heads == 16
     assert create_model("supmae", "vit_tiny_patch4_32", depth=1).preset == "supmae"

@@ -63,7 +63,7 @@ class SupervisedMIM(MaskedAutoencoderViT):
         tokenizer, tokenizer_vocab_size: reconstruct a frozen tokenizer's ids instead of pixels.
         fused, attn_backend, pred_masked_only, drop_path_rate: as :class:`MaskedAutoencoderViT`.
 
-    Decoder width *(default chosen)*: METHODS.md's 512 (16 heads) is the width built here and by
+    Decoder width *(default chosen)*: docs/METHODS.md's 512 (16 heads) is the width built here and by
     ``create_model("supmim", preset)`` for the 224-px presets. The small-image presets
     (``img_size < 224``: ``vit_tiny_patch4_32``, ``vit_tiny_patch8_64``, the CPU-scale runs) get
     the preset's 128-wide, 4-head decoder instead, depth still the recipe's: at 512 the decoder
@@ -71,7 +71,7 @@ class SupervisedMIM(MaskedAutoencoderViT):
     and, running on all 64 tokens while the encoder sees the 32 visible ones, cost about 2.4
     times its compute, turning the shallow auxiliary head into most of each CPU step. Pass
     ``decoder_embed_dim=512, decoder_num_heads=16`` to ``create_model`` (``--model-arg`` in
-    ``fastmim train``) for METHODS.md's width at any size.
+    ``fastmim train``) for docs/METHODS.md's width at any size.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
