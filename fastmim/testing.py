@@ -8,6 +8,7 @@ kernel that skips an element cannot pass by inheriting a correct value.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -180,3 +181,48 @@ def run_until_stalled(args: list[str], *, stall_seconds: float = 180.0, env: dic
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter gradient of ``model``, by parameter name."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_compiled_step_matches_eager(model: torch.nn.Module, *args, **kwargs) -> None:
+    """``torch.compile(model, fullgraph=True)`` (aot_eager: traces the ops' registrations, no
+    graph break allowed) gives the same dict of losses and the same gradients as eager."""
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out_c = compiled(*args, **kwargs)
+    out_c["loss"].backward()
+    g_c = grads(model)
+    model.zero_grad(set_to_none=True)
+    out_e = model(*args, **kwargs)
+    out_e["loss"].backward()
+    for key in out_e:
+        assert_rel_close(out_c[key], out_e[key], torch.float32, name=key)
+    for name, g in grads(model).items():
+        assert_rel_close(g_c[name], g, torch.float32, name=name)
+
+
+def assert_bf16_autocast_close(model: torch.nn.Module, *args, **kwargs) -> None:
+    """Under CPU bf16 autocast every loss of ``model(*args, **kwargs)`` stays fp32, finite and
+    within a few percent of fp32 (bf16 matmuls through encoder, decoder and heads), and every
+    gradient is finite."""
+    ref = {k: float(v.detach()) for k, v in model(*args, **kwargs).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*args, **kwargs)
+    out["loss"].backward()
+    for key, value in ref.items():
+        assert out[key].dtype == torch.float32 and torch.isfinite(out[key]), key
+        assert abs(float(out[key].detach()) - value) <= 0.05 * abs(value) + 0.02, key
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def assert_every_loss_falls(history: list[dict[str, float]], keys: tuple[str, ...], factor: float = 0.8) -> None:
+    """Each loss in ``keys`` finite throughout ``history`` (one dict per step) and its mean over
+    the last 3 steps below ``factor`` times its mean over the first 3."""
+    for key in keys:
+        first = sum(h[key] for h in history[:3]) / 3
+        last = sum(h[key] for h in history[-3:]) / 3
+        assert all(math.isfinite(h[key]) for h in history), key
+        assert last < factor * first, (key, first, last)

@@ -13,7 +13,14 @@ from torch import nn
 from fastmim.models import CMAE, create_model
 from fastmim.models.heads import HeadBatchNorm1d, all_gather_with_grad, info_nce, mlp_head
 from fastmim.ops import use_backend
-from fastmim.testing import assert_rel_close, kernel_devices
+from fastmim.testing import (
+    assert_bf16_autocast_close,
+    assert_compiled_step_matches_eager,
+    assert_every_loss_falls,
+    assert_rel_close,
+    grads,
+    kernel_devices,
+)
 
 # 20 px / patch 4: L = 25 patches (odd); mask 0.75 keeps K = 6, 4 of them without position.
 TINY = dict(img_size=20, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
@@ -29,10 +36,6 @@ def tiny_cmae(seed: int = 0, **kwargs) -> CMAE:
 def views(batch: int = 4, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, 20, 20, generator=g), torch.randn(batch, 3, 20, 20, generator=g)
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # ---------------------------------------------------------------------------------- fused == reference
@@ -312,36 +315,11 @@ def test_registry_builds_cmae_with_the_small_decoder():
 
 
 def test_bf16_autocast_step_is_finite_and_close_to_fp32():
-    model = tiny_cmae()
-    a, b = views(batch=4)
-    noise = torch.rand(8, 25)
-    ref = model(a, b, 0.75, noise=noise)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(a, b, 0.75, noise=noise)
-    out["loss"].backward()
-    for key in ref:
-        assert out[key].dtype == torch.float32 and torch.isfinite(out[key])
-        # bf16 matmuls through the encoder, decoder and heads: a few percent
-        got, want = float(out[key].detach()), float(ref[key].detach())
-        assert abs(got - want) <= 0.05 * abs(want) + 0.02, key
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert_bf16_autocast_close(tiny_cmae(), *views(batch=4), 0.75, noise=torch.rand(8, 25))
 
 
 def test_torch_compile_of_the_training_step_matches_eager():
-    model = tiny_cmae()
-    a, b = views(batch=4)
-    noise = torch.rand(8, 25)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    out_c = compiled(a, b, 0.75, noise=noise)
-    out_c["loss"].backward()
-    g_c = grads(model)
-    model.zero_grad(set_to_none=True)
-    out_e = model(a, b, 0.75, noise=noise)
-    out_e["loss"].backward()
-    for key in out_e:
-        assert_rel_close(out_c[key], out_e[key], torch.float32)
-    for name, g in grads(model).items():
-        assert_rel_close(g_c[name], g, torch.float32)
+    assert_compiled_step_matches_eager(tiny_cmae(), *views(batch=4), 0.75, noise=torch.rand(8, 25))
 
 
 # ---------------------------------------------------------------------------------- sanity
@@ -358,8 +336,4 @@ def test_every_loss_decreases_when_overfitting_a_fixed_batch():
         out["loss"].backward()
         optimizer.step()
         history.append({k: float(v.detach()) for k, v in out.items()})
-    for key in ("loss", "loss_mim", "loss_con", "loss_pos"):
-        first = sum(h[key] for h in history[:3]) / 3
-        last = sum(h[key] for h in history[-3:]) / 3
-        assert all(torch.isfinite(torch.tensor(h[key])) for h in history)
-        assert last < 0.8 * first, (key, first, last)
+    assert_every_loss_falls(history, ("loss", "loss_mim", "loss_con", "loss_pos"))
