@@ -226,3 +226,19 @@ def assert_every_loss_falls(history: list[dict[str, float]], keys: tuple[str, ..
         last = sum(h[key] for h in history[-3:]) / 3
         assert all(math.isfinite(h[key]) for h in history), key
         assert last < factor * first, (key, first, last)
+
+
+def assert_same_losses_and_grads(model: torch.nn.Module, reference: torch.nn.Module, keys: tuple[str, ...],
+                                 *args, **kwargs) -> None:
+    """``model`` and ``reference`` (the same weights, e.g. ``fused=True`` and ``fused=False``)
+    give the same losses ``keys`` and, after backward of ``"loss"``, the same gradients (fp32
+    tolerance), for the inputs ``*args, **kwargs``."""
+    out, out_ref = model(*args, **kwargs), reference(*args, **kwargs)
+    for key in keys:
+        assert_rel_close(out[key], out_ref[key], torch.float32, name=key)
+    out["loss"].backward()
+    out_ref["loss"].backward()
+    g, g_ref = grads(model), grads(reference)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        assert_rel_close(g[name], g_ref[name], torch.float32, name=name)

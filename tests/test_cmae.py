@@ -18,6 +18,7 @@ from fastmim.testing import (
     assert_compiled_step_matches_eager,
     assert_every_loss_falls,
     assert_rel_close,
+    assert_same_losses_and_grads,
     grads,
     kernel_devices,
 )
@@ -49,15 +50,7 @@ def test_fused_and_reference_paths_compute_the_same_losses_and_gradients(masks, 
     ref.load_state_dict(fused.state_dict())
     a, b = views(batch=3)
     kwargs = {"seed": 1234} if masks == "seed" else {"noise": torch.rand(6, 25)}
-    out_f, out_r = fused(a, b, 0.75, **kwargs), ref(a, b, 0.75, **kwargs)
-    for key in ("loss", "loss_mim", "loss_con", "loss_pos"):
-        assert_rel_close(out_f[key], out_r[key], torch.float32)
-    out_f["loss"].backward()
-    out_r["loss"].backward()
-    g_f, g_r = grads(fused), grads(ref)
-    assert g_f.keys() == g_r.keys()
-    for name in g_f:
-        assert_rel_close(g_f[name], g_r[name], torch.float32)
+    assert_same_losses_and_grads(fused, ref, ("loss", "loss_mim", "loss_con", "loss_pos"), a, b, 0.75, **kwargs)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
