@@ -14,9 +14,7 @@ import platform
 import sys
 from collections.abc import Sequence
 
-
-class CLIError(Exception):
-    """A user-facing error: printed as ``fastmim: error: <message>`` with exit code 2."""
+from fastmim.errors import CLIError
 
 
 def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,8 +88,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # ``python -m fastmim.cli``: run the imported module's main, whose CLIError is the class the
-    # subcommands raise (this file's ``__main__`` copy has a class of its own).
-    from fastmim.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

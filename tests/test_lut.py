@@ -11,7 +11,7 @@ from torch import nn
 
 from fastmim.models import LUT, EMATeacher, create_model
 from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss
-from fastmim.models.lut import ema_momentum
+from fastmim.models.ema import ema_momentum
 from fastmim.ops import use_backend
 from fastmim.testing import (
     assert_bf16_autocast_close,
@@ -275,8 +275,8 @@ def test_ema_pairs_are_built_once_and_follow_the_students_steps(monkeypatch):
     import fastmim.models.lut as lut
 
     built = []
-    real = lut._EMAPairs
-    monkeypatch.setattr(lut, "_EMAPairs", lambda model: built.append(model) or real(model))
+    real = lut.EMAPairs
+    monkeypatch.setattr(lut, "EMAPairs", lambda model: built.append(model) or real(model))
     model = tiny_lut()
     for step in range(3):
         _student_step(model, seed=10 + step)
@@ -320,7 +320,7 @@ def test_ema_pairs_are_rebuilt_when_the_models_tensors_change():
 
 
 def test_shard_rows_are_torch_chunks_as_fully_shard_splits_dim_0():
-    from fastmim.models.lut import _shard_rows
+    from fastmim.models.ema import _shard_rows
 
     for length in range(1, 8):
         for world in range(1, 5):

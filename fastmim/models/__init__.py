@@ -8,7 +8,8 @@
 """
 
 from fastmim.models.cmae import CMAE
-from fastmim.models.lut import LUT, EMATeacher
+from fastmim.models.ema import EMATeacher
+from fastmim.models.lut import LUT
 from fastmim.models.mae import (
     MaskedAutoencoderViT,
     PackedTokens,

@@ -1,7 +1,7 @@
 """``fastmim train`` and ``fastmim eval`` (listed in ``fastmim.cli.SUBCOMMANDS``).
 
 Heavy imports (torch, the models) happen inside the ``run_*`` functions so ``fastmim --help``
-stays fast. Every expected failure becomes a one-line :class:`fastmim.cli.CLIError`.
+stays fast. Every expected failure becomes a one-line :class:`fastmim.errors.CLIError`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fastmim.cli import CLIError
+from fastmim.errors import CLIError
 
 _S = argparse.SUPPRESS  # options not given stay absent: a resumed run knows what was set explicitly
 
