@@ -89,7 +89,9 @@ void check_patch_mse_args(const at::Tensor& pred, const at::Tensor& imgs, const 
   TORCH_CHECK(imgs.dim() == 4, op, ": imgs must be 4-D (B, C, H, W), got shape ", imgs.sizes());
   TORCH_CHECK(patch_size >= 1, op, ": patch_size must be >= 1, got ", patch_size);
   const int64_t B = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), p = patch_size;
-  TORCH_CHECK(B >= 1 && C >= 1 && H >= 1 && W >= 1, op, ": imgs must be non-empty, got shape ", imgs.sizes());
+  // An empty batch is a valid call (loss 0, no rows); an empty image is not.
+  TORCH_CHECK(C >= 1 && H >= 1 && W >= 1, op, ": imgs must have C, H and W >= 1 (only the batch may be empty), ",
+              "got shape ", imgs.sizes());
   TORCH_CHECK(H % p == 0 && W % p == 0, op, ": image size ", H, "x", W, " is not divisible by patch_size ", p);
   const int64_t L = (H / p) * (W / p), N = p * p * C;
   if (!ids_masked.has_value()) {

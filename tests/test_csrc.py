@@ -383,6 +383,20 @@ def test_masked_patch_mse_masked_only_layouts(device, layout, dtype):
     assert_rel_close(grad, ref_grad, dtype)
 
 
+@pytest.mark.parametrize("layout", ["full", "selected", "packed"])
+def test_masked_patch_mse_empty_batch(device, layout):
+    """B = 0 is a valid call on every backend: loss 0 ("none": no rows) and an empty gradient."""
+    imgs, mask = torch.randn(0, 3, 16, 16, device=device), torch.zeros(0, 16, device=device)
+    ids = {"full": None, "selected": torch.zeros(0, 5, dtype=torch.long, device=device),
+           "packed": torch.zeros(0, dtype=torch.long, device=device)}[layout]
+    pred = torch.randn(*((0, 16) if ids is None else ids.shape), 48, device=device)
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = ops.csrc_masked_patch_mse(pred, imgs, mask, ids, 4, True, 1e-6, reduction, True)
+        assert grad.shape == pred.shape and loss.shape == (pred.shape[:-1] if reduction == "none" else ())
+        if reduction != "none":
+            assert loss.item() == 0.0
+
+
 def test_masked_patch_mse_no_mask_no_grad(device):
     pred, imgs, _ = _loss_inputs(2, 3, 16, 16, 8, torch.float16, device, 0.5)
     imgs = imgs.to(torch.bfloat16)  # pred and imgs may differ in dtype
@@ -629,7 +643,8 @@ BAD_INPUT_CASES = {
     "loss/imgs non-contiguous": (lambda: _loss(imgs=torch.randn(2, 3, 16, 16).transpose(2, 3)),
                                  "imgs must be contiguous"),
     "loss/imgs 3-D": (lambda: _loss(imgs=torch.randn(3, 16, 16)), r"imgs must be 4-D \(B, C, H, W\)"),
-    "loss/imgs empty": (lambda: _loss(imgs=torch.randn(2, 0, 16, 16)), "imgs must be non-empty"),
+    "loss/imgs empty": (lambda: _loss(imgs=torch.randn(2, 0, 16, 16)),
+                        r"imgs must have C, H and W >= 1 \(only the batch may be empty\), got shape \[2, 0, 16, 16\]"),
     "loss/imgs device": (lambda: _loss(imgs=_meta(torch.randn(2, 3, 16, 16))),
                          "pred and imgs must be on the same device"),
     "loss/mask shape": (lambda: _loss(mask=torch.ones(2, 3)), r"mask must have shape \(2, 16\)"),
@@ -642,6 +657,14 @@ BAD_INPUT_CASES = {
     "loss/packed ids_masked out of range": (
         lambda: _loss(pred=_pred(4, 48), ids=torch.tensor([0, 5, 32, 7])),
         r"ids_masked\[2\] = 32 is out of range \[0, B \* L = 32\)"),
+    # Values that wrap to a valid patch if narrowed to 32 bits, and a negative one: checked as int64.
+    "loss/ids_masked 2**40": (lambda: _loss(pred=_pred(2, 3, 48), ids=torch.tensor([[1, 2**40, 3], [0, 1, 2]])),
+                              r"ids_masked\[0, 1\] = 1099511627776 is out of range \[0, 16\)"),
+    "loss/packed ids_masked 2**32 + 3": (lambda: _loss(pred=_pred(4, 48), ids=torch.tensor([0, 5, 7, 2**32 + 3])),
+                                         r"ids_masked\[3\] = 4294967299 is out of range \[0, B \* L = 32\)"),
+    "loss/ids_masked negative": (
+        lambda: _loss(pred=_pred(2, 3, 48), ids=torch.tensor([[1, 2, 3], [0, -1, 2]], dtype=torch.int32)),
+        r"ids_masked\[1, 1\] = -1 is out of range \[0, 16\)"),
     "loss/ids_masked dtype": (lambda: _loss(pred=_pred(2, 3, 48), ids=torch.zeros(2, 3)),
                               "ids_masked must be int64 or int32, got Float"),
     "loss/ids_masked non-contiguous": (lambda: _loss(pred=_pred(2, 3, 48), ids=torch.zeros(3, 2).long().t()),

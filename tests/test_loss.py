@@ -1,13 +1,38 @@
-"""masked_patch_mse: Triton kernels and the op against the official MAE forward_loss."""
+"""masked_patch_mse: Triton kernels and the op against the official MAE forward_loss; index safety and
+edge cases (bad ids and weights, empty batches, nothing masked) the same on every backend, with property
+tests over tiny shapes."""
 
 import contextlib
+import itertools
+import re
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fastmim.ops import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify, use_backend
+from fastmim.ops import (
+    check_indices,
+    masked_patch_mse,
+    masked_patch_mse_reference,
+    patchify,
+    unpatchify,
+    use_backend,
+)
 from fastmim.ops._dispatch import backend_status
-from fastmim.testing import TOLERANCES, assert_rel_close, count_calls, kernel_devices, poison_allocations, rel_error
+from fastmim.testing import (
+    TOLERANCES,
+    assert_rel_close,
+    count_calls,
+    kernel_devices,
+    poison_allocations,
+    poison_like,
+    rel_error,
+    run_until_stalled,
+)
 
 DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -89,8 +114,9 @@ def run_op(pred, imgs, mask, grad_output=None, backend="triton", **kwargs):
     with use_backend(backend), _kernel_calls(backend) as calls:
         loss = masked_patch_mse(pred, imgs, mask, **kwargs)
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    if backend == "triton":
-        assert calls == {"forward": 1, "backward": 1}, f"the Triton kernels did not run forward and backward: {calls}"
+    if backend == "triton":  # with no rows (B, K or T = 0) there is no gradient to scale
+        expected = {"forward": 1, "backward": 1 if pred.numel() else 0}
+        assert calls == expected, f"the Triton kernels did not run forward and backward: {calls}"
     return loss.detach(), pred.grad
 
 
@@ -244,30 +270,6 @@ def test_eps_inside_the_square_root_and_unbiased_variance(backend, dtype):
     for name, normalise in near_misses.items():
         other = _loss_with_normalisation(imgs.double(), pred.double(), mask.double(), 4, normalise)
         assert rel_error(other, official) > 100 * TOLERANCES[torch.float32], name
-
-
-@pytest.mark.skipif("cpu" not in DEVICES, reason="an out-of-range index is a device-side assert on CUDA")
-@pytest.mark.parametrize("layout", ["selected", "packed"])
-def test_out_of_range_ids_masked_behaves_as_documented(layout):
-    """Not checked on the host: "mean" with a mask gathers the weights and raises; otherwise the Triton
-    kernel reads nothing for the row and gives it weight 0."""
-    pred, imgs, mask, ids_masked = make_inputs(2, 3, 16, 16, 4, torch.float32, "cpu")  # L = 16, K = 12
-    pred = pred[:, :12].contiguous()
-    if layout == "packed":  # flat indices b * L + l, in [0, B * L)
-        pred, ids_masked = pred.reshape(-1, 48), (ids_masked + torch.tensor([[0], [16]])).reshape(-1)
-    bad = ids_masked.clone()
-    bad.view(-1)[0] = mask.numel() if layout == "packed" else mask.shape[1]
-    with use_backend("triton"), pytest.raises((IndexError, RuntimeError), match="out of bounds"):
-        masked_patch_mse(pred, imgs, mask, patch_size=4, ids_masked=bad)
-    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
-        masked_patch_mse_reference(pred, imgs, mask, patch_size=4, ids_masked=bad)
-    loss, grad = run_op(pred, imgs, mask, patch_size=4, ids_masked=bad, reduction="none")
-    clean_loss, clean_grad = run_op(pred, imgs, mask, patch_size=4, ids_masked=ids_masked, reduction="none")
-    first = (0, 0) if layout == "selected" else (0,)
-    assert loss[first] == 0 and torch.count_nonzero(grad[first]) == 0 and clean_loss[first] > 0
-    rest = torch.ones_like(loss, dtype=torch.bool)
-    rest[first] = False
-    assert torch.equal(loss[rest], clean_loss[rest]) and torch.equal(grad[rest], clean_grad[rest])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -438,8 +440,416 @@ def _bad(**overrides):
      "more than L=16 patches"),
     (dict(pred=torch.randn(24, 48), ids_masked=torch.zeros(23, dtype=torch.long)), ValueError,
      r"ids_masked must have shape \(T,\) = \(24,\)"),
+    (dict(imgs=torch.randn(2, 0, 16, 16)), ValueError, r"imgs must have C, H and W >= 1 .*got \(2, 0, 16, 16\)"),
+    (dict(mask=torch.ones(2, 16).index_fill(1, torch.tensor([3]), -1.0)), ValueError,
+     r"masked_patch_mse: mask\[0, 3\] = -1.0 is not a finite weight >= 0"),
+    (dict(mask=torch.ones(2, 16, dtype=torch.float64).index_put((torch.tensor([1]), torch.tensor([5])),
+                                                                torch.tensor(float("nan"), dtype=torch.float64))),
+     ValueError, r"mask\[1, 5\] = nan is not a finite weight"),
+    (dict(mask=torch.zeros(2, 16).index_fill(0, torch.tensor([1]), float("inf"))), ValueError,
+     r"mask\[1, 0\] = inf is not a finite weight"),
 ])
 def test_bad_inputs(overrides, error, match):
     args = _bad(**overrides)
     with pytest.raises(error, match=match):
         masked_patch_mse(args.pop("pred"), args.pop("imgs"), args.pop("mask"), **args)
+
+
+# --------------------------------------------------------------------------------------------
+# Index safety and edge cases: the same behaviour on every backend
+# --------------------------------------------------------------------------------------------
+
+BACKENDS = ["reference", "triton", "csrc"]
+
+
+def _backend_device(backend):
+    """The device ``backend`` runs on in these tests; skips when it cannot run here."""
+    if backend == "triton":
+        if not DEVICES:
+            pytest.skip("no device runs the Triton kernels here")
+        return DEVICES[0]
+    if backend == "csrc" and backend_status("cpu")["csrc"] is not None:
+        pytest.skip(f"csrc backend unavailable: {backend_status('cpu')['csrc']}")
+    return "cpu"
+
+
+def _runnable_backends():
+    """The backends that run on CPU tensors here (the host checks are tested on each)."""
+    status = backend_status("cpu")
+    return [backend for backend in BACKENDS if status[backend] is None]
+
+
+def _layout_inputs(layout, batch, num_masked, device, dtype=torch.float32, channels=3, p=4, grid=(2, 2)):
+    """``(pred, imgs, mask, ids_masked)`` in ``layout`` ("full", "selected" or "packed") with ``num_masked``
+    masked patches per sample (``L = grid[0] * grid[1]``)."""
+    num_patches, n = grid[0] * grid[1], p * p * channels
+    imgs = torch.randn(batch, channels, grid[0] * p, grid[1] * p, device=device).to(dtype)
+    ids_masked, mask = random_masking_ids(batch, num_patches, num_masked, device)
+    if layout == "full":
+        return torch.randn(batch, num_patches, n, device=device).to(dtype), imgs, mask, None
+    if layout == "packed":
+        ids_masked = (ids_masked + torch.arange(batch, device=device)[:, None] * num_patches).reshape(-1)
+    return torch.randn(*ids_masked.shape, n, device=device).to(dtype), imgs, mask, ids_masked
+
+
+# L = 16 (selected) and B * L = 32 (packed): 2**32 + 3 and 2**40 wrap to valid patches in int32.
+_BAD_IDS = {"selected": [16, -1, 2**32 + 3, 2**40, -(2**40)], "packed": [32, -1, 2**32 + 3, 2**40, -(2**40)]}
+
+
+@pytest.mark.parametrize("layout", ["selected", "packed"])
+@pytest.mark.parametrize("bad", range(5))
+def test_out_of_range_ids_masked_raise_the_same_value_error_on_every_backend(layout, bad):
+    """The issue's case (an id of 2**40 read a real patch on Triton) and its neighbours: rejected on the host
+    before dispatch, with one message naming the argument, the position and the range."""
+    pred, imgs, mask, ids_masked = _layout_inputs(layout, 2, 12, "cpu", grid=(4, 4))
+    value, limit = _BAD_IDS[layout][bad], 16 if layout == "selected" else 32
+    position = (1, 5) if layout == "selected" else (17,)
+    ids_masked[position] = value
+    expected = (rf"masked_patch_mse: ids_masked\[{', '.join(map(str, position))}\] = {value} "
+                rf"is outside the valid range \[0, {limit}\)")
+    for backend in _runnable_backends():
+        for with_mask in (True, False):
+            with use_backend(backend), pytest.raises(ValueError, match=expected):
+                masked_patch_mse(pred, imgs, mask if with_mask else None, patch_size=4, ids_masked=ids_masked)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["full", "selected", "packed"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_empty_batch_gives_loss_zero_and_an_empty_gradient(backend, layout, reduction):
+    device = _backend_device(backend)
+    pred, imgs, mask, ids_masked = _layout_inputs(layout, 0, 3, device)
+    assert pred.shape[0] == 0
+    loss, grad = run_op(pred, imgs, mask, backend=backend, patch_size=4, reduction=reduction,
+                        ids_masked=ids_masked)
+    assert loss.dtype == torch.float32 and grad.shape == pred.shape
+    if reduction == "none":
+        assert loss.shape == pred.shape[:-1]
+    else:
+        assert loss.shape == () and loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout, with_mask", [("full", True), ("selected", True), ("packed", True),
+                                               ("selected", False), ("packed", False)])
+def test_nothing_masked_gives_loss_zero_and_zero_gradients(backend, layout, with_mask):
+    """mask_ratio = 0: an all-zero mask, or no rows at all (K = T = 0) with ids_masked. The official code
+    returns 0 / 0 = NaN; every backend returns 0 and a zero gradient."""
+    device = _backend_device(backend)
+    if with_mask:  # the rows' weights are all zero: K = 3 rows for the selected layouts
+        pred, imgs, _, ids_masked = _layout_inputs(layout, 2, 3, device)
+        mask = torch.zeros(2, 4, device=device)
+    else:
+        pred, imgs, mask, ids_masked = _layout_inputs(layout, 2, 0, device)
+        mask = None
+        assert pred.shape[-2 if layout == "selected" else 0] == 0
+    for reduction in ("mean", "sum"):
+        loss, grad = run_op(pred, imgs, mask, backend=backend, patch_size=4, reduction=reduction,
+                            ids_masked=ids_masked)
+        assert loss.item() == 0.0 and grad.shape == pred.shape and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("pred_masked_only", [False, True])
+def test_fused_and_unfused_models_give_loss_zero_when_nothing_is_masked(pred_masked_only):
+    from fastmim.models import MaskedAutoencoderViT
+
+    config = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                  decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True, pred_masked_only=pred_masked_only)
+    unfused = MaskedAutoencoderViT(**config, fused=False)
+    fused = MaskedAutoencoderViT(**config, fused=True)
+    fused.load_state_dict(unfused.state_dict())
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    for model in (unfused, fused):
+        loss, _, mask = model(imgs, 0.0, noise=noise)
+        loss.backward()
+        assert mask.sum() == 0 and loss.item() == 0.0, f"fused={model.fused}: loss {loss.item()}"
+        for name, param in model.named_parameters():
+            assert param.grad is None or torch.count_nonzero(param.grad) == 0, f"fused={model.fused}: {name}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_grad_launcher_checks_the_shapes_it_indexes_with(device):
+    from fastmim.kernels import loss as kernels
+
+    grad = torch.ones(2, 3, 4, device=device)
+    with pytest.raises(ValueError, match=r"grad_output must be a scalar or have grad_pred's row shape \(2, 3\)"):
+        kernels.masked_patch_mse_scale_grad_(grad, torch.ones(7, device=device))
+    with pytest.raises(ValueError, match=r"row shape \(2, 3\), got \(6,\)"):
+        kernels.masked_patch_mse_scale_grad_(grad, torch.ones(6, device=device))
+    with pytest.raises(ValueError, match="grad_pred must be contiguous"):
+        kernels.masked_patch_mse_scale_grad_(grad.transpose(0, 1), torch.ones(3, 2, device=device))
+
+
+# ---- out-of-range ids past the host check: no access outside a tensor
+
+_GUARD = 64  # elements around each tensor of the unchecked-ids check
+_SENTINEL = 1234.0
+
+
+def _guarded_copy(t):
+    """``t``'s values inside a larger buffer whose extra elements are NaN (int max): a kernel that reads
+    outside ``t`` gets them into its result."""
+    buf = poison_like(torch.empty(t.numel() + 2 * _GUARD, dtype=t.dtype, device=t.device))
+    inner = buf[_GUARD:_GUARD + t.numel()].view(t.shape)
+    inner.copy_(t)
+    return inner
+
+
+class _GuardedTorch(types.SimpleNamespace):
+    """``torch`` as a launcher module sees it, but ``empty`` hands out tensors inside larger buffers whose
+    extra elements hold a sentinel; :meth:`check` asserts no kernel wrote over one."""
+
+    def __init__(self):
+        super().__init__(buffers=[])
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *size, dtype=None, device=None):
+        shape = torch.Size(size[0] if len(size) == 1 and not isinstance(size[0], int) else size)
+        buf = torch.full((shape.numel() + 2 * _GUARD,), _SENTINEL, dtype=dtype, device=device)
+        self.buffers.append(buf)
+        return buf[_GUARD:_GUARD + shape.numel()].view(shape)
+
+    def check(self):
+        for buf in self.buffers:
+            guards = torch.cat([buf[:_GUARD], buf[-_GUARD:]])
+            assert torch.equal(guards, torch.full_like(guards, _SENTINEL)), "a kernel wrote outside its output"
+
+
+def _unchecked_ids_cases(layout, dtype):
+    """Out-of-range values for ``ids_masked`` (``L = 24``, ``B * L = 48``) including those that wrap to a valid
+    patch when narrowed to int32 (2**32 + 3, 2**40) or that overflow an offset computation."""
+    limit = 24 if layout == "selected" else 48
+    if dtype == torch.int32:
+        return [-1, limit, 2**31 - 1, -(2**31)]
+    return [-1, limit, 2**31, 2**32 + 3, 2**40, -(2**40), 2**63 - 1, -(2**63)]
+
+
+def _check_unchecked_ids(device):
+    """Out-of-range ids given straight to the registered op, past the public op's value checks: the Triton
+    kernels (and the CUDA csrc kernel) give their rows loss 0, gradient 0 and no weight, the CPU csrc
+    kernel raises; no kernel reads or writes outside a tensor (inputs and Triton's outputs sit between
+    guard elements). Runs in its own process: a stray access could crash it."""
+    from fastmim.kernels import loss as kernels
+    from fastmim.ops import _csrc
+    from fastmim.ops import loss as loss_ops
+
+    op = torch.ops.fastmim.masked_patch_mse
+    backward = torch.ops.fastmim.masked_patch_mse_backward
+    kernel_backends = ["triton"] + (["csrc"] if device == "cuda" and _csrc.has_cuda() else [])
+    torch.manual_seed(0)
+    for layout in ("selected", "packed"):
+        clean_pred, clean_imgs, clean_mask, clean_ids = _layout_inputs(layout, 2, 8, device, p=2, grid=(4, 6))
+        pred, imgs = _guarded_copy(clean_pred), _guarded_copy(clean_imgs)
+        for ids_dtype in (torch.int64, torch.int32):
+            values = _unchecked_ids_cases(layout, ids_dtype)
+            ids = _guarded_copy(clean_ids.to(ids_dtype))
+            rows = ids.view(-1)
+            bad = torch.zeros(rows.shape, dtype=torch.bool, device=device)
+            bad[:2 * len(values):2] = True
+            rows[bad] = torch.tensor(values, dtype=ids_dtype, device=device)
+            good = ~bad.view(ids.shape)
+            if device == "cpu" and _csrc.load_error() is None:
+                for value in values:  # the CPU csrc kernel checks every id on the host
+                    one = _guarded_copy(clean_ids.to(ids_dtype))
+                    one.view(-1)[3] = value
+                    with use_backend("csrc"):
+                        try:
+                            op(pred, imgs, clean_mask, one, 2, True, 1e-6, "none", True)
+                        except RuntimeError as exc:
+                            assert f"= {value} is out of range" in str(exc), exc
+                        else:
+                            raise AssertionError(f"csrc accepted ids_masked value {value}")
+            for with_mask in (True, False):
+                mask = _guarded_copy(clean_mask) if with_mask else None
+                ref_rows, ref_grad = loss_ops._reference_forward(clean_pred, clean_imgs, mask, clean_ids, 2, True,
+                                                                 1e-6, "none", True)
+                # "mean" divides by the weights of the in-range rows, or without a mask by the number of rows.
+                if not with_mask:
+                    divisor = good.numel()
+                elif layout == "selected":
+                    divisor = clean_mask.gather(1, clean_ids)[good].sum()
+                else:
+                    divisor = clean_mask.view(-1)[clean_ids][good].sum()
+                for backend, reduction in itertools.product(kernel_backends, ("none", "mean")):
+                    where = f"{backend}, {layout}, {ids_dtype}, mask={with_mask}, {reduction}"
+                    guarded = _GuardedTorch()
+                    real_torch, kernels.torch = kernels.torch, guarded
+                    try:
+                        with use_backend(backend):
+                            loss, grad = op(pred, imgs, mask, ids, 2, True, 1e-6, reduction, True)
+                            grad_output = torch.rand(loss.shape, device=device) + 0.5
+                            backward(grad, grad_output)
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                    finally:
+                        kernels.torch = real_torch
+                    guarded.check()
+                    assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), where
+                    expected_loss = torch.where(good, ref_rows, 0.0)
+                    expected_grad = torch.where(good[..., None], ref_grad, 0.0)
+                    if reduction == "none":
+                        expected_grad = expected_grad * grad_output[..., None]
+                    else:
+                        expected_loss = expected_loss.sum() / divisor
+                        expected_grad = expected_grad * grad_output / divisor
+                    assert_rel_close(loss, expected_loss, torch.float32, tol=2e-5, name=f"loss ({where})")
+                    assert_rel_close(grad, expected_grad, torch.float32, name=f"grad_pred ({where})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_ids_past_the_host_check_read_and_write_nothing_outside_the_tensors(device):
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_loss; "
+              f"test_loss._check_unchecked_ids({device!r}); print('ok')")
+    proc = run_until_stalled([sys.executable, "-c", script])
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_ids_masked_are_checked_under_check_indices():
+    pred, imgs, mask, ids_masked = _layout_inputs("selected", 2, 3, "cuda")
+    ids_masked[1, 2] = 2**40
+    with check_indices(), pytest.raises(ValueError, match=r"ids_masked\[1, 2\] = 1099511627776 is outside"):
+        masked_patch_mse(pred, imgs, mask, patch_size=4, ids_masked=ids_masked)
+
+
+# ---- property tests: every layout and edge case, on every backend that runs here
+
+_PROPERTY_DTYPES = {"reference": [torch.float64, torch.float32, torch.bfloat16],
+                    "triton": [torch.float32, torch.bfloat16, torch.float16],
+                    "csrc": [torch.float32, torch.bfloat16, torch.float16]}
+
+
+@st.composite
+def _loss_cases(draw, dtypes):
+    """One call of the op, as plain values: tiny patches (p = 2..4, L <= 12 with odd grids and L = 1),
+    batch 1..3, mask ratios 0 and 0.95 or any count (per sample when packed, K = 0 included), soft and
+    bool masks, constant patches, strided inputs."""
+    grid_h = draw(st.integers(1, 4))
+    grid_w = draw(st.integers(1, 12 // grid_h))
+    num_patches, batch = grid_h * grid_w, draw(st.integers(1, 3))
+    layout = draw(st.sampled_from(["full", "selected", "packed"]))
+    ratio = draw(st.sampled_from([0.0, 0.95, None]))
+    if ratio is not None:
+        counts = [round(ratio * num_patches)] * batch
+    elif layout == "packed":
+        counts = draw(st.lists(st.integers(0, num_patches), min_size=batch, max_size=batch))
+    else:
+        counts = [draw(st.integers(0, num_patches))] * batch
+    return dict(
+        batch=batch, channels=draw(st.sampled_from([1, 3])), p=draw(st.integers(2, 4)), grid=(grid_h, grid_w),
+        layout=layout, counts=counts, dtype=draw(st.sampled_from(dtypes)), norm_pix=draw(st.booleans()),
+        constant=draw(st.booleans()), strided=draw(st.booleans()),
+        mask=draw(st.sampled_from(["float", "bool", "soft"] + ([] if layout == "full" else [None]))),
+        ids_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _build_case(case, device):
+    """``(pred_leaf, pred, imgs, mask, grad_output, kwargs)`` of ``case``; ``pred`` is a view of the leaf
+    (with strides when ``case["strided"]``)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    batch, channels, p, (grid_h, grid_w) = case["batch"], case["channels"], case["p"], case["grid"]
+    num_patches, n, dtype = grid_h * grid_w, p * p * channels, case["dtype"]
+    imgs = torch.randn(batch, channels, grid_h * p, grid_w * p, generator=gen)
+    if case["constant"]:  # every other patch constant at k/4, exact in every dtype: variance 0, the eps path
+        for patch in range(0, num_patches, 2):
+            top, left = (patch // grid_w) * p, (patch % grid_w) * p
+            imgs[:, :, top:top + p, left:left + p] = torch.randint(-8, 8, (batch, 1, 1, 1), generator=gen) / 4
+    order = torch.stack([torch.randperm(num_patches, generator=gen) for _ in range(batch)])
+    mask = torch.zeros(batch, num_patches)
+    for b, count in enumerate(case["counts"]):
+        mask[b, order[b, :count]] = 1.0
+    if case["layout"] == "selected":
+        ids_masked = order[:, :case["counts"][0]]  # a column slice: strided
+    elif case["layout"] == "packed":
+        ids_masked = torch.cat([order[b, :count] + b * num_patches for b, count in enumerate(case["counts"])])
+    else:
+        ids_masked = None
+    rows = (batch, num_patches) if ids_masked is None else tuple(ids_masked.shape)
+    leaf = torch.randn(*rows, 2 * n if case["strided"] else n, generator=gen).to(dtype).requires_grad_(True)
+    pred = leaf[..., :n]
+    if case["mask"] == "soft":
+        mask = mask * (torch.rand(mask.shape, generator=gen) * 1.5 + 0.5)
+    elif case["mask"] == "bool":
+        mask = mask.bool()
+    if case["strided"]:
+        imgs = torch.cat([imgs, imgs], dim=3)[..., grid_w * p:]
+        mask = mask.t().contiguous().t()
+        if ids_masked is not None:
+            ids_masked = torch.stack([ids_masked, ids_masked], dim=-1)[..., 0]
+    if ids_masked is not None:
+        ids_masked = ids_masked.to(case["ids_dtype"]).to(device)
+    grad_output = (torch.randn(rows, generator=gen) if case["reduction"] == "none"
+                   else torch.rand((), generator=gen) + 0.5)
+    kwargs = dict(patch_size=p, norm_pix=case["norm_pix"], reduction=case["reduction"], ids_masked=ids_masked)
+    return (leaf, pred, imgs.to(dtype).to(device), None if case["mask"] is None else mask.to(device),
+            grad_output.to(device), kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_property_matches_the_reference(backend, data):
+    """Forward and gradient against the float64 reference, on every layout and edge case above."""
+    device = _backend_device(backend)
+    case = data.draw(_loss_cases(_PROPERTY_DTYPES[backend]))
+    leaf, pred, imgs, mask, grad_output, kwargs = _build_case(case, device)
+    with use_backend(backend), _kernel_calls(backend) as calls:
+        loss = masked_patch_mse(pred, imgs, mask, **kwargs)
+        loss.backward(grad_output)
+    assert calls["forward"] == (1 if backend == "triton" else 0)
+    n = pred.shape[-1]
+    grad = leaf.grad[..., :n]
+    assert torch.count_nonzero(leaf.grad[..., n:]) == 0
+    ref_loss, ref_grad = reference_loss_and_grad(pred, imgs, mask, grad_output, **kwargs)
+    dtype = case["dtype"]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == ref_loss.shape
+    assert grad.dtype == dtype and torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # The loss is computed in fp32 (fp64) from the same input values, summed in another order.
+    assert_rel_close(loss, ref_loss, tol=TOLERANCES[torch.float64] if dtype == torch.float64 else 2e-5, name="loss")
+    assert_rel_close(grad, ref_grad, dtype, name="grad_pred")
+
+
+@st.composite
+def _bad_value_cases(draw):
+    """A call whose ``ids_masked`` or ``mask`` holds one bad value (B = 2, L = 6)."""
+    kind = draw(st.sampled_from(["selected", "packed", "mask"]))
+    ids_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    info = torch.iinfo(ids_dtype)
+    limit = 6 if kind == "selected" else 12
+    if kind == "mask":
+        value = draw(st.one_of(st.floats(max_value=-(2.0**-100), width=32),
+                               st.sampled_from([float("nan"), float("inf"), float("-inf")])))
+    else:
+        value = draw(st.one_of(st.integers(info.min, -1), st.integers(limit, info.max)))
+    return dict(kind=kind, ids_dtype=ids_dtype, value=value, position=draw(st.integers(0, 7)),
+                with_mask=draw(st.booleans()))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(case=_bad_value_cases())
+def test_property_bad_values_raise_the_same_value_error_on_every_backend(case):
+    layout = "full" if case["kind"] == "mask" else case["kind"]
+    pred, imgs, mask, ids_masked = _layout_inputs(layout, 2, 4, "cpu", p=2, grid=(2, 3))
+    if case["kind"] == "mask":
+        b, patch = divmod(case["position"] % 12, 6)
+        mask[b, patch] = case["value"]  # a float32 value: printed as it is stored
+        stored = re.escape(str(float(mask[b, patch])))
+        expected = rf"masked_patch_mse: mask\[{b}, {patch}\] = {stored} is not a finite weight"
+    else:
+        ids_masked = ids_masked.to(case["ids_dtype"])
+        position = divmod(case["position"], 4) if layout == "selected" else (case["position"],)
+        ids_masked[position] = case["value"]
+        mask = mask if case["with_mask"] else None
+        limit = 6 if layout == "selected" else 12
+        expected = (rf"masked_patch_mse: ids_masked\[{', '.join(map(str, position))}\] = {case['value']} "
+                    rf"is outside the valid range \[0, {limit}\)")
+    messages = {}
+    for backend in _runnable_backends():
+        with use_backend(backend), pytest.raises(ValueError, match=expected) as error:
+            masked_patch_mse(pred, imgs, mask, patch_size=2, ids_masked=ids_masked)
+        messages[backend] = str(error.value)
+    assert len(set(messages.values())) == 1, messages

@@ -108,7 +108,9 @@ inline float squared_error_row(const float* p, const float* t, float* g, float c
   return acc;
 }
 
-// Flat patch index q = b * L + l of each row of pred (identity for the full layout).
+// Flat patch index q = b * L + l of each row of pred (identity for the full layout). The id is
+// range-checked here, on the host where reading it is free, before it indexes anything: an
+// out-of-range id raises (the Python op has already rejected it with a ValueError).
 template <typename index_t>
 inline int64_t row_patch(const index_t* ids, int64_t r, int64_t rows_per_sample, const Geometry& g, int layout,
                          const char* op) {

@@ -50,9 +50,10 @@ __global__ void patch_mse_kernel(const pred_t* __restrict__ pred, const img_t* _
   const int64_t r = static_cast<int64_t>(blockIdx.x) * warps + warp;
   float loss = 0.0f;
   if (r < rows) {
+    // ids_masked is not checked on the device (the Python op checks it only on request, a
+    // sync): an out-of-range id reads no patch and its row weighs 0 (loss 0, gradient 0).
     bool ok = true;
     const int64_t q = row_patch(ids, r, rows_per_sample, g, layout, &ok);
-    if (!ok) CUDA_KERNEL_ASSERT(false && "csrc_masked_patch_mse: ids_masked out of range");
     const float w = !ok ? 0.0f : (weight != nullptr ? weight[q] : 1.0f);
     pred_t* grow = grad != nullptr ? grad + r * g.N : nullptr;
     if (w == 0.0f) {  // contributes nothing: skip reading pred and imgs
@@ -164,9 +165,13 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cuda(const at::Tensor& pred,
     } else if (layout == 0) {
       wsum = weight.sum();
     } else {
-      at::Tensor flat = ids_masked->to(at::kLong);
+      // The rows' weights as the kernel sees them: an out-of-range id weighs 0 and is not used
+      // to index (index_select would assert on the device).
+      at::Tensor ids = ids_masked->to(at::kLong);
+      const at::Tensor in_range = (ids >= 0) & (ids < (layout == 1 ? g.L : g.B * g.L));
+      at::Tensor flat = at::where(in_range, ids, 0);
       if (layout == 1) flat = flat + at::arange(g.B, flat.options()).unsqueeze(1) * g.L;
-      wsum = weight.view(-1).index_select(0, flat.view(-1)).sum();
+      wsum = at::where(in_range.view(-1), weight.view(-1).index_select(0, flat.view(-1)), 0).sum();
     }
     scale = at::where(wsum != 0, wsum.reciprocal(), at::zeros_like(wsum));
   }

@@ -58,21 +58,24 @@ def _masked_patch_mse_fwd_kernel(
     sample = rows // rows_per_sample
     within = rows - sample * rows_per_sample
 
+    # The values of ids are not checked on the device (that would sync): a row whose id is out
+    # of range reads nothing and gets weight 0. The range test is done on the id as stored
+    # (int64), before it is narrowed to int32: 2**32 would otherwise wrap to patch 0.
     if LAYOUT == 0:
         b = sample
         patch = within
     elif LAYOUT == 1:
         b = sample
         ids_offsets = sample.to(tl.int64) * stride_ids_sample + within.to(tl.int64) * stride_ids_row
-        patch = tl.load(ids_ptr + ids_offsets, mask=row_ok, other=0).to(tl.int32)
+        index = tl.load(ids_ptr + ids_offsets, mask=row_ok, other=0).to(tl.int64)
+        row_ok = row_ok & (index >= 0) & (index < num_patches)
+        patch = tl.where(row_ok, index, 0).to(tl.int32)
     else:
-        flat = tl.load(ids_ptr + within.to(tl.int64) * stride_ids_row, mask=row_ok, other=0).to(tl.int32)
+        index = tl.load(ids_ptr + within.to(tl.int64) * stride_ids_row, mask=row_ok, other=0).to(tl.int64)
+        row_ok = row_ok & (index >= 0) & (index < batch * num_patches)
+        flat = tl.where(row_ok, index, 0).to(tl.int32)
         b = flat // num_patches
         patch = flat - b * num_patches
-    # Indices are not checked on the host (that would sync); a row whose index is out of range
-    # reads nothing and gets weight 0 (for "mean" with weights, the launcher's gather of the
-    # weights fails on such an index before this kernel runs).
-    row_ok = row_ok & (patch >= 0) & (patch < num_patches) & (b >= 0) & (b < batch)
 
     if HAS_WEIGHT:
         weight_offsets = b.to(tl.int64) * stride_weight_b + patch.to(tl.int64) * stride_weight_l
@@ -179,10 +182,11 @@ def masked_patch_mse_forward(
     (``LAYOUT_SELECTED``) or ``(T, N)`` (``LAYOUT_PACKED``), last dimension contiguous, other
     strides free (e.g. ``decoder_out[:, 1:]``); ``weight (B, L)`` or ``None`` (all ones, only
     with ids); ``ids`` ``None``, ``(B, K)`` patch indices in ``[0, L)`` or ``(T,)`` flat
-    indices ``b * L + l``. Inputs are trusted (the caller validated them); the range of ``ids``
-    is not checked: for ``"mean"`` with ``weight`` the gather of the rows' weights fails on an
-    index out of range (an index error on CPU, a device-side assert on CUDA), otherwise such a
-    row counts with weight 0.
+    indices ``b * L + l``. Inputs are trusted (the caller validated them) but for the values of
+    ``ids``: a row whose id is out of range reads no patch and has weight 0 (loss 0, gradient
+    0, left out of the weights' sum; without ``weight``, ``"mean"`` still divides by the number
+    of rows). No access falls outside a tensor whatever ``ids`` holds. ``B * L`` and the
+    number of rows must be below ``2**31`` (the kernel's row and patch indices are int32).
 
     ``loss``: float32, ``()`` for ``reduction`` ``"mean"`` (sum of ``weight * patch_loss``
     divided by the sum of the weights, 0 when that sum is 0) and ``"sum"``, else the rows'
@@ -196,6 +200,9 @@ def masked_patch_mse_forward(
     num_patches = (height // p) * grid_w
     n = p * p * channels
     rows_shape = pred.shape[:-1]
+    if max(batch * num_patches, rows_shape.numel()) >= 2**31:
+        raise ValueError(f"masked_patch_mse_forward: B * L = {batch * num_patches} patches and the "
+                         f"{rows_shape.numel()} rows of pred must both be below 2**31 (the kernel's int32 indices)")
     if layout == LAYOUT_PACKED:
         num_rows, rows_per_sample = pred.shape[0], max(pred.shape[0], 1)
         stride_pred_sample, stride_pred_row = 0, pred.stride(0)
@@ -217,10 +224,14 @@ def masked_patch_mse_forward(
     if scale_by_weight_sum:
         if ids is None:
             weight_sum = weight.sum(dtype=torch.float32)
-        elif layout == LAYOUT_SELECTED:
-            weight_sum = weight.gather(1, ids.long()).sum(dtype=torch.float32)
         else:
-            weight_sum = weight.reshape(-1)[ids.long()].sum(dtype=torch.float32)
+            # The rows' weights as the kernel sees them: an out-of-range id weighs 0 (and is not
+            # used to index, where a plain gather would read outside `weight`).
+            index = ids.long()
+            in_range = (index >= 0) & (index < (num_patches if layout == LAYOUT_SELECTED else batch * num_patches))
+            index = index.where(in_range, 0)
+            rows_weight = weight.gather(1, index) if layout == LAYOUT_SELECTED else weight.reshape(-1)[index]
+            weight_sum = rows_weight.where(in_range, 0).sum(dtype=torch.float32)
         row_scale = 1.0
     else:
         weight_sum = row_loss  # unused by the kernel
@@ -255,6 +266,12 @@ def masked_patch_mse_scale_grad_(grad_pred: torch.Tensor, grad_output: torch.Ten
     ``grad_output`` is a scalar (``"mean"``/``"sum"``: a no-op when it is 1, decided on the
     device) or has ``grad_pred.shape[:-1]`` (``"none"``: one factor per row).
     """
+    rows_shape = grad_pred.shape[:-1]
+    if grad_output.dim() != 0 and grad_output.shape != rows_shape:
+        raise ValueError(f"masked_patch_mse_scale_grad_: grad_output must be a scalar or have grad_pred's row "
+                         f"shape {tuple(rows_shape)}, got {tuple(grad_output.shape)}")
+    if not grad_pred.is_contiguous():
+        raise ValueError("masked_patch_mse_scale_grad_: grad_pred must be contiguous (the kernels index it densely)")
     if grad_pred.numel() == 0:
         return
     if grad_output.dim() == 0:

@@ -415,11 +415,14 @@ class MaskedAutoencoderViT(nn.Module):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.e-6)**.5
+        # Nothing masked (mask_ratio=0) gives loss 0 and zero gradients, as the fused op, where the
+        # official code divides 0 by 0 (NaN).
         if ids_masked is not None:  # every row of pred is a masked patch
-            return ((pred - _take_rows(target, ids_masked)) ** 2).mean()
+            loss = (pred - _take_rows(target, ids_masked)) ** 2
+            return loss.sum() / max(loss.numel(), 1)
         loss = (pred - target) ** 2
         loss = loss.mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        return _masked_mean(loss, mask)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: Any = 0.75, noise: torch.Tensor | None = None, *,
                 seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None):
@@ -466,6 +469,13 @@ def _check_masking_source(noise: torch.Tensor | None, seed: Any, offset: Any, fu
         raise ValueError("give noise or seed / offset, not both")
     if offset is not None and seed is None and not fused:
         raise ValueError("offset needs a seed when fused=False (the official torch.rand masking has no sample offset)")
+
+
+def _masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum(per_patch * mask) / sum(mask)``, and 0 (zero gradients) when the mask is all zero, as
+    :func:`fastmim.ops.masked_patch_mse`: the official ``/ mask.sum()`` gives NaN there."""
+    total = mask.sum()
+    return (per_patch * mask).sum() / torch.where(total == 0, torch.ones_like(total), total)
 
 
 def _take_rows(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

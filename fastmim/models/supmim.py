@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmim.models.mae import MaskedAutoencoderViT, PackedTokens, _take_rows, _visible_counts
+from fastmim.models.mae import MaskedAutoencoderViT, PackedTokens, _masked_mean, _take_rows, _visible_counts
 from fastmim.models.presets import ViTPreset, register_method
 from fastmim.models.vit import check_mask_ratio, init_mae_weights
 
@@ -143,11 +143,13 @@ class SupervisedMIM(MaskedAutoencoderViT):
         with torch.no_grad():
             self.tokenizer.eval()
             target = self.tokenizer(imgs).long()  # (B, L)
+        # Nothing masked (mask_ratio=0): loss 0 and zero gradients, as the pixel loss, not 0 / 0.
         if ids_masked is not None:  # pred rows are the masked patches
             target = _take_rows(target.unsqueeze(-1), ids_masked).squeeze(-1)
-            return F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1))
+            per_row = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1), reduction="none")
+            return per_row.sum() / max(per_row.numel(), 1)
         per_patch = F.cross_entropy(pred.transpose(1, 2).float(), target, reduction="none")  # (B, L)
-        return (per_patch * mask).sum() / mask.sum()
+        return _masked_mean(per_patch, mask)
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor, mask_ratio: Any = None,
                 noise: torch.Tensor | None = None, *, seed: int | torch.Tensor | None = None,

@@ -17,7 +17,10 @@ Registered ops (for ``torch.compile`` and for other backends to implement):
   int patch_size, bool norm_pix, float eps, str reduction, bool compute_grad)
   -> (Tensor loss, Tensor grad_pred)``: ``grad_pred`` is the gradient of ``loss`` (summed
   over rows for ``"none"``) with respect to ``pred``, contiguous, dtype of ``pred``; an empty
-  tensor when ``compute_grad`` is false. Inputs already validated, ``mask`` a float tensor.
+  tensor when ``compute_grad`` is false. Inputs already validated, ``mask`` a float tensor,
+  but not necessarily the values of ``ids_masked`` (accelerator tensors): the Triton and CUDA
+  kernels give an out-of-range id a row that reads no patch (loss 0, gradient 0, no weight);
+  the CPU csrc kernel, where reading them is free, raises. ``B``, ``K`` or ``T`` may be 0.
 - ``fastmim::masked_patch_mse_backward(Tensor(a!) grad_pred, Tensor grad_output) -> ()``:
   multiplies the saved ``grad_pred`` in place by ``grad_output`` (a scalar, or one factor
   per row for ``"none"``); with a scalar 1 it may leave it untouched.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops._dispatch import select_backend
+from fastmim.ops._validate import check_index_range, values_checked
 
 __all__ = ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
 
@@ -84,7 +88,7 @@ def _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps):
     """The target of each row of ``pred`` (official patchify and norm_pix) and its weight."""
     compute_dtype = _loss_dtype(pred, imgs)
     target = patchify(imgs, patch_size).to(compute_dtype)           # (B, L, N)
-    if norm_pix:
+    if norm_pix and target.numel():  # an empty batch has nothing to normalise (torch.var warns on it)
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)                        # unbiased (N - 1)
         target = (target - mean) / (var + eps) ** 0.5
@@ -170,7 +174,9 @@ def masked_patch_mse(
         imgs: ``(B, C, H, W)``, H and W divisible by ``patch_size``; any strides (read in
             place). float16, bfloat16, float32 or float64, like ``pred`` (may differ).
         mask: ``(B, L)`` patch weights, 1 = masked (loss counted), 0 = visible; float or bool
-            (bool is converted to float32, a small copy). With ``ids_masked`` it is optional:
+            (bool is converted to float32, a small copy). Any finite weights ``>= 0`` (a soft
+            mask) are allowed; a negative, NaN or infinite one is a ``ValueError`` (its values
+            are checked as ``ids_masked``'s, see there). With ``ids_masked`` it is optional:
             the weight of a row is ``mask[b, l]`` of its patch, or 1 without ``mask``.
         patch_size: ``p``.
         norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
@@ -178,26 +184,30 @@ def masked_patch_mse(
             loss and gradient).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         ids_masked: the patch indices of the rows of ``pred`` (int64 or int32), see ``pred``.
-            Not checked against ``L`` (``B * L`` packed) here: that would sync with the device.
-            An out-of-range index is an error the backends catch late or not at all: the
-            reference and the CPU csrc kernel raise, the CUDA csrc kernel asserts on the device;
-            the Triton path, for ``"mean"`` with a ``mask``, first gathers the rows' weights with
-            an indexing op, which raises on CPU and asserts on the device on CUDA; otherwise the
-            Triton kernel reads nothing for that row and gives it weight 0 (loss 0, gradient 0;
-            with ``"mean"`` and no ``mask`` it still counts in the number of rows divided by).
+            Their values are checked as fastmim's other index arguments
+            (:mod:`fastmim.ops._validate`): always for a CPU tensor, on every backend (a
+            ``ValueError`` naming the first bad position, its value and the range ``[0, L)``,
+            ``[0, B * L)`` packed); for an accelerator tensor only under
+            :func:`fastmim.ops.check_indices` or ``FASTMIM_CHECK_INDICES=1`` (reading them
+            back would sync with the device). Unchecked, an out-of-range index reads no patch:
+            the Triton and csrc kernels give its row loss 0 and gradient 0 and leave its weight
+            out of ``sum(mask)`` (without ``mask``, ``"mean"`` still divides by the number of
+            rows); the reference backend's indexing raises (a device-side assert on CUDA).
 
     Returns:
         float32 (float64 if an input is float64): a scalar, or ``pred.shape[:-1]`` for
-        ``"none"``. When the weights sum to 0 (e.g. ``mask_ratio=0``), ``"mean"`` returns 0
-        and a zero gradient (the official code returns NaN). The Triton kernel does not read
-        rows of weight 0, so non-finite values there do not propagate (the reference, like
-        the official code, gives NaN).
+        ``"none"``. When the weights sum to 0 (e.g. ``mask_ratio=0``, no rows with ``K = 0``
+        or ``T = 0``, or an empty batch ``B = 0``), ``"mean"`` returns 0 and a zero gradient
+        on every backend (the official code returns NaN); ``"sum"`` is 0 for no rows. The
+        kernels (Triton, csrc) do not read rows of weight 0, so non-finite values there do not
+        propagate (the reference, like the official code, gives NaN).
 
     Gradient flows to ``pred`` only; ``imgs`` and ``mask`` must not require grad. When
     ``pred`` requires grad the forward also writes ``d loss / d pred`` (one tensor like
     ``pred``), kept for backward, which scales it in place by ``grad_output``: backward once
     per graph (``retain_graph`` re-use of this node raises autograd's in-place error).
-    Statistics and sums are fp32 for bf16/fp16 inputs. No host sync.
+    Statistics and sums are fp32 for bf16/fp16 inputs. No host sync (unless index checks are
+    on for accelerator tensors, see ``ids_masked``).
     """
     mask = _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked)
     compute_grad = pred.requires_grad and torch.is_grad_enabled()
@@ -231,6 +241,8 @@ def _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     batch, channels, height, width = imgs.shape
+    if min(channels, height, width) < 1:
+        raise ValueError(f"imgs must have C, H and W >= 1 (only the batch B may be empty), got {tuple(imgs.shape)}")
     p = patch_size
     num_patches = (height // p) * (width // p)
     n = p * p * channels
@@ -270,6 +282,8 @@ def _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked
         else:
             raise ValueError(f"pred must have shape (B, K, p*p*C) or (T, p*p*C) with ids_masked, "
                              f"got {tuple(pred.shape)}")
+        check_index_range("ids_masked", ids_masked, num_patches if pred.dim() == 3 else batch * num_patches,
+                          op="masked_patch_mse")
     if pred.shape[-1] > 0 and pred.stride(-1) != 1:
         raise ValueError(f"pred's last dimension must be contiguous (stride 1), got strides {pred.stride()}")
     if imgs.device != pred.device:
@@ -288,10 +302,24 @@ def _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked
             mask = mask.to(torch.float32)
         elif mask.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"mask must be a float or bool tensor, got {mask.dtype}")
+        else:
+            _check_weights(mask)
         if mask.requires_grad:
             raise ValueError("mask requires grad, but masked_patch_mse gives gradients to pred only: "
                              "pass mask.detach()")
     return mask
+
+
+def _check_weights(mask: torch.Tensor) -> None:
+    """Every weight finite and ``>= 0``, checked when index values are (same policy, same cost): a
+    negative weight can cancel the others in ``sum(mask)``, a non-finite one poisons the whole loss."""
+    if mask.numel() == 0 or not values_checked(mask):
+        return
+    bad = ~(mask >= 0) | torch.isinf(mask)  # NaN fails mask >= 0
+    if bool(bad.any()):
+        b, patch = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"masked_patch_mse: mask[{b}, {patch}] = {float(mask[b, patch])} is not a finite weight "
+                         ">= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +394,8 @@ def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, comput
 
 @torch.library.custom_op("fastmim::masked_patch_mse_backward", mutates_args=("grad_pred",))
 def _masked_patch_mse_backward_op(grad_pred: torch.Tensor, grad_output: torch.Tensor) -> None:
+    if grad_pred.numel() == 0:  # no rows (B, K or T = 0): nothing to scale on any backend
+        return
     backend = select_backend("masked_patch_mse", grad_pred.device, implemented=_BACKENDS, prefer_cpu=_CPU_DEFAULT)
     if backend == "csrc" and grad_pred.dtype in _TRITON_DTYPES:
         torch.ops.fastmim.csrc_masked_patch_mse_backward(grad_pred, grad_output)
