@@ -152,7 +152,7 @@ uint64_t host_offset(const std::optional<at::Tensor>& offset) {
 namespace {
 
 void check_random_args(int64_t batch, int64_t num_patches, int64_t num_keep, const char* op) {
-  TORCH_CHECK(batch >= 1, op, ": batch must be >= 1, got ", batch);
+  TORCH_CHECK(batch >= 0, op, ": batch must be >= 0, got ", batch);
   TORCH_CHECK(num_patches >= 1 && num_patches < (int64_t{1} << 31), op,
               ": num_patches must be in [1, 2**31), got ", num_patches);
   TORCH_CHECK(num_keep >= 0 && num_keep <= num_patches, op, ": num_keep must be in [0, num_patches=", num_patches,

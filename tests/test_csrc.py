@@ -314,6 +314,79 @@ def test_token_ops_with_no_patches(device, has_cls):
         assert torch.equal(grad_pos, ref_pos)
 
 
+@pytest.mark.parametrize("B,D", [(0, 16), (2, 0)])
+def test_token_ops_with_an_empty_batch_or_width(device, B, D):
+    # Empty results, and zero sums over an empty batch, as the references give; no kernel may
+    # launch an empty grid.
+    L, K = 8, 3
+    dev = torch.device(device)
+    ids = torch.arange(K, device=dev).expand(B, K).contiguous()
+    restore = torch.arange(L, device=dev).expand(B, L).contiguous()
+    x, pos, cls = torch.randn(B, L, D, device=dev), torch.randn(L + 1, D, device=dev), torch.randn(D, device=dev)
+    out = ops.csrc_gather_visible(x, ids, pos, cls)
+    assert torch.equal(out, token_ops.gather_visible_reference(x, ids, pos, cls_token=cls))
+    grad_out = torch.randn(B, K + 1, D, device=dev)
+    got = ops.csrc_gather_visible_backward(grad_out, ids, L, True, True, True, True)
+    for g, want in zip(got, token_ops._gather_visible_backward_reference(grad_out, ids, None, L, True), strict=True):
+        assert torch.equal(g, want)
+    x_visible = torch.randn(B, K + 1, D, device=dev)
+    out = ops.csrc_unshuffle(x_visible, restore, cls, pos, True)
+    assert torch.equal(out, token_ops.unshuffle_reference(x_visible, restore, cls, pos, has_cls=True))
+    grad_out = torch.randn(B, L + 1, D, device=dev)
+    got = ops.csrc_unshuffle_backward(grad_out, restore, K, True, True, True, True)
+    for g, want in zip(got, token_ops._unshuffle_backward_reference(grad_out, restore, None, K + 1, True), strict=True):
+        assert torch.equal(g, want)
+    if B == 0:
+        seed = torch.tensor(1)
+        ids_keep, ids_restore, mask = ops.csrc_random_masking(seed, 0, L, K, dev)
+        assert (ids_keep.shape, ids_restore.shape, mask.shape) == ((0, K), (0, L), (0, L))
+        assert ops.csrc_random_permutation(seed, 0, L, dev)[0].shape == (0, L)
+        cu = torch.zeros(1, dtype=torch.int32, device=dev)
+        assert ops.csrc_random_masking_varlen(seed, cu, 0, L, 0, dev)[0].shape == (0,)
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_read_zeros_for_out_of_range_indices(ext):
+    # Index values on a GPU are not checked (a device sync): an out-of-range id gathers a zero row,
+    # an out-of-range rank a zero token plus its position embedding; their gradients are dropped.
+    if not ext.has_cuda():
+        pytest.skip("fastmim._C was built without CUDA")
+    B, L, K, D = 2, 8, 3, 16
+    x, pos, cls = (torch.randn(shape, device="cuda") for shape in ((B, L, D), (L + 1, D), (D,)))
+    ids = torch.stack([torch.randperm(L, device="cuda")[:K] for _ in range(B)])
+    bad = ids.clone()
+    bad[1, 1], bad[0, 2] = L, -1
+    bad_rows = ([1, 0], [2, 3])  # their output rows (after the cls row)
+    out = ops.csrc_gather_visible(x, bad, pos, cls)
+    want = token_ops.gather_visible_reference(x, ids, pos, cls_token=cls)
+    want[bad_rows] = 0
+    assert torch.equal(out, want)
+    grad_out = torch.randn_like(out)
+    kept = grad_out.clone()
+    kept[bad_rows] = 0
+    got = ops.csrc_gather_visible_backward(grad_out, bad, L, True, True, True, True)
+    want = token_ops._gather_visible_backward_reference(kept, ids, None, L, True)
+    assert torch.equal(got[0], want[0])
+    assert_rel_close(got[1], want[1], torch.float32, name="grad_pos")
+    assert_rel_close(got[2], want[2], torch.float32, name="grad_cls")
+
+    restore = torch.stack([torch.argsort(torch.randperm(L, device="cuda")) for _ in range(B)])
+    i = int((restore[1] >= K).nonzero()[0, 0])  # a masked position: every visible rank keeps its position
+    bad = restore.clone()
+    bad[1, i] = L
+    x_visible, mask_token, pos = torch.randn(B, K + 1, D, device="cuda"), torch.randn(D, device="cuda"), pos[1:]
+    out = ops.csrc_unshuffle(x_visible, bad, mask_token, pos, True)
+    want = token_ops.unshuffle_reference(x_visible, restore, mask_token, pos, has_cls=True)
+    want[1, 1 + i] = pos[i]
+    assert torch.equal(out, want)
+    grad_out = torch.randn_like(out)
+    got = ops.csrc_unshuffle_backward(grad_out, bad, K, True, True, True, True)
+    want = token_ops._unshuffle_backward_reference(grad_out, restore, None, K + 1, True)
+    assert torch.equal(got[0], want[0])
+    assert_rel_close(got[1], want[1] - grad_out[1, 1 + i], torch.float32, name="grad_mask_token")
+    assert_rel_close(got[2], want[2], torch.float32, name="grad_pos")
+
+
 # ------------------------------------------------------------------------------ masked_patch_mse
 
 
@@ -511,8 +584,6 @@ BAD_INPUT_CASES = {
     "gather/x non-contiguous": (lambda: ops.csrc_gather_visible(_x(L=_B, B=_L).transpose(0, 1), _ids(), None, None),
                                 "x must be contiguous"),
     "gather/x 2-D": (lambda: ops.csrc_gather_visible(_x()[0], _ids(), None, None), "x must be 3-D"),
-    "gather/x D == 0": (lambda: ops.csrc_gather_visible(_x(D=0), _ids(), None, None),
-                        "x must have B >= 1 and D >= 1"),
     "gather/dtypes promote to float64": (
         lambda: ops.csrc_gather_visible(_x(), _ids(), torch.randn(_L, _D, dtype=torch.float64), None),
         "the inputs promote to Double"),
@@ -692,7 +763,7 @@ BAD_INPUT_CASES = {
     # random masking
     "masking/num_keep": (lambda: ops.csrc_random_masking(torch.tensor(1), 2, _L, _L + 1, CPU),
                          r"num_keep must be in \[0, num_patches=49\], got 50"),
-    "masking/batch": (lambda: ops.csrc_random_masking(torch.tensor(1), 0, _L, 5, CPU), "batch must be >= 1, got 0"),
+    "masking/batch": (lambda: ops.csrc_random_masking(torch.tensor(1), -1, _L, 5, CPU), "batch must be >= 0, got -1"),
     "masking/num_patches": (lambda: ops.csrc_random_permutation(torch.tensor(1), 2, 0, CPU),
                             r"num_patches must be in \[1, 2\*\*31\), got 0"),
     "masking/seed dtype": (lambda: ops.csrc_random_masking(torch.tensor(1.0), 2, _L, 5, CPU),

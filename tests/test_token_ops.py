@@ -6,11 +6,16 @@ copies plus one rounded add, so forward results must be bit-identical; gradient 
 batch are compared within the dtype tolerance.
 
 Every buffer the Triton launchers allocate (outputs and reduction workspaces) is poisoned and
-followed by a poisoned guard band, checked after each test: a skipped write shows up as NaN (or
-the integer max) instead of inheriting a correct value, and a write past the end is caught.
+sits between two poisoned guard bands, checked after each test: a skipped write shows up as NaN
+(or the integer max) instead of inheriting a correct value, and a write before the start or past
+the end is caught.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -31,14 +36,14 @@ from fastmim.ops import (
     unshuffle_reference,
     use_backend,
 )
-from fastmim.ops.token_ops import masking_noise_reference
-from fastmim.testing import assert_rel_close, count_calls, kernel_devices, poison_like
+from fastmim.ops.token_ops import masking_noise_reference, num_keep_from_ratio
+from fastmim.testing import TOLERANCES, assert_rel_close, count_calls, kernel_devices, poison_like
 
 DEVICES = kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIOS = [0.0, 0.5, 0.75, 0.9]
 CSRC_ERROR = backend_status("cpu")["csrc"]
-_GUARD = 1024  # elements of poison after every launcher buffer
+_GUARD = 1024  # elements of poison before and after every launcher buffer
 _LAUNCHERS = ("random_masking_forward", "gather_visible_forward", "gather_visible_backward", "unshuffle_forward",
               "unshuffle_backward")
 
@@ -48,8 +53,8 @@ def _is_poison(t):
 
 
 class _PoisonedTorch:
-    """Stands in for ``torch`` inside the launcher module: ``empty`` returns the head of a poisoned
-    buffer ``_GUARD`` elements longer; everything else is torch itself."""
+    """Stands in for ``torch`` inside the launcher module: ``empty`` returns the middle of a poisoned
+    buffer with ``_GUARD`` more elements on each side; everything else is torch itself."""
 
     def __init__(self):
         self.buffers = []
@@ -59,12 +64,13 @@ class _PoisonedTorch:
 
     def empty(self, size, **kwargs):
         size = torch.Size(size)
-        base = poison_like(torch.empty(size.numel() + _GUARD, **kwargs))
+        base = poison_like(torch.empty(size.numel() + 2 * _GUARD, **kwargs))
         self.buffers.append(base)
-        return base[: size.numel()].view(size)
+        return base[_GUARD: _GUARD + size.numel()].view(size)
 
     def assert_guards_intact(self):
         for base in self.buffers:
+            assert _is_poison(base[:_GUARD]), "a Triton kernel wrote before the start of its buffer"
             assert _is_poison(base[base.numel() - _GUARD:]), "a Triton kernel wrote past the end of its buffer"
 
 
@@ -326,15 +332,22 @@ def _grads(fn, inputs, grad_out_seed=5, grad_out=None):
     return out.detach(), torch.autograd.grad(out, wrt, g)
 
 
-def _assert_matches_reference(fast, reference, inputs, backend, grad_out=None):
+def _assert_matches_reference(fast, reference, inputs, backend, grad_out=None, dtype=torch.float32):
     """``fast`` on ``backend`` against ``reference``: the output and the first input's gradient (index
-    copies) exactly, the other gradients (sums) within the fp32 tolerance; returns the output."""
+    copies) exactly (Triton: see :func:`_assert_same_values`), the other gradients (sums) within the
+    tolerance of ``dtype``; returns the output."""
     ref_out, ref_grads = _grads(reference, inputs, grad_out=grad_out)
     with use_backend(backend):
         out, grads = _grads(fast, inputs, grad_out=grad_out)
-    assert torch.equal(out, ref_out) and torch.equal(grads[0], ref_grads[0])
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    for got, want in ((out, ref_out), (grads[0], ref_grads[0])):
+        if backend == "triton":
+            _assert_same_values(got, want, got.device)
+        else:
+            assert torch.equal(got, want)
     for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        assert_rel_close(got, want, torch.float32)
+        assert got.dtype == want.dtype
+        assert_rel_close(got, want, dtype)
     return out
 
 
@@ -847,11 +860,13 @@ def test_bad_varlen_lengths():
         gather_visible(x, v.ids_keep[:7], cu_seqlens=v.cu_seqlens)
     with pytest.raises(ValueError, match=r"ids_keep must have cu_seqlens\[-1\] = 8 rows.*got shape \(9,\)"):
         gather_visible(x, torch.cat([v.ids_keep, v.ids_keep[:1]]), cu_seqlens=v.cu_seqlens)
-    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and be non-decreasing"):
+    with pytest.raises(ValueError, match=r"gather_visible: cu_seqlens\[0\] = 1, expected 0"):
         gather_visible(x, v.ids_keep, cu_seqlens=torch.tensor([1, 4, 8]))
-    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and be non-decreasing"):
+    with pytest.raises(ValueError, match=r"gather_visible: cu_seqlens\[2\] = 8 < cu_seqlens\[1\] = 9: offsets must be "
+                                         r"non-decreasing"):
         gather_visible(x, v.ids_keep, cu_seqlens=torch.tensor([0, 9, 8]))
-    with pytest.raises(ValueError, match=r"max_seqlen must be >= the largest count in cu_seqlens \(5\), got 4"):
+    with pytest.raises(ValueError, match=r"gather_visible: max_seqlen = 4 is smaller than sequence 1 of cu_seqlens "
+                                         r"\(5 tokens\)"):
         gather_visible(x, v.ids_keep, cu_seqlens=v.cu_seqlens, max_seqlen=4)
     packed = gather_visible(x, v.ids_keep, cls_token=torch.randn(D), cu_seqlens=v.cu_seqlens)
     assert packed.shape == (8 + B, D)
@@ -861,8 +876,11 @@ def test_bad_varlen_lengths():
             unshuffle(torch.randn(rows, D), v.ids_restore, mt, has_cls=True, cu_seqlens=v.cu_seqlens)
     with pytest.raises(ValueError, match=r"x_visible must be packed \(T \+ B, D\) with B = 2, got shape \(1, 8\)"):
         unshuffle(torch.randn(1, D), v.ids_restore, mt, has_cls=True, cu_seqlens=v.cu_seqlens)
-    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and be non-decreasing"):
+    with pytest.raises(ValueError, match=r"unshuffle: cu_seqlens\[2\] = 5 < cu_seqlens\[1\] = 6"):
         unshuffle(packed, v.ids_restore, mt, has_cls=True, cu_seqlens=torch.tensor([0, 6, 5]))
+    with pytest.raises(ValueError, match=r"unshuffle: sample 1 has cu_seqlens\[2\] - cu_seqlens\[1\] = 17 visible "
+                                         r"tokens, more than its L = 16 patches"):
+        unshuffle(torch.randn(17 + B, D), v.ids_restore, mt, has_cls=True, cu_seqlens=torch.tensor([0, 0, 17]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -898,3 +916,525 @@ def test_varlen_kernels_stay_inside_short_tensors(device):
         (gxv,) = torch.autograd.grad(dec, (xv,), torch.ones_like(dec))
     assert dec.shape == (B, L + 1, D) and bool((dec.abs() < 1e3).all())
     assert gxv.shape == xv.shape
+
+
+# ----------------------------------------------------------------------------- index values
+# Host index values are checked by the public op before it dispatches, and by the references:
+# the same ValueError on every backend. The kernels behind them never access memory outside their
+# tensors whatever the values: called directly (no check), an out-of-range id reads zeros and its
+# gradient is dropped (Triton), or the kernel raises (csrc on CPU, where checking is free).
+
+
+def _all_backends():
+    """(backend, device) pairs of the public ops that run here: the reference, Triton on every
+    kernel device, csrc on CPU when it is built."""
+    return _backends("cpu") + ([("csrc", "cpu")] if CSRC_ERROR is None else [])
+
+
+_OPS = {"gather_visible": (gather_visible, gather_visible_reference), "unshuffle": (unshuffle, unshuffle_reference)}
+
+
+def _assert_same_error_everywhere(op, args, kwargs, match=None):
+    """``op(*args, **kwargs)`` (host tensors) raises the same ValueError on every backend and from its
+    reference; returns the message."""
+    public, reference = _OPS[op]
+    messages = set()
+    for backend in ("reference", "triton", "csrc"):
+        with use_backend(backend), pytest.raises(ValueError, match=match) as info:
+            public(*args, **kwargs)
+        messages.add(str(info.value))
+    if "max_seqlen" not in kwargs:  # the reference takes no max_seqlen
+        with pytest.raises(ValueError, match=match) as info:
+            reference(*args, **kwargs)
+        messages.add(str(info.value))
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert message.startswith(f"{op}: "), message
+    return message
+
+
+def _bad_index_cases():
+    """{case: (op, args, kwargs, message)}: one bad value each, on host tensors."""
+    B, L, D = 2, 8, 4
+    x, pos, cls, mt = torch.randn(B, L, D), torch.randn(L + 1, D), torch.randn(D), torch.randn(D)
+    m = random_masking_reference(B, L, num_keep=3, seed=1)
+    v = random_masking_reference(B, L, num_keep=[2, 5], seed=1)
+    xv = torch.randn(B, 4, D)
+    packed = torch.randn(7 + B, D)
+
+    def put(t, index, value):
+        t = t.clone()
+        t[index] = value
+        return t
+
+    restore = m.ids_restore
+    repeated = put(restore, (1, 4), int(restore[1, 5]))
+    return {
+        "ids_keep -1": ("gather_visible", (x, put(m.ids_keep, (1, 2), -1), pos), {"cls_token": cls},
+                        r"ids_keep\[1, 2\] = -1 is outside the valid range \[0, 8\)"),
+        "ids_keep L (int32)": ("gather_visible", (x, put(m.ids_keep, (0, 0), L).int()), {},
+                               r"ids_keep\[0, 0\] = 8 is outside the valid range \[0, 8\)"),
+        "ids_keep far below": ("gather_visible", (x, put(m.ids_keep, (1, 0), -(2**40)), pos), {},
+                               rf"ids_keep\[1, 0\] = {-(2**40)} is outside"),
+        "packed ids_keep L": ("gather_visible", (x, put(v.ids_keep, 6, L)), {"cu_seqlens": v.cu_seqlens},
+                              r"ids_keep\[6\] = 8 is outside the valid range \[0, 8\)"),
+        "gather cu_seqlens[0]": ("gather_visible", (x, v.ids_keep), {"cu_seqlens": torch.tensor([1, 2, 7])},
+                                 r"cu_seqlens\[0\] = 1, expected 0"),
+        "gather cu_seqlens decreasing": ("gather_visible", (x, v.ids_keep), {"cu_seqlens": torch.tensor([0, 8, 7])},
+                                         r"cu_seqlens\[2\] = 7 < cu_seqlens\[1\] = 8"),
+        "gather cu_seqlens total": ("gather_visible", (x, v.ids_keep), {"cu_seqlens": torch.tensor([0, 2, 6])},
+                                    r"ids_keep must have cu_seqlens\[-1\] = 6 rows"),
+        "gather max_seqlen": ("gather_visible", (x, v.ids_keep), {"cu_seqlens": v.cu_seqlens, "max_seqlen": 4},
+                              r"max_seqlen = 4 is smaller than sequence 1 of cu_seqlens \(5 tokens\)"),
+        "ids_restore -1": ("unshuffle", (xv, put(restore, (0, 3), -1), mt, pos), {"has_cls": True},
+                           r"ids_restore\[0, 3\] = -1 is outside the valid range \[0, 8\)"),
+        "ids_restore L (int32)": ("unshuffle", (xv[:, 1:], put(restore, (1, 7), L).int(), mt), {},
+                                  r"ids_restore\[1, 7\] = 8 is outside the valid range \[0, 8\)"),
+        "ids_restore repeated rank": ("unshuffle", (xv, repeated, mt), {"has_cls": True},
+                                      r"ids_restore\[1\] must be a permutation of 0..7 \(each index once\)"),
+        "packed ids_restore": ("unshuffle", (packed, put(v.ids_restore, (1, 0), 9), mt),
+                               {"has_cls": True, "cu_seqlens": v.cu_seqlens}, r"ids_restore\[1, 0\] = 9 is outside"),
+        "unshuffle cu_seqlens[0]": ("unshuffle", (packed[:7], v.ids_restore, mt),
+                                    {"cu_seqlens": torch.tensor([2, 2, 7])}, r"cu_seqlens\[0\] = 2, expected 0"),
+        "unshuffle count > L": ("unshuffle", (torch.randn(9, D), v.ids_restore, mt),
+                                {"cu_seqlens": torch.tensor([0, 0, 9])},
+                                r"sample 1 has cu_seqlens\[2\] - cu_seqlens\[1\] = 9 visible tokens, more than its "
+                                r"L = 8 patches"),
+        "unshuffle cu_seqlens total": ("unshuffle", (packed, v.ids_restore, mt),
+                                       {"has_cls": True, "cu_seqlens": torch.tensor([0, 2, 6])},
+                                       r"x_visible must be packed \(T \+ B, D\) = \(8, D\) with T = "
+                                       r"cu_seqlens\[-1\] = 6"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_index_cases()))
+def test_bad_index_values_raise_the_same_error_on_every_backend(name):
+    op, args, kwargs, message = _bad_index_cases()[name]
+    _assert_same_error_everywhere(op, args, kwargs, match=message)
+
+
+_MARK = 1e4  # what lies around the inputs of the direct kernel calls: never valid data
+
+
+def _fenced(t):
+    """A copy of ``t`` in the middle of a buffer of markers: a kernel reading outside ``t`` pulls a
+    marker into its result."""
+    buf = torch.full((t.numel() + 2 * _GUARD,), _MARK, dtype=t.dtype, device=t.device)
+    buf[_GUARD: _GUARD + t.numel()] = t.flatten()
+    return buf[_GUARD: _GUARD + t.numel()].view(t.shape)
+
+
+def _assert_unmarked(*tensors):
+    for t in tensors:
+        assert bool((t.abs() < _MARK / 10).all()), "a kernel read outside its input"
+
+
+# (bad value, ids dtype): just outside [0, L), far outside, and int32's extremes
+OUT_OF_RANGE = [(-1, torch.int64), (8, torch.int64), (2**40, torch.int64), (-(2**40), torch.int64),
+                (2**31 - 1, torch.int32), (-(2**31), torch.int32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("bad,ids_dtype", OUT_OF_RANGE)
+def test_triton_gather_reads_zeros_for_out_of_range_ids(device, varlen, bad, ids_dtype, triton_calls):
+    # The registered op called directly skips the host check: the bad row gathers zeros (no
+    # position embedding either), its gradient goes nowhere, every other row is unaffected.
+    B, L, D, K = 2, 8, 4, 3
+    ids = random_masking_reference(B, L, num_keep=K, seed=2).ids_keep.to(device)
+    bad_ids = ids.clone()
+    bad_ids[1, 1] = bad
+    bad_row = (1, 2)  # the row of the bad id in the (B, K + 1, D) output
+    cu, max_seqlen = None, 0
+    if varlen:
+        ids, bad_ids = ids.flatten(), bad_ids.flatten()
+        cu, max_seqlen = torch.tensor([0, K, 2 * K], dtype=torch.int32, device=device), K
+        bad_row = (K + 1 + 2,)
+    g = torch.Generator().manual_seed(0)
+    x, pos, cls = (torch.randn(shape, generator=g).to(device) for shape in ((B, L, D), (L + 1, D), (D,)))
+    leaves = [_fenced(t).requires_grad_() for t in (x, pos, cls)]
+    with use_backend("triton"):
+        out = torch.ops.fastmim.gather_visible(leaves[0], bad_ids.to(ids_dtype), leaves[1], leaves[2], cu, max_seqlen)
+        grad_out = _fenced(torch.randn(out.shape, generator=g).to(device))
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert triton_calls["gather_visible_forward"] == 1 and triton_calls["gather_visible_backward"] == 1
+    _assert_unmarked(out, *grads)
+    kept_grad = grad_out.clone()
+    kept_grad[bad_row] = 0
+    want, want_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids, p, cls_token=c, cu_seqlens=cu),
+                              (x, pos, cls), grad_out=kept_grad)
+    want[bad_row] = 0
+    assert torch.equal(out, want)
+    assert torch.equal(grads[0], want_grads[0])
+    for got, ref in zip(grads[1:], want_grads[1:], strict=True):
+        assert_rel_close(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("bad,ids_dtype", OUT_OF_RANGE)
+def test_triton_unshuffle_reads_a_zero_token_for_out_of_range_ranks(device, varlen, bad, ids_dtype, triton_calls):
+    # A masked position's rank replaced by an out-of-range one (the visible ranks keep one position
+    # each, so every row of the x_visible gradient is still written): that position reads a zero
+    # token instead of the mask token (plus its position embedding), and its gradient reaches
+    # pos_embed only.
+    B, L, D, K = 2, 8, 4, 3
+    ids_restore = random_masking_reference(B, L, num_keep=K, seed=2).ids_restore.to(device)
+    i = int((ids_restore[1] >= K).nonzero()[0, 0])  # a masked position of sample 1
+    bad_restore = ids_restore.clone()
+    bad_restore[1, i] = bad
+    cu = torch.tensor([0, K, 2 * K], dtype=torch.int32, device=device) if varlen else None
+    g = torch.Generator().manual_seed(0)
+    xv = torch.randn((2 * (K + 1), D) if varlen else (B, K + 1, D), generator=g).to(device)
+    mt, pos = torch.randn(D, generator=g).to(device), torch.randn(L + 1, D, generator=g).to(device)
+    leaves = [_fenced(t).requires_grad_() for t in (xv, mt, pos)]
+    with use_backend("triton"):
+        out = torch.ops.fastmim.unshuffle(leaves[0], bad_restore.to(ids_dtype), leaves[1], leaves[2], cu, True)
+        grad_out = _fenced(torch.randn(out.shape, generator=g).to(device))
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert triton_calls["unshuffle_forward"] == 1 and triton_calls["unshuffle_backward"] == 1
+    _assert_unmarked(out, *grads)
+    want, want_grads = _grads(lambda x, m, p: unshuffle_reference(x, ids_restore, m, p, has_cls=True, cu_seqlens=cu),
+                              (xv, mt, pos), grad_out=grad_out)
+    want[1, 1 + i] = pos[1 + i]
+    assert torch.equal(out, want)
+    assert torch.equal(grads[0], want_grads[0])
+    assert_rel_close(grads[1], want_grads[1] - grad_out[1, 1 + i], torch.float32, name="grad_mask_token")
+    assert_rel_close(grads[2], want_grads[2], torch.float32, name="grad_pos")
+
+
+@pytest.mark.skipif(CSRC_ERROR is not None, reason=f"csrc backend unavailable: {CSRC_ERROR}")
+def test_csrc_kernels_refuse_out_of_range_indices():
+    # The C++ kernels called directly (no host check) raise before any access the bad index
+    # steers; run in a child process so that a regression which crashes shows as a failure here.
+    script = textwrap.dedent("""
+        import torch
+        from fastmim.ops import _csrc
+
+        assert _csrc.load_error() is None, _csrc.load_error()
+        ops = torch.ops.fastmim
+        B, L, K, D = 2, 8, 3, 4
+        x, xv, mt = torch.randn(B, L, D), torch.randn(B, K + 1, D), torch.randn(D)
+        ids_keep = torch.stack([torch.randperm(L)[:K] for _ in range(B)])
+        ids_restore = torch.stack([torch.randperm(L) for _ in range(B)])
+        for bad, dtype in %r:
+            dtype = getattr(torch, dtype)
+            keep, restore = ids_keep.clone(), ids_restore.clone()
+            keep[1, 2], restore[1, 5] = bad, bad
+            keep, restore = keep.to(dtype), restore.to(dtype)
+            calls = {
+                "gather": lambda: ops.csrc_gather_visible(x, keep, torch.randn(L + 1, D), mt),
+                "gather_bwd": lambda: ops.csrc_gather_visible_backward(xv, keep, L, True, True, True, True),
+                "unshuffle": lambda: ops.csrc_unshuffle(xv, restore, mt, torch.randn(L, D), True),
+                "unshuffle_bwd": lambda: ops.csrc_unshuffle_backward(torch.randn(B, L + 1, D), restore, K, True,
+                                                                     True, True, True),
+            }
+            for name, call in calls.items():
+                try:
+                    call()
+                except RuntimeError as error:
+                    assert f"[1, {2 if 'gather' in name else 5}] = {bad} is out of range [0, {L})" in str(error), error
+                else:
+                    raise AssertionError(f"{name} accepted the index {bad}")
+        print("refused every bad index")
+    """ % [(bad, str(dtype).removeprefix("torch.")) for bad, dtype in OUT_OF_RANGE])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "refused every bad index" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_index_values_checked_only_under_check_indices():
+    # On an accelerator reading the values back is a device sync: checked only in the debug mode;
+    # otherwise an out-of-range id reads zeros on the Triton path.
+    from fastmim.ops import check_indices
+
+    B, L, D = 2, 8, 4
+    x = torch.randn(B, L, D, device="cuda")
+    ids = torch.tensor([[0, 8], [1, 2]], device="cuda")
+    with use_backend("triton"):
+        out = gather_visible(x, ids)
+        assert torch.equal(out[0, 1], torch.zeros(D, device="cuda"))
+        with check_indices(), pytest.raises(ValueError, match=r"gather_visible: ids_keep\[0, 1\] = 8 is outside"):
+            gather_visible(x, ids)
+        restore = random_permutation_reference(B, L, seed=0)[1].cuda()
+        restore[0, 0] = restore[0, 1]
+        with check_indices(), pytest.raises(ValueError, match=r"unshuffle: ids_restore\[0\] must be a permutation"):
+            unshuffle(torch.randn(B, 3, D, device="cuda"), restore, torch.randn(D, device="cuda"))
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+def test_empty_batch_gives_empty_results_on_every_backend(backend, device):
+    L, D, K = 8, 4, 3
+    with use_backend(backend):
+        m = random_masking(0, L, num_keep=K, seed=1, device=device)
+        shuffle, restore = random_permutation(0, L, seed=1, device=device)
+        v = random_masking(0, L, num_keep=[], seed=1, device=device)
+    assert (m.ids_keep.shape, m.ids_restore.shape, m.mask.shape) == ((0, K), (0, L), (0, L))
+    assert shuffle.shape == restore.shape == (0, L)
+    assert v.ids_keep.shape == (0,) and v.cu_seqlens.tolist() == [0] and v.max_seqlen == 0
+    x, pos, cls, mt = (torch.randn(shape, device=device) for shape in ((0, L, D), (L + 1, D), (D,), (D,)))
+    for ids, cu in ((m.ids_keep, None), (v.ids_keep, v.cu_seqlens)):
+        out = _assert_matches_reference(
+            lambda x, p, c, ids=ids, cu=cu: gather_visible(x, ids, p, cls_token=c, cu_seqlens=cu),
+            lambda x, p, c, ids=ids, cu=cu: gather_visible_reference(x, ids, p, cls_token=c, cu_seqlens=cu),
+            (x, pos, cls), backend)
+        assert out.shape == ((0, K + 1, D) if cu is None else (0, D))
+    for xv, cu in ((torch.randn(0, K + 1, D, device=device), None), (torch.randn(0, D, device=device), v.cu_seqlens)):
+        hc = cu is None  # the dense case with a cls row, the packed one without
+        out = _assert_matches_reference(
+            lambda x, m_, p, cu=cu, hc=hc: unshuffle(x, restore, m_, p, has_cls=hc, cu_seqlens=cu),
+            lambda x, m_, p, cu=cu, hc=hc: unshuffle_reference(x, restore, m_, p, has_cls=hc, cu_seqlens=cu),
+            (xv, mt, pos), backend)
+        assert out.shape == (0, L + hc, D)
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unshuffle_with_no_visible_patch(backend, device, dtype):
+    # K = 0 without a cls token, and every sample of a packed batch keeping nothing: every
+    # position takes the mask token. (float64 runs the reference on every backend.)
+    B, L, D = 2, 8, 4
+    restore = random_permutation_reference(B, L, seed=3)[1].to(device)
+    mt, pos = torch.randn(D, dtype=dtype, device=device), torch.randn(L, D, dtype=dtype, device=device)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
+    for xv, cu_ in ((torch.randn(B, 0, D, dtype=dtype, device=device), None),
+                    (torch.randn(0, D, dtype=dtype, device=device), cu)):
+        out = _assert_matches_reference(lambda x, m, p, cu_=cu_: unshuffle(x, restore, m, p, cu_seqlens=cu_),
+                                        lambda x, m, p, cu_=cu_: unshuffle_reference(x, restore, m, p, cu_seqlens=cu_),
+                                        (xv, mt, pos), backend, dtype=dtype)
+        assert torch.equal(out, (mt + pos).expand(B, L, D))
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+def test_float64_gradients_stay_float64(backend, device):
+    # float64 runs the reference on every backend; its backward must not round through fp32.
+    # The gradients of x and x_visible are copies of the incoming one: equal to it, bit for bit.
+    B, L, D = 2, 7, 3
+    f64 = {"dtype": torch.float64, "device": device}
+    m = random_masking(B, L, num_keep=3, seed=2, device=device)
+    v = random_masking(B, L, num_keep=[1, 4], seed=2, device=device)
+    x, pos, cls, mt = (torch.randn(shape, **f64) for shape in ((B, L, D), (L + 1, D), (D,), (D,)))
+    for ids, cu in ((m.ids_keep, None), (v.ids_keep, v.cu_seqlens)):
+        _assert_matches_reference(
+            lambda x, p, c, ids=ids, cu=cu: gather_visible(x, ids, p, cls_token=c, cu_seqlens=cu),
+            lambda x, p, c, ids=ids, cu=cu: gather_visible_reference(x, ids, p, cls_token=c, cu_seqlens=cu),
+            (x, pos, cls), backend, dtype=torch.float64)
+    for xv, restore, cu in ((torch.randn(B, 4, D, **f64), m.ids_restore, None),
+                            (torch.randn(5 + B, D, **f64), v.ids_restore, v.cu_seqlens)):
+        _assert_matches_reference(
+            lambda x, m_, p, restore=restore, cu=cu: unshuffle(x, restore, m_, p, has_cls=True, cu_seqlens=cu),
+            lambda x, m_, p, restore=restore, cu=cu: unshuffle_reference(x, restore, m_, p, has_cls=True,
+                                                                         cu_seqlens=cu),
+            (xv, mt, pos), backend, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- properties
+# Generated cases on every backend that runs here, forward and backward against the references:
+# empty and single-sample batches, no kept patch, one patch, odd sizes, the extreme mask ratios,
+# strided inputs, fp32 / bf16 / fp64 (fp64 runs the reference on every backend). Tiny shapes keep
+# the Triton interpreter fast; derandomized, so every run checks the same cases.
+
+PROPERTY_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+_PROPERTY_SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)
+_sizes = st.integers(0, 3), st.integers(1, 12), st.integers(1, 16)  # B, L, D
+
+
+def _coarsest(*dtypes):
+    """The dtype with the widest tolerance among ``dtypes``: sums round at its precision."""
+    return max(dtypes, key=TOLERANCES.__getitem__)
+
+
+@st.composite
+def _keep(draw, B, L, varlen):
+    """Per-sample counts (varlen) or a keep count: often a mask ratio's, 0 and 0.95 among them."""
+    ratio_keep = st.sampled_from([0.0, 0.95, 0.75]).map(lambda r: num_keep_from_ratio(L, r))
+    if varlen:
+        return draw(st.lists(st.one_of(ratio_keep, st.integers(0, L)), min_size=B, max_size=B))
+    return draw(st.one_of(ratio_keep, st.integers(0, L)))
+
+
+def _strided(t, strided):
+    """``t`` itself, or an equal tensor laid out with its last two dims swapped in memory."""
+    if not strided or t.dim() < 2:
+        return t
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@st.composite
+def _masking_cases(draw):
+    B, L = draw(st.integers(0, 4)), draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["ratio", "num_keep", "counts", "counts_tensor"]))
+    if kind == "ratio":
+        arg = {"mask_ratio": draw(st.one_of(st.sampled_from([0.0, 0.95]), st.floats(0.0, 0.95)))}
+    elif kind == "num_keep":
+        arg = {"num_keep": draw(st.integers(0, L))}
+    else:
+        counts = draw(_keep(B, L, varlen=True))
+        dtype = draw(st.sampled_from([torch.int32, torch.int64]))
+        arg = {"num_keep": counts if kind == "counts" else torch.tensor(counts, dtype=dtype)}
+    seed = draw(st.integers(0, 2**63 - 1))
+    offset = draw(st.one_of(st.integers(0, 16), st.integers(0, 2**63 - 1)))
+    return B, L, arg, seed, offset
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+@_PROPERTY_SETTINGS
+@given(case=_masking_cases())
+def test_property_random_masking_and_permutation(backend, device, case):
+    B, L, arg, seed, offset = case
+    ref = random_masking_reference(B, L, **arg, seed=seed, offset=offset)
+    ref_shuffle, ref_restore = random_permutation_reference(B, L, seed=seed, offset=offset)
+    with use_backend(backend):
+        got = random_masking(B, L, **arg, seed=seed, offset=offset, device=device)
+        shuffle, restore = random_permutation(B, L, seed=seed, offset=offset, device=device)
+    assert type(got) is type(ref)
+    for name, want in zip(ref._fields, ref, strict=True):
+        value = getattr(got, name)
+        assert value == want if name == "max_seqlen" else torch.equal(value.cpu(), want), name
+    assert torch.equal(shuffle.cpu(), ref_shuffle) and torch.equal(restore.cpu(), ref_restore)
+    # what the other ops rely on: permutation rows, the keep set a prefix of the shuffle, the mask
+    _assert_permutation(ref_restore)
+    counts = (ref.cu_seqlens.diff().long() if isinstance(ref, PackedMasking)
+              else torch.full((B,), ref.ids_keep.shape[1], dtype=torch.int64))
+    assert torch.equal(ref.mask.sum(1), (L - counts).float())
+    keep = torch.arange(L)[None, :] < counts[:, None]
+    assert torch.equal(ref.ids_keep.flatten(), ref_shuffle[keep])
+
+
+@st.composite
+def _gather_cases(draw):
+    B, L, D = (draw(s) for s in _sizes)
+    varlen = draw(st.booleans())
+    dtype = draw(st.sampled_from(PROPERTY_DTYPES))
+    return {"B": B, "L": L, "D": D, "varlen": varlen, "keep": draw(_keep(B, L, varlen)),
+            "pos": draw(st.sampled_from(["none", "L", "1L", "L+1", "1L+1"])), "cls": draw(st.booleans()),
+            "dtype": dtype, "aux_dtype": draw(st.sampled_from([dtype, torch.float32])),
+            "ids_dtype": draw(st.sampled_from([torch.int64, torch.int32])), "strided": draw(st.booleans()),
+            "seed": draw(st.integers(0, 2**32 - 1))}
+
+
+def _pos_embed(kind, L, D, dtype, strided, g):
+    if kind == "none":
+        return None
+    pos = _strided(torch.randn(L + kind.endswith("+1"), D, generator=g).to(dtype), strided)
+    return pos[None] if kind.startswith("1") else pos
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+@_PROPERTY_SETTINGS
+@given(case=_gather_cases())
+def test_property_gather_visible(backend, device, case):
+    B, L, D, dtype, aux, strided = (case[k] for k in ("B", "L", "D", "dtype", "aux_dtype", "strided"))
+    g = torch.Generator().manual_seed(case["seed"])
+    m = random_masking_reference(B, L, num_keep=case["keep"], seed=case["seed"], device=device)
+    ids, cu = m.ids_keep.to(case["ids_dtype"]), (m.cu_seqlens if case["varlen"] else None)
+    if strided:  # every other element of a wider tensor
+        ids = torch.stack([ids, ids], -1)[..., 0]
+    x = _strided(torch.randn(B, L, D, generator=g).to(dtype), strided).to(device)
+    pos = _pos_embed(case["pos"], L, D, aux, strided, g)
+    cls = torch.randn(1, 1, D, generator=g).to(aux) if case["cls"] else None
+    inputs = [None if t is None else t.to(device) for t in (x, pos, cls)]
+    hc = int(case["cls"])
+    out_shape = (m.ids_keep.shape[0] + B * hc, D) if cu is not None else (B, m.ids_keep.shape[1] + hc, D)
+    grad_out = _strided(torch.randn(out_shape, generator=g), strided).to(device)
+    max_seqlen = m.max_seqlen if cu is not None else None
+    _assert_matches_reference(
+        lambda x, p, c: gather_visible(x, ids, p, cls_token=c, cu_seqlens=cu, max_seqlen=max_seqlen),
+        lambda x, p, c: gather_visible_reference(x, ids, p, cls_token=c, cu_seqlens=cu),
+        inputs, backend, grad_out=grad_out, dtype=_coarsest(dtype, aux))
+
+
+@st.composite
+def _unshuffle_cases(draw):
+    case = draw(_gather_cases())
+    case["has_cls"] = case.pop("cls")
+    case["token_dims"] = draw(st.integers(1, 3))  # mask_token (D,), (1, D) or (1, 1, D)
+    return case
+
+
+@pytest.mark.parametrize("backend,device", _all_backends())
+@_PROPERTY_SETTINGS
+@given(case=_unshuffle_cases())
+def test_property_unshuffle(backend, device, case):
+    B, L, D, dtype, aux, strided = (case[k] for k in ("B", "L", "D", "dtype", "aux_dtype", "strided"))
+    hc = int(case["has_cls"])
+    g = torch.Generator().manual_seed(case["seed"])
+    m = random_masking_reference(B, L, num_keep=case["keep"], seed=case["seed"], device=device)
+    restore, cu = m.ids_restore.to(case["ids_dtype"]), (m.cu_seqlens if case["varlen"] else None)
+    restore = _strided(restore, strided)
+    visible = (m.ids_keep.shape[0] + B * hc, D) if cu is not None else (B, m.ids_keep.shape[1] + hc, D)
+    x_visible = _strided(torch.randn(visible, generator=g).to(dtype), strided).to(device)
+    mask_token = torch.randn(D, generator=g).to(aux).reshape((1,) * (case["token_dims"] - 1) + (D,))
+    pos = _pos_embed(case["pos"], L, D, aux, strided, g)
+    grad_out = _strided(torch.randn(B, L + hc, D, generator=g), strided).to(device)
+    inputs = [None if t is None else t.to(device) for t in (x_visible, mask_token, pos)]
+    _assert_matches_reference(
+        lambda x, mt, p: unshuffle(x, restore, mt, p, has_cls=bool(hc), cu_seqlens=cu),
+        lambda x, mt, p: unshuffle_reference(x, restore, mt, p, has_cls=bool(hc), cu_seqlens=cu),
+        inputs, backend, grad_out=grad_out, dtype=_coarsest(dtype, aux))
+
+
+@st.composite
+def _bad_index_property_cases(draw):
+    """A valid call of gather_visible or unshuffle with one index value or offset made bad:
+    ``(op, args, kwargs, kind, what the message must name)``."""
+    op = draw(st.sampled_from(["gather_visible", "unshuffle"]))
+    B, L, D = draw(st.integers(1, 3)), draw(st.integers(1, 12)), 3
+    varlen = draw(st.booleans())
+    # a dense gather needs an index to spoil: K >= 1
+    keep = draw(st.integers(1, L) if op == "gather_visible" and not varlen else _keep(B, L, varlen))
+    m = random_masking_reference(B, L, num_keep=keep, seed=draw(st.integers(0, 2**32 - 1)))
+    ids_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    limit = 2**31 if ids_dtype == torch.int32 else 2**62
+    ids = (m.ids_keep if op == "gather_visible" else m.ids_restore).to(ids_dtype).clone()
+    name = "ids_keep" if op == "gather_visible" else "ids_restore"
+    cu = m.cu_seqlens.clone() if varlen else None
+    hc = draw(st.booleans()) if op == "unshuffle" else False
+    kinds = (["index"] if ids.numel() else []) + (["repeat"] if op == "unshuffle" and L >= 2 else [])
+    if varlen:
+        kinds += ["cu_start", "cu_order", "cu_total"] + (["cu_count"] if op == "unshuffle" else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "index":
+        flat = draw(st.integers(0, ids.numel() - 1))
+        value = draw(st.one_of(st.integers(-limit, -1), st.integers(L, limit - 1)))
+        ids.view(-1)[flat] = value
+        where = [flat] if ids.dim() == 1 else [flat // ids.shape[1], flat % ids.shape[1]]
+        names = f"{name}[{', '.join(map(str, where))}] = {value} is outside the valid range [0, {L})"
+    elif kind == "repeat":
+        b, i, j = draw(st.integers(0, B - 1)), *draw(st.lists(st.integers(0, L - 1), min_size=2, max_size=2,
+                                                              unique=True))
+        ids[b, i] = ids[b, j]
+        names = f"{name}[{b}] must be a permutation"
+    elif kind == "cu_start":
+        cu[0] = draw(st.integers(1, 5))
+        names = "cu_seqlens[0]"
+    elif kind == "cu_order":
+        b = draw(st.integers(1, B))
+        cu[b] = cu[b - 1] - draw(st.integers(1, 5))
+        names = f"cu_seqlens[{b}] = {int(cu[b])} < cu_seqlens[{b - 1}]"
+    elif kind == "cu_total":
+        cu[-1] += draw(st.integers(1, 5))
+        names = "cu_seqlens["
+    else:  # one sample with more visible tokens than patches
+        b = draw(st.integers(0, B - 1))
+        cu[b + 1:] += L + 1 - int(cu[b + 1] - cu[b])
+        names = f"sample {b} has cu_seqlens[{b + 1}] - cu_seqlens[{b}] = {L + 1} visible tokens"
+    kwargs = {} if cu is None else {"cu_seqlens": cu}
+    if op == "gather_visible":
+        return op, (torch.randn(B, L, D), ids), kwargs, names
+    if not varlen:
+        x_visible = torch.randn(B, m.ids_keep.shape[1] + hc, D)
+    else:  # sized for the offsets when a count is too large, so that only the count is wrong
+        x_visible = torch.randn((int(cu[-1]) if kind == "cu_count" else m.ids_keep.shape[0]) + B * hc, D)
+    return op, (x_visible, ids, torch.randn(D)), {"has_cls": hc, **kwargs}, names
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(case=_bad_index_property_cases())
+def test_property_bad_indices_raise_the_same_error_everywhere(case):
+    op, args, kwargs, names = case
+    message = _assert_same_error_everywhere(op, args, kwargs)
+    assert names in message, message

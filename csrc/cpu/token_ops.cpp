@@ -14,6 +14,9 @@
 // computed as gathers through an inverse index table (first source, count): each output row is
 // written once by one thread, no atomics, and a repeated index is summed as the references'
 // scatter-add does.
+//
+// Index values are read on the host here, so every one is checked (a RuntimeError naming it)
+// before the access it steers. An empty batch (B = 0) gives empty results.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -116,7 +119,6 @@ void check_tokens(const at::Tensor& x, const at::Tensor& ids, const char* op, co
                   const char* ids_name) {
   check_float_tensor(x, op, x_name);
   TORCH_CHECK(x.dim() == 3, op, ": ", x_name, " must be 3-D (B, N, D), got shape ", x.sizes());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(2) >= 1, op, ": ", x_name, " must have B >= 1 and D >= 1, got ", x.sizes());
   check_same_device(x, ids, op, x_name, ids_name);
   check_index_tensor(ids, op, ids_name, x.size(0), -1);
 }
@@ -296,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cpu(const
         scalar_t* gpos = need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
         // A task owns a range of patch positions l and walks the batch, so the pos_embed
         // gradient (sum over b of grad_x[b, l]) is reduced while grad_x[b, l] is written.
-        at::parallel_for(0, L, need_pos ? 1 : std::max<int64_t>(1, kRowGrain / B), [&](int64_t l0, int64_t l1) {
+        const int64_t grain = need_pos ? 1 : std::max<int64_t>(1, kRowGrain / std::max<int64_t>(B, 1));
+        at::parallel_for(0, L, grain, [&](int64_t l0, int64_t l1) {
           std::vector<float> scratch(D), acc(D);
           std::vector<scalar_t> row(need_x ? 0 : D);
           for (int64_t l = l0; l < l1; ++l) {

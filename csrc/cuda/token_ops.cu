@@ -13,9 +13,13 @@
 // - sums over the batch (pos_embed, cls_token, mask_token gradients) walk the batch inside
 //   one thread per (position, feature pack), accumulating in fp32 registers.
 //
-// Index values (and the keep counts in cu_seqlens) cannot be validated on the host without a
-// device sync: an out-of-range index trips a device-side assert, and the kernels never read or
-// write out of bounds (the row is skipped).
+// Index values cannot be validated on the host without a device sync (fastmim.ops checks them
+// only under FASTMIM_CHECK_INDICES=1 / check_indices()), and no value makes a kernel access
+// memory outside its tensors: an ids_keep entry outside [0, L) gathers a zero row, an
+// ids_restore rank outside [0, L) gives a zero token (plus the position embedding), and their
+// gradients are dropped. The keep counts in random masking's cu_seqlens (built by
+// random_masking itself) trip a device-side assert when inconsistent. An empty batch gives
+// empty results.
 #include "../fastmim_ops.h"
 #include "common.cuh"
 
@@ -132,6 +136,7 @@ void launch_permutation(const at::Tensor& seed, const std::optional<at::Tensor>&
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
               "csrc_random_masking: seed must be an int64 tensor with one element, got ", seed.scalar_type(),
               " of shape ", seed.sizes());
+  if (B == 0) return;  // nothing to write, and a grid of no block is not launchable
   at::Tensor seed_dev, offset_dev;
   const Scalar seed_arg = scalar_arg(seed, device, seed_dev);
   const Scalar offset_arg = offset.has_value() ? scalar_arg(*offset, device, offset_dev) : Scalar{nullptr, 0};
@@ -171,9 +176,9 @@ __device__ __forceinline__ void copy_add_row(out_t* dst, const in_t* src, const 
   }
 }
 
-template <typename out_t, int VEC>
-__device__ __forceinline__ void fill_nan_row(out_t* dst, int64_t D, int lane) {
-  for (int64_t d = lane; d < D; d += 32) dst[d] = static_cast<out_t>(NAN);
+template <typename out_t>
+__device__ __forceinline__ void zero_row(out_t* dst, int64_t D, int lane) {
+  for (int64_t d = lane; d < D; d += 32) dst[d] = static_cast<out_t>(0.0f);
 }
 
 template <typename in_t, typename out_t, typename index_t, int VEC>
@@ -192,9 +197,8 @@ __global__ void gather_visible_kernel(const in_t* __restrict__ x, const index_t*
     return;
   }
   const int64_t v = static_cast<int64_t>(ids[b * K + j - hc]);
-  if (v < 0 || v >= L) {
-    CUDA_KERNEL_ASSERT(false && "csrc_gather_visible: ids_keep out of range");
-    fill_nan_row<out_t, VEC>(dst, D, lane);
+  if (v < 0 || v >= L) {  // out of range: nothing to gather, not even a position embedding
+    zero_row(dst, D, lane);
     return;
   }
   copy_add_row<out_t, in_t, out_t, VEC>(dst, x + (b * L + v) * D, pos_patch != nullptr ? pos_patch + v * D : nullptr,
@@ -218,12 +222,15 @@ __global__ void unshuffle_kernel(const in_t* __restrict__ xv, const index_t* __r
   }
   const int64_t i = j - hc;
   const int64_t v = static_cast<int64_t>(ids[b * L + i]);
-  if (v < 0 || v >= L) {
-    CUDA_KERNEL_ASSERT(false && "csrc_unshuffle: ids_restore out of range");
-    fill_nan_row<out_t, VEC>(dst, D, lane);
+  const out_t* pos = pos_patch != nullptr ? pos_patch + i * D : nullptr;
+  if (v < 0 || v >= L) {  // out of range: a zero token, plus the position's embedding
+    if (pos != nullptr) {
+      copy_add_row<out_t, out_t, out_t, VEC>(dst, pos, static_cast<const out_t*>(nullptr), D, lane);
+    } else {
+      zero_row(dst, D, lane);
+    }
     return;
   }
-  const out_t* pos = pos_patch != nullptr ? pos_patch + i * D : nullptr;
   if (v < K) {
     copy_add_row<out_t, in_t, out_t, VEC>(dst, xv + (b * rows_in + hc + v) * D, pos, D, lane);
   } else {
@@ -233,26 +240,22 @@ __global__ void unshuffle_kernel(const in_t* __restrict__ xv, const index_t* __r
 
 // ---------------------------------------------------------------- inverse tables
 
-// first[b, v] = min n with idx[b, n] == v, count[b, v] = #{n : idx[b, n] == v}, for v < M;
-// values in [M, limit) are ignored, values outside [0, limit) assert.
+// first[b, v] = min n with idx[b, n] == v, count[b, v] = #{n : idx[b, n] == v}, for v in [0, M);
+// other values are ignored: masked ranks (unshuffle), or out of range, whose gradient is dropped.
 template <typename index_t>
-__global__ void build_inverse_kernel(const index_t* __restrict__ idx, int64_t B, int64_t N, int64_t M, int64_t limit,
+__global__ void build_inverse_kernel(const index_t* __restrict__ idx, int64_t B, int64_t N, int64_t M,
                                      int32_t* __restrict__ first, int32_t* __restrict__ count) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= B * N) return;
   const int64_t b = t / N, n = t % N;
   const int64_t v = static_cast<int64_t>(idx[t]);
-  if (v < 0 || v >= limit) {
-    CUDA_KERNEL_ASSERT(false && "fastmim csrc backward: index out of range");
-    return;
-  }
-  if (v >= M) return;
+  if (v < 0 || v >= M) return;
   atomicAdd(count + b * M + v, 1);
   atomicMin(first + b * M + v, static_cast<int32_t>(n));
 }
 
 template <typename index_t>
-std::pair<at::Tensor, at::Tensor> build_inverse(const at::Tensor& idx, int64_t M, int64_t limit) {
+std::pair<at::Tensor, at::Tensor> build_inverse(const at::Tensor& idx, int64_t M) {
   const int64_t B = idx.size(0), N = idx.size(1);
   auto opts = idx.options().dtype(at::kInt);
   auto first = at::full({B, M}, INT_MAX, opts);
@@ -260,7 +263,7 @@ std::pair<at::Tensor, at::Tensor> build_inverse(const at::Tensor& idx, int64_t M
   if (B * N > 0) {
     const int threads = 256;
     build_inverse_kernel<index_t><<<ceil_div(B * N, threads), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        idx.const_data_ptr<index_t>(), B, N, M, limit, first.data_ptr<int32_t>(), count.data_ptr<int32_t>());
+        idx.const_data_ptr<index_t>(), B, N, M, first.data_ptr<int32_t>(), count.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {first, count};
@@ -370,7 +373,9 @@ __global__ void unshuffle_backward_sums_kernel(const scalar_t* __restrict__ g, c
     for (int k = 0; k < VEC; ++k) pos[k] = masked[k] = 0.0f;
     for (int64_t b = 0; b < B; ++b) {
       Pack<scalar_t, VEC> v = load_pack<scalar_t, VEC>(g + (b * S + j) * D + d);
-      const bool is_masked = j >= hc && static_cast<int64_t>(ids[b * L + j - hc]) >= K;
+      // Ranks in [K, L) are the masked positions; an out-of-range rank's gradient is dropped.
+      const int64_t rank = j >= hc ? static_cast<int64_t>(ids[b * L + j - hc]) : -1;
+      const bool is_masked = rank >= K && rank < L;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float f = static_cast<float>(v.v[k]);
@@ -395,8 +400,7 @@ void check_cuda_tokens(const at::Tensor& x, const at::Tensor& ids, const char* o
                        const char* ids_name) {
   TORCH_CHECK(x.is_cuda(), op, ": ", x_name, " must be a CUDA tensor");
   check_float_tensor(x, op, x_name);
-  TORCH_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(2) >= 1, op, ": ", x_name,
-              " must be 3-D (B, N, D) with B, D >= 1, got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, op, ": ", x_name, " must be 3-D (B, N, D), got shape ", x.sizes());
   check_same_device(x, ids, op, x_name, ids_name);
   check_index_tensor(ids, op, ids_name, x.size(0), -1);
 }
@@ -512,11 +516,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cuda(cons
   auto grad_x = need_x ? at::empty({B, L, D}, opts) : at::empty({0}, opts);
   auto grad_pos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
   auto grad_cls = cls_grad ? at::empty({D}, opts) : at::empty({0}, opts);
+  if (B == 0) {  // sums over an empty batch; a grid with no block along the batch is not launchable
+    grad_pos.zero_();
+    grad_cls.zero_();
+    return {grad_x, grad_pos, grad_cls};
+  }
   // No position to write (L == 0 without a cls gradient): an empty grid is not launchable.
   if ((!need_x && !need_pos && !cls_grad) || L + (cls_grad ? 1 : 0) == 0) return {grad_x, grad_pos, grad_cls};
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc_cuda", [&] {
-      auto [first, count] = build_inverse<index_t>(ids_keep, L, L);
+      auto [first, count] = build_inverse<index_t>(ids_keep, L);
       // With pos_embed's gradient one block owns a position for the whole batch; without it
       // the batch is split across blocks for parallelism.
       const int64_t batch_per_block = need_pos || cls_grad ? B : std::max<int64_t>(1, ceil_div(B, 16));
@@ -604,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cuda(const at:
   }
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc_cuda", [&] {
-      auto [first, count] = build_inverse<index_t>(ids_restore, K, L);  // also validates every index
+      auto [first, count] = build_inverse<index_t>(ids_restore, K);
       auto stream = c10::cuda::getCurrentCUDAStream();
       const bool wide = cuda::pack_width<scalar_t>(D, {grad_out, grad_x, grad_pos}) > 1;
       if (need_x && B * rows_x > 0) {

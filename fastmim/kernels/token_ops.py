@@ -10,9 +10,13 @@ result); they allocate outputs and launch. Layout conventions shared by all laun
 - ``cls_token`` / ``mask_token`` are 1-D ``(D,)`` contiguous.
 - Index tensors (``ids_keep``, ``ids_restore``) are contiguous int32 or int64; the kernels
   load either. ``cu_seqlens`` (varlen) is contiguous int32 or int64, ``(B + 1,)``.
-- ``cu_seqlens`` may live on the device, where checking it against the packed lengths would
-  need a host sync: the varlen kernels instead mask every packed read and write with the
-  tensor's real length, so inconsistent offsets give wrong values, never out-of-bounds access.
+- Index values are not checked here (``fastmim.ops`` checks them on the host; on a device that
+  would need a host sync) and no value can make a kernel access memory outside its tensors:
+  every access an index steers is masked with the real extent of the tensor. An ``ids_keep``
+  entry outside ``[0, L)`` gathers a zero row, an ``ids_restore`` rank outside ``[0, L)`` gives
+  a zero token (plus the position embedding), and their gradients are dropped. Inconsistent
+  ``cu_seqlens`` or ``ids_restore`` rows that are not permutations give wrong values (a
+  gradient row that no position maps to is left unwritten), never an out-of-bounds access.
 - Big activations (``x``, ``x_visible``, ``grad_out``) are read with their strides (no copy);
   every output is freshly allocated and contiguous.
 - Values are added in fp32 and rounded once to the output dtype; gradient reductions over the
@@ -192,7 +196,7 @@ def _gather_visible_fwd_kernel(
     if VARLEN:
         is_patch = is_patch & (start + k >= 0) & (start + k < T)
     idx = tl.load(ids_ptr + start + k, mask=is_patch, other=0).to(tl.int64)
-    # Out-of-range indices read nothing (zeros) instead of faulting; the reference raises.
+    # An out-of-range index reads nothing: a zero row.
     take = is_patch & (idx >= 0) & (idx < L)
     m = take[:, None] & d_valid[None, :]
     acc = tl.load(x_ptr + b[:, None] * stride_xb + idx[:, None] * stride_xl + d[None, :] * stride_xd,
@@ -390,13 +394,14 @@ def _unshuffle_fwd_kernel(
         count = K
         x_off = b * stride_xb + tl.where(is_cls, 0, HAS_CLS + rank) * stride_xt
     visible = is_patch & (rank >= 0) & (rank < count)
+    masked = is_patch & (rank >= count) & (rank < L)  # an out-of-range rank is neither: a zero token
     take_x = visible | is_cls
     if VARLEN:
         take_x = take_x & (x_row >= 0) & (x_row < X_ROWS)
     xv = tl.load(x_ptr + x_off[:, None] + d[None, :] * stride_xd, mask=take_x[:, None] & d_valid[None, :],
                  other=0.0).to(tl.float32)
     mask_tok = tl.load(mask_token_ptr + d, mask=d_valid, other=0.0).to(tl.float32)
-    acc = tl.where(take_x[:, None], xv, mask_tok[None, :])
+    acc = tl.where(masked[:, None], mask_tok[None, :], xv)
     if HAS_POS:
         if POS_OFFSET == 1:
             pos_row = i + 1  # the cls row (i = -1) reads the cls slot 0
@@ -484,8 +489,9 @@ def _unshuffle_bwd_kernel(
                 write = write & (x_row >= 0) & (x_row < X_ROWS)
             tl.store(grad_x_ptr + x_row[:, None] * D + d[None, :], g.to(grad_x_ptr.dtype.element_ty),
                      mask=write[:, None] & d_valid[None, :])
-        if WRITE_MASK:
-            mask_acc += tl.sum(tl.where((is_patch & ~visible)[:, None], g, 0.0), axis=0)
+        if WRITE_MASK:  # the masked positions; an out-of-range rank's gradient is dropped
+            masked = is_patch & (rank >= count) & (rank < L)
+            mask_acc += tl.sum(tl.where(masked[:, None], g, 0.0), axis=0)
         if WRITE_POS:
             pos_acc += g
     if WRITE_POS:

@@ -21,17 +21,26 @@ traces through it.
 Conventions shared by the ops:
 
 - Shapes: ``B`` samples, ``L`` patches, ``K`` kept (visible) patches, ``D`` channels.
-- Index tensors may be int64 or int32 (validated: dtype, shape, device). Their *values* are
-  not checked (that would synchronise with the device): entries of ``ids_keep`` must be in
-  ``[0, L)`` and rows of ``ids_restore`` must be permutations of ``0..L-1``, as
-  :func:`random_masking` returns. The references raise on out-of-range indices; the Triton
-  path reads zeros for them. An index repeated within a row of ``ids_keep`` is gathered once
-  per occurrence and its gradient is the sum over the occurrences, on every backend.
-- Varlen ``cu_seqlens`` on the host is checked against the packed lengths (``cu_seqlens[0] =
-  0``, non-decreasing, ``cu_seqlens[-1]`` the packed length, ``max_seqlen`` at least the largest
-  count) with a ``ValueError``; on an accelerator that check would be a device sync, so it is
-  skipped and the kernels mask every packed access with the tensor's real length instead
-  (inconsistent offsets give wrong values, never an out-of-bounds access).
+- Index tensors may be int64 or int32 (dtype, shape and device checked). Their values follow
+  the policy of :mod:`fastmim.ops._validate`: entries of ``ids_keep`` must be in ``[0, L)``;
+  rows of ``ids_restore`` must be permutations of ``0..L-1``, as :func:`random_masking` returns
+  them (the un-shuffle's backward writes each visible token's gradient from the one position of
+  its rank, so a repeated or missing rank has no defined gradient); varlen ``cu_seqlens`` must
+  start at 0, never decrease and end at the packed length, with every count at most
+  ``max_seqlen`` (:func:`gather_visible`) or ``L`` (:func:`unshuffle`). Values on the host are
+  always checked, by the public op before it dispatches (so on every backend) and by the
+  references: a ``ValueError`` naming the op, the argument, the first bad position and the
+  valid range. Values on an accelerator are checked only under ``FASTMIM_CHECK_INDICES=1`` or
+  :func:`~fastmim.ops.check_indices` (a device sync), and never while torch.compile traces.
+  Unchecked bad values never make a kernel read or write outside its tensors: an
+  out-of-range ``ids_keep`` entry gathers a zero row and an out-of-range ``ids_restore`` entry
+  a zero token (plus its position embedding), and their gradients are dropped; inconsistent
+  offsets or rows that are not permutations give wrong values (gradient rows that no position
+  maps to may be left unwritten). The reference backend on an accelerator indexes with
+  PyTorch, whose own device-side checks then apply. An index repeated within a row of
+  ``ids_keep`` is gathered once per occurrence and its gradient is the sum over the
+  occurrences, on every backend.
+- An empty batch (``B = 0``) gives empty results and gradients on every backend.
 - ``pos_embed`` is ``(L, D)`` / ``(1, L, D)`` (patch rows only) or ``(L + 1, D)`` /
   ``(1, L + 1, D)``: one more row than there are patches means row 0 is the cls slot and rows
   ``1..L`` belong to the patches, the layout of the official MAE's ``pos_embed`` and
@@ -42,7 +51,7 @@ Conventions shared by the ops:
   bf16 ``x`` + fp32 ``pos_embed`` gives fp32); values are added in fp32 and rounded once, which
   is what eager PyTorch does, so the forward results equal the eager chain's bit for bit.
 - Gradients: reductions over the batch (``pos_embed``, ``cls_token``, ``mask_token``)
-  accumulate in fp32 and are deterministic (no atomics).
+  accumulate in fp32 (fp64 for float64 gradients) and are deterministic (no atomics).
 - Non-contiguous inputs give the same results on every backend. The Triton kernels read the
   large activations (``x``, ``x_visible``, incoming gradients) with their strides, no copy; the
   csrc backend makes them contiguous first (a copy when they are not); the reference indexes
@@ -62,6 +71,7 @@ import torch
 from torch import Tensor
 
 from fastmim.ops._dispatch import select_backend
+from fastmim.ops._validate import check_cu_seqlens, check_index_range, check_permutation_rows
 
 __all__ = [
     "Masking",
@@ -263,11 +273,12 @@ def _offset_tensor(offset: int | Tensor) -> Tensor:
 
 
 def _check_sizes(batch: int, num_patches: int) -> None:
-    for name, value in (("batch", batch), ("num_patches", num_patches)):
+    # An empty batch gives empty results, as it does for gather_visible and unshuffle.
+    for name, value, low in (("batch", batch, 0), ("num_patches", num_patches, 1)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device:
@@ -514,18 +525,34 @@ def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
-def _host_varlen_total(cu_seqlens: Tensor, max_seqlen: int | None) -> int | None:
-    """``cu_seqlens[-1]`` after checking the offsets, when ``cu_seqlens`` is on the host (free to
-    read); ``None`` on an accelerator (a device sync) or while torch.compile traces (a graph break)."""
-    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    cu = cu_seqlens.tolist()
-    counts = [hi - lo for lo, hi in zip(cu[:-1], cu[1:], strict=True)]
-    if cu[0] != 0 or any(c < 0 for c in counts):
-        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
-    if max_seqlen is not None and counts and max_seqlen < max(counts):
-        raise ValueError(f"max_seqlen must be >= the largest count in cu_seqlens ({max(counts)}), got {max_seqlen}")
-    return cu[-1]
+def _check_gather_values(ids_keep: Tensor, num_patches: int, cu_seqlens: Tensor | None,
+                         max_seqlen: int | None) -> None:
+    """The values of gather_visible's index arguments, under the policy of fastmim.ops._validate."""
+    if cu_seqlens is not None:
+        cu = check_cu_seqlens("cu_seqlens", cu_seqlens, max_seqlen=max_seqlen, op="gather_visible")
+        if cu is not None and cu[-1] != ids_keep.shape[0]:
+            raise ValueError(f"gather_visible: ids_keep must have cu_seqlens[-1] = {cu[-1]} rows (the packed "
+                             f"length), got shape {tuple(ids_keep.shape)}")
+    check_index_range("ids_keep", ids_keep, num_patches, op="gather_visible")
+
+
+def _check_unshuffle_values(x_visible: Tensor, ids_restore: Tensor, cu_seqlens: Tensor | None,
+                            has_cls: bool) -> None:
+    """The values of unshuffle's index arguments, under the policy of fastmim.ops._validate."""
+    check_permutation_rows("ids_restore", ids_restore, op="unshuffle")
+    cu = None if cu_seqlens is None else check_cu_seqlens("cu_seqlens", cu_seqlens, op="unshuffle")
+    if cu is None:
+        return
+    B, L = ids_restore.shape
+    for b, (lo, hi) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+        # A sample's visible tokens take ranks 0..count-1 of its L patches: at most L of them.
+        if hi - lo > L:
+            raise ValueError(f"unshuffle: sample {b} has cu_seqlens[{b + 1}] - cu_seqlens[{b}] = {hi - lo} visible "
+                             f"tokens, more than its L = {L} patches")
+    packed = f"(T{' + B' if has_cls else ''}, D)"
+    if x_visible.shape[0] != cu[-1] + B * has_cls:
+        raise ValueError(f"unshuffle: x_visible must be packed {packed} = ({cu[-1] + B * has_cls}, D) with T = "
+                         f"cu_seqlens[-1] = {cu[-1]}, B = {B}, got shape {tuple(x_visible.shape)}")
 
 
 def _varlen_rows(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
@@ -557,7 +584,15 @@ def gather_visible_reference(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | No
     ``cat(cls_token + pos_embed[:, :1], x)``. Varlen: ``ids_keep`` packed ``(T,)``, sample b at rows
     ``cu_seqlens[b]:cu_seqlens[b+1]``; the output is packed ``(T + B * has_cls, D)`` with sample b at
     rows ``cu_seqlens[b] + b * has_cls : cu_seqlens[b+1] + (b + 1) * has_cls`` (cls row first).
+    Index values are checked as by :func:`gather_visible` (same ``ValueError``).
     """
+    _check_gather_values(ids_keep, x.shape[1], cu_seqlens, None)
+    return _gather_visible_eager(x, ids_keep, pos_embed, cls_token, cu_seqlens)
+
+
+def _gather_visible_eager(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None, cls_token: Tensor | None,
+                          cu_seqlens: Tensor | None) -> Tensor:
+    """:func:`gather_visible_reference` on index values already checked (by the public op)."""
     B, L, D = x.shape
     pos = None if pos_embed is None else pos_embed.reshape(pos_embed.shape[-2], D)
     pos_cls, pos_patch = _pos_rows(pos, L)
@@ -600,8 +635,8 @@ def gather_visible(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None = None,
             leading cls slot (the official MAE's ``pos_embed`` as is).
         cls_token: optional ``(D,)`` / ``(1, D)`` / ``(1, 1, D)``: prepends ``cls_token`` (+ the
             cls slot of ``pos_embed`` when it has one) to every sample, unshuffled.
-        cu_seqlens: optional ``(B + 1,)`` int32/int64 for the packed varlen layout;
-            ``cu_seqlens[-1]`` must equal ``T`` (checked when it is on the host).
+        cu_seqlens: optional ``(B + 1,)`` int32/int64 offsets for the packed varlen layout:
+            ``cu_seqlens[0] = 0``, non-decreasing, ``cu_seqlens[-1] = T``.
         max_seqlen: the largest per-sample count of the varlen layout; computed from
             ``cu_seqlens`` if omitted (a device sync on an accelerator: pass it, e.g. from
             :class:`PackedMasking`).
@@ -616,6 +651,10 @@ def gather_visible(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None = None,
     The official MAE encoder's masking, ``x = x + pos_embed[:, 1:]; x, mask, ids_restore =
     random_masking(x); x = cat(cls_token + pos_embed[:, :1], x)``, is one call:
     ``gather_visible(x, masking.ids_keep, pos_embed, cls_token=cls_token)``.
+
+    Index values (``ids_keep`` in ``[0, L)``, ``cu_seqlens``, ``max_seqlen`` at least every
+    count) are checked on the host, on an accelerator under :func:`~fastmim.ops.check_indices`;
+    unchecked, an out-of-range id gathers a zero row (see the module doc).
 
     Backward: ``x`` receives the gradient at the kept positions (summed over the occurrences of a
     repeated index) and zero elsewhere; ``pos_embed``
@@ -637,10 +676,7 @@ def gather_visible(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None = None,
         ids_keep = _check_index("ids_keep", ids_keep, 1, device)
         cu_seqlens = _check_varlen(cu_seqlens, B, device)
         max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
-        total = _host_varlen_total(cu_seqlens, max_seqlen)
-        if total is not None and total != ids_keep.shape[0]:
-            raise ValueError(f"ids_keep must have cu_seqlens[-1] = {total} rows (the packed length), "
-                             f"got shape {tuple(ids_keep.shape)}")
+    _check_gather_values(ids_keep, L, cu_seqlens, max_seqlen)
     pos = _pos_2d(pos_embed, L, D, device)
     cls = None if cls_token is None else _token_1d("cls_token", cls_token, D, device)
     return torch.ops.fastmim.gather_visible(x, ids_keep, pos, cls, cu_seqlens, max_seqlen)
@@ -662,7 +698,7 @@ def _gather_visible_op(x: Tensor, ids_keep: Tensor, pos_embed: Tensor | None, cl
             None if cls_token is None else cls_token.contiguous(),
             None if cu_seqlens is None else cu_seqlens.contiguous(), max_seqlen,
             _result_dtype(x, pos_embed, cls_token))
-    out = gather_visible_reference(x, ids_keep, pos_embed, cls_token=cls_token, cu_seqlens=cu_seqlens)
+    out = _gather_visible_eager(x, ids_keep, pos_embed, cls_token, cu_seqlens)
     return out.to(_result_dtype(x, pos_embed, cls_token)).contiguous()
 
 
@@ -676,11 +712,16 @@ def _(x, ids_keep, pos_embed, cls_token, cu_seqlens, max_seqlen):
     return x.new_empty((ids_keep.shape[0] + B * has_cls, D), dtype=dtype)
 
 
+def _accumulation(grad: Tensor) -> Tensor:
+    """``grad`` in the dtype its sums accumulate in: fp32, or fp64 for a float64 gradient."""
+    return grad.to(torch.promote_types(grad.dtype, torch.float32))
+
+
 def _gather_visible_backward_reference(grad_out: Tensor, ids_keep: Tensor, cu_seqlens: Tensor | None,
                                        num_patches: int, has_cls: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x (B, L, D), grad_pos_patches (L, D), grad_cls (D,))`` in fp32."""
+    """``(grad_x (B, L, D), grad_pos_patches (L, D), grad_cls (D,))`` in the accumulation dtype."""
     D = grad_out.shape[-1]
-    g = grad_out.float()
+    g = _accumulation(grad_out)
     ids = ids_keep.long()
     if cu_seqlens is None:
         B = g.shape[0]
@@ -786,8 +827,16 @@ def unshuffle_reference(x_visible: Tensor, ids_restore: Tensor, mask_token: Tens
     """The official MAE decoder's input: ``cat([x[:, 1:], mask_tokens])`` -> ``gather(ids_restore)``
     -> ``cat([x[:, :1], .])`` -> ``+ decoder_pos_embed``. Row ``i`` of sample ``b`` is the visible
     token of rank ``ids_restore[b, i]`` when that rank is below ``K`` (sample b's count), else
-    ``mask_token``; then ``+ pos_embed``.
+    ``mask_token``; then ``+ pos_embed``. Index values are checked as by :func:`unshuffle` (same
+    ``ValueError``).
     """
+    _check_unshuffle_values(x_visible, ids_restore, cu_seqlens, has_cls)
+    return _unshuffle_eager(x_visible, ids_restore, mask_token, pos_embed, has_cls, cu_seqlens)
+
+
+def _unshuffle_eager(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Tensor | None,
+                     has_cls: bool, cu_seqlens: Tensor | None) -> Tensor:
+    """:func:`unshuffle_reference` on index values already checked (by the public op)."""
     B, L = ids_restore.shape
     D = x_visible.shape[-1]
     hc = int(has_cls)
@@ -804,11 +853,12 @@ def unshuffle_reference(x_visible: Tensor, ids_restore: Tensor, mask_token: Tens
     else:
         counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         starts = cu_seqlens[:-1].long() + torch.arange(B, device=ids.device) * hc
-        cls = x_visible[starts][:, None] if has_cls else x_visible[:0]
+        cls = x_visible[starts][:, None] if has_cls else None
         visible = ids < counts[:, None]
-        rows = torch.where(visible, starts[:, None] + hc + ids, 0)
         dtype = torch.promote_types(x_visible.dtype, mask_token.dtype)
-        x_ = torch.where(visible[..., None], x_visible[rows].to(dtype), mask_token.to(dtype))
+        # Only the visible positions index x_visible, which has no row at all when nothing is kept.
+        x_ = mask_token.to(dtype).expand(B, L, D).clone()
+        x_[visible] = x_visible[(starts[:, None] + hc + ids)[visible]].to(dtype)
     if pos_patch is not None:
         x_ = x_ + pos_patch
     if not has_cls:
@@ -829,19 +879,25 @@ def unshuffle(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_em
             ``cu_seqlens``, packed ``(T + B * has_cls, D)`` as :func:`gather_visible` returns it.
             Any strides (read in place by the Triton kernels, copied to a contiguous tensor by
             the csrc backend).
-        ids_restore: ``(B, L)`` int64/int32, from :func:`random_masking`.
+        ids_restore: ``(B, L)`` int64/int32, from :func:`random_masking`: each row a permutation
+            of ``0..L-1``.
         mask_token: ``(D,)`` / ``(1, D)`` / ``(1, 1, D)``.
         pos_embed: optional ``(L, D)`` / ``(1, L, D)``, or ``(L + 1, D)`` / ``(1, L + 1, D)`` with a
             leading cls slot (the official ``decoder_pos_embed`` as is).
         has_cls: ``x_visible`` carries a cls row first; it is passed through (+ the cls slot).
-        cu_seqlens: ``(B + 1,)`` int32/int64 per-sample visible counts (packed varlen input);
-            ``cu_seqlens[-1]`` must equal ``T`` (checked when it is on the host).
+        cu_seqlens: ``(B + 1,)`` int32/int64 offsets of the per-sample visible counts (packed
+            varlen input): ``cu_seqlens[0] = 0``, non-decreasing, every count at most ``L``,
+            ``cu_seqlens[-1] = T``.
 
     Returns:
         ``(B, L + has_cls, D)``: ``out[b, has_cls + i] = x_visible[b, has_cls + ids_restore[b, i]]``
         if ``ids_restore[b, i] < K`` else ``mask_token``, ``+ pos_embed[i]``; ``out[b, 0] =
         x_visible[b, 0] + pos_embed[cls slot]``. dtype: promotion of x_visible, mask_token,
         pos_embed. Equals the official MAE decoder's chain bit for bit.
+
+    Index values are checked on the host, on an accelerator under
+    :func:`~fastmim.ops.check_indices`; unchecked, an out-of-range rank gives a zero token (see
+    the module doc).
 
     Backward: ``x_visible`` gets the gradient of its row, ``mask_token`` the sum over masked
     positions, ``pos_embed`` the sum over samples (fp32 accumulation, deterministic).
@@ -858,14 +914,10 @@ def unshuffle(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_em
                              f"K <= L = {L} (ids_restore is {tuple(ids_restore.shape)}), got {tuple(x_visible.shape)}")
     else:
         cu_seqlens = _check_varlen(cu_seqlens, B, device)
-        packed = f"(T{' + B' if has_cls else ''}, D)"
         if x_visible.dim() != 2 or x_visible.shape[0] < B * has_cls:
-            raise ValueError(f"with cu_seqlens, x_visible must be packed {packed} with B = {B}, "
-                             f"got shape {tuple(x_visible.shape)}")
-        total = _host_varlen_total(cu_seqlens, None)
-        if total is not None and x_visible.shape[0] != total + B * has_cls:
-            raise ValueError(f"x_visible must be packed {packed} = ({total + B * has_cls}, D) with T = "
-                             f"cu_seqlens[-1] = {total}, B = {B}, got shape {tuple(x_visible.shape)}")
+            raise ValueError(f"with cu_seqlens, x_visible must be packed (T{' + B' if has_cls else ''}, D) with "
+                             f"B = {B}, got shape {tuple(x_visible.shape)}")
+    _check_unshuffle_values(x_visible, ids_restore, cu_seqlens, has_cls)
     D = x_visible.shape[-1]
     mask_token = _token_1d("mask_token", mask_token, D, device)
     pos = _pos_2d(pos_embed, L, D, device)
@@ -887,7 +939,7 @@ def _unshuffle_op(x_visible: Tensor, ids_restore: Tensor, mask_token: Tensor, po
             x_visible, ids_restore.contiguous(), mask_token.contiguous(),
             None if pos_embed is None else pos_embed.contiguous(),
             None if cu_seqlens is None else cu_seqlens.contiguous(), has_cls, dtype)
-    out = unshuffle_reference(x_visible, ids_restore, mask_token, pos_embed, has_cls=has_cls, cu_seqlens=cu_seqlens)
+    out = _unshuffle_eager(x_visible, ids_restore, mask_token, pos_embed, has_cls, cu_seqlens)
     return out.to(dtype).contiguous()
 
 
@@ -900,11 +952,11 @@ def _(x_visible, ids_restore, mask_token, pos_embed, cu_seqlens, has_cls):
 
 def _unshuffle_backward_reference(grad_out: Tensor, ids_restore: Tensor, cu_seqlens: Tensor | None,
                                   visible_rows: int, has_cls: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x_visible, grad_mask_token (D,), grad_pos (L + has_cls, D))`` in fp32."""
+    """``(grad_x_visible, grad_mask_token (D,), grad_pos (L + has_cls, D))`` in the accumulation dtype."""
     B, L = ids_restore.shape
     D = grad_out.shape[-1]
     hc = int(has_cls)
-    g = grad_out.float()
+    g = _accumulation(grad_out)
     ids = ids_restore.long()
     g_patch = g[:, hc:]
     if cu_seqlens is None:
@@ -914,10 +966,10 @@ def _unshuffle_backward_reference(grad_out: Tensor, ids_restore: Tensor, cu_seql
         counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         starts = cu_seqlens[:-1].long() + torch.arange(B, device=g.device) * hc
     visible = ids < counts[:, None]
-    grad_mask = (g_patch * (~visible)[..., None]).sum((0, 1))
-    rows = torch.where(visible, starts[:, None] + hc + ids, 0)
+    grad_mask = g_patch[~visible].sum(0)
+    # Only the visible positions index grad_x, which has no row at all when nothing is kept.
     grad_x = g.new_zeros((B * visible_rows if cu_seqlens is None else visible_rows, D))
-    grad_x.index_put_((rows,), g_patch * visible[..., None], accumulate=True)
+    grad_x.index_put_(((starts[:, None] + hc + ids)[visible],), g_patch[visible], accumulate=True)
     if has_cls:
         grad_x[starts] += g[:, 0]
     if cu_seqlens is None:
