@@ -117,6 +117,13 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cpu(const at::Tensor& pred, 
                                                         int64_t patch_size, bool norm_pix, double eps,
                                                         c10::string_view reduction, bool compute_grad);
 void masked_patch_mse_backward_cpu(const at::Tensor& grad_pred, const at::Tensor& grad_output);
+// resized_crop_flip_normalize: image b of the uint8 tensor at element offset layout[b, 0] (layout
+// (B, 6) int64: offset, height, width, stride_c, stride_h, stride_w), boxes (B, 4) (top, left,
+// height, width), optional flip (B,) bool, mean / std (C,) float32 -> (B, C, out_h, out_w) of dtype.
+at::Tensor resized_crop_flip_normalize_cpu(const at::Tensor& images, const at::Tensor& layout,
+                                           const at::Tensor& boxes, const std::optional<at::Tensor>& flip,
+                                           int64_t out_h, int64_t out_w, const at::Tensor& mean,
+                                           const at::Tensor& std, at::ScalarType dtype);
 
 // ---- CUDA (defined only when the extension is built with CUDA) ----
 std::tuple<at::Tensor, at::Tensor> random_permutation_cuda(const at::Tensor& seed,

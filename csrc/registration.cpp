@@ -319,6 +319,9 @@ TORCH_LIBRARY(fastmim, m) {
       "csrc_masked_patch_mse(Tensor pred, Tensor imgs, Tensor? mask, Tensor? ids_masked, int patch_size, "
       "bool norm_pix, float eps, str reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def("csrc_masked_patch_mse_backward(Tensor(a!) grad_pred, Tensor grad_output) -> ()");
+  m.def(
+      "csrc_resized_crop_flip_normalize(Tensor images, Tensor layout, Tensor boxes, Tensor? flip, int out_h, "
+      "int out_w, Tensor mean, Tensor std, ScalarType dtype) -> Tensor");
   // The random ops write to `device` whatever the seed's device: one kernel for every backend.
   m.impl("csrc_random_permutation", c10::DispatchKey::CompositeExplicitAutograd,
          TORCH_FN(fastmim::random_permutation));
@@ -334,6 +337,7 @@ TORCH_LIBRARY_IMPL(fastmim, CPU, m) {
   m.impl("csrc_unshuffle_backward", TORCH_FN(fastmim::unshuffle_backward_cpu));
   m.impl("csrc_masked_patch_mse", TORCH_FN(fastmim::masked_patch_mse_cpu));
   m.impl("csrc_masked_patch_mse_backward", TORCH_FN(fastmim::masked_patch_mse_backward_cpu));
+  m.impl("csrc_resized_crop_flip_normalize", TORCH_FN(fastmim::resized_crop_flip_normalize_cpu));
 }
 
 #ifdef FASTMIM_WITH_CUDA

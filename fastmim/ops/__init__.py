@@ -28,6 +28,15 @@ from fastmim.ops.fused_block import (
     layer_norm_reference,
 )
 from fastmim.ops.loss import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify
+from fastmim.ops.resized_crop import (
+    CropBoxes,
+    PackedImages,
+    pack_images,
+    random_resized_crop_box,
+    random_resized_crop_boxes,
+    resized_crop_flip_normalize,
+    resized_crop_flip_normalize_reference,
+)
 from fastmim.ops.token_ops import (
     Masking,
     PackedMasking,
@@ -47,6 +56,8 @@ __all__ += ["ATTN_BACKENDS", "attention", "attention_qkvpacked", "choose_attn_ba
 __all__ += ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear",
             "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference"]
 __all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
+__all__ += ["CropBoxes", "PackedImages", "pack_images", "random_resized_crop_box", "random_resized_crop_boxes",
+            "resized_crop_flip_normalize", "resized_crop_flip_normalize_reference"]
 __all__ += ["Masking", "PackedMasking", "gather_visible", "gather_visible_reference", "random_masking",
             "random_masking_reference", "random_permutation", "random_permutation_reference", "unshuffle",
             "unshuffle_reference"]

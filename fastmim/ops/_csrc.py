@@ -34,7 +34,8 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 _CSRC = _REPO_ROOT / "csrc"
 _JIT_NAME = "fastmim_C"
 
-_CPU_SOURCES = ("csrc/registration.cpp", "csrc/cpu/token_ops.cpp", "csrc/cpu/loss.cpp")
+_CPU_SOURCES = ("csrc/registration.cpp", "csrc/cpu/token_ops.cpp", "csrc/cpu/loss.cpp",
+                "csrc/cpu/resized_crop.cpp")
 _CUDA_SOURCES = ("csrc/cuda/token_ops.cu", "csrc/cuda/loss.cu")
 _CUDA_ARCHS = ("80", "90")
 
