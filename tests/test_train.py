@@ -312,8 +312,9 @@ def test_diverged_loss_stops_with_a_clear_error(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(MAEAdapter, "loss", nan_loss)
     argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "6", "--batch-size", "4", "--log-every", "2",
-            "--ckpt-every", "2", "--no-progress", "--no-figures", *TINY_ARGS]
-    assert "the loss is nan at step 4: training diverged" in _cli_error(capsys, argv)
+            "--ckpt-every", "2", "--on-nonfinite", "stop", "--max-skips", "2", "--no-progress", "--no-figures",
+            *TINY_ARGS]
+    assert "the last 2 steps (to step 4) had a non-finite loss" in _cli_error(capsys, argv)
     assert read_metadata(tmp_path / "run" / "checkpoint.safetensors")["step"] == 2  # the last good checkpoint
 
 

@@ -12,20 +12,29 @@ crash-safe: it first writes the new state completely under a side name
 over the old one. A crash before the weights are replaced leaves the previous pair; a crash
 between the two renames leaves the new weights beside the complete new pending state, which
 :func:`load_checkpoint_state` then uses. It refuses a pair that disagrees otherwise.
+
+Neither format has a checksum of its own (safetensors none, ``torch.save``'s zip records go
+unchecked on load), so the weights' metadata holds two: ``tensors_sha256`` over the tensors
+(:func:`tensors_sha256`) and ``state_sha256`` over the bytes of the training state written
+with them. Every load verifies them and refuses non-finite weights, naming the tensor;
+checkpoints of older versions, without checksums, load with a warning.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_file
 from torch import nn
 
 __all__ = [
@@ -34,9 +43,12 @@ __all__ = [
     "PENDING_STATE_NAME",
     "CheckpointError",
     "atomic_write",
+    "remove_partial_writes",
+    "tensors_sha256",
     "save_weights",
     "save_weights_dict",
     "read_metadata",
+    "read_weights",
     "load_weights",
     "save_state",
     "load_state",
@@ -53,7 +65,8 @@ FORMAT = "fastmim-checkpoint-1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: not fastmim's, another model's, torn or mismatched."""
+    """A checkpoint that cannot be used: not fastmim's, another model's, torn, corrupt, mismatched
+    or holding non-finite weights."""
 
 
 def _umask() -> int:
@@ -69,8 +82,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
         write(tmp_path)
+        # mkstemp makes 0600 and safetensors writes 0600 whatever the umask; torch.save keeps the
+        # mode: after the write, every file gets the ordinary permissions the umask gives.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -78,6 +93,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def remove_partial_writes(folder: str | Path, names: Iterable[str]) -> None:
+    """Delete the temporary files of :func:`atomic_write` for ``names`` in ``folder``: a process
+    killed during a write leaves them (checkpoint-sized), and nothing else ever reads them."""
+    for name in names:
+        for tmp in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -91,19 +114,32 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in sorted name order: what the
+    checkpoint's ``tensors_sha256`` records (safetensors lays the data out in its own order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        _hash_tensor(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
+def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> None:
     """Write ``model``'s state to ``path`` (safetensors). ``metadata`` values are JSON-encoded
-    under the key ``"fastmim"`` with ``format`` added."""
-    meta = {"fastmim": json.dumps({"format": FORMAT, **metadata}, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=meta))
+    under the key ``"fastmim"`` with ``format`` and the ``tensors_sha256`` checksum added."""
+    save_weights_dict(model.state_dict(), path, metadata)
 
 
 def save_weights_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, Any]) -> None:
     """:func:`save_weights` for a full state dict (e.g. gathered from FSDP shards)."""
-    from safetensors.torch import save_file
-
-    meta = {"fastmim": json.dumps({"format": FORMAT, **metadata}, sort_keys=True)}
+    # Copies: the file holds no shared storage, and the checksum is of exactly what is written.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    meta = {"fastmim": json.dumps({"format": FORMAT, **metadata, "tensors_sha256": tensors_sha256(tensors)},
+                                  sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -128,12 +164,43 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_weights(model: nn.Module, path: str | Path, *, what: str = "the model") -> None:
-    """Load ``path`` into ``model`` strictly; a key or shape mismatch is a :class:`CheckpointError`
-    naming the first few differences."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a fastmim checkpoint (on the CPU), verified: they match the checkpoint's
+    ``tensors_sha256`` (one without it, from an older version, loads with a warning) and every
+    floating-point value is finite. :class:`CheckpointError` naming the file otherwise."""
+    path = Path(path)
+    expected = read_metadata(path).get("tensors_sha256")
+    digest = hashlib.sha256()
+    tensors: dict[str, torch.Tensor] = {}
+    nonfinite = None
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
-    except RuntimeError as exc:  # shape mismatch from load_state_dict
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                tensor = tensors[name] = f.get_tensor(name)
+                _hash_tensor(digest, name, tensor)
+                if nonfinite is None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    nonfinite = name
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    # Corruption first: flipped bits can also read as nan.
+    if expected is None:
+        warnings.warn(f"{path} has no checksum (written by an older fastmim): its tensors cannot be verified",
+                      stacklevel=2)
+    elif digest.hexdigest() != expected:
+        raise CheckpointError(f"{path} is corrupt: its tensor data does not match the checksum it was written with")
+    if nonfinite is not None:
+        raise CheckpointError(f"{path} holds non-finite weights (nan or inf) in {nonfinite}: the run that wrote "
+                              f"it diverged")
+    return tensors
+
+
+def load_weights(model: nn.Module, path: str | Path, *, what: str = "the model") -> None:
+    """Load ``path`` into ``model`` strictly, verified by :func:`read_weights`; a key or shape
+    mismatch is a :class:`CheckpointError` naming the first few differences."""
+    tensors = read_weights(path)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shape mismatch
         lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         detail = lines[0] if lines else str(exc).splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not fit {what}: {detail}") from None
@@ -146,8 +213,18 @@ def load_weights(model: nn.Module, path: str | Path, *, what: str = "the model")
         raise CheckpointError(f"checkpoint {path} does not fit {what}: {'; '.join(parts)}")
 
 
-def save_state(path: str | Path, state: dict[str, Any]) -> None:
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> str:
+    """Write ``state`` atomically with ``torch.save``; returns the sha256 of the file's bytes."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return _file_sha256(Path(path))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -165,33 +242,43 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(folder: str | Path, write_weights: Callable[[Path], None], state: dict[str, Any]) -> None:
-    """Replace the pair in ``folder`` crash-safely (see the module docstring).
-
-    ``write_weights(path)`` writes the weights atomically (:func:`save_weights` or
-    :func:`save_weights_dict`); ``state["step"]`` must be the step in their metadata."""
+def save_checkpoint(folder: str | Path, weights: dict[str, torch.Tensor], metadata: dict[str, Any],
+                    state: dict[str, Any]) -> None:
+    """Replace the pair in ``folder`` crash-safely (see the module docstring): ``state``, then
+    ``weights`` (a full state dict) with ``metadata`` and the state's checksum.
+    ``state["step"]`` must be the step in ``metadata``."""
     folder = Path(folder)
     pending = folder / PENDING_STATE_NAME
-    save_state(pending, state)
-    write_weights(folder / CHECKPOINT_NAME)
+    state_sha256 = save_state(pending, state)
+    save_weights_dict(weights, folder / CHECKPOINT_NAME, {**metadata, "state_sha256": state_sha256})
     os.replace(pending, folder / STATE_NAME)
     _fsync_folder(folder)
 
 
 def load_checkpoint_state(folder: str | Path) -> dict[str, Any]:
-    """The training state belonging to ``folder``'s weights: ``train_state.pt``, or the pending
-    state of a save interrupted between its two renames. Reads only (every process of a
-    distributed run calls it); the next save replaces a leftover pending state."""
+    """The training state belonging to ``folder``'s weights: the file whose checksum the weights
+    record, ``train_state.pt`` or the pending state of a save interrupted between its two
+    renames. Reads only (every process of a distributed run calls it); the next save replaces a
+    leftover pending state."""
     folder = Path(folder)
-    weights_step = read_metadata(folder / CHECKPOINT_NAME).get("step")
+    meta = read_metadata(folder / CHECKPOINT_NAME)
+    weights_step, expected = meta.get("step"), meta.get("state_sha256")
     state_path, pending_path = folder / STATE_NAME, folder / PENDING_STATE_NAME
+    if expected is not None:
+        for path in (state_path, pending_path):
+            if path.is_file() and _file_sha256(path) == expected:
+                return load_state(path)
+    # No file matches (or the checkpoint predates checksums): say why from the steps they hold.
     state = load_state(state_path) if state_path.is_file() or not pending_path.is_file() else None
-    if state is not None and state["step"] == weights_step:
-        return state
+    candidates = [(state_path, state)] if state is not None else []
     if pending_path.is_file():
-        pending = load_state(pending_path)
-        if pending["step"] == weights_step:
-            return pending
+        candidates.append((pending_path, load_state(pending_path)))
+    for path, candidate in candidates:
+        if candidate["step"] == weights_step:
+            if expected is not None:
+                raise CheckpointError(f"{path} is corrupt: it does not match the checksum recorded in "
+                                      f"{folder / CHECKPOINT_NAME}")
+            return candidate
     found = f"{STATE_NAME} from step {state['step']}" if state is not None else f"no {STATE_NAME}"
     raise CheckpointError(f"{folder / CHECKPOINT_NAME} is from step {weights_step} but there is {found}: "
                           f"the pair is inconsistent")

@@ -89,6 +89,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     g.add_argument("--log-every", type=int, default=_S, help=f"steps between metric records (default: {d.log_every})")
     g.add_argument("--ckpt-every", type=int, default=_S, help="steps between checkpoints (default: end only)")
+    g.add_argument("--on-nonfinite", choices=("skip", "rollback", "stop"), default=_S,
+                   help="a step whose loss or gradient is nan/inf is skipped (no update); after --max-skips such "
+                        "steps in a row: skip = go on (a run that ends so fails), rollback = reload the last "
+                        "checkpoint and go on with a fresh data order (needs --ckpt-every), stop = end with an "
+                        f"error (default: {d.on_nonfinite})")
+    g.add_argument("--max-skips", type=int, default=_S, metavar="N",
+                   help=f"skipped steps in a row that count as divergence, checked at each metrics record "
+                        f"(default: {d.max_skips})")
     g.add_argument("--stop-after", type=int, default=_S, metavar="N",
                    help="stop this invocation after N steps (the schedule still spans --max-steps); --resume goes on")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=_S, help="no progress bar")
@@ -129,6 +137,20 @@ def _user_errors_as_one_line() -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _warnings_as_one_line() -> Iterator[None]:
+    """Every warning shown once, as ``fastmim: warning: <message>`` (e.g. a skipped corrupt image,
+    a checkpoint without checksums)."""
+    format_warning = warnings.formatwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.formatwarning = lambda message, category, *a, **k: f"fastmim: warning: {message}\n"
+            yield
+    finally:
+        warnings.formatwarning = format_warning
+
+
 def run_train(args: argparse.Namespace) -> int:
     from fastmim.train.config import TrainConfig
     from fastmim.train.loop import train
@@ -139,14 +161,8 @@ def run_train(args: argparse.Namespace) -> int:
     given.setdefault("output", f"runs/{given.get('method', TrainConfig.method)}")
     explicit = set(given)
     cfg = TrainConfig(**given)
-    format_warning = warnings.formatwarning
-    try:
-        with _user_errors_as_one_line(), warnings.catch_warnings():
-            warnings.simplefilter("default")
-            warnings.formatwarning = lambda message, category, *a, **k: f"fastmim: warning: {message}\n"
-            result = train(cfg, explicit=explicit)
-    finally:
-        warnings.formatwarning = format_warning
+    with _user_errors_as_one_line(), _warnings_as_one_line():
+        result = train(cfg, explicit=explicit)
     return 0 if result.finished or cfg.stop_after is not None else 1
 
 
@@ -262,7 +278,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in ("temperature", "finetune_blr"):
         if not getattr(args, name) > 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    with _user_errors_as_one_line():
+    with _user_errors_as_one_line(), _warnings_as_one_line():
         ckpt, results = _evaluate(args, protocols)
     log = Path(args.log) if args.log else ckpt.path.parent / EVAL_LOG_NAME
     try:

@@ -18,7 +18,7 @@ NUM_FIGURE_IMAGES = 8
 
 # Settings that may differ between a run and its resumption (they do not change the math).
 RUNTIME_FIELDS = frozenset({"output", "resume", "num_workers", "compile", "progress", "stop_after", "log_every",
-                            "ckpt_every", "figures", "device", "on_corrupt", "overwrite"})
+                            "ckpt_every", "figures", "device", "on_corrupt", "overwrite", "on_nonfinite", "max_skips"})
 
 
 class TrainError(ValueError):
@@ -61,6 +61,11 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end (and when interrupted)
     stop_after: int | None = None  # stop this invocation after this many steps; resume later
     on_corrupt: str = "skip"
+    # A step whose loss or gradient norm is nan/inf is always skipped; after max_skips of them in a
+    # row (seen at a metrics record): "skip" goes on, "rollback" reloads the last checkpoint with
+    # a fresh data order, "stop" ends the run with an error.
+    on_nonfinite: str = "skip"
+    max_skips: int = 10
     progress: bool = True
     figures: bool = True
     resume: bool = False

@@ -57,7 +57,8 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
-    """Rebuild the model a fastmim checkpoint was trained as and load its weights.
+    """Rebuild the model a fastmim checkpoint was trained as and load its weights, verified
+    (:func:`fastmim.train.checkpoint.read_weights`: their checksum, finite values).
 
     ``path``: a ``checkpoint.safetensors`` or a run folder holding one.
     """

@@ -17,13 +17,25 @@ Output folder::
     reconstruction.png          the same images at the end
 
 The checkpoint pair is replaced crash-safely (:func:`fastmim.train.checkpoint.save_checkpoint`):
-a crash while saving leaves the previous pair or the new one, and ``--resume`` finds it.
+a crash while saving leaves the previous pair or the new one, and ``--resume`` finds it; the
+temporary files a kill during a write leaves are removed when the folder is next used.
 ``overwrite=True`` starts a new run in a folder holding one, removing that run's files first.
+
+Non-finite values never reach the weights or a checkpoint. Each step whose loss or gradient
+norm is nan/inf is skipped (no optimizer update, the optimizer's step count unchanged),
+decided on the device without a host sync; records count the skipped steps. When
+``max_skips`` steps in a row were skipped (read with each metrics record), ``on_nonfinite``
+decides: ``skip`` goes on (a run that ends so fails), ``rollback`` reloads the last checkpoint
+and retries with a fresh data order, ``stop`` ends with an error. A checkpoint is written only
+when every weight and optimizer tensor is finite, and a periodic one only after a step that
+was not skipped, so it never replaces the last good one; a run whose weights end non-finite
+is an error, never a success.
 
 Resuming (``resume=True``) reloads weights and state and continues exactly: the data order
 and augmentations are a function of ``(seed, epoch, position)``, the masking noise of
-``(seed, step)``, the schedule of the step, and the remaining RNG states are restored — on
-CPU the parameters after N steps are bit-identical to an uninterrupted run.
+``(seed, step)`` (``seed`` re-derived after each rollback, whose count the state keeps), the
+schedule of the step, and the remaining RNG states are restored — on CPU the parameters
+after N steps are bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 import fastmim
@@ -59,9 +72,9 @@ from fastmim.train.checkpoint import (
     atomic_write,
     load_checkpoint_state,
     load_weights,
+    read_weights,
+    remove_partial_writes,
     save_checkpoint,
-    save_weights,
-    save_weights_dict,
 )
 from fastmim.train.config import (
     CONFIG_NAME,
@@ -80,6 +93,11 @@ from fastmim.train.schedule import cosine_lr, default_warmup_steps, scaled_lr
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "build_model", "DEFAULT_MAX_STEPS"]
 
+# AdamW's arithmetic is float32 (the parameters' dtype): a larger step size overflows at once.
+FLOAT32_MAX = 3.4028234663852886e38
+# Fresh data orders tried from one checkpoint (on_nonfinite="rollback") before the run gives up.
+ROLLBACKS_PER_CHECKPOINT = 3
+
 @dataclass
 class TrainResult:
     output: Path
@@ -89,6 +107,7 @@ class TrainResult:
     seconds: float
     files: dict[str, Path]
     finished: bool
+    skipped: int  # optimizer steps skipped for a non-finite loss or gradient
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -98,11 +117,25 @@ def _check_config(cfg: TrainConfig) -> None:
         if value is None or value <= 0:
             raise TrainError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
+    for name in ("epochs", "blr", "lr", "min_lr", "weight_decay", "clip_grad", "mask_ratio"):
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("max_steps", "epochs", "accum_steps", "lr", "blr", "image_size", "clip_grad"):
         positive(name, getattr(cfg, name))
     positive("batch_size", cfg.batch_size, allow_none=False)
     positive("log_every", cfg.log_every, allow_none=False)
     positive("stop_after", cfg.stop_after)
+    positive("max_skips", cfg.max_skips, allow_none=False)
+    for name in ("min_lr", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if len(cfg.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in cfg.betas):
+        raise TrainError(f"AdamW's betas must be two numbers in [0, 1), got {cfg.betas}")
+    if cfg.on_nonfinite not in ("skip", "rollback", "stop"):
+        raise TrainError(f"--on-nonfinite must be skip, rollback or stop, got {cfg.on_nonfinite!r}")
+    if cfg.on_nonfinite == "rollback" and not cfg.ckpt_every:
+        raise TrainError("--on-nonfinite rollback goes back to the last checkpoint: pass --ckpt-every N too")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise TrainError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.ckpt_every < 0:
@@ -121,12 +154,29 @@ def _check_config(cfg: TrainConfig) -> None:
         raise TrainError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
 
 
+def _check_lr(lr: float, cfg: TrainConfig) -> None:
+    """A learning rate that overflows AdamW's float32 arithmetic on its first step (a step of
+    ``lr / (1 - beta1)`` before the bias correction meets it, a decay of ``lr * weight_decay``)."""
+    largest = max(lr, cfg.min_lr) * max(1 / (1 - cfg.betas[0]), cfg.weight_decay)
+    if largest > FLOAT32_MAX:
+        given = f"--lr {cfg.lr:g}" if cfg.lr is not None else f"--blr {cfg.blr:g} (lr {lr:g})"
+        raise TrainError(f"{given} overflows AdamW's float32 arithmetic (its first step computes "
+                         f"{largest:.3g}, above {FLOAT32_MAX:.3g})")
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name} is not a device name (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {name}: no CUDA device is available")
+    try:
+        torch.empty(0, device=device)
+    except RuntimeError as exc:
+        raise TrainError(f"--device {name} is not available here ({str(exc).strip().splitlines()[0]})") from None
     return device
 
 
@@ -186,7 +236,8 @@ def _prepare_output(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
 
 def _create_output(out: Path, info: DistInfo, overwrite: bool) -> None:
     """Create ``out`` (rank 0) and check that files can be written in it; with ``overwrite``,
-    remove a previous run's files (only those: the folder may hold the user's own)."""
+    remove a previous run's files (only those: the folder may hold the user's own). The
+    temporary files of writes a kill interrupted go in any case."""
     if not info.is_main:
         return
     try:
@@ -194,6 +245,7 @@ def _create_output(out: Path, info: DistInfo, overwrite: bool) -> None:
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        remove_partial_writes(out, RUN_FILES)
         if overwrite:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -236,6 +288,11 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(_to_tuple(state["python"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard when FSDP made it a DTensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _to_tuple(x: Any) -> Any:
@@ -320,6 +377,7 @@ class _Run:
         else:
             self.max_steps = DEFAULT_MAX_STEPS
         self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, self.global_batch)
+        _check_lr(self.lr, cfg)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup_steps(self.max_steps)
 
         from timm.optim import param_groups_weight_decay
@@ -328,6 +386,11 @@ class _Run:
         self.precision = "bf16" if use_bf16 else "fp32"
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
         self.step, self.epoch, self.position = 0, 0, 0
+        # The skipping guard's counters stay on the device; the loop reads them with each record.
+        self.skipped = torch.zeros((), device=self.device)  # steps skipped so far (rolled-back ones included)
+        self.skip_streak = torch.zeros((), device=self.device)  # steps skipped in a row up to the latest
+        self.step_skipped = torch.zeros((), device=self.device)  # 1 when the latest step was skipped, else 0
+        self._set_rollbacks(0)
         if self.state is not None:
             self._restore_weights()
         # The step-0 figure comes before sharding: FSDP must first run through the root's forward.
@@ -336,9 +399,11 @@ class _Run:
         if cfg.fsdp:
             self._shard()
         groups = param_groups_weight_decay(self.module, cfg.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=cfg.betas)
+        # Fused: the AdamW implementation that takes a device-side found_inf (as GradScaler sets
+        # it) and then leaves parameters, moments and step count alone, on CPU and GPU alike.
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=cfg.betas, fused=True)
         if self.state is not None:
-            self._restore_optimizer()
+            self._restore_state(self.state)
         self.model: nn.Module = self.module
         if self.info.enabled and not cfg.fsdp:
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
@@ -368,10 +433,19 @@ class _Run:
 
     def _restore_weights(self) -> None:
         # load_checkpoint_state chose the state of these weights' step.
-        load_weights(self.module, self.out / CHECKPOINT_NAME, what=f"{self.cfg.method} {self.cfg.model}")
+        path = self.out / CHECKPOINT_NAME
+        if hasattr(self.module, "unshard"):  # sharded by FSDP (a rollback): every rank loads the full weights
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    def _restore_optimizer(self) -> None:
-        state = self.state
+            set_model_state_dict(self.module, read_weights(path), options=StateDictOptions(full_state_dict=True))
+        else:
+            load_weights(self.module, path, what=f"{self.cfg.method} {self.cfg.model}")
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        # The groups' settings load with their state; the AdamW implementation stays this run's
+        # (the fused one, which skips steps; older checkpoints name another).
+        for group in state["optimizer"]["param_groups"]:
+            group.update(fused=True, foreach=None)
         try:
             if self.cfg.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -384,14 +458,22 @@ class _Run:
             raise CheckpointError(f"optimizer state in {self.out} does not fit the model "
                                   f"({exc})") from None
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.skipped.fill_(state.get("skipped", 0))
+        self._set_rollbacks(state.get("rollbacks", 0))
         self.adapter.load_state_dict(state.get("adapter", {}))
         rng = state["rng"]
         _set_rng_state(rng[self.info.rank] if isinstance(rng, list) else rng, self.device)
 
+    def _set_rollbacks(self, count: int) -> None:
+        """After a rollback the data order, augmentations and masks come from a new seed, so the
+        retried steps see other batches; the state keeps the count, so a resume derives it too."""
+        self.rollbacks = count
+        self.data_seed = self.cfg.seed if count == 0 else derive_seed(self.cfg.seed, count, 0xB0C)
+        self.sampler.seed = self.data_seed
+
     # ---------------------------------------------------------------- data
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Micro-batches from the saved position on, across epochs; updates ``epoch``/``position``."""
-        cfg = self.cfg
         while True:
             if self.position >= self.sampler.batches_per_epoch:
                 self.epoch, self.position = self.epoch + 1, 0
@@ -399,7 +481,7 @@ class _Run:
             loader = DataLoader(self.train_set, batch_sampler=self.sampler.epoch(self.epoch, self.position),
                                 num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                                 worker_init_fn=_seed_worker,
-                                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, 7)),
+                                generator=torch.Generator().manual_seed(derive_seed(self.data_seed, self.epoch, 7)),
                                 persistent_workers=False)
             for batch in loader:
                 self.position += 1
@@ -412,7 +494,7 @@ class _Run:
 
     def _ctx(self, micro: int) -> StepContext:
         return StepContext(step=self.step, max_steps=self.max_steps, micro_step=micro, mask_ratio=self.mask_ratio,
-                           seed=self.cfg.seed, rank=self.info.rank, world_size=self.info.world_size,
+                           seed=self.data_seed, rank=self.info.rank, world_size=self.info.world_size,
                            num_classes=len(self.source.classes),
                            epochs=math.ceil(self.max_steps * self.cfg.accum_steps / self.sampler.batches_per_epoch))
 
@@ -426,6 +508,14 @@ class _Run:
                 "eval_crop_pct": self.source.eval_crop_pct}
 
     def save(self) -> None:
+        """Write the checkpoint pair when every weight and optimizer tensor is finite, else a
+        :class:`TrainError` (the last pair stays). Every rank calls it."""
+        broken = self._nonfinite_tensor()
+        if broken is not None:
+            raise TrainError(self._diverged(f"{broken} is not finite at step {self.step}, so it was not saved"))
+        self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
         """Write the checkpoint pair (rank 0). Every rank's RNG state is gathered first."""
         rng = _rng_state(self.device)
         if self.info.enabled:
@@ -443,23 +533,43 @@ class _Run:
             weights = get_model_state_dict(self.module, options=options)
             optimizer_state = get_optimizer_state_dict(self.module, self.optimizer, options=options)
         else:
-            weights, optimizer_state = None, self.optimizer.state_dict()
-        if not self.info.is_main:
-            return
-        metadata = self.metadata()
-        if weights is not None:
-            write_weights = lambda path: save_weights_dict(weights, path, metadata)
-        else:
-            write_weights = lambda path: save_weights(self.module, path, metadata)
-        save_checkpoint(self.out, write_weights, {
-            "step": self.step, "epoch": self.epoch, "position": self.position, "max_steps": self.max_steps,
-            "optimizer": optimizer_state, "scheduler": {"kind": "cosine", "lr": self.lr,
-                                                                   "warmup_steps": self.warmup, "step": self.step},
-            "rng": rng, "config": self.cfg.to_json(), "world_size": self.info.world_size,
-            "adapter": self.adapter.state_dict(), "fastmim_version": fastmim.__version__})
-        self.files["checkpoint"] = self.out / CHECKPOINT_NAME
-        self.files["state"] = self.out / STATE_NAME
+            weights, optimizer_state = self.module.state_dict(), self.optimizer.state_dict()
+        if self.info.is_main:
+            save_checkpoint(self.out, weights, self.metadata(), {
+                "step": self.step, "epoch": self.epoch, "position": self.position, "max_steps": self.max_steps,
+                "optimizer": optimizer_state, "scheduler": {"kind": "cosine", "lr": self.lr,
+                                                            "warmup_steps": self.warmup, "step": self.step},
+                "rng": rng, "config": self.cfg.to_json(), "world_size": self.info.world_size,
+                "adapter": self.adapter.state_dict(), "skipped": int(self.skipped), "rollbacks": self.rollbacks,
+                "fastmim_version": fastmim.__version__})
+            self.files["checkpoint"] = self.out / CHECKPOINT_NAME
+            self.files["state"] = self.out / STATE_NAME
+        # On every rank: a rollback reloads it everywhere (the next step's collectives wait for the write).
         self.saved_step = self.step
+
+    def _nonfinite_tensor(self) -> str | None:
+        """The name of a weight, buffer or optimizer-state tensor holding nan or inf, else ``None``.
+        One fused check (each tensor's largest magnitude: unlike a 2-norm it cannot overflow) and
+        one host sync; in a distributed run a collective over every rank's shards."""
+        param_names = {id(p): name for name, p in self.module.named_parameters()}
+        named = list(self.module.state_dict().items())
+        named += [(f"the optimizer's {key} of {param_names[id(p)]}", value)
+                  for p, state in self.optimizer.state.items() for key, value in state.items()
+                  if isinstance(value, torch.Tensor)]
+        named = [(name, _local(t)) for name, t in named if t.is_floating_point()]
+        named = [(name, t) for name, t in named if t.numel() > 0]
+        peaks = torch._foreach_norm([t for _, t in named], ord=math.inf)
+        broken = (~torch.isfinite(torch.stack([peak.float() for peak in peaks]))).any().float()
+        if self.info.enabled:
+            torch.distributed.all_reduce(broken, op=torch.distributed.ReduceOp.MAX)
+        if not broken.item():
+            return None
+        return next((name for name, t in named if not torch.isfinite(t).all()), "a tensor of another process")
+
+    def _diverged(self, reason: str) -> str:
+        kept = (f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step >= 0
+                else "no checkpoint was written")
+        return f"{reason}: training diverged (try a lower --blr, --clip-grad, or --precision fp32); {kept}"
 
     def _figure_images(self) -> torch.Tensor:
         test = self.source.split("test", [EvalTransform(self.image_size, self.source.mean, self.source.std,
@@ -535,13 +645,12 @@ class _Run:
             self.plot(self.step0_panels, "reconstruction_step0.png", 0)
 
         stop_at = self.max_steps if cfg.stop_after is None else min(self.max_steps, self.step + cfg.stop_after)
-        batches = self._batches()
+        self.batches = self._batches()
         progress = self._progress()
         self.module.train()
-        window_loss = torch.zeros((), device=self.device)
-        window_parts: dict[str, torch.Tensor] = {}
-        window_steps, window_start = 0, time.perf_counter()
+        self._new_window()
         last_loss = None
+        self.rollback_target, self.rollback_attempts, self.warned_streak = -1, 0, 0
         previous_handler = self._catch_sigint()
         try:
             while self.step < stop_at:
@@ -549,34 +658,23 @@ class _Run:
                                min_lr=cfg.min_lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                for micro in range(cfg.accum_steps):
-                    batch = self._to_device(next(batches))
-                    sync = micro == cfg.accum_steps - 1 or not info.enabled
-                    if cfg.fsdp:
-                        self.module.set_requires_gradient_sync(sync)
-                    with (nullcontext() if sync or cfg.fsdp else self.model.no_sync()), self.autocast:
-                        out = self.adapter.loss(self.model, batch, self._ctx(micro))
-                    loss = out["loss"]
-                    (loss / cfg.accum_steps).backward()
-                    window_loss += loss.detach().float() / cfg.accum_steps
-                    for k, v in out.items():
-                        if k != "loss" and isinstance(v, torch.Tensor) and v.numel() == 1:
-                            window_parts[k] = window_parts.get(k, 0) + v.detach().float() / cfg.accum_steps
-                if cfg.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.adapter.after_step(self.module, self._ctx(cfg.accum_steps - 1))
+                self._train_step()
                 self.step += 1
-                window_steps += 1
+                self.window_steps += 1
+                # The skip streak is read with the record, the loop's one host sync: a read every step
+                # would stall the GPU's queue; skipped steps change no weights, so acting up to
+                # log_every steps late costs only their time.
+                streak = 0
                 if self.step % cfg.log_every == 0 or self.step == stop_at or self.step == 1:
-                    last_loss = self._log(window_loss, window_parts, window_steps, window_start, lr, progress)
-                    window_loss = torch.zeros((), device=self.device)
-                    window_parts, window_steps, window_start = {}, 0, time.perf_counter()
+                    loss, streak = self._log(lr, progress)
+                    last_loss = loss if loss is not None else last_loss
+                    self._new_window()
                 if progress is not None:
                     progress.update(1)
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < stop_at:
-                    self.save()
+                if streak >= cfg.max_skips:
+                    self._diverging(streak, stop_at, progress)
+                elif cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < stop_at:
+                    self._periodic_save(progress)
                 if self._interrupted:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -588,10 +686,10 @@ class _Run:
                 print(f"interrupted: saved step {self.step} to {self.out} (continue with --resume)", file=sys.stderr)
             raise
         finally:
+            if progress is not None:
+                progress.close()  # also before a TrainError's line
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
-        if progress is not None:
-            progress.close()
         if self.step > self.saved_step:
             self.save()
         finished = self.step >= self.max_steps
@@ -599,16 +697,131 @@ class _Run:
             panels = self.reconstruct()  # every rank under FSDP: it gathers the parameters
             if info.is_main:
                 self._final_figures(panels)
+        skipped = int(self.skipped)
         if info.is_main:
             self.files["metrics"] = self.out / METRICS_NAME
             self.files["config"] = self.out / CONFIG_NAME
             seconds = time.perf_counter() - start_time
             what = "finished" if finished else f"stopped at step {self.step} of {self.max_steps} (--resume continues)"
             loss_text = f", loss {last_loss:.4f}" if last_loss is not None else ""
-            print(f"{what}: {self.step} steps in {_format_time(seconds)}{loss_text}; wrote "
+            skipped_text = f", {skipped} skipped (non-finite loss or gradient)" if skipped else ""
+            print(f"{what}: {self.step} steps in {_format_time(seconds)}{skipped_text}{loss_text}; wrote "
                   f"{', '.join(sorted(p.name for p in self.files.values()))} to {self.out}", file=sys.stderr)
         return TrainResult(self.out, self.step, self.max_steps, last_loss, time.perf_counter() - start_time,
-                           dict(self.files), finished)
+                           dict(self.files), finished, skipped)
+
+    def _train_step(self) -> None:
+        """One optimizer step: the micro-steps' forwards and backwards, then AdamW unless the loss
+        or the gradient norm is not finite. The decision stays on the device, without a host
+        sync: fused AdamW takes it as ``found_inf`` and on a skipped step leaves parameters,
+        moments and its step count (so the bias correction) as they were."""
+        cfg, info = self.cfg, self.info
+        step_loss = torch.zeros((), device=self.device)
+        parts: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.accum_steps):
+            batch = self._to_device(next(self.batches))
+            sync = micro == cfg.accum_steps - 1 or not info.enabled
+            if cfg.fsdp:
+                self.module.set_requires_gradient_sync(sync)
+            with (nullcontext() if sync or cfg.fsdp else self.model.no_sync()), self.autocast:
+                out = self.adapter.loss(self.model, batch, self._ctx(micro))
+            loss = out["loss"]
+            (loss / cfg.accum_steps).backward()
+            step_loss += loss.detach().float() / cfg.accum_steps
+            for k, v in out.items():
+                if k != "loss" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                    parts[k] = parts.get(k, 0) + v.detach().float() / cfg.accum_steps
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if cfg.clip_grad is not None:  # clipping computes the total norm anyway
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm of every rank's shards
+            grad_norm = grad_norm.full_tensor()
+        skip = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
+        if info.enabled:  # every rank skips the steps any rank's loss calls for
+            torch.distributed.all_reduce(skip, op=torch.distributed.ReduceOp.MAX)
+        self.optimizer.found_inf = skip
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # After a skipped step the student is unchanged: an EMA teacher moving towards it takes in nothing non-finite.
+        self.adapter.after_step(self.module, self._ctx(cfg.accum_steps - 1))
+        kept = skip == 0
+        self.step_skipped = skip
+        self.skipped += skip
+        self.skip_streak = (self.skip_streak + skip) * skip
+        self.window_loss += torch.where(kept, step_loss, 0.0)
+        self.window_kept += 1.0 - skip
+        for k, v in parts.items():
+            self.window_parts[k] = self.window_parts.get(k, 0) + torch.where(kept, v, 0.0)
+
+    def _new_window(self) -> None:
+        """Start the sums of the next metrics record (device tensors, added to without a sync)."""
+        self.window_loss = torch.zeros((), device=self.device)  # over the steps not skipped
+        self.window_kept = torch.zeros((), device=self.device)  # how many those are
+        self.window_parts: dict[str, torch.Tensor] = {}
+        self.window_steps, self.window_start = 0, time.perf_counter()
+
+    def _periodic_save(self, progress: Any) -> None:
+        """A checkpoint after a step that was not skipped (after a skipped one the weights are
+        those of the last good step, whose checkpoint stays the one to go back to), if every
+        tensor is finite; non-finite weights roll back (on_nonfinite="rollback") or end the run."""
+        if self.step_skipped.item():  # a host sync, as the save's own
+            return
+        broken = self._nonfinite_tensor()
+        if broken is None:
+            self._write_checkpoint()
+        elif self.cfg.on_nonfinite == "rollback":
+            self._rollback(f"{broken} is not finite at step {self.step}", progress)
+        else:
+            raise TrainError(self._diverged(f"{broken} is not finite at step {self.step}, so it was not saved"))
+
+    def _diverging(self, streak: int, stop_at: int, progress: Any) -> None:
+        """``max_skips`` or more steps in a row were skipped: act as ``on_nonfinite`` says."""
+        reason = f"the last {streak} steps (to step {self.step}) had a non-finite loss or gradient and were skipped"
+        if self.cfg.on_nonfinite == "rollback":
+            self._rollback(reason, progress)
+        elif self.cfg.on_nonfinite == "stop" or self.step >= stop_at:
+            raise TrainError(self._diverged(reason))
+        elif self.warned_streak != self.step - streak + 1:  # once per streak
+            self.warned_streak = self.step - streak + 1
+            if self.info.is_main:
+                warnings.warn(f"{reason}; going on (--on-nonfinite skip: a run that ends so fails)", stacklevel=2)
+
+    def _rollback(self, reason: str, progress: Any) -> None:
+        """Reload the last checkpoint (weights, optimizer, position, RNG) and go on with a fresh
+        data order; the run stops when it diverges again after ``ROLLBACKS_PER_CHECKPOINT``
+        rollbacks to the same checkpoint."""
+        if self.saved_step < 0:
+            raise TrainError(self._diverged(f"{reason}; there is no checkpoint yet to roll back to"))
+        if self.saved_step == self.rollback_target:
+            self.rollback_attempts += 1
+        else:
+            self.rollback_target, self.rollback_attempts = self.saved_step, 1
+        if self.rollback_attempts > ROLLBACKS_PER_CHECKPOINT:
+            raise TrainError(self._diverged(f"{reason}, after {ROLLBACKS_PER_CHECKPOINT} rollbacks to step "
+                                            f"{self.saved_step} with fresh data orders"))
+        from_step, rollbacks, skipped = self.step, self.rollbacks, self.skipped.clone()
+        state = load_checkpoint_state(self.out)
+        self._restore_weights()
+        self._restore_state(state)
+        # The run's counts go on: the skipped steps were skipped, and each rollback needs a new seed.
+        self.skipped.copy_(skipped)
+        self._set_rollbacks(rollbacks + 1)
+        self.skip_streak.zero_()
+        self.step_skipped.zero_()
+        self.batches.close()
+        self.batches = self._batches()
+        self._new_window()
+        if progress is not None:
+            progress.n = self.step
+            progress.refresh()
+        if self.info.is_main:
+            self._truncate_metrics()
+            self._write_metrics({"step": self.step, "rolled_back_from": from_step, "rollbacks": self.rollbacks,
+                                 "skipped": int(skipped)})
+            warnings.warn(f"{reason}: rolled back to the checkpoint of step {self.step}, going on with a fresh "
+                          f"data order (rollback {self.rollbacks})", stacklevel=2)
 
     def _catch_sigint(self) -> Any:
         """Defer a first Ctrl-C to the end of the current step (then save and stop); a second
@@ -635,25 +848,33 @@ class _Run:
             self.files["loss"] = self.out / "loss.png"
         self.plot(panels, "reconstruction.png", self.step)
 
-    def _log(self, window_loss, window_parts, window_steps, window_start, lr, progress) -> float:
+    def _log(self, lr: float, progress: Any) -> tuple[float | None, int]:
+        """Write the window's metrics record; ``(its mean loss, None when every step of the window
+        was skipped; the number of steps skipped in a row up to now)``."""
         info = self.info
-        values = torch.stack([window_loss] + list(window_parts.values())) / window_steps
+        values = torch.stack([self.window_loss, self.window_kept, self.skipped, self.skip_streak,
+                              *self.window_parts.values()])
         values = all_reduce_mean(values, info).cpu()  # the only host sync of the loop, once per log
-        loss = float(values[0])
-        if not math.isfinite(loss):
-            raise TrainError(f"the loss is {loss} at step {self.step}: training diverged (try a lower --blr, "
-                             f"--clip-grad, or --precision fp32); the last checkpoint in {self.out} is kept")
-        elapsed = time.perf_counter() - window_start
-        img_per_s = window_steps * self.global_batch / max(elapsed, 1e-9)
-        record = {"step": self.step, "epoch": round(self.epoch + self.position / self.sampler.batches_per_epoch, 4),
-                  "loss": loss, "lr": lr, "img_per_s": round(img_per_s, 2)}
-        if window_parts:
-            record["parts"] = {k: float(v) for k, v in zip(window_parts, values[1:], strict=True)}
+        kept, skipped, streak = int(values[1]), int(values[2]), int(values[3])
+        loss = float(values[0] / values[1]) if kept else None
+        elapsed = time.perf_counter() - self.window_start
+        img_per_s = self.window_steps * self.global_batch / max(elapsed, 1e-9)
+        record: dict[str, Any] = {"step": self.step,
+                                  "epoch": round(self.epoch + self.position / self.sampler.batches_per_epoch, 4)}
+        if loss is not None:
+            record["loss"] = loss
+        record.update(lr=lr, img_per_s=round(img_per_s, 2), skipped=skipped)
+        if self.window_parts and kept:
+            record["parts"] = {k: float(v / values[1]) for k, v in zip(self.window_parts, values[4:], strict=True)}
         if info.is_main:
             self._write_metrics(record)
             if progress is not None:
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}", refresh=False)
-        return loss
+                postfix = {"loss": "skipped" if loss is None else f"{loss:.4f}", "lr": f"{lr:.2e}",
+                           "img_s": f"{img_per_s:.0f}"}
+                if skipped:
+                    postfix["skipped"] = str(skipped)
+                progress.set_postfix(postfix, refresh=False)
+        return loss, streak
 
     def _progress(self):
         if not (self.info.is_main and self.cfg.progress):

@@ -12,7 +12,7 @@ __all__ = ["scaled_lr", "cosine_lr", "default_warmup_steps"]
 
 def scaled_lr(blr: float, global_batch: int) -> float:
     """MAE's linear scaling rule: the absolute lr of base lr ``blr`` at ``global_batch`` images per step."""
-    return blr * global_batch / 256
+    return blr * (global_batch / 256)  # the same float as (blr * global_batch) / 256, without its overflow
 
 
 def default_warmup_steps(max_steps: int) -> int:
