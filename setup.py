@@ -80,7 +80,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "ruff", "ninja"],
+        "dev": ["pytest", "hypothesis", "ruff", "ninja", "transformers>=5"],
+        "hf": ["transformers>=5"],  # fastmim.patch of transformers' ViTMAE / ViT models
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["fastmim = fastmim.cli:main"]},
