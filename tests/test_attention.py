@@ -5,18 +5,30 @@ reference must stay within twice the error of a naive attention computed in the 
 precision (``upcast=False``), plus a small floor. Errors of order 1 (a missing key, a wrong
 row) are far above it. The CPU interpreter runs every (N, D) pair of the grid in one dtype; the
 full (N, D, dtype) grid and a few larger cases are marked ``cuda``.
+
+The backends of ``attention()`` and the generated (hypothesis) cases are held to softmax(QK^T)V
+written out in float64 (``_softmax_attention64``), which shares no code with fastmim. Bad offsets
+and key ids must raise one ValueError on every backend, and given straight to the kernels must not
+reach outside a tensor (checked with poisoned guards, in a subprocess).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from fastmim.ops import use_backend
+from fastmim.ops import check_indices, use_backend
 from fastmim.ops.attention import (
     ATTN_BACKENDS,
     attention,
@@ -26,7 +38,15 @@ from fastmim.ops.attention import (
     visible_attention_qkvpacked,
     visible_attention_reference,
 )
-from fastmim.testing import count_calls, kernel_devices, poison_allocations, rel_error
+from fastmim.testing import (
+    TOLERANCES,
+    assert_rel_close,
+    count_calls,
+    kernel_devices,
+    poison_allocations,
+    poison_like,
+    rel_error,
+)
 
 DEVICES = kernel_devices()
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -53,6 +73,39 @@ def _forward_backward(fn, tensors, grad_out):
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     return out.detach(), [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+
+
+def _softmax_attention64(q, k, v, *, cu_seqlens=None, max_seqlen=None, key_visible=None, scale=None):
+    """``(out, lse)`` of softmax(scale q k^T) v written out in float64, one sample (or packed sequence) at a
+    time over the keys its queries may see: independent of fastmim's code, so a test against it can fail."""
+    del max_seqlen  # a bound for the kernels only
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:  # (T, H, D): each sequence as a dense sample of its own
+        outs, lses = [], []
+        for lo, hi in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+            out, lse = _softmax_attention64(*(t[lo:hi].transpose(0, 1)[None] for t in (q, k, v)), scale=scale)
+            outs.append(out[0].transpose(0, 1))
+            lses.append(lse[0])
+        if not outs:  # B = 0
+            return q * 0.0, q.new_empty(q.shape[1], 0)
+        return torch.cat(outs), torch.cat(lses, dim=-1)
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        keys = torch.arange(k.shape[2])
+        if key_visible is not None:
+            keys = key_visible[b].nonzero()[:, 0] if key_visible.dtype == torch.bool else key_visible[b]
+        keys = keys.cpu()
+        scores = scale * q[b] @ k[b][:, keys].transpose(-2, -1)  # (H, N, K)
+        if keys.numel() == 0:  # no visible key: output 0, lse -inf (q still in the graph: zero gradient)
+            outs.append(q[b] * 0.0)
+            lses.append(torch.full(q.shape[1:3], float("-inf"), dtype=q.dtype, device=q.device))
+        else:
+            outs.append(torch.softmax(scores, dim=-1) @ v[b][:, keys])
+            lses.append(torch.logsumexp(scores, dim=-1))
+    if not outs:  # B = 0
+        return q * 0.0, q.new_empty(q.shape[:3])
+    return torch.stack(outs), torch.stack(lses)
 
 
 @contextlib.contextmanager
@@ -228,6 +281,11 @@ def _views(qkv, varlen):
     return qkv.unbind(1) if varlen else qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _token_major(t, varlen):
+    """An output ``(B, H, N, D)`` as the packed op gives it, ``(B, N, H, D)`` (varlen ``(T, H, D)`` as it is)."""
+    return t if varlen else t.transpose(1, 2)
+
+
 def _qkvpacked_reference(cu_seqlens=None, max_seqlen=None):
     def ref(qkv, upcast=True):
         varlen = cu_seqlens is not None
@@ -282,16 +340,27 @@ def test_qkvpacked_is_visible_attention_on_the_views(device, varlen):
     assert torch.equal(packed.grad, split.grad)
 
 
-def test_attention_qkvpacked_backends_agree():
-    qkv = torch.randn(2, 19, 3, 2, 16)
-    outs = {b: attention_qkvpacked(qkv, backend=b) for b in ("fastmim", "sdpa", "reference")}
-    assert outs["fastmim"].shape == (2, 19, 2, 16)
-    for b in ("sdpa", "reference"):
-        assert rel_error(outs[b], outs["fastmim"]) < 1e-5, b
-    cu = torch.tensor([0, 7, 19], dtype=torch.int32)
-    packed = qkv[0]  # (19, 3, 2, 16)
-    got = {b: attention_qkvpacked(packed, backend=b, cu_seqlens=cu, max_seqlen=12) for b in ("fastmim", "sdpa")}
-    assert rel_error(got["sdpa"], got["fastmim"]) < 1e-5
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("backend", ["fastmim", "sdpa", "reference", None])
+def test_attention_qkvpacked_backends_agree(varlen, backend):
+    """Every backend against softmax(QK^T)V written out in float64, forward and backward; "fastmim" runs the
+    Triton kernels (on CPU through the interpreter), not the reference it would take on CPU by default."""
+    device = _backend_device(backend)
+    qkv = torch.randn(19, 3, 2, 16) if varlen else torch.randn(2, 19, 3, 2, 16)
+    kwargs = dict(cu_seqlens=torch.tensor([0, 7, 19], dtype=torch.int32), max_seqlen=12) if varlen else {}
+
+    grad_out = torch.randn(19, 2, 16) if varlen else torch.randn(2, 19, 2, 16)
+    want, (want_grad,) = _forward_backward(
+        lambda t: _token_major(_softmax_attention64(*_views(t, varlen), **kwargs)[0], varlen), [qkv.double()],
+        grad_out.double())
+    kwargs = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
+    with _kernels_if(backend == "fastmim") as calls:
+        out, (grad,) = _forward_backward(lambda t: attention_qkvpacked(t, backend=backend, **kwargs),
+                                         [qkv.to(device)], grad_out.to(device))
+    assert calls in (None, {"forward": 1, "backward": 1}), calls
+    assert out.shape == grad_out.shape
+    assert_rel_close(out, want, torch.float32)
+    assert_rel_close(grad, want_grad, torch.float32, name="dqkv")
 
 
 def test_qkvpacked_bad_input():
@@ -417,6 +486,88 @@ def test_fully_masked_key_set_sdpa_backend():
 
 
 # ---------------------------------------------------------------------------------------------
+# empty batch (B = 0) and empty varlen sequences: the same result on every backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_by(backend, packed=False):
+    """The function that runs the family on ``backend``: visible_attention(_qkvpacked) with the op's backend
+    forced ("triton", "reference": see :func:`_on_backend`), attention(_qkvpacked) for "sdpa"."""
+    if backend == "sdpa":
+        return functools.partial(attention_qkvpacked if packed else attention, backend="sdpa")
+    return visible_attention_qkvpacked if packed else visible_attention
+
+
+@contextlib.contextmanager
+def _on_backend(backend):
+    """Forward and backward inside the block run on ``backend`` (the backward op picks its backend when
+    autograd calls it, so the block holds it too); yields the kernels' launch counts for "triton"."""
+    if backend == "sdpa":
+        yield None
+    elif backend == "triton":
+        with _on_triton_kernels() as calls:
+            yield calls
+    else:
+        with use_backend(backend):
+            yield None
+
+
+BACKENDS_HERE = [*(["triton"] if "cpu" in DEVICES else []), "reference", "sdpa"]
+
+
+def _empty_batch_cases():
+    dense, packed = torch.randn(0, 2, 5, 16), torch.randn(0, 2, 16)
+    cu = torch.zeros(1, dtype=torch.int32)  # B = 0: one offset
+    return [
+        ("dense", False, (dense, dense, dense), {}),
+        ("mask", False, (dense, dense, dense), dict(key_visible=torch.zeros(0, 5, dtype=torch.bool))),
+        ("index", False, (dense, dense, dense), dict(key_visible=torch.zeros(0, 3, dtype=torch.int64))),
+        ("varlen", False, (packed, packed, packed), dict(cu_seqlens=cu, max_seqlen=1)),
+        ("qkv", True, (torch.randn(0, 5, 3, 2, 16),), {}),
+        ("qkv-varlen", True, (torch.randn(0, 3, 2, 16),), dict(cu_seqlens=cu, max_seqlen=1)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("case", range(len(_empty_batch_cases())))
+def test_empty_batch_gives_empty_output(backend, case):
+    """B = 0 (dense, key-visibility, varlen ``cu_seqlens = [0]``, packed qkv): an empty output shaped like the
+    input's (and an empty lse), empty gradients, on every backend."""
+    mode, packed, tensors, kwargs = _empty_batch_cases()[case]
+    fn = _attention_by(backend, packed)
+    varlen = "cu_seqlens" in kwargs
+    want = _softmax_attention64(*(_views(tensors[0], varlen) if packed else tensors), **kwargs)[0]
+    want = _token_major(want, varlen) if packed else want
+    with _on_backend(backend):
+        out, grads = _forward_backward(lambda *t: fn(*t, **kwargs), tensors, torch.zeros(want.shape))
+        if backend != "sdpa":
+            _, lse = fn(*tensors, return_lse=True, **kwargs)
+            assert lse.numel() == 0, mode
+    assert out.shape == want.shape and out.dtype == tensors[0].dtype, mode
+    assert all(g.shape == t.shape for g, t in zip(grads, tensors, strict=True)), mode
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("lengths", [[0, 3, 0, 4, 0], [0], [0, 0, 0], [1, 0]])
+def test_empty_sequences(backend, lengths):
+    """A varlen sequence of length 0 has no rows and changes nothing else (all of them empty: T = 0)."""
+    (q, k, v), cu = _packed(lengths)
+    kwargs = dict(cu_seqlens=cu, max_seqlen=max(1, *lengths))
+    grad_out = torch.randn_like(q)
+    want, want_grads = _forward_backward(lambda *t: _softmax_attention64(*t, **kwargs)[0],
+                                         [t.double() for t in (q, k, v)], grad_out.double())
+    with _on_backend(backend):
+        out, grads = _forward_backward(lambda *t: _attention_by(backend)(*t, **kwargs), (q, k, v), grad_out)
+        packed, (dqkv,) = _forward_backward(lambda t: _attention_by(backend, packed=True)(t, **kwargs),
+                                            [torch.stack([q, k, v], dim=1)], grad_out)
+    assert_rel_close(out, want, torch.float32)
+    assert_rel_close(packed, want, torch.float32, name="packed output")
+    for i, (got, ref) in enumerate(zip(grads, want_grads, strict=True)):
+        assert_rel_close(got, ref, torch.float32, name=f"d{'qkv'[i]}")
+        assert_rel_close(dqkv[:, i], ref, torch.float32, name=f"dqkv[:, {i}]")
+
+
+# ---------------------------------------------------------------------------------------------
 # attention(): the models' backend choice
 # ---------------------------------------------------------------------------------------------
 
@@ -433,19 +584,38 @@ def _mode_inputs(mode):
     return [torch.randn(2, 3, 12, 32) for _ in range(3)], kwargs
 
 
+def _backend_device(backend):
+    """Where ``attention(backend=...)`` is tested: "fastmim" on the kernels' device (CPU under the interpreter)."""
+    if backend != "fastmim":
+        return "cpu"
+    if not DEVICES:
+        pytest.skip("no device for the Triton kernels")
+    return DEVICES[0]
+
+
+def _kernels_if(on_kernels):
+    """``_on_triton_kernels()`` if ``on_kernels`` (yields the launch counts), else a block that yields None."""
+    return _on_triton_kernels() if on_kernels else contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("mode", ["dense", "varlen", "index", "mask"])
-@pytest.mark.parametrize("backend", ["fastmim", "sdpa", None])
+@pytest.mark.parametrize("backend", ["fastmim", "sdpa", "reference", None])
 def test_attention_backends_agree(mode, backend):
+    """Every backend against softmax(QK^T)V written out in float64, forward and backward; "fastmim" runs the
+    Triton kernels (on CPU through the interpreter), not the reference it would take on CPU by default."""
+    device = _backend_device(backend)
     tensors, kwargs = _mode_inputs(mode)
-    ref = attention(*tensors, backend="reference", **kwargs)
-    leaves = [t.clone().requires_grad_() for t in tensors]
-    out = attention(*leaves, backend=backend, **kwargs)
-    out.sum().backward()
-    assert rel_error(out, ref) < 1e-5
-    ref_leaves = [t.clone().requires_grad_() for t in tensors]
-    attention(*ref_leaves, backend="reference", **kwargs).sum().backward()
-    for got, want in zip(leaves, ref_leaves, strict=True):
-        assert rel_error(got.grad, want.grad) < 1e-5
+    grad_out = torch.randn_like(tensors[0])
+    want, want_grads = _forward_backward(lambda q, k, v: _softmax_attention64(q, k, v, **kwargs)[0],
+                                         [t.double() for t in tensors], grad_out.double())
+    kwargs = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
+    with _kernels_if(backend == "fastmim") as calls:
+        out, grads = _forward_backward(lambda q, k, v: attention(q, k, v, backend=backend, **kwargs),
+                                       [t.to(device) for t in tensors], grad_out.to(device))
+    assert calls in (None, {"forward": 1, "backward": 1}), calls
+    assert_rel_close(out, want, torch.float32)
+    for name, got, ref in zip("qkv", grads, want_grads, strict=True):
+        assert_rel_close(got, ref, torch.float32, name=f"d{name}")
 
 
 def test_attention_backend_names_and_default():
@@ -632,7 +802,7 @@ def _bad_cases():
         ((p, p, p), dict(cu_seqlens=cu), ValueError, "max_seqlen must be a Python int"),
         ((p, p, p), dict(cu_seqlens=cu, max_seqlen=torch.tensor(5)), ValueError, "max_seqlen must be a Python int"),
         ((p, p, p), dict(cu_seqlens=cu.long(), max_seqlen=5), TypeError, "cu_seqlens must be an int32"),
-        ((p, p, p), dict(cu_seqlens=cu[:1], max_seqlen=5), ValueError, r"cu_seqlens must be 1-D \(B\+1,\)"),
+        ((p, p, p), dict(cu_seqlens=cu[:0], max_seqlen=5), ValueError, r"cu_seqlens must be 1-D \(B\+1,\)"),
         ((x, x, x), dict(cu_seqlens=cu, max_seqlen=5), ValueError, r"q must be packed \(T, H, D\)"),
         ((p, p[:5], p[:5]), dict(cu_seqlens=cu, max_seqlen=5), ValueError, "shaped like q"),
         ((x, x, x), dict(max_seqlen=5), ValueError, "only meaningful with cu_seqlens"),
@@ -654,6 +824,209 @@ def test_bad_inputs(case):
         visible_attention(*args, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# values of cu_seqlens and key_visible: checked on the host, never outside a tensor in the kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def _every_entry_point(q, k, v, **kwargs):
+    """Call the family's public functions on every backend (the ops' own: triton, reference; attention's:
+    fastmim, sdpa, xformers, reference and the default) with these arguments; the packed qkv forms too in the
+    dense and varlen modes. Returns ``{entry point: the ValueError it raised, or None}``."""
+    calls = {f"visible_attention[{b}]": (b, lambda: visible_attention(q, k, v, **kwargs))
+             for b in ("triton", "reference")}
+    calls.update({f"attention[{b}]": (None, lambda b=b: attention(q, k, v, backend=b, **kwargs))
+                  for b in (*ATTN_BACKENDS, None)})
+    if "key_visible" not in kwargs:
+        varlen = "cu_seqlens" in kwargs
+        qkv = torch.stack([q, k, v], dim=1) if varlen else torch.stack([q, k, v], dim=0).permute(1, 3, 0, 2, 4)
+        calls.update({f"visible_attention_qkvpacked[{b}]": (b, lambda: visible_attention_qkvpacked(qkv, **kwargs))
+                      for b in ("triton", "reference")})
+        calls.update({f"attention_qkvpacked[{b}]": (None, lambda b=b: attention_qkvpacked(qkv, backend=b, **kwargs))
+                      for b in (*ATTN_BACKENDS, None)})
+    raised = {}
+    for name, (forced, call) in calls.items():
+        try:
+            with use_backend(forced):
+                call()
+        except ValueError as exc:
+            raised[name] = str(exc)
+        else:
+            raised[name] = None
+    return raised
+
+
+def _assert_same_error(raised, *needles):
+    messages = set(raised.values())
+    assert len(messages) == 1 and None not in messages, f"not the same ValueError everywhere: {raised}"
+    message = messages.pop()
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+BAD_OFFSETS = [
+    pytest.param([0, 4, 1000], 996, "cu_seqlens[-1] = 1000, expected the packed length 10", id="past-the-end"),
+    pytest.param([0, 6, 4, 10], 6, "cu_seqlens[2] = 4 < cu_seqlens[1] = 6", id="decreasing"),
+    pytest.param([2, 6, 10], 6, "cu_seqlens[0] = 2, expected 0", id="not-from-0"),
+    pytest.param([0, 6, 9], 6, "cu_seqlens[-1] = 9, expected the packed length 10", id="short-of-the-end"),
+    pytest.param([0, 6, 10], 5, "max_seqlen = 5 is smaller than sequence 0 of cu_seqlens (6 tokens)", id="bound"),
+]
+
+
+@pytest.mark.parametrize("cu, max_seqlen, message", BAD_OFFSETS)
+def test_bad_offsets_raise_the_same_error_on_every_backend(cu, max_seqlen, message):
+    """Host tensors: bad offsets or a max_seqlen below a sequence length raise one ValueError, before any
+    backend runs (the Triton path once corrupted the heap with the first case; the CPU default accepted
+    the decreasing offsets and the short bound)."""
+    q, k, v = (torch.randn(10, 2, 16) for _ in range(3))
+    raised = _every_entry_point(q, k, v, cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max_seqlen)
+    _assert_same_error(raised, "visible_attention: ", message)
+
+
+BAD_KEY_IDS = [
+    pytest.param([[0, 3, 8], [1, 2, 4]], "key_visible[0, 2] = 8 is outside the valid range [0, 8)", id="L"),
+    pytest.param([[0, 3, 5], [1, -1, 4]], "key_visible[1, 1] = -1 is outside the valid range [0, 8)", id="negative"),
+    pytest.param([[0, 3, 5], [2**40, 1, 4]], "key_visible[1, 0] = 1099511627776 is outside", id="beyond-int32"),
+    pytest.param([[0, 3, 5], [4, 1, 4]], "key_visible[1, 2] = 4 repeats key_visible[1, 0]", id="repeat"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("ids, message", BAD_KEY_IDS)
+def test_bad_key_ids_raise_the_same_error_on_every_backend(ids, message, dtype):
+    """Integer key_visible: ids in [0, L), each at most once per row (the reference and SDPA read the set as
+    a mask, the kernel would count a repeated key twice); out-of-range ids once returned values read from
+    outside the tensor on the Triton path."""
+    if dtype == torch.int32 and max(map(max, ids)) >= 2**31:
+        pytest.skip("not an int32 value")
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    raised = _every_entry_point(q, k, v, key_visible=torch.tensor(ids, dtype=dtype))
+    _assert_same_error(raised, "visible_attention: ", message)
+
+
+@pytest.mark.cuda
+def test_device_values_checked_only_under_check_indices():
+    """CUDA tensors: no sync by default (the kernels stay inside their tensors), the host's checks and
+    errors under check_indices()."""
+    q = torch.randn(10, 2, 16, device="cuda")
+    cu = torch.tensor([0, 4, 1000], dtype=torch.int32, device="cuda")
+    x = torch.randn(2, 2, 8, 16, device="cuda")
+    ids = torch.tensor([[0, 3, 100000], [1, -5, 2]], device="cuda")
+    with use_backend("triton"):
+        visible_attention(q, q, q, cu_seqlens=cu, max_seqlen=996)
+        visible_attention(x, x, x, key_visible=ids)
+        torch.cuda.synchronize()
+        with check_indices(), pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 1000, expected the packed length"):
+            visible_attention(q, q, q, cu_seqlens=cu, max_seqlen=996)
+        with check_indices(), pytest.raises(ValueError, match=r"key_visible\[0, 2\] = 100000 is outside"):
+            attention(x, x, x, key_visible=ids, backend="sdpa")
+
+
+GUARD = 1 << 14  # elements of NaN (or the int max) on each side of every tensor a kernel may touch
+
+
+class _Guarded(types.SimpleNamespace):
+    """``torch`` as a launcher module sees it, but every tensor it allocates lies in the middle of a buffer
+    whose ends are poisoned; :meth:`place` puts an input there too, :meth:`assert_intact` checks the ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffers = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def place(self, t):
+        flat = poison_like(torch.empty(GUARD + t.numel() + GUARD, dtype=t.dtype, device=t.device))
+        inside = flat[GUARD:GUARD + t.numel()].view(t.shape)
+        inside.copy_(t)
+        self.buffers.append((flat, t.numel()))
+        return inside
+
+    def empty(self, *args, **kwargs):
+        return self.place(poison_like(torch.empty(*args, **kwargs)))
+
+    def empty_like(self, *args, **kwargs):
+        return self.place(poison_like(torch.empty_like(*args, **kwargs)))
+
+    def zeros_like(self, *args, **kwargs):
+        return self.place(torch.zeros_like(*args, **kwargs))
+
+    def assert_intact(self):
+        """The poison around every tensor placed since the last check is intact."""
+        for i, (flat, numel) in enumerate(self.buffers):
+            for end in (flat[:GUARD], flat[GUARD + numel:]):
+                poisoned = end.isnan() if end.is_floating_point() else end == poison_like(end[:1])
+                assert bool(poisoned.all()), f"buffer {i}: a kernel wrote outside it"
+        self.buffers.clear()
+
+
+def _kernels_stay_inside(device):
+    """The launchers with offsets and key ids the host would reject, every tensor in guards: no error, no
+    crash, no write outside a tensor, and the documented results (offsets clamped to [0, T], an out-of-range
+    key id not visible). Runs in a subprocess (see the test below): an access outside a tensor may crash."""
+    from fastmim.kernels import attention as kernels
+
+    torch.manual_seed(0)
+    real_torch = kernels.torch
+    kernels.torch = guarded = _Guarded()
+    try:
+        # varlen: forward, fused and unfused backward (grad_lse), and the packed-qkv launchers
+        for cu, max_seqlen in [([0, 4, 1000], 6), ([0, 6, 4, 10], 6), ([-7, 3, 10], 10), ([0, 3, 2**31 - 1], 7),
+                               ([5, 2, -3, 10], 3), ([0, 8, 10], 2), ([10, 0], 4)]:
+            qkv = guarded.place(torch.randn(10, 3, 1, 16, device=device))
+            q, k, v = qkv.unbind(1)
+            cu_t = guarded.place(torch.tensor(cu, dtype=torch.int32, device=device))
+            out, lse = kernels.attention_forward(q, k, v, 0.25, cu_seqlens=cu_t, max_seqlen=max_seqlen)
+            grad_out = guarded.place(torch.randn_like(out))
+            for grad_lse in (None, guarded.place(torch.randn_like(lse))):
+                kernels.attention_backward(grad_out, q, k, v, out, lse, 0.25, cu_seqlens=cu_t, max_seqlen=max_seqlen,
+                                           grad_lse=grad_lse)
+            packed_out, packed_lse = kernels.attention_qkvpacked_forward(qkv, 0.25, cu_seqlens=cu_t,
+                                                                         max_seqlen=max_seqlen)
+            kernels.attention_qkvpacked_backward(grad_out, qkv, packed_out, packed_lse, 0.25, cu_seqlens=cu_t,
+                                                 max_seqlen=max_seqlen)
+            guarded.assert_intact()
+            if cu == [0, 4, 1000]:  # clamped to [0, 4, 10]
+                want = _softmax_attention64(q, k, v, cu_seqlens=torch.tensor([0, 4, 10]), scale=0.25)[0]
+                assert_rel_close(out, want, torch.float32)
+                assert_rel_close(packed_out, want, torch.float32, name="packed output")
+        # key ids outside [0, L): not visible, nothing read or written at them
+        for ids in ([[0, 3, 100000], [1, -5, 2]], [[2**40 + 3, 3, 6], [7, 1, -(2**40)]], [[-1, 9, 8], [2, 8, 0]]):
+            for dtype in (torch.int64, torch.int32):
+                if dtype == torch.int32 and any(abs(i) >= 2**31 for row in ids for i in row):
+                    continue
+                q, k, v = (guarded.place(torch.randn(2, 1, 8, 16, device=device)) for _ in range(3))
+                key_index = guarded.place(torch.tensor(ids, dtype=dtype, device=device))
+                out, lse = kernels.attention_forward(q, k, v, 0.25, key_index=key_index)
+                grad_out = guarded.place(torch.randn_like(out))
+                grads = kernels.attention_backward(grad_out, q, k, v, out, lse, 0.25, key_index=key_index)
+                guarded.assert_intact()
+                visible = torch.zeros(2, 8, dtype=torch.bool)
+                for b, row in enumerate(ids):
+                    visible[b, [i for i in row if 0 <= i < 8]] = True
+                leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+                want = _softmax_attention64(*leaves, key_visible=visible, scale=0.25)[0]
+                want.backward(grad_out.cpu().double())
+                assert_rel_close(out, want, torch.float32)
+                for name, got, leaf in zip("qkv", grads, leaves, strict=True):
+                    assert_rel_close(got, leaf.grad, torch.float32, name=f"d{name}")
+    finally:
+        kernels.torch = real_torch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_stay_inside_their_tensors(device):
+    """Bad offsets and key ids given straight to the launchers (no host check) in a fresh interpreter."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import {Path(__file__).stem} as t; t._kernels_stay_inside({device!r})")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"exit status {run.returncode}:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="kernels not runnable here")
 def test_kernel_module_imports_only_torch_and_triton():
@@ -666,3 +1039,175 @@ def test_kernel_module_imports_only_torch_and_triton():
     roots = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert roots <= {"__future__", "os", "torch", "triton"}
+
+
+# ---------------------------------------------------------------------------------------------
+# property tests: generated cases on every backend here, against the float64 definition
+# ---------------------------------------------------------------------------------------------
+
+# The kernels have no float64 (such inputs take the reference): "triton" is drawn in their dtypes only.
+PROPERTY_DTYPES = {"triton": (torch.float32, torch.bfloat16),
+                   "reference": (torch.float32, torch.bfloat16, torch.float64),
+                   "sdpa": (torch.float32, torch.bfloat16, torch.float64)}
+
+
+def _property_settings(modes):
+    """At least 200 cases per op over the backends here and its ``modes``; derandomized: the same cases on
+    every run."""
+    return settings(max_examples=-(-200 // (len(BACKENDS_HERE) * modes)), deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+LAYOUTS = ("contiguous", "padded", "strided")
+
+
+@st.composite
+def _attention_case(draw, mode, dtypes, packed=False):
+    """``(shapes, kwargs, dtype, layout, seed)`` of a visible_attention (``packed``: _qkvpacked) call in
+    ``mode``: tiny sizes from 1 (batch 1, sequence length 1), varlen sequences of length 0, key sets of every
+    size."""
+    heads, head_dim = draw(st.integers(1, 2)), draw(st.sampled_from((8, 16)))
+    kwargs = {}
+    if mode == "varlen":
+        lengths = draw(st.lists(st.integers(0, 9), min_size=1, max_size=3))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        kwargs = dict(cu_seqlens=cu, max_seqlen=max(1, *lengths) + draw(st.integers(0, 3)))
+        q_shape = kv_shape = (sum(lengths), heads, head_dim)
+    else:
+        batch, length = draw(st.integers(1, 2)), draw(st.integers(1, 9))
+        key_length = draw(st.integers(1, 9)) if mode == "dense" and not packed else length
+        q_shape, kv_shape = (batch, heads, length, head_dim), (batch, heads, key_length, head_dim)
+        if mode == "index":
+            num_visible = draw(st.integers(0, length))
+            ids = [draw(st.permutations(range(length)))[:num_visible] for _ in range(batch)]
+            dtype = draw(st.sampled_from((torch.int32, torch.int64)))
+            kwargs["key_visible"] = torch.tensor(ids, dtype=dtype).reshape(batch, num_visible)
+        if mode == "mask":
+            rows = draw(st.lists(st.lists(st.booleans(), min_size=length, max_size=length), min_size=batch,
+                                 max_size=batch))
+            kwargs["key_visible"] = torch.tensor(rows, dtype=torch.bool)
+    if packed:
+        shape = (*q_shape[:-2], 3, *q_shape[-2:]) if mode == "varlen" else (batch, length, 3, heads, head_dim)
+        shapes = (shape,)
+    else:
+        shapes = (q_shape, kv_shape, kv_shape)
+    dtype, layout = draw(st.sampled_from(dtypes)), draw(st.sampled_from(LAYOUTS))
+    return shapes, kwargs, dtype, layout, draw(st.integers(0, 2**32 - 1))
+
+
+def _laid_out(shape, dtype, layout, generator, permute):
+    """A leaf buffer and the view of ``shape`` the op gets: ``contiguous``; ``padded`` (rows further apart than
+    their length, with ``permute`` a token-major buffer seen head-major: read in place); ``strided`` (a last
+    dimension of stride 2: the op copies it)."""
+    dim = shape[-1]
+    if layout == "padded" and permute:  # (B, H, N, D) from (B, N, H, D + 8), (T, H, D) from (H, T, D + 8)
+        order = (0, 2, 1, 3) if len(shape) == 4 else (1, 0, 2)
+        buffer = torch.randn(*(shape[i] for i in order[:-1]), dim + 8, generator=generator).to(dtype)
+        return buffer.requires_grad_(), buffer[..., :dim].permute(order)
+    width = {"contiguous": dim, "padded": dim + 8, "strided": 2 * dim}[layout]
+    buffer = torch.randn(*shape[:-1], width, generator=generator).to(dtype).requires_grad_()
+    return buffer, buffer[..., ::2] if layout == "strided" else buffer[..., :dim]
+
+
+def _definition(packed, kwargs):
+    """The family's result in float64 (:func:`_softmax_attention64`), for unpacked or packed inputs."""
+    if not packed:
+        return lambda q, k, v: _softmax_attention64(q, k, v, **kwargs)[0]
+    varlen = "cu_seqlens" in kwargs
+    return lambda qkv: _token_major(_softmax_attention64(*_views(qkv, varlen), **kwargs)[0], varlen)
+
+
+def _check_generated(backend, case, packed):
+    shapes, kwargs, dtype, layout, seed = case
+    generator = torch.Generator().manual_seed(seed)
+    leaves, views = zip(*(_laid_out(s, dtype, layout, generator, permute=not packed) for s in shapes), strict=True)
+    out_shape = (*shapes[0][:-3], *shapes[0][-2:]) if packed else shapes[0]
+    grad_out = torch.randn(out_shape, generator=generator).to(dtype)
+    refs = [t.detach().double().requires_grad_() for t in views]
+    want = _definition(packed, kwargs)(*refs)
+    want_grads = torch.autograd.grad(want, refs, grad_out.double(), allow_unused=True, materialize_grads=True)
+    lse_want = None if packed else _softmax_attention64(*refs, **kwargs)[1]
+    fn = _attention_by(backend, packed)
+    with _on_backend(backend) as calls:
+        if backend == "sdpa":
+            out, lse = fn(*views, **kwargs), None
+        else:
+            out, lse = fn(*views, return_lse=True, **kwargs)
+        grads = torch.autograd.grad(out, views, grad_out, allow_unused=True, materialize_grads=True)
+    assert calls in (None, {"forward": 1, "backward": 1}), calls
+    assert out.shape == want.shape and out.dtype == dtype
+    assert_rel_close(out, want, dtype)
+    # The backward rounds twice more to the input dtype (P and dS before their products, as FA2 does).
+    for name, got, ref in zip(("dqkv",) if packed else ("dq", "dk", "dv"), grads, want_grads, strict=True):
+        assert_rel_close(got, ref, tol=2 * TOLERANCES[dtype], name=name)
+    if lse is not None and lse_want is not None:
+        # exp(lse), the softmax denominator: its relative error is the absolute error of the lse (near 0 at times).
+        assert_rel_close(lse.exp(), lse_want.exp(), torch.float64 if dtype == torch.float64 else torch.float32,
+                         name="exp(lse)")
+
+
+@pytest.mark.parametrize("mode", ["dense", "varlen", "index", "mask"])
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@_property_settings(modes=4)
+@given(data=st.data())
+def test_property_visible_attention(backend, mode, data):
+    """visible_attention on ``backend`` in ``mode``: output, lse and gradients."""
+    _check_generated(backend, data.draw(_attention_case(mode, PROPERTY_DTYPES[backend])), packed=False)
+
+
+@pytest.mark.parametrize("mode", ["dense", "varlen"])
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@_property_settings(modes=2)
+@given(data=st.data())
+def test_property_visible_attention_qkvpacked(backend, mode, data):
+    """visible_attention_qkvpacked on ``backend`` in ``mode``: output and the gradient of qkv."""
+    _check_generated(backend, data.draw(_attention_case(mode, PROPERTY_DTYPES[backend], packed=True)), packed=True)
+
+
+@st.composite
+def _bad_values(draw):
+    """``(q, k, v, kwargs, needle)``: arguments with one bad offset, bound or key id that the host check
+    must reject, and what its message must say (the argument, the first bad position, the value)."""
+    kind = draw(st.sampled_from(("start", "decreasing", "end", "bound", "range", "repeat")))
+    if kind in ("range", "repeat"):
+        batch, length = draw(st.integers(1, 3)), draw(st.integers(2, 9))
+        num_visible = draw(st.integers(2 if kind == "repeat" else 1, length))
+        ids = [draw(st.permutations(range(length)))[:num_visible] for _ in range(batch)]
+        dtype = draw(st.sampled_from((torch.int32, torch.int64)))
+        b, j = draw(st.integers(0, batch - 1)), draw(st.integers(0, num_visible - 1))
+        if kind == "range":
+            limit = 2**31 - 1 if dtype == torch.int32 else 2**40
+            ids[b][j] = draw(st.one_of(st.integers(-limit, -1), st.integers(length, limit)))
+            needle = f"key_visible[{b}, {j}] = {ids[b][j]} is outside the valid range [0, {length})"
+        else:
+            i = draw(st.integers(0, num_visible - 1).filter(lambda i: i != j))
+            ids[b][j] = ids[b][i]
+            needle = f"key_visible[{b}, {max(i, j)}] = {ids[b][j]} repeats key_visible[{b}, {min(i, j)}]"
+        q, k, v = (torch.randn(batch, 1, length, 8) for _ in range(3))
+        return q, k, v, dict(key_visible=torch.tensor(ids, dtype=dtype)), needle
+    lengths = draw(st.lists(st.integers(0, 6), min_size=2 if kind == "decreasing" else 1, max_size=4))
+    if kind == "bound":
+        lengths[draw(st.integers(0, len(lengths) - 1))] = draw(st.integers(2, 6))
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    total, max_seqlen = cu[-1], max(1, *lengths)
+    if kind == "start":
+        cu[0] = draw(st.integers(-50, 50).filter(bool))
+        needle = f"cu_seqlens[0] = {cu[0]}, expected 0"
+    elif kind == "decreasing":
+        i = draw(st.integers(1, len(cu) - 1))
+        cu[i] = cu[i - 1] - draw(st.integers(1, 2**20))
+        needle = f"cu_seqlens[{i}] = {cu[i]} < cu_seqlens[{i - 1}] = {cu[i - 1]}"
+    elif kind == "end":
+        cu[-1] = draw(st.integers(cu[-2], 2**31 - 1).filter(lambda end: end != total))
+        needle = f"cu_seqlens[-1] = {cu[-1]}, expected the packed length {total}"
+    else:
+        max_seqlen = draw(st.integers(1, max(lengths) - 1))
+        needle = (f"max_seqlen = {max_seqlen} is smaller than sequence {lengths.index(max(lengths))} of cu_seqlens "
+                  f"({max(lengths)} tokens)")
+    q, k, v = (torch.randn(total, 1, 8) for _ in range(3))
+    return q, k, v, dict(cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max_seqlen), needle
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(case=_bad_values())
+def test_property_bad_values_raise_the_same_error_on_every_backend(case):
+    q, k, v, kwargs, needle = case
+    _assert_same_error(_every_entry_point(q, k, v, **kwargs), "visible_attention: ", needle)

@@ -76,12 +76,17 @@ def _dot(a, b, DTYPE: tl.constexpr, INTERPRET: tl.constexpr, FP32_IN: tl.constex
 
 
 @triton.jit
-def _load_key_block(K, V, KIDX, KMASK, k_base, v_base, kidx_base, kmask_base, offs_n, n_k,
+def _load_key_block(K, V, KIDX, KMASK, k_base, v_base, kidx_base, kmask_base, offs_n, n_k, n_rows,
                     stride_kn, stride_vn, offs_d, d_valid, KEY_MODE: tl.constexpr):
-    """Rows ``offs_n`` of the key set: k, v blocks ``(BLOCK_N, BLOCK_D)``, their row numbers, visibility."""
+    """Rows ``offs_n`` of the key set: k, v blocks ``(BLOCK_N, BLOCK_D)``, their row numbers, which of
+    them are rows of k/v (``n_rows`` per sample), visibility."""
     n_valid = offs_n < n_k
     if KEY_MODE == 1:
-        rows = tl.load(KIDX + kidx_base + offs_n, mask=n_valid, other=0).to(tl.int32)
+        ids = tl.load(KIDX + kidx_base + offs_n, mask=n_valid, other=0)
+        # Ids are not checked on the device: one outside [0, n_rows) (compared before any narrowing)
+        # is a key that is not visible, its row neither read nor written.
+        n_valid = n_valid & (ids >= 0) & (ids < n_rows)
+        rows = tl.where(n_valid, ids, 0).to(tl.int32)
     else:
         rows = offs_n
     tile_mask = n_valid[:, None] & d_valid[None, :]
@@ -90,22 +95,25 @@ def _load_key_block(K, V, KIDX, KMASK, k_base, v_base, kidx_base, kmask_base, of
     visible = n_valid
     if KEY_MODE == 2:
         visible = visible & (tl.load(KMASK + kmask_base + offs_n, mask=n_valid, other=0) != 0)
-    return k, v, rows, visible
+    return k, v, rows, n_valid, visible
 
 
 @triton.jit
-def _seq_extent(CU, b, N_Q, N_K, VARLEN: tl.constexpr):
+def _seq_extent(CU, b, N_Q, N_K, N_ROWS, VARLEN: tl.constexpr):
     """(first row, number of queries, number of keys) of sample ``b``."""
     if VARLEN:
-        seq_start = tl.load(CU + b).to(tl.int64)
-        seq_len = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
-        return seq_start, seq_len, seq_len
+        # Offsets are not checked on the device: clamped to the packed rows [0, N_ROWS] (and the end
+        # to the start), bad ones give wrong sequences, never rows outside the tensors.
+        seq_start = tl.minimum(tl.maximum(tl.load(CU + b), 0), N_ROWS)
+        seq_end = tl.minimum(tl.maximum(tl.load(CU + b + 1), seq_start), N_ROWS)
+        seq_len = (seq_end - seq_start).to(tl.int32)
+        return seq_start.to(tl.int64), seq_len, seq_len
     else:
         return tl.zeros([], dtype=tl.int64), N_Q, N_K
 
 
 @triton.jit
-def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, start_m, qk_scale,
+def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, n_rows, start_m, qk_scale,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                   stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
@@ -132,8 +140,9 @@ def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, sta
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, n_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, rows, visible = _load_key_block(K, V, KIDX, KMASK, k_base, v_base, b * stride_ib, b * stride_mb,
-                                              offs_n, n_k, stride_kn, stride_vn, offs_d, d_valid, KEY_MODE)
+        k, v, rows, in_rows, visible = _load_key_block(K, V, KIDX, KMASK, k_base, v_base, b * stride_ib,
+                                                       b * stride_mb, offs_n, n_k, n_rows, stride_kn, stride_vn,
+                                                       offs_d, d_valid, KEY_MODE)
         s = _dot(q, tl.trans(k), DTYPE, INTERPRET, FP32_IN) * qk_scale
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -153,7 +162,7 @@ def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, sta
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, Out, LSE, CU, KIDX, KMASK, N_Q, N_K, H, qk_scale,
+def _attn_fwd_kernel(Q, K, V, Out, LSE, CU, KIDX, KMASK, N_Q, N_K, N_ROWS, H, qk_scale,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                      stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
@@ -164,12 +173,12 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU, KIDX, KMASK, N_Q, N_K, H, qk_scale,
     head_groups = H // HEADS_PER_PROGRAM
     b = tl.program_id(1) // head_groups
     h0 = (tl.program_id(1) % head_groups) * HEADS_PER_PROGRAM
-    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_K, VARLEN)
+    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_K, N_ROWS, VARLEN)
     if start_m >= n_q:  # varlen: the grid covers max_seqlen, this sample is shorter
         return
     # Short sequences leave a program little work: it then covers several heads (same rows).
     for i in tl.static_range(HEADS_PER_PROGRAM):
-        _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h0 + i, seq_start, n_q, n_k, start_m, qk_scale,
+        _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h0 + i, seq_start, n_q, n_k, N_ROWS, start_m, qk_scale,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                       stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
@@ -177,7 +186,7 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU, KIDX, KMASK, N_Q, N_K, H, qk_scale,
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(Out, DO, DELTA, CU, N_Q, H,
+def _attn_bwd_preprocess_kernel(Out, DO, DELTA, CU, N_Q, N_ROWS, H,
                                 stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
                                 stride_lb, stride_lh, stride_ln,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -186,7 +195,7 @@ def _attn_bwd_preprocess_kernel(Out, DO, DELTA, CU, N_Q, H,
     start_m = tl.program_id(0) * BLOCK_M
     b = tl.program_id(1) // H
     h = (tl.program_id(1) % H).to(tl.int64)
-    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_Q, VARLEN)
+    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_Q, N_ROWS, VARLEN)
     if start_m >= n_q:
         return
     b = b.to(tl.int64)
@@ -230,7 +239,8 @@ def _load_query_block(Q, DO, LSE, DELTA, Out, q_base, do_base, l_base, o_base, o
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, DK, DV, CU, KIDX, KMASK, N_Q, N_K, H, sm_scale, qk_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, DK, DV, CU, KIDX, KMASK, N_Q, N_K, N_ROWS, H,
+                          sm_scale, qk_scale,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                           stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
@@ -244,17 +254,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, DK, DV, CU, KIDX, KM
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1) // H
     h = (tl.program_id(1) % H).to(tl.int64)
-    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_K, VARLEN)
+    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_K, N_ROWS, VARLEN)
     if start_n >= n_k:
         return
     b = b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    k, v, rows, visible = _load_key_block(K, V, KIDX, KMASK, b * stride_kb + h * stride_kh + seq_start * stride_kn,
-                                          b * stride_vb + h * stride_vh + seq_start * stride_vn,
-                                          b * stride_ib, b * stride_mb, offs_n, n_k, stride_kn, stride_vn,
-                                          offs_d, d_valid, KEY_MODE)
+    k, v, rows, in_rows, visible = _load_key_block(K, V, KIDX, KMASK,
+                                                   b * stride_kb + h * stride_kh + seq_start * stride_kn,
+                                                   b * stride_vb + h * stride_vh + seq_start * stride_vn,
+                                                   b * stride_ib, b * stride_mb, offs_n, n_k, N_ROWS, stride_kn,
+                                                   stride_vn, offs_d, d_valid, KEY_MODE)
     q_base = b * stride_qb + h * stride_qh + seq_start * stride_qn
     do_base = b * stride_dob + h * stride_doh + seq_start * stride_don
     o_base = b * stride_ob + h * stride_oh + seq_start * stride_on
@@ -278,7 +289,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, DK, DV, CU, KIDX, KM
             tl.store(DQ + dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                      mask=tile_mask)
     dk = dk * sm_scale
-    n_mask = (offs_n < n_k)[:, None] & d_valid[None, :]
+    n_mask = in_rows[:, None] & d_valid[None, :]
     DK += b * stride_dkb + h * stride_dkh + seq_start * stride_dkn
     DV += b * stride_dvb + h * stride_dvh + seq_start * stride_dvn
     dk_ptrs = DK + rows[:, None] * stride_dkn + offs_d[None, :]
@@ -288,7 +299,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Out, DO, LSE, DELTA, DQ, DK, DV, CU, KIDX, KM
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, KIDX, KMASK, N_Q, N_K, H, sm_scale, qk_scale,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, KIDX, KMASK, N_Q, N_K, N_ROWS, H, sm_scale, qk_scale,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                         stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, stride_ln, stride_ib, stride_mb,
@@ -299,7 +310,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, KIDX, KMASK, N_Q, N_K, 
     start_m = tl.program_id(0) * BLOCK_M
     b = tl.program_id(1) // H
     h = (tl.program_id(1) % H).to(tl.int64)
-    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_K, VARLEN)
+    seq_start, n_q, n_k = _seq_extent(CU, b, N_Q, N_K, N_ROWS, VARLEN)
     if start_m >= n_q:
         return
     b = b.to(tl.int64)
@@ -317,8 +328,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, KIDX, KMASK, N_Q, N_K, 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, n_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, rows, visible = _load_key_block(K, V, KIDX, KMASK, k_base, v_base, b * stride_ib, b * stride_mb,
-                                              offs_n, n_k, stride_kn, stride_vn, offs_d, d_valid, KEY_MODE)
+        k, v, rows, in_rows, visible = _load_key_block(K, V, KIDX, KMASK, k_base, v_base, b * stride_ib,
+                                                       b * stride_mb, offs_n, n_k, N_ROWS, stride_kn, stride_vn,
+                                                       offs_d, d_valid, KEY_MODE)
         p = _bwd_scores(q, k, lse2, visible, qk_scale, DTYPE, INTERPRET, FP32_IN)
         dp = _dot(do, tl.trans(v), DTYPE, INTERPRET, FP32_IN)
         ds = p * (dp - delta[:, None])
@@ -396,14 +408,18 @@ def _key_args(key_index: torch.Tensor | None, key_mask: torch.Tensor | None, dum
 
 def _problem(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int,
              key_index: torch.Tensor | None):
+    """``n_rows``: the rows of k along the sequence (varlen: the packed T), the bound the kernels hold
+    the values of ``cu_seqlens`` and ``key_index`` to."""
     varlen = cu_seqlens is not None
     if varlen:
         batch, heads, head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
         n_q = n_k = max_seqlen
+        n_rows = k.shape[0]
     else:
         batch, heads, n_q, head_dim = q.shape
         n_k = key_index.shape[1] if key_index is not None else k.shape[2]
-    return varlen, batch, heads, head_dim, n_q, n_k
+        n_rows = k.shape[2]
+    return varlen, batch, heads, head_dim, n_q, n_k, n_rows
 
 
 def _heads_per_program(heads: int, batch: int, n_q_blocks: int, block_m: int, device: torch.device) -> int:
@@ -427,7 +443,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     ``out``: where to write the output, shaped like q with any strides but a unit last one (a
     ``(B, N, H, D)`` buffer seen as ``(B, H, N, D)``, so the model's reshape back is a view)."""
-    varlen, batch, heads, head_dim, n_q, n_k = _problem(q, k, cu_seqlens, max_seqlen, key_index)
+    varlen, batch, heads, head_dim, n_q, n_k, n_rows = _problem(q, k, cu_seqlens, max_seqlen, key_index)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((heads, q.shape[0]) if varlen else (batch, heads, n_q), device=q.device, dtype=torch.float32)
@@ -442,7 +458,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     cu = cu_seqlens if varlen else lse
     grid = (n_q_blocks, batch * (heads // hpp))
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu, kidx, kmask, n_q, n_k, heads, scale * LOG2E,
+        q, k, v, out, lse, cu, kidx, kmask, n_q, n_k, n_rows, heads, scale * LOG2E,
         *_bhn_strides(q, varlen), *_bhn_strides(k, varlen), *_bhn_strides(v, varlen), *_bhn_strides(out, varlen),
         *_lse_strides(lse, varlen), stride_ib, stride_mb,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEADS_PER_PROGRAM=hpp,
@@ -462,7 +478,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
     ``grads``: ``(dq, dk, dv)`` to write into, with any strides but a unit last one (views of one
     packed ``dqkv`` buffer); not with ``key_index``, whose invisible rows must be zeroed first."""
-    varlen, batch, heads, head_dim, n_q, n_k = _problem(q, k, cu_seqlens, max_seqlen, key_index)
+    varlen, batch, heads, head_dim, n_q, n_k, n_rows = _problem(q, k, cu_seqlens, max_seqlen, key_index)
     if grads is not None:
         if key_index is not None:
             raise ValueError("attention_backward: grads= cannot be combined with key_index")
@@ -486,7 +502,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     else:
         delta = torch.empty_like(lse)
         _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, blocks["dq_m"]), batch * heads)](
-            out, grad_out, delta, cu, n_q, heads, *_bhn_strides(out, varlen), *_bhn_strides(grad_out, varlen),
+            out, grad_out, delta, cu, n_q, n_rows, heads, *_bhn_strides(out, varlen), *_bhn_strides(grad_out, varlen),
             *_lse_strides(delta, varlen), HEAD_DIM=head_dim, BLOCK_M=blocks["dq_m"], BLOCK_D=blocks["block_d"],
             VARLEN=varlen, num_warps=4,
         )
@@ -494,7 +510,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             # d lse / d s_j = p_j: the extra term enters dS = P * (dP - delta) as -grad_lse in delta.
             delta -= grad_lse
     _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, blocks["dkdv_n"]), batch * heads)](
-        q, k, v, out, grad_out, lse, delta, dq, dk, dv, cu, kidx, kmask, n_q, n_k, heads, scale, scale * LOG2E,
+        q, k, v, out, grad_out, lse, delta, dq, dk, dv, cu, kidx, kmask, n_q, n_k, n_rows, heads, scale,
+        scale * LOG2E,
         *_bhn_strides(q, varlen), *_bhn_strides(k, varlen), *_bhn_strides(v, varlen), *_bhn_strides(out, varlen),
         *_bhn_strides(grad_out, varlen), *_bhn_strides(dq, varlen), *_bhn_strides(dk, varlen),
         *_bhn_strides(dv, varlen), *_lse_strides(lse, varlen), stride_ib, stride_mb,
@@ -502,7 +519,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     )
     if not fused:
         _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["dq_m"]), batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, cu, kidx, kmask, n_q, n_k, heads, scale, scale * LOG2E,
+            q, k, v, grad_out, lse, delta, dq, cu, kidx, kmask, n_q, n_k, n_rows, heads, scale, scale * LOG2E,
             *_bhn_strides(q, varlen), *_bhn_strides(k, varlen), *_bhn_strides(v, varlen),
             *_bhn_strides(grad_out, varlen), *_bhn_strides(dq, varlen), *_lse_strides(lse, varlen),
             stride_ib, stride_mb, BLOCK_M=blocks["dq_m"], BLOCK_N=blocks["dq_n"], KEY_MODE=key_mode, **common,

@@ -24,8 +24,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["check_cu_seqlens", "check_index_range", "check_indices", "check_permutation_rows", "values_checked"]
+__all__ = ["check_cu_seqlens", "check_distinct_rows", "check_index_range", "check_indices", "check_permutation_rows",
+           "values_checked"]
 
 _checks_forced: bool | None = None
 
@@ -55,7 +57,7 @@ def check_indices(enabled: bool = True) -> Iterator[None]:
 
 def values_checked(t: Tensor) -> bool:
     """Whether the values of ``t`` are checked under the policy above."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t):  # no values to read
         return False
     return t.device.type == "cpu" or _checks_on()
 
@@ -89,6 +91,21 @@ def check_permutation_rows(name: str, t: Tensor, *, op: str | None = None) -> No
         prefix = f"{op}: " if op else ""
         raise ValueError(f"{prefix}{name}[{row}] must be a permutation of 0..{length - 1} (each index once), "
                          f"got {t[row].tolist()[:16]}{' ...' if length > 16 else ''}")
+
+
+def check_distinct_rows(name: str, t: Tensor, *, op: str | None = None) -> None:
+    """No value twice in a row of the 2-D ``t`` (when checked): each index of a set at most once."""
+    if t.numel() == 0 or not values_checked(t):
+        return
+    ordered = t.sort(dim=-1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeated.any()):
+        row, col = _first_bad(repeated)
+        value = int(ordered[row, col])
+        first, second = ((t[row] == value).nonzero()[:2, 0]).tolist()
+        prefix = f"{op}: " if op else ""
+        raise ValueError(f"{prefix}{name}[{row}, {second}] = {value} repeats {name}[{row}, {first}]: each index "
+                         f"may appear at most once per row")
 
 
 def check_cu_seqlens(name: str, cu_seqlens: Tensor, *, total: int | None = None, max_seqlen: int | None = None,

@@ -5,14 +5,28 @@ Three modes (all non-causal, softmax scale ``D**-0.5`` unless given):
 - **dense**: ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)`` -> ``(B, H, Nq, D)``.
 - **varlen packed**: ``q, k, v (T, H, D)`` with ``cu_seqlens (B+1,)`` int32 (sequence ``b`` is rows
   ``cu_seqlens[b]:cu_seqlens[b+1]`` and attends only to itself) and ``max_seqlen``, a Python int
-  bound on the sequence lengths, so the op never reads ``cu_seqlens`` on the host (no sync, and
-  ``torch.compile`` traces it). ``cu_seqlens`` must start at 0, be non-decreasing, end at ``T``,
-  and no sequence may be longer than ``max_seqlen``: this is not checked (it would need a sync).
+  bound on the sequence lengths, so the kernels never need ``cu_seqlens`` on the host (no sync,
+  and ``torch.compile`` traces the op). ``cu_seqlens`` must start at 0, be non-decreasing, end at
+  ``T``, and no sequence may be longer than ``max_seqlen``. A sequence of length 0 has no rows
+  and changes nothing else.
 - **key-visibility**: ``q, k, v (B, H, L, D)`` with ``key_visible``, either a boolean mask
-  ``(B, L)`` (True = visible) or an integer index set ``(B, K)`` of distinct key positions in
-  ``[0, L)`` (not checked on the device). Every query attends only to its sample's visible keys;
-  no gathered copy of ``k``/``v`` is made (the kernel reads the visible rows in place). Keys
-  that are not visible get zero gradient.
+  ``(B, L)`` (True = visible) or an integer index set ``(B, K)`` of key positions in ``[0, L)``,
+  each at most once per row (the reference and SDPA read the set as a mask, the kernel would
+  count a repeated key twice). Every query attends only to its sample's visible keys; no gathered
+  copy of ``k``/``v`` is made (the kernel reads the visible rows in place). Keys that are not
+  visible get zero gradient.
+
+The values of ``cu_seqlens`` (with ``max_seqlen``) and of an integer ``key_visible`` follow the
+policy of :mod:`fastmim.ops._validate`, once per call in the public functions before any backend
+runs: host tensors are always checked (``ValueError`` naming the argument, the first bad position
+and the valid range), accelerator tensors only under :func:`fastmim.ops.check_indices` or
+``FASTMIM_CHECK_INDICES=1``. Unchecked, the kernels stay inside their tensors whatever the values:
+offsets are clamped to ``[0, T]``, an out-of-range key id is a key that is not visible (nothing
+read, no gradient), and output rows that no sequence within ``max_seqlen`` covers are left
+unwritten: wrong values, never an access outside a tensor.
+
+An empty batch (``B = 0``: dense ``q (0, H, N, D)``, or varlen ``cu_seqlens = [0]`` with ``T = 0``)
+gives an empty output and lse on every backend.
 
 :func:`visible_attention_qkvpacked` runs the dense and varlen modes on a ViT's packed qkv
 projection, ``(B, N, 3, H, D)`` or ``(T, 3, H, D)``, returning ``(B, N, H, D)`` / ``(T, H, D)``: the
@@ -41,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmim.ops._dispatch import select_backend
+from fastmim.ops._validate import check_cu_seqlens, check_distinct_rows, check_index_range
 
 __all__ = ["ATTN_BACKENDS", "attention", "attention_qkvpacked", "choose_attn_backend", "visible_attention",
            "visible_attention_qkvpacked", "visible_attention_reference"]
@@ -94,7 +109,8 @@ def _attention_math(q, k, v, allowed, scale):
     s = (q @ k.transpose(-2, -1)) * scale
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    row_max = s.amax(-1, keepdim=True).detach()
+    # No key at all (T = 0 in varlen mode) has no maximum to reduce to: every row is empty.
+    row_max = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # empty row: exp(-inf) = 0
     e = torch.exp(s - row_max)
     denom = e.sum(-1, keepdim=True)  # >= 1 unless the row is empty
@@ -265,14 +281,14 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
             got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
             raise TypeError(f"visible_attention: cu_seqlens must be an int32 tensor, got {got}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"visible_attention: cu_seqlens must be 1-D (B+1,) with B >= 1, got shape "
-                             f"{_shape(cu_seqlens)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"visible_attention: cu_seqlens must be 1-D (B+1,), got shape {_shape(cu_seqlens)}")
         if cu_seqlens.device != q.device:
             raise ValueError(f"visible_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise ValueError(f"visible_attention: max_seqlen must be a Python int >= 1 bounding every sequence "
                              f"length (no host sync is made to find it), got {max_seqlen!r}")
+        check_cu_seqlens("cu_seqlens", cu_seqlens, total=q.shape[0], max_seqlen=max_seqlen, op="visible_attention")
         return
     if max_seqlen is not None:
         raise ValueError("visible_attention: max_seqlen is only meaningful with cu_seqlens")
@@ -302,6 +318,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> None:
         if key_visible.dim() != 2 or key_visible.shape[0] != batch or key_visible.shape[1] > length:
             raise ValueError(f"visible_attention: integer key_visible must be (B, K) = ({batch}, K <= {length}), "
                              f"got {_shape(key_visible)}")
+        check_index_range("key_visible", key_visible, length, op="visible_attention")
+        check_distinct_rows("key_visible", key_visible, op="visible_attention")
     else:
         raise TypeError(f"visible_attention: key_visible must be bool (B, L) or int32/int64 (B, K), "
                         f"got {key_visible.dtype}")
@@ -309,6 +327,19 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> None:
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _visible_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`visible_attention` on validated arguments: ``(out, lse)``."""
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    key_index, key_mask = _split_key_visible(key_visible)
+    if key_index is not None:
+        key_index = key_index.contiguous()
+    if key_mask is not None:
+        key_mask = key_mask.contiguous()
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return _visible_attention_op(q, k, v, cu_seqlens, key_index, key_mask, 0 if max_seqlen is None else max_seqlen,
+                                 scale)
 
 
 def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
@@ -329,17 +360,10 @@ def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_s
             fp32 (float64 for float64 inputs); differentiable.
 
     Returns ``out`` shaped like ``q`` (and ``lse``). An empty key set gives ``out = 0``, ``lse = -inf``.
+    Bad values of ``cu_seqlens`` / ``key_visible`` raise ``ValueError`` (host tensors; see the module doc).
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    key_index, key_mask = _split_key_visible(key_visible)
-    if key_index is not None:
-        key_index = key_index.contiguous()
-    if key_mask is not None:
-        key_mask = key_mask.contiguous()
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    out, lse = _visible_attention_op(q, k, v, cu_seqlens, key_index, key_mask,
-                                     0 if max_seqlen is None else max_seqlen, scale)
+    out, lse = _visible_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
     return (out, lse) if return_lse else out
 
 
@@ -438,6 +462,12 @@ def _check_qkv(qkv, cu_seqlens) -> None:
         raise ValueError(f"visible_attention_qkvpacked: qkv must be {want}, got shape {_shape(qkv)}")
 
 
+def _visible_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`visible_attention_qkvpacked` on validated arguments: ``(out, lse)``."""
+    scale = float(qkv.shape[-1] ** -0.5 if scale is None else scale)
+    return _qkvpacked_op(_unit_last_stride(qkv), cu_seqlens, 0 if max_seqlen is None else max_seqlen, scale)
+
+
 def visible_attention_qkvpacked(qkv: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                                 max_seqlen: int | None = None, scale: float | None = None,
                                 return_lse: bool = False):
@@ -455,10 +485,8 @@ def visible_attention_qkvpacked(qkv: torch.Tensor, *, cu_seqlens: torch.Tensor |
     the q, k, v views (the same kernels).
     """
     _check_qkv(qkv, cu_seqlens)
-    q, k, v = _unpack_qkv(qkv, cu_seqlens is not None)
-    _validate(q, k, v, cu_seqlens, max_seqlen, None, scale)
-    scale = float(qkv.shape[-1] ** -0.5 if scale is None else scale)
-    out, lse = _qkvpacked_op(_unit_last_stride(qkv), cu_seqlens, 0 if max_seqlen is None else max_seqlen, scale)
+    _validate(*_unpack_qkv(qkv, cu_seqlens is not None), cu_seqlens, max_seqlen, None, scale)
+    out, lse = _visible_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale)
     return (out, lse) if return_lse else out
 
 
@@ -626,6 +654,23 @@ def choose_attn_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu
     return _CHOICE_CACHE[key]
 
 
+def _check_backend(backend: str | None) -> None:
+    if backend is not None and backend not in ATTN_BACKENDS:
+        raise ValueError(f"attention: backend must be one of {ATTN_BACKENDS} or None, got {backend!r}")
+
+
+def _attention_on(backend, q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> torch.Tensor:
+    """:func:`attention` by ``backend`` on validated arguments."""
+    if backend == "fastmim":
+        return _visible_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)[0]
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    if backend == "xformers":
+        return _xformers_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    return visible_attention_reference(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                       key_visible=key_visible, scale=scale)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None,
               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
               key_visible: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
@@ -642,23 +687,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     - ``"reference"``: :func:`visible_attention_reference`;
     - ``None``: :func:`choose_attn_backend`.
 
-    All backends give the same result up to rounding, including an empty key set (output 0).
+    All backends give the same result up to rounding, including an empty key set (output 0), and
+    raise the same errors: the arguments are checked once, here, before a backend is chosen or run.
     """
+    _check_backend(backend)
+    _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
     if backend is None:
         backend = choose_attn_backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                       key_visible=key_visible, scale=scale)
-    if backend == "fastmim":
-        return visible_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_visible=key_visible,
-                                 scale=scale)
-    if backend not in ATTN_BACKENDS:
-        raise ValueError(f"attention: backend must be one of {ATTN_BACKENDS} or None, got {backend!r}")
-    _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
-    if backend == "sdpa":
-        return _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
-    if backend == "xformers":
-        return _xformers_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
-    return visible_attention_reference(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                       key_visible=key_visible, scale=scale)
+    return _attention_on(backend, q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
 
 
 def attention_qkvpacked(qkv: torch.Tensor, *, backend: str | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -670,11 +707,12 @@ def attention_qkvpacked(qkv: torch.Tensor, *, backend: str | None = None, cu_seq
     backends get q, k, v views and their output transposed back (as timm's attention does).
     """
     _check_qkv(qkv, cu_seqlens)
+    _check_backend(backend)
     varlen = cu_seqlens is not None
     q, k, v = _unpack_qkv(qkv, varlen)
+    _validate(q, k, v, cu_seqlens, max_seqlen, None, scale)
     if backend is None:
         backend = choose_attn_backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
     if backend == "fastmim":
-        return visible_attention_qkvpacked(qkv, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
-    out = attention(q, k, v, backend=backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
-    return _token_major_swap(out, varlen)
+        return _visible_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale)[0]
+    return _token_major_swap(_attention_on(backend, q, k, v, cu_seqlens, max_seqlen, None, scale), varlen)
