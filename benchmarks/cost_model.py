@@ -19,6 +19,13 @@ Configurations (ViT-B/16 and ViT-L/16, 224 px, batch 256, mask ratio 0.75, norm_
 - ``eager_sdpa``: the same on today's timm blocks with SDPA (``benchmarks/peers/eager_sdpa.py``);
 - ``fastmim``: ``fastmim.models.MaskedAutoencoderViT`` with the fused ops, ``pred_masked_only``
   off and on;
+- ``official_patched``: the official model after ``fastmim.patch`` (same masking RNG; fused
+  gather, un-shuffle, loss, packed-qkv attention and blocks);
+- ``hf_vitmae`` / ``hf_vitmae_patched``: Hugging Face's ``ViTMAEForPreTraining`` at the same
+  sizes (``benchmarks/peers/hf_vitmae.py``), as transformers runs it (SDPA) and after
+  ``fastmim.patch``. The patched rows count each block as one fused block: the counter's hooks on
+  every module make ``fastmim.patch`` call hooked blocks one at a time, so the residual stream
+  between blocks (one add per block) is not modelled for them;
 - supervised + MIM, CMAE and LUT (:data:`METHODS`), each as ``eager_sdpa`` (the model's plain
   PyTorch path on timm's blocks with SDPA) and ``fastmim`` (its fused path), with the method's
   own views, heads and mask ratio (LUT's EMA teacher update counted after the optimizer step).
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -99,12 +107,34 @@ def _fastmim(size: dict[str, Any], pred_masked_only: bool) -> nn.Module:
                                 fused=True, attn_backend="fastmim", pred_masked_only=pred_masked_only, **size)
 
 
+def _hf_vitmae(size: dict[str, Any]) -> nn.Module:
+    from peers import hf_vitmae
+
+    return hf_vitmae.MaskedAutoencoderViT(mlp_ratio=4, eps=1e-6, norm_pix_loss=True, mask_ratio=MASK_RATIO, **size)
+
+
+def _patched(build: Callable[[dict[str, Any]], nn.Module], size: dict[str, Any]) -> nn.Module:
+    from peers import hf_vitmae
+
+    import fastmim
+
+    model = build(size)
+    # fastmim's attention op, as the fastmim rows (on meta the automatic choice would be SDPA's).
+    fastmim.patch(model.model if isinstance(model, hf_vitmae.MaskedAutoencoderViT) else model, attn_backend="fastmim")
+    return model
+
+
 CONFIGS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "official": _official,
     "eager_sdpa": _eager_sdpa,
     "fastmim": partial(_fastmim, pred_masked_only=False),
     "fastmim_pred_masked_only": partial(_fastmim, pred_masked_only=True),
+    "official_patched": partial(_patched, _official),
+    "hf_vitmae": _hf_vitmae,
+    "hf_vitmae_patched": partial(_patched, _hf_vitmae),
 }
+# fastmim.patch's modelled gain: each patched configuration against the model it patches.
+PATCHED = {"official_patched": "official", "hf_vitmae_patched": "hf_vitmae"}
 
 # The other methods, on fastmim's own models: ``eager_sdpa`` is the model's plain-PyTorch path
 # (``fused=False``: argsort masking, gathers, the patchify loss, timm's blocks) with SDPA, as a user
@@ -216,11 +246,28 @@ def evaluate_targets(records: list[Record], model_name: str, method: str = "mae"
     return out
 
 
+def patch_gains(records: list[Record]) -> list[dict[str, Any]]:
+    """``fastmim.patch``'s modelled gain: each patched configuration against the unpatched model."""
+    by_key = {(r.method, r.model, r.config): r for r in records}
+    out = []
+    for r in records:
+        peer = by_key.get((r.method, r.model, PATCHED.get(r.config, "")))
+        if peer is None:
+            continue
+        out.append({"method": r.method, "model": r.model, "config": r.config, "peer": peer.config,
+                    "speedup": peer.projected_ms / r.projected_ms,
+                    "activation_ratio": r.activation_bytes / peer.activation_bytes,
+                    "hbm_ratio": r.hbm_bytes / peer.hbm_bytes, "non_gemm_ratio": r.non_gemm_bytes / peer.non_gemm_bytes,
+                    "launch_ratio": r.launches / peer.launches})
+    return out
+
+
 def _gb(x: float) -> str:
     return f"{x / 1e9:.2f}"
 
 
-def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str, Any]) -> str:
+def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str, Any],
+             gains: list[dict[str, Any]] = ()) -> str:
     lines = [
         "# Cost model of one training step per method (modelled, not measured)",
         "",
@@ -258,6 +305,14 @@ def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str
     for r in records:
         lines.append(f"| {r.method} | {r.model} | {r.config} | "
                      + " | ".join(f"{r.by_family[f]['launches']:.0f}" for f in cm.FAMILIES) + " |")
+    if gains:
+        lines += ["", "## fastmim.patch: modelled gain over the unpatched model", "",
+                  "| method | model | config | over | projected speedup | activations | HBM bytes | non-GEMM bytes "
+                  "| launches |", "|---|---|---|---|---|---|---|---|---|"]
+        for g in gains:
+            lines.append(f"| {g['method']} | {g['model']} | {g['config']} | {g['peer']} | {g['speedup']:.3f}x | "
+                         f"{g['activation_ratio']:.3f}x | {g['hbm_ratio']:.3f}x | {g['non_gemm_ratio']:.3f}x | "
+                         f"{g['launch_ratio']:.3f}x |")
     if targets:
         lines += ["", "## Targets (issue 11)", "", "| method | model | rule | value | met |", "|---|---|---|---|---|"]
         for t in targets:
@@ -303,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of mae," + ",".join(METHODS))
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
+    if importlib.util.find_spec("transformers") is None:  # the [hf] extra
+        missing = [c for c in configs if c.startswith("hf_")]
+        configs = [c for c in configs if c not in missing]
+        if missing:
+            print(f"transformers is not installed: skipping {', '.join(missing)}", flush=True)
     methods = [m for m in args.methods.split(",") if m]
     plan = [("smoke", 4)] if args.smoke else [("vit_b16", 256), ("vit_l16", 256)]
     records: list[Record] = []
@@ -316,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"launches, {_gb(record.hbm_bytes)} GB moved, {_gb(record.activation_bytes)} GB saved "
                   f"({record.count_seconds:.1f} s to count)", flush=True)
     targets = [t for model_name, _ in plan for method in methods for t in evaluate_targets(records, model_name, method)]
+    gains = patch_gains(records)
     env = harness.environment("cpu")
     env.pop("device", None)
     env.pop("device_type", None)
@@ -329,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "records": [dataclasses.asdict(r) for r in records],
         "targets": targets,
+        "patch_gains": gains,
     }
     stem = "cost_model-smoke" if args.smoke else "cost_model"
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    table = markdown(records, targets, env)
+    table = markdown(records, targets, env, gains)
     (args.output / f"{stem}.md").write_text(table)
     chart(records, args.output / f"{stem}.png")
     print(table)

@@ -389,6 +389,7 @@ def test_triton_kernels_move_the_bytes_and_launch_the_kernels_the_model_charges(
 
 
 def test_cost_model_script_runs_in_smoke_mode(tmp_path):
+    import importlib.util
     import json
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_model.py"
@@ -397,7 +398,11 @@ def test_cost_model_script_runs_in_smoke_mode(tmp_path):
     payload = json.loads((tmp_path / "cost_model-smoke.json").read_text())
     assert payload["kind"] == "smoke"
     configs = {(r["method"], r["config"]) for r in payload["records"]}
-    assert {("mae", c) for c in ("official", "eager_sdpa", "fastmim", "fastmim_pred_masked_only")} <= configs
+    patched = {"official_patched"} | ({"hf_vitmae_patched"} if importlib.util.find_spec("transformers") else set())
+    assert {("mae", c) for c in ("official", "eager_sdpa", "fastmim", "fastmim_pred_masked_only", *patched)} <= configs
+    gains = {g["config"]: g for g in payload["patch_gains"]}
+    assert gains.keys() == patched
+    assert all(g["speedup"] > 1 and g["launch_ratio"] < 1 for g in gains.values())
     assert {(m, c) for m in ("supmim", "cmae", "lut") for c in ("eager_sdpa", "fastmim")} <= configs
     assert {(t["method"], t["peer"]) for t in payload["targets"]} >= {("lut", "eager_sdpa"), ("mae", "official")}
     for r in payload["records"]:

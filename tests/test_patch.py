@@ -359,6 +359,17 @@ def test_patching_twice_repatches_and_pickle_and_deepcopy_keep_the_patch():
     assert type(torch.load(buffer, weights_only=False).blocks[0].attn) is type(model.blocks[0].attn)
 
 
+def test_models_on_the_meta_device_are_patched_unverified():
+    """The cost model patches meta models: nothing to probe, the report says so, the step runs."""
+    with torch.device("meta"):
+        model = official()
+    model, report = fastmim.patch(model, attn_backend="fastmim", return_report=True)
+    assert not report.verified and not report.left and "not verified" in report.summary()
+    loss = model(torch.empty(2, 3, 16, 16, device="meta"))[0]
+    loss.backward()
+    assert loss.is_meta and model.blocks[0].attn.qkv.weight.grad.is_meta
+
+
 # ---------------------------------------------------------------------------------- compile, DDP, autocast
 
 
