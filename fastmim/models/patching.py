@@ -56,11 +56,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from fastmim.ops._dispatch import forced_backend, select_backend
-from fastmim.ops.attention import ATTN_BACKENDS, attention_qkvpacked
-from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear
-from fastmim.ops.loss import masked_patch_mse
-from fastmim.ops.token_ops import gather_visible, unshuffle
+from fastmim.ops import (
+    ATTN_BACKENDS,
+    add_layer_norm_linear,
+    attention_qkvpacked,
+    bias_gelu_linear,
+    forced_backend,
+    gather_visible,
+    masked_patch_mse,
+    select_backend,
+    unshuffle,
+)
 
 __all__ = ["PatchReport", "patch", "patch_report", "unpatch"]
 
