@@ -90,7 +90,7 @@ def test_knn_of_a_trained_checkpoint_beats_an_untrained_encoder(trained_run, tmp
     """The same evaluation of the run's initial weights is the baseline. Its k-NN is well above
     chance (10%) too, random patch embeddings of silhouettes being informative, so beating
     chance alone would not show that training (or the checkpoint loading) worked."""
-    from fastmim.train.loop import build_model
+    from fastmim.train.methods import build_model
 
     meta = read_metadata(trained_run / "checkpoint.safetensors")
     torch.manual_seed(0)  # the run's seed: its initial weights

@@ -26,12 +26,14 @@ import glob
 import hashlib
 import json
 import os
+import random
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -282,3 +284,28 @@ def load_checkpoint_state(folder: str | Path) -> dict[str, Any]:
     found = f"{STATE_NAME} from step {state['step']}" if state is not None else f"no {STATE_NAME}"
     raise CheckpointError(f"{folder / CHECKPOINT_NAME} is from step {weights_step} but there is {found}: "
                           f"the pair is inconsistent")
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    # Plain containers and tensors only, so the state loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(_to_tuple(state["python"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x

@@ -207,9 +207,12 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
         load_checkpoint,
         subset_indices,
     )
-    from fastmim.train.loop import _resolve_device
+    from fastmim.train.distributed import resolve_device
 
-    device = _resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     ckpt = load_checkpoint(args.checkpoint, device)
     meta = ckpt.metadata
     source, train_set, test_set = evaluation_data(meta, args.data)

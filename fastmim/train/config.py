@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "TrainError", "DEFAULT_MAX_STEPS", "RUNTIME_FIELDS"]
+__all__ = ["TrainConfig", "TrainError", "DEFAULT_MAX_STEPS", "RUNTIME_FIELDS", "check_config", "check_lr"]
 
 # The README's demo (`fastmim train --method mae --output DIR`): 300 steps of 64 images (2 epochs
 # of the bundled data), about 250 CPU-seconds for the default tiny model: a few minutes on 2 cores.
@@ -85,3 +86,59 @@ class TrainConfig:
         return cls(**d)
 
 
+# AdamW's arithmetic is float32 (the parameters' dtype): a larger step size overflows at once.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_config(cfg: TrainConfig) -> None:
+    def positive(name: str, value: Any, allow_none: bool = True) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+    for name in ("epochs", "blr", "lr", "min_lr", "weight_decay", "clip_grad", "mask_ratio"):
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("max_steps", "epochs", "accum_steps", "lr", "blr", "image_size", "clip_grad"):
+        positive(name, getattr(cfg, name))
+    positive("batch_size", cfg.batch_size, allow_none=False)
+    positive("log_every", cfg.log_every, allow_none=False)
+    positive("stop_after", cfg.stop_after)
+    positive("max_skips", cfg.max_skips, allow_none=False)
+    for name in ("min_lr", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if len(cfg.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in cfg.betas):
+        raise TrainError(f"AdamW's betas must be two numbers in [0, 1), got {cfg.betas}")
+    if cfg.on_nonfinite not in ("skip", "rollback", "stop"):
+        raise TrainError(f"--on-nonfinite must be skip, rollback or stop, got {cfg.on_nonfinite!r}")
+    if cfg.on_nonfinite == "rollback" and not cfg.ckpt_every:
+        raise TrainError("--on-nonfinite rollback goes back to the last checkpoint: pass --ckpt-every N too")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise TrainError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.ckpt_every < 0:
+        raise TrainError(f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
+    if cfg.mask_ratio is not None and not 0.0 < cfg.mask_ratio < 1.0:
+        raise TrainError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise TrainError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.channels not in (1, 3):
+        raise TrainError(f"--channels must be 1 or 3, got {cfg.channels}")
+    if cfg.on_corrupt not in ("skip", "error"):
+        raise TrainError(f"--on-corrupt must be skip or error, got {cfg.on_corrupt!r}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
+
+
+def check_lr(lr: float, cfg: TrainConfig) -> None:
+    """A learning rate that overflows AdamW's float32 arithmetic on its first step (a step of
+    ``lr / (1 - beta1)`` before the bias correction meets it, a decay of ``lr * weight_decay``)."""
+    largest = max(lr, cfg.min_lr) * max(1 / (1 - cfg.betas[0]), cfg.weight_decay)
+    if largest > FLOAT32_MAX:
+        given = f"--lr {cfg.lr:g}" if cfg.lr is not None else f"--blr {cfg.blr:g} (lr {lr:g})"
+        raise TrainError(f"{given} overflows AdamW's float32 arithmetic (its first step computes "
+                         f"{largest:.3g}, above {FLOAT32_MAX:.3g})")

@@ -1,4 +1,5 @@
-"""Process-group setup from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+"""Devices and processes: the ``--device`` choice, FSDP2 sharding, and the process-group
+setup from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``/``MASTER_PORT``): NCCL on GPUs, gloo on CPU. Without those variables the
 run is a single process and nothing here does anything."""
 
@@ -9,8 +10,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean", "resolve_device", "local_tensor",
+           "shard_fsdp"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,36 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / info.world_size
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    try:
+        torch.empty(0, device=device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name} is not available here ({str(exc).strip().splitlines()[0]})") from None
+    return device
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard when FSDP made it a DTensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_fsdp(module: nn.Module) -> None:
+    """FSDP2: every block of every block list its own unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for sub in list(module.modules()):
+        if isinstance(sub, nn.ModuleList):
+            for block in sub:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
+    fully_shard(module)

@@ -62,7 +62,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
 
     ``path``: a ``checkpoint.safetensors`` or a run folder holding one.
     """
-    from fastmim.train.loop import build_model
+    from fastmim.train.methods import build_model
 
     path = Path(path)
     if path.is_dir():

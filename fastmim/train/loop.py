@@ -2,19 +2,13 @@
 
 One function, :func:`train`, runs a :class:`TrainConfig`: data → model → AdamW with the MAE
 recipe → steps with gradient accumulation, bf16 autocast on GPU, optional ``torch.compile``
-and DistributedDataParallel under torchrun → metrics JSONL, progress bar, atomic checkpoints,
-and at the end a loss plot and a reconstruction figure.
-
-Output folder::
-
-    config.json                 the resolved configuration
-    metrics.jsonl               one record per logged step (loss, parts, lr, img/s, epoch)
-    checkpoint.safetensors      model weights + metadata to rebuild it (fastmim eval reads it)
-    train_state.pt              optimizer, step, data position, RNG states, config
-    .train_state.pt.pending     only during a save (or after a crash in one): the next state
-    loss.png                    loss (and parts) and lr against the step
-    reconstruction_step0.png    fixed held-out images reconstructed before training
-    reconstruction.png          the same images at the end
+and DistributedDataParallel (or FSDP2) under torchrun → metrics JSONL, progress bar, atomic
+checkpoints, and at the end a loss plot and a reconstruction figure. The pieces around the
+loop have modules of their own: the run folder and its metrics log
+(:mod:`fastmim.train.run_folder`), checkpoints and RNG state (:mod:`fastmim.train.checkpoint`),
+devices and processes (:mod:`fastmim.train.distributed`), the non-finite guard
+(:mod:`fastmim.train.guard`), figures (:mod:`fastmim.train.plots`), and each method's steps
+(:mod:`fastmim.train.methods`).
 
 The checkpoint pair is replaced crash-safely (:func:`fastmim.train.checkpoint.save_checkpoint`):
 a crash while saving leaves the previous pair or the new one, and ``--resume`` finds it; the
@@ -63,40 +57,58 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 import fastmim
-from fastmim.data import DataSource, EvalTransform, TrainBatchSampler, build_views, derive_seed, open_data
+from fastmim.data import DataSource, TrainBatchSampler, build_views, derive_seed, open_data
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
-    PENDING_STATE_NAME,
     STATE_NAME,
     CheckpointError,
     atomic_write,
     load_checkpoint_state,
     load_weights,
     read_weights,
-    remove_partial_writes,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from fastmim.train.config import (
     CONFIG_NAME,
     DEFAULT_MAX_STEPS,
-    EVAL_LOG_NAME,
     METRICS_NAME,
     NUM_FIGURE_IMAGES,
-    RUNTIME_FIELDS,
     TrainConfig,
     TrainError,
+    check_config,
+    check_lr,
 )
-from fastmim.train.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown_distributed
-from fastmim.train.methods import MethodAdapter, StepContext, get_adapter
-from fastmim.train.plots import plot_loss, plot_reconstruction, read_metrics, reconstruction_panels
+from fastmim.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    init_distributed,
+    resolve_device,
+    shard_fsdp,
+    shutdown_distributed,
+)
+from fastmim.train.guard import nonfinite_tensor, skip_flag
+from fastmim.train.methods import StepContext, build_model, get_adapter, resolve_model
+from fastmim.train.plots import held_out_images, plot_loss, plot_reconstruction, read_metrics, reconstruction_of
+from fastmim.train.run_folder import (
+    append_metrics,
+    create_output,
+    merge_resumed_config,
+    prepare_output,
+    truncate_metrics,
+)
 from fastmim.train.schedule import cosine_lr, default_warmup_steps, scaled_lr
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "build_model", "DEFAULT_MAX_STEPS"]
 
-# AdamW's arithmetic is float32 (the parameters' dtype): a larger step size overflows at once.
-FLOAT32_MAX = 3.4028234663852886e38
+# Salts of the seeds derived from the run's seed (fastmim.data.derive_seed), one per use, so
+# that no two streams of random numbers coincide: the DataLoader's generator of each epoch,
+# the data seed after a rollback, the masks of the reconstruction figures.
+LOADER_SALT, ROLLBACK_SALT, FIGURE_MASK_SALT = 7, 0xB0C, 0xF16
 # Fresh data orders tried from one checkpoint (on_nonfinite="rollback") before the run gives up.
 ROLLBACKS_PER_CHECKPOINT = 3
+
 
 @dataclass
 class TrainResult:
@@ -108,195 +120,6 @@ class TrainResult:
     files: dict[str, Path]
     finished: bool
     skipped: int  # optimizer steps skipped for a non-finite loss or gradient
-
-
-def _check_config(cfg: TrainConfig) -> None:
-    def positive(name: str, value: Any, allow_none: bool = True) -> None:
-        if value is None and allow_none:
-            return
-        if value is None or value <= 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-    for name in ("epochs", "blr", "lr", "min_lr", "weight_decay", "clip_grad", "mask_ratio"):
-        value = getattr(cfg, name)
-        if value is not None and not math.isfinite(value):
-            raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name in ("max_steps", "epochs", "accum_steps", "lr", "blr", "image_size", "clip_grad"):
-        positive(name, getattr(cfg, name))
-    positive("batch_size", cfg.batch_size, allow_none=False)
-    positive("log_every", cfg.log_every, allow_none=False)
-    positive("stop_after", cfg.stop_after)
-    positive("max_skips", cfg.max_skips, allow_none=False)
-    for name in ("min_lr", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if len(cfg.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in cfg.betas):
-        raise TrainError(f"AdamW's betas must be two numbers in [0, 1), got {cfg.betas}")
-    if cfg.on_nonfinite not in ("skip", "rollback", "stop"):
-        raise TrainError(f"--on-nonfinite must be skip, rollback or stop, got {cfg.on_nonfinite!r}")
-    if cfg.on_nonfinite == "rollback" and not cfg.ckpt_every:
-        raise TrainError("--on-nonfinite rollback goes back to the last checkpoint: pass --ckpt-every N too")
-    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
-        raise TrainError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
-    if cfg.ckpt_every < 0:
-        raise TrainError(f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
-    if cfg.mask_ratio is not None and not 0.0 < cfg.mask_ratio < 1.0:
-        raise TrainError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise TrainError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    if cfg.channels not in (1, 3):
-        raise TrainError(f"--channels must be 1 or 3, got {cfg.channels}")
-    if cfg.on_corrupt not in ("skip", "error"):
-        raise TrainError(f"--on-corrupt must be skip or error, got {cfg.on_corrupt!r}")
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
-    if cfg.resume and cfg.overwrite:
-        raise TrainError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
-
-
-def _check_lr(lr: float, cfg: TrainConfig) -> None:
-    """A learning rate that overflows AdamW's float32 arithmetic on its first step (a step of
-    ``lr / (1 - beta1)`` before the bias correction meets it, a decay of ``lr * weight_decay``)."""
-    largest = max(lr, cfg.min_lr) * max(1 / (1 - cfg.betas[0]), cfg.weight_decay)
-    if largest > FLOAT32_MAX:
-        given = f"--lr {cfg.lr:g}" if cfg.lr is not None else f"--blr {cfg.blr:g} (lr {lr:g})"
-        raise TrainError(f"{given} overflows AdamW's float32 arithmetic (its first step computes "
-                         f"{largest:.3g}, above {FLOAT32_MAX:.3g})")
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"--device {name} is not a device name (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: no CUDA device is available")
-    try:
-        torch.empty(0, device=device)
-    except RuntimeError as exc:
-        raise TrainError(f"--device {name} is not available here ({str(exc).strip().splitlines()[0]})") from None
-    return device
-
-
-def build_model(method: str, preset: str, model_kwargs: dict[str, Any]) -> nn.Module:
-    """``fastmim.models.create_model`` with user-facing errors."""
-    from fastmim.models import create_model
-
-    try:
-        return create_model(method, preset, **model_kwargs)
-    except TypeError as exc:
-        raise TrainError(f"cannot build {method} {preset} with {model_kwargs}: {exc}") from None
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
-
-
-def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int,
-                  num_classes: int) -> tuple[dict[str, Any], int, int]:
-    """``(model_kwargs, image_size, patch_size)`` of the run; checks the image size fits the patches."""
-    from fastmim.models import get_preset
-
-    try:
-        preset = get_preset(cfg.model)
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
-    image_size = cfg.image_size or preset.img_size
-    if image_size % preset.patch_size != 0:
-        raise TrainError(f"image size {image_size} is not divisible by the patch size {preset.patch_size} "
-                         f"of {preset.name}; pick --image-size as a multiple of {preset.patch_size}")
-    kwargs = adapter.model_overrides(channels, image_size if image_size != preset.img_size else None, num_classes)
-    if cfg.norm_pix_loss:
-        kwargs["norm_pix_loss"] = True
-    kwargs.update(cfg.model_overrides)
-    return kwargs, image_size, preset.patch_size
-
-
-# Everything a run (and fastmim eval's default log) writes in its folder: what --overwrite removes.
-RUN_FILES = (CHECKPOINT_NAME, STATE_NAME, PENDING_STATE_NAME, METRICS_NAME, CONFIG_NAME, "loss.png",
-             "reconstruction_step0.png", "reconstruction.png", EVAL_LOG_NAME)
-
-
-def _prepare_output(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
-    """Checks before anything is written: never overwrite a run unless resuming or told to."""
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"output {out} exists and is not a folder")
-    has_run = (out / CHECKPOINT_NAME).exists() or (out / STATE_NAME).exists()
-    if cfg.resume and not has_run:
-        raise TrainError(f"nothing to resume in {out} (no {CHECKPOINT_NAME} and {STATE_NAME})")
-    if not cfg.resume and not cfg.overwrite and has_run:
-        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
-                         f"replace it, or choose another --output")
-    ancestor = out
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise TrainError(f"output folder {out} is not writable ({ancestor} is a file)")
-
-
-def _create_output(out: Path, info: DistInfo, overwrite: bool) -> None:
-    """Create ``out`` (rank 0) and check that files can be written in it; with ``overwrite``,
-    remove a previous run's files (only those: the folder may hold the user's own). The
-    temporary files of writes a kill interrupted go in any case."""
-    if not info.is_main:
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        remove_partial_writes(out, RUN_FILES)
-        if overwrite:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-    except OSError as exc:
-        raise TrainError(f"output folder {out} is not writable ({exc.strerror or exc})") from None
-
-
-def _merge_resumed_config(cfg: TrainConfig, saved: dict[str, Any], explicit: set[str]) -> TrainConfig:
-    """The saved run's config with this invocation's runtime settings; an explicitly given
-    setting that would change the run is an error."""
-    saved_cfg = TrainConfig.from_json(saved)
-    for name in sorted(explicit - RUNTIME_FIELDS):
-        mine, theirs = getattr(cfg, name), getattr(saved_cfg, name)
-        if isinstance(theirs, tuple):
-            mine = tuple(mine)
-        if mine != theirs:
-            raise TrainError(f"--{name.replace('_', '-')} {mine} differs from the run being resumed ({theirs}); "
-                             f"resume with the same settings or start a new --output")
-    for name in RUNTIME_FIELDS:
-        setattr(saved_cfg, name, getattr(cfg, name))
-    return saved_cfg
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    # Plain containers and tensors only, so the state loads with torch.load(weights_only=True).
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate(_to_tuple(state["python"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor: its shard when FSDP made it a DTensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _to_tuple(x: Any) -> Any:
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -324,16 +147,19 @@ class _Run:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        _check_config(cfg)
-        self.device = _resolve_device(cfg.device)
+        check_config(cfg)
+        try:
+            self.device = resolve_device(cfg.device)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
         self.info = init_distributed(self.device.type)
         if self.info.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.info.local_rank)
-        _prepare_output(self.out, cfg, self.info)
+        prepare_output(self.out, cfg, self.info)
         self.state: dict[str, Any] | None = None
         if cfg.resume:
             self.state = load_checkpoint_state(self.out)
-            cfg = self.cfg = _merge_resumed_config(cfg, self.state["config"], self.explicit)
+            cfg = self.cfg = merge_resumed_config(cfg, self.state["config"], self.explicit)
             if self.state.get("world_size", 1) != self.info.world_size:
                 raise TrainError(f"the run in {self.out} used {self.state.get('world_size', 1)} process(es); "
                                  f"resume it with the same number (now {self.info.world_size})")
@@ -377,7 +203,7 @@ class _Run:
         else:
             self.max_steps = DEFAULT_MAX_STEPS
         self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, self.global_batch)
-        _check_lr(self.lr, cfg)
+        check_lr(self.lr, cfg)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup_steps(self.max_steps)
 
         from timm.optim import param_groups_weight_decay
@@ -397,7 +223,9 @@ class _Run:
         self.step0_panels = (self.reconstruct() if cfg.figures and self.state is None and self.info.is_main
                              else None)
         if cfg.fsdp:
-            self._shard()
+            if not self.info.enabled:
+                raise TrainError("--fsdp needs several processes (launch with torchrun --nproc_per_node=N)")
+            shard_fsdp(self.module)
         groups = param_groups_weight_decay(self.module, cfg.weight_decay)
         # Fused: the AdamW implementation that takes a device-side found_inf (as GradScaler sets
         # it) and then leaves parameters, moments and step count alone, on CPU and GPU alike.
@@ -416,20 +244,7 @@ class _Run:
             self.num_workers = 0 if self.device.type == "cpu" else min(8, (os.cpu_count() or 1) // max(
                 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         # Last: a run that cannot start leaves the folder (and, with --overwrite, the old run) as it was.
-        _create_output(self.out, self.info, cfg.overwrite)
-
-    def _shard(self) -> None:
-        """FSDP2: every block of every block list its own unit, then the root."""
-        if not self.info.enabled:
-            raise TrainError("--fsdp needs several processes (launch with torchrun --nproc_per_node=N)")
-        from torch.distributed.fsdp import fully_shard
-
-        for sub in list(self.module.modules()):
-            if isinstance(sub, nn.ModuleList):
-                for block in sub:
-                    if any(p.requires_grad for p in block.parameters()):
-                        fully_shard(block)
-        fully_shard(self.module)
+        create_output(self.out, self.info, cfg.overwrite)
 
     def _restore_weights(self) -> None:
         # load_checkpoint_state chose the state of these weights' step.
@@ -462,13 +277,13 @@ class _Run:
         self._set_rollbacks(state.get("rollbacks", 0))
         self.adapter.load_state_dict(state.get("adapter", {}))
         rng = state["rng"]
-        _set_rng_state(rng[self.info.rank] if isinstance(rng, list) else rng, self.device)
+        set_rng_state(rng[self.info.rank] if isinstance(rng, list) else rng, self.device)
 
     def _set_rollbacks(self, count: int) -> None:
         """After a rollback the data order, augmentations and masks come from a new seed, so the
         retried steps see other batches; the state keeps the count, so a resume derives it too."""
         self.rollbacks = count
-        self.data_seed = self.cfg.seed if count == 0 else derive_seed(self.cfg.seed, count, 0xB0C)
+        self.data_seed = self.cfg.seed if count == 0 else derive_seed(self.cfg.seed, count, ROLLBACK_SALT)
         self.sampler.seed = self.data_seed
 
     # ---------------------------------------------------------------- data
@@ -478,11 +293,10 @@ class _Run:
             if self.position >= self.sampler.batches_per_epoch:
                 self.epoch, self.position = self.epoch + 1, 0
             self.adapter.before_epoch(self.module, self.epoch, self._ctx(0))
+            generator = torch.Generator().manual_seed(derive_seed(self.data_seed, self.epoch, LOADER_SALT))
             loader = DataLoader(self.train_set, batch_sampler=self.sampler.epoch(self.epoch, self.position),
                                 num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                                worker_init_fn=_seed_worker,
-                                generator=torch.Generator().manual_seed(derive_seed(self.data_seed, self.epoch, 7)),
-                                persistent_workers=False)
+                                worker_init_fn=_seed_worker, generator=generator, persistent_workers=False)
             for batch in loader:
                 self.position += 1
                 yield batch
@@ -510,14 +324,14 @@ class _Run:
     def save(self) -> None:
         """Write the checkpoint pair when every weight and optimizer tensor is finite, else a
         :class:`TrainError` (the last pair stays). Every rank calls it."""
-        broken = self._nonfinite_tensor()
+        broken = nonfinite_tensor(self.module, self.optimizer, self.info)
         if broken is not None:
             raise TrainError(self._diverged(f"{broken} is not finite at step {self.step}, so it was not saved"))
         self._write_checkpoint()
 
     def _write_checkpoint(self) -> None:
         """Write the checkpoint pair (rank 0). Every rank's RNG state is gathered first."""
-        rng = _rng_state(self.device)
+        rng = rng_state(self.device)
         if self.info.enabled:
             gathered: list[Any] = [None] * self.info.world_size
             torch.distributed.all_gather_object(gathered, rng)
@@ -547,61 +361,24 @@ class _Run:
         # On every rank: a rollback reloads it everywhere (the next step's collectives wait for the write).
         self.saved_step = self.step
 
-    def _nonfinite_tensor(self) -> str | None:
-        """The name of a weight, buffer or optimizer-state tensor holding nan or inf, else ``None``.
-        One fused check (each tensor's largest magnitude: unlike a 2-norm it cannot overflow) and
-        one host sync; in a distributed run a collective over every rank's shards."""
-        param_names = {id(p): name for name, p in self.module.named_parameters()}
-        named = list(self.module.state_dict().items())
-        named += [(f"the optimizer's {key} of {param_names[id(p)]}", value)
-                  for p, state in self.optimizer.state.items() for key, value in state.items()
-                  if isinstance(value, torch.Tensor)]
-        named = [(name, _local(t)) for name, t in named if t.is_floating_point()]
-        named = [(name, t) for name, t in named if t.numel() > 0]
-        peaks = torch._foreach_norm([t for _, t in named], ord=math.inf)
-        broken = (~torch.isfinite(torch.stack([peak.float() for peak in peaks]))).any().float()
-        if self.info.enabled:
-            torch.distributed.all_reduce(broken, op=torch.distributed.ReduceOp.MAX)
-        if not broken.item():
-            return None
-        return next((name for name, t in named if not torch.isfinite(t).all()), "a tensor of another process")
-
     def _diverged(self, reason: str) -> str:
         kept = (f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step >= 0
                 else "no checkpoint was written")
         return f"{reason}: training diverged (try a lower --blr, --clip-grad, or --precision fp32); {kept}"
 
-    def _figure_images(self) -> torch.Tensor:
-        test = self.source.split("test", [EvalTransform(self.image_size, self.source.mean, self.source.std,
-                                                        self.source.eval_crop_pct)])
-        n = min(NUM_FIGURE_IMAGES, len(test))
-        indices = np.linspace(0, len(test) - 1, n).round().astype(int).tolist()  # spread over the classes
-        return torch.stack([test[i]["views"][0] for i in indices])
-
     def reconstruct(self) -> list[torch.Tensor] | None:
         """Panels of the fixed held-out images at the current weights (``None`` without a pixel
         decoder). Under FSDP every rank must call it (the root's parameters are gathered)."""
-        imgs = self._figure_images().to(self.device)
+        imgs = held_out_images(self.source, self.image_size, NUM_FIGURE_IMAGES).to(self.device)
         num_patches = (self.image_size // self.patch_size) ** 2
-        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0xF16))
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, FIGURE_MASK_SALT))
         noise = torch.rand(imgs.shape[0], num_patches, generator=generator).to(self.device)
-        was_training = self.module.training
-        sharded = hasattr(self.module, "unshard")
-        self.module.eval()
-        if sharded:
-            self.module.unshard()  # reconstruct() calls the root's methods, not its forward
-        try:
-            with torch.no_grad(), self.autocast:
-                out = self.adapter.reconstruct(self.module, imgs, self.mask_ratio, noise)
-        finally:
-            if sharded:
-                self.module.reshard()
-            self.module.train(was_training)
-        if out is None:
-            return None
-        recon, mask = out
-        return reconstruction_panels(imgs.float().cpu(), recon.float().cpu(), mask.float().cpu(), self.patch_size,
-                                     self.source.mean, self.source.std)
+
+        def reconstruct(images):
+            with self.autocast:
+                return self.adapter.reconstruct(self.module, images, self.mask_ratio, noise)
+
+        return reconstruction_of(self.module, reconstruct, imgs, self.patch_size, self.source.mean, self.source.std)
 
     def plot(self, panels: list[torch.Tensor] | None, name: str, step: int) -> None:
         if panels is None:
@@ -612,18 +389,6 @@ class _Run:
             title += "\nnormalised-pixel target: shown with each patch's own mean/std"
         plot_reconstruction(panels, self.out / name, title)
         self.files[name.removesuffix(".png")] = self.out / name
-
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.out / METRICS_NAME, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self) -> None:
-        """On resume, drop records past the checkpoint (logged by the interrupted run after it)."""
-        path = self.out / METRICS_NAME
-        if not path.exists():
-            return
-        keep = [r for r in read_metrics(path) if r.get("step", 0) <= self.step]
-        atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     # ---------------------------------------------------------------- loop
     def run(self) -> TrainResult:
@@ -637,7 +402,7 @@ class _Run:
                                                "global_batch": self.global_batch, "world_size": info.world_size,
                                                "model_kwargs": self.model_kwargs}}, indent=2) + "\n"))
             if self.state is not None:
-                self._truncate_metrics()
+                truncate_metrics(self.out, self.step)
             elif (self.out / METRICS_NAME).exists():
                 (self.out / METRICS_NAME).unlink()
             self._print_header()
@@ -738,9 +503,7 @@ class _Run:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(grad_norm, DTensor):  # FSDP: the norm of every rank's shards
             grad_norm = grad_norm.full_tensor()
-        skip = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
-        if info.enabled:  # every rank skips the steps any rank's loss calls for
-            torch.distributed.all_reduce(skip, op=torch.distributed.ReduceOp.MAX)
+        skip = skip_flag(step_loss, grad_norm, info)
         self.optimizer.found_inf = skip
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -768,7 +531,7 @@ class _Run:
         tensor is finite; non-finite weights roll back (on_nonfinite="rollback") or end the run."""
         if self.step_skipped.item():  # a host sync, as the save's own
             return
-        broken = self._nonfinite_tensor()
+        broken = nonfinite_tensor(self.module, self.optimizer, self.info)
         if broken is None:
             self._write_checkpoint()
         elif self.cfg.on_nonfinite == "rollback":
@@ -817,8 +580,8 @@ class _Run:
             progress.n = self.step
             progress.refresh()
         if self.info.is_main:
-            self._truncate_metrics()
-            self._write_metrics({"step": self.step, "rolled_back_from": from_step, "rollbacks": self.rollbacks,
+            truncate_metrics(self.out, self.step)
+            append_metrics(self.out, {"step": self.step, "rolled_back_from": from_step, "rollbacks": self.rollbacks,
                                  "skipped": int(skipped)})
             warnings.warn(f"{reason}: rolled back to the checkpoint of step {self.step}, going on with a fresh "
                           f"data order (rollback {self.rollbacks})", stacklevel=2)
@@ -867,7 +630,7 @@ class _Run:
         if self.window_parts and kept:
             record["parts"] = {k: float(v / values[1]) for k, v in zip(self.window_parts, values[4:], strict=True)}
         if info.is_main:
-            self._write_metrics(record)
+            append_metrics(self.out, record)
             if progress is not None:
                 postfix = {"loss": "skipped" if loss is None else f"{loss:.4f}", "lr": f"{lr:.2e}",
                            "img_s": f"{img_per_s:.0f}"}

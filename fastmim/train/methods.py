@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fastmim.data.sampler import derive_seed
+from fastmim.train.config import TrainConfig, TrainError
 
 __all__ = [
     "StepContext",
@@ -354,3 +355,35 @@ register_adapter(SupervisedMIMAdapter())
 register_adapter(SupervisedMIMAdapter("supmae", default_mask_ratio=0.75))
 register_adapter(CMAEAdapter(ccrop={}))
 register_adapter(LUTAdapter())
+
+
+def build_model(method: str, preset: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    """``fastmim.models.create_model`` with user-facing errors."""
+    from fastmim.models import create_model
+
+    try:
+        return create_model(method, preset, **model_kwargs)
+    except TypeError as exc:
+        raise TrainError(f"cannot build {method} {preset} with {model_kwargs}: {exc}") from None
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int,
+                  num_classes: int) -> tuple[dict[str, Any], int, int]:
+    """``(model_kwargs, image_size, patch_size)`` of the run; checks the image size fits the patches."""
+    from fastmim.models import get_preset
+
+    try:
+        preset = get_preset(cfg.model)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    image_size = cfg.image_size or preset.img_size
+    if image_size % preset.patch_size != 0:
+        raise TrainError(f"image size {image_size} is not divisible by the patch size {preset.patch_size} "
+                         f"of {preset.name}; pick --image-size as a multiple of {preset.patch_size}")
+    kwargs = adapter.model_overrides(channels, image_size if image_size != preset.img_size else None, num_classes)
+    if cfg.norm_pix_loss:
+        kwargs["norm_pix_loss"] = True
+    kwargs.update(cfg.model_overrides)
+    return kwargs, image_size, preset.patch_size

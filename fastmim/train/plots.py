@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from fastmim.train.checkpoint import atomic_write
 
-__all__ = ["read_metrics", "plot_loss", "plot_reconstruction", "reconstruction_panels"]
+__all__ = ["held_out_images", "read_metrics", "plot_loss", "plot_reconstruction", "reconstruction_of",
+           "reconstruction_panels"]
 
 
 def _pyplot():
@@ -114,3 +118,38 @@ def plot_reconstruction(panels: Sequence[torch.Tensor], path: str | Path, title:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def held_out_images(source: Any, image_size: int, count: int) -> torch.Tensor:
+    """``count`` images of ``source``'s test split (evaluation transform), spread over its classes:
+    the fixed images of a run's reconstruction figures."""
+    from fastmim.data import EvalTransform
+
+    test = source.split("test", [EvalTransform(image_size, source.mean, source.std, source.eval_crop_pct)])
+    n = min(count, len(test))
+    indices = np.linspace(0, len(test) - 1, n).round().astype(int).tolist()
+    return torch.stack([test[i]["views"][0] for i in indices])
+
+
+def reconstruction_of(module: nn.Module, reconstruct: Callable[[torch.Tensor], Any], imgs: torch.Tensor,
+                      patch_size: int, mean: Sequence[float], std: Sequence[float]) -> list[torch.Tensor] | None:
+    """Panels of ``imgs`` reconstructed by ``reconstruct(imgs) -> (recon, mask) | None`` with
+    ``module`` in eval mode and no gradient (``None`` without a pixel decoder). An FSDP-sharded
+    root is gathered around the call (it calls the root's methods, not its forward): every rank
+    must call it then."""
+    was_training = module.training
+    sharded = hasattr(module, "unshard")
+    module.eval()
+    if sharded:
+        module.unshard()
+    try:
+        with torch.no_grad():
+            out = reconstruct(imgs)
+    finally:
+        if sharded:
+            module.reshard()
+        module.train(was_training)
+    if out is None:
+        return None
+    recon, mask = out
+    return reconstruction_panels(imgs.float().cpu(), recon.float().cpu(), mask.float().cpu(), patch_size, mean, std)
