@@ -2,7 +2,8 @@
 
 No GPU needed. The launches are captured, not listed by hand: fastmim's MAE training step
 (forward and backward, ``pred_masked_only`` off and on, ViT-B/16 and ViT-L/16 at 224 px,
-batch 256, bf16) runs on the meta device with every fastmim op sent to its Triton path, and
+batch 256, bf16; and its input, the views ``resized_crop_flip_normalize`` makes from the packed
+``uint8`` batch) runs on the meta device with every fastmim op sent to its Triton path, and
 ``JITFunction.run`` records each launch (argument types, constexprs, ``num_warps``,
 ``num_stages``) instead of running it. A kernel that a new op or model launches joins the
 report by itself.
@@ -166,11 +167,26 @@ def capture_launches(model_kwargs: list[dict[str, Any]], batch: int) -> list[Lau
             imgs = torch.empty(batch, 3, kwargs["img_size"], kwargs["img_size"], device="meta", dtype=torch.bfloat16)
             with _TritonPath():
                 model(imgs, mask_ratio=0.75)[0].backward()
+            _input_views(batch, kwargs["img_size"])
     finally:
         JITFunction.run = original_run
         for mod, fn in saved:
             mod.select_backend = fn
     return list(seen)
+
+
+def _input_views(batch: int, size: int) -> None:
+    """The step's input on the device: ``resized_crop_flip_normalize`` of a packed ``uint8`` batch
+    (500 x 375 images; the kernel's configuration depends on neither their sizes nor the boxes)."""
+    from fastmim.ops import PackedImages, resized_crop_flip_normalize
+
+    data = torch.empty(batch * 500 * 375 * 3, dtype=torch.uint8, device="meta")
+    layout = torch.empty(batch, 6, dtype=torch.int64, device="meta")
+    boxes = torch.empty(batch, 4, dtype=torch.int32, device="meta")
+    flip = torch.empty(batch, dtype=torch.bool, device="meta")
+    with _TritonPath():
+        resized_crop_flip_normalize(PackedImages(data, layout, 3), boxes, size, flip, (0.485, 0.456, 0.406),
+                                    (0.229, 0.224, 0.225))
 
 
 # ----------------------------------------------------------------------------- compile
@@ -291,7 +307,8 @@ def markdown(rows: list[dict[str, Any]], csrc: dict[str, Any], env: dict[str, An
         f"Triton {env['triton']} (its bundled ptxas), torch {env['torch']}, commit {str(env['commit'])[:12]}"
         + (" (uncommitted changes)" if env.get("commit_dirty") else "") + f", {env['date']}. "
         "Each row: a kernel with a configuration fastmim's MAE training step launches (captured, bf16, "
-        "ViT-B/16 and ViT-L/16, batch 256). Occupancy is theoretical (registers, shared memory, warps).",
+        "ViT-B/16 and ViT-L/16, batch 256; the views of its input from the packed uint8 batch, float32). "
+        "Occupancy is theoretical (registers, shared memory, warps).",
         "",
         "| kernel | configuration | arch | regs | spill st/ld (B) | smem (B) | blocks/SM | occupancy | limited by |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -42,10 +42,11 @@ def test_training_step_kernels_compile_without_spills(tmp_path):
     rows = payload["triton_kernels"]
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90a"}
     kernels = {r["kernel"] for r in rows}
-    # The kernels of the MAE step: masking, gather, un-shuffle, loss, attention forward and backward.
+    # The kernels of the MAE step: masking, gather, un-shuffle, loss, attention forward and backward,
+    # and its input's views.
     for expected in ("_random_masking_kernel", "_gather_visible_fwd_kernel", "_gather_visible_bwd_kernel",
                      "_unshuffle_fwd_kernel", "_unshuffle_bwd_kernel", "_masked_patch_mse_fwd_kernel",
-                     "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"):
+                     "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_resized_crop_kernel"):
         assert expected in kernels
     for r in rows:
         assert r["ok"], r.get("error")

@@ -9,6 +9,9 @@
   sharded over processes, resumable at any batch.
 - :func:`build_views` — the views a method trains on (one, or two for CMAE/LUT).
 - :class:`ContrastiveCrop` — CMAE's crop sampler around heat-map boxes of the model's features.
+- :mod:`fastmim.data.pipeline` — the input pipeline where workers only decode (``uint8``, packed
+  batches) and :func:`views_on_device` makes the views on the training device with
+  :func:`fastmim.ops.resized_crop_flip_normalize`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fastmim.data.datasets import (
     ImageFolderDataset,
     open_data,
 )
+from fastmim.data.pipeline import DecodedImageFolder, collate_decoded, views_on_device
 from fastmim.data.sampler import TrainBatchSampler, derive_seed
 from fastmim.data.transforms import (
     CropSampler,
@@ -38,6 +42,7 @@ __all__ = [
     "CropSampler",
     "DataError",
     "DataSource",
+    "DecodedImageFolder",
     "EvalTransform",
     "ImageDataset",
     "ImageFolderDataset",
@@ -45,8 +50,10 @@ __all__ = [
     "TrainBatchSampler",
     "ViewTransform",
     "build_views",
+    "collate_decoded",
     "derive_seed",
     "open_data",
+    "views_on_device",
 ]
 
 
