@@ -249,10 +249,10 @@ def test_fused_block_runs_timm_steps_where_the_fused_ops_have_no_kernel():
     with use_backend("triton"):
         assert block.fusable(x)
     assert block.fusable(x.to("meta"))  # shape-only runs (the cost model) see the GPU step
-    real = torch.ops.fastmim.layer_norm
+    real = torch.ops.fastmim.gemm_forward
     for backend, fused in (("reference", False), ("triton", True)):
         seen = []
-        with use_backend(backend), mock.patch.object(torch.ops.fastmim, "layer_norm",
+        with use_backend(backend), mock.patch.object(torch.ops.fastmim, "gemm_forward",
                                                      side_effect=lambda *a, seen=seen: seen.append(a) or real(*a)):
             block(x)
         assert bool(seen) == fused, backend
@@ -516,8 +516,8 @@ def test_run_blocks_is_the_blocks_in_turn(plain_at, packed):
 
 
 def test_run_blocks_leaves_no_residual_add_in_the_fused_blocks():
-    """Forward: one add joins the two residual terms after the last block; backward: no add at all
-    (each residual gradient joins dx inside a LayerNorm backward kernel)."""
+    """No add kernel, forward or backward: each residual add runs in a GEMM's epilogue, each residual
+    gradient joins dx inside a LayerNorm backward kernel."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastmim.models.vit import run_blocks
@@ -539,5 +539,205 @@ def test_run_blocks_leaves_no_residual_add_in_the_fused_blocks():
             out = run_blocks(blocks, x)
         with CountAdds() as backward:
             out.backward(torch.randn_like(out))
-    assert forward.adds == 1
+    assert forward.adds == 0
     assert backward.adds == 0
+
+
+# --------------------------------------------------------------------------------------------
+# GEMMs with the block's steps fused in (norm_linear, linear_add, norm_mlp_add)
+# --------------------------------------------------------------------------------------------
+
+from fastmim.ops import (  # noqa: E402
+    layer_norm_stats,
+    linear_add,
+    linear_add_reference,
+    norm_linear,
+    norm_linear_reference,
+    norm_mlp_add,
+    norm_mlp_add_reference,
+)
+from fastmim.testing import poison_allocations  # noqa: E402
+
+# Interpreter tiles (BLOCK_M, BLOCK_N, BLOCK_K): several row, column and K blocks with ragged ends
+# (M = 37, N = 72 or 40, K = 48), and 128-column blocks holding two statistics tiles.
+GEMM_TILES = [(16, 64, 16), (32, 128, 32)]
+
+
+@pytest.fixture
+def gemm_tiles(request, monkeypatch):
+    bm, bn, bk = request.param
+    monkeypatch.setattr(kernels, "_interpret_config", lambda m, n, k: (bm, bn, bk, 4, 1))
+    return request.param
+
+
+def _stats_of(s):
+    """(mean, var) per row from the per-tile statistics, in float64."""
+    count, mean_t, m2_t = s.double().unbind(-1)
+    mean = (count * mean_t).sum(-1) / count.sum(-1)
+    return mean, (m2_t + count * (mean_t - mean[:, None]) ** 2).sum(-1) / count.sum(-1)
+
+
+@pytest.mark.skipif("cpu" not in DEVICES, reason="the interpreter runs these launchers on CPU tensors")
+@pytest.mark.parametrize("gemm_tiles", GEMM_TILES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gemm_launchers_match_float64(dtype, gemm_tiles):
+    """Each fused GEMM launcher against float64 math on ragged shapes, outputs NaN-poisoned first."""
+    m, k, n = 37, 48, 72
+    tol = TOLERANCES[dtype] * (2 if dtype == torch.bfloat16 else 1)
+    x, res = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+    w, b = (torch.randn(n, k) / 7).to(dtype), torch.randn(n).to(dtype)
+    g, be = torch.randn(k).to(dtype), torch.randn(k).to(dtype)
+    grad, pre = torch.randn(m, n).to(dtype), torch.randn(m, k).to(dtype)
+    xd, wd, bd, gd, bed = (t.double() for t in (x, w, b, g, be))
+    with poison_allocations(kernels):
+        stats = kernels.row_stats(x)
+        fwd = kernels.linear_forward(x, w, b, dtype, dtype, norm=(stats, g, be, 1e-6), gelu=True)
+        add = kernels.linear_forward(x, w, None, dtype, dtype, residual=res)
+        dpre = kernels.linear_dgelu(grad, w, pre, dtype)
+        mean, rstd = fwd["mean"], fwd["rstd"]
+        partial = torch.randn(2, 5, k)
+        dw_ln, db_ln, dparams = kernels.linear_wgrad(grad, x, dtype, torch.float32, dtype, norm=(mean, rstd, g, be),
+                                                     partial=partial, param_dtype=torch.float32)
+        dw_gelu, db_gelu, _ = kernels.linear_wgrad(grad, pre, dtype, dtype, None, gelu=True)
+    ln = F.layer_norm(xd, (k,), gd, bed, 1e-6)
+    assert_rel_close(_stats_of(stats)[0], xd.mean(-1), torch.float32, name="row_stats mean")
+    assert_rel_close(mean, xd.mean(-1), torch.float32, name="prologue mean")
+    assert_rel_close(rstd, (xd.var(-1, unbiased=False) + 1e-6).rsqrt(), torch.float32, name="prologue rstd")
+    h = ln @ wd.t() + bd
+    assert_rel_close(fwd["pre"], h, tol=tol, name="fc1 pre-activation")
+    assert_rel_close(fwd["out"], F.gelu(h), tol=tol, name="fc1 GELU")
+    s = xd @ wd.t() + res.double()
+    assert_rel_close(add["out"], s, tol=tol, name="residual epilogue")
+    assert add["stats"].shape == (m, kernels.stats_tiles(n), 3)
+    smean, svar = _stats_of(add["stats"])
+    assert_rel_close(smean, add["out"].double().mean(-1), torch.float32, name="epilogue stats mean")
+    assert_rel_close(svar, add["out"].double().var(-1, unbiased=False), torch.float32, name="epilogue stats var")
+    pd = pre.double().requires_grad_()
+    (ref_dpre,) = torch.autograd.grad(F.gelu(pd), pd, grad.double() @ wd)
+    assert_rel_close(dpre, ref_dpre, tol=tol, name="dGELU epilogue")
+    assert_rel_close(dw_ln, grad.double().t() @ ln, tol=tol, name="wgrad, LayerNorm prologue")
+    assert dw_ln.dtype == torch.float32 and db_ln.dtype == dtype and db_gelu is None
+    assert_rel_close(db_ln, grad.double().sum(0), tol=tol, name="bias gradient row sums")
+    assert_rel_close(dparams, partial.double().sum(1), torch.float32, name="dgamma/dbeta side reduction")
+    assert_rel_close(dw_gelu, grad.double().t() @ F.gelu(pre.double()), tol=tol, name="wgrad, GELU prologue")
+
+
+def _mlp_inputs(dtype, c=40, hidden=72, shape=(2, 13)):
+    x = torch.randn(*shape, c).to(dtype)
+    params = [torch.randn(c), torch.randn(c), torch.randn(hidden, c) / 6, torch.randn(hidden), torch.randn(c, hidden) / 8,
+              torch.randn(c)]
+    return [x] + [p.to(dtype) for p in params]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gemm_ops_match_reference(backend, dtype):
+    """norm_mlp_add and norm_linear -> linear_add (a block's two halves), forward and every gradient."""
+    if backend == "triton" and not DEVICES:
+        pytest.skip("no device for the Triton kernels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tol = TOLERANCES[dtype] * (2 if dtype == torch.bfloat16 else 1)
+    inputs = [t.to(device) for t in _mlp_inputs(dtype)]
+    qkv_w, qkv_b = (torch.randn(120, 40, device=device) / 6).to(dtype), torch.randn(120, device=device).to(dtype)
+    proj_w, proj_b = (torch.randn(40, 120, device=device) / 10).to(dtype), torch.randn(40, device=device).to(dtype)
+    grad = torch.randn(2, 13, 40, device=device).to(dtype)
+
+    def run(x, nw, nb, w1, b1, w2, b2, qw, qb, pw, pb, fast):
+        if fast:
+            xv, qkv = norm_linear(x, None, nw, nb, 1e-6, qw, qb)
+            s, stats = linear_add(qkv, pw, pb, xv)
+            return norm_mlp_add(s, stats, nw, nb, 1e-6, w1, b1, w2, b2)[0]
+        s = linear_add_reference(norm_linear_reference(x, nw, nb, 1e-6, qw, qb), pw, pb, x)
+        return norm_mlp_add_reference(s, nw, nb, 1e-6, w1, b1, w2, b2)
+
+    tensors = inputs + [qkv_w, qkv_b, proj_w, proj_b]
+    leaves = [_leaf(t) for t in tensors]
+    with use_backend(backend):
+        out = run(*leaves, fast=True)
+        grads = _grads(out, grad, leaves)
+    leaves64 = [_leaf(t.double()) for t in tensors]
+    ref = run(*leaves64, fast=False)
+    refs = _grads(ref, grad.double(), leaves64)
+    names = ["out", "dx", "dnorm_w", "dnorm_b", "dfc1_w", "dfc1_b", "dfc2_w", "dfc2_b", "dqkv_w", "dqkv_b", "dproj_w",
+             "dproj_b"]
+    for name, got, want in zip(names, (out, *grads), (ref, *refs), strict=True):
+        assert got.dtype == dtype, name
+        assert_rel_close(got, want, tol=tol, name=f"{backend} {name}")
+
+
+def test_fused_gemm_ops_pass_gradcheck_and_save_no_activation():
+    """The registered backward formulas (float64: the reference implementations of the custom ops), and
+    what norm_mlp_add saves: x, the row mean/rstd and fc1's pre-activation, no activation or LN output."""
+    x, nw, nb, w1, b1, w2, b2 = (_leaf(t.double()) for t in _mlp_inputs(torch.float64, c=6, hidden=10, shape=(2, 3)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm_mlp_add(x, None, nw, nb, 1e-5, w1, b1, w2, b2)
+    params = {t.data_ptr() for t in (nw, nb, w1, b1, w2, b2)}
+    activations = sorted(tuple(t.shape) for t in saved if t.data_ptr() not in params)
+    assert activations == [(2, 3, 6), (6,), (6,), (6, 10)], activations  # x, mean, rstd, fc1 pre-activation
+    assert torch.autograd.gradcheck(lambda *a: norm_mlp_add(a[0], None, a[1], a[2], 1e-5, *a[3:])[0],
+                                    (x, nw, nb, w1, b1, w2, b2))
+    qw, qb = _leaf(torch.randn(9, 6, dtype=torch.float64)), _leaf(torch.randn(9, dtype=torch.float64))
+    pw = _leaf(torch.randn(6, 9, dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda x, nw, nb, qw, qb, pw: linear_add(norm_linear(x, None, nw, nb, 1e-5, qw, qb)[1], pw, None, x)[0],
+        (x, nw, nb, qw, qb, pw))
+    stats = layer_norm_stats(x)
+    assert stats.shape == (6, 1, 3) and torch.equal(stats[:, 0, 0], torch.full((6,), 6.0, dtype=torch.float64))
+
+
+@pytest.mark.skipif("cpu" not in DEVICES, reason="the interpreter runs the Triton path on CPU")
+def test_fused_gemm_ops_under_autocast_keep_the_dtypes_of_the_unfused_block():
+    """bf16 autocast over fp32 parameters and an fp32 residual stream: the products in bf16, the stream
+    and every parameter gradient in fp32, the values those of the unfused chain under the same autocast."""
+    inputs = _mlp_inputs(torch.float32)
+    grad = torch.randn(2, 13, 40)
+    results = {}
+    for fast in (True, False):
+        leaves = [_leaf(t) for t in inputs]
+        with use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+            if fast:
+                out = norm_mlp_add(leaves[0], None, leaves[1], leaves[2], 1e-6, *leaves[3:])[0]
+            else:
+                out = norm_mlp_add_reference(leaves[0], leaves[1], leaves[2], 1e-6, *leaves[3:])
+        results[fast] = (out, *_grads(out, grad, leaves))
+    for i, (got, want) in enumerate(zip(results[True], results[False], strict=True)):
+        assert got.dtype == want.dtype == torch.float32, i
+        assert_rel_close(got, want, tol=2 * TOLERANCES[torch.bfloat16], name=f"output/gradient {i}")
+
+
+def test_fused_block_launches_only_gemms_and_layer_norm_rows():
+    """One block, forward and backward on the fused-GEMM path: the ops that run, in order. Forward:
+    statistics, qkv, attention, proj, fc1, fc2; backward: no elementwise, reduction or add kernel
+    between the GEMMs, the LayerNorm rows and the attention (three cuBLAS input-gradient GEMMs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastmim.models.vit import FusedBlock
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+            if not view and func.__name__.split(".")[0] not in ("empty", "empty_like", "new_empty", "detach",
+                                                                             "promote_types", "result_type"):
+                self.names.append(func._schema.name.replace("aten::", "").replace("fastmim::", ""))
+            return out
+
+    block = FusedBlock(32, 2, qkv_bias=True, attn_backend="fastmim")
+    x = _leaf(torch.randn(2, 5, 32))
+    with use_backend("triton"):
+        assert block.stream_fusable(x)
+        with Ops() as forward:
+            out = block(x)
+        grad = torch.randn_like(out)
+        with Ops() as backward:
+            out.backward(grad)
+    assert forward.names == ["layer_norm_stats", "gemm_forward", "visible_attention_qkvpacked", "gemm_forward",
+                             "gemm_forward", "gemm_forward"], forward.names
+    assert backward.names == ["gemm_dgelu", "gemm_wgrad", "mm", "layer_norm_backward_partial", "gemm_wgrad",
+                              "mm", "gemm_wgrad", "visible_attention_qkvpacked_backward", "mm",
+                              "layer_norm_backward_partial", "gemm_wgrad"], backward.names

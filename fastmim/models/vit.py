@@ -22,7 +22,7 @@ from torch import nn
 
 from fastmim.ops._dispatch import forced_backend, select_backend
 from fastmim.ops.attention import ATTN_BACKENDS, attention_qkvpacked
-from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear
+from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear, linear_add, norm_linear, norm_mlp_add
 
 # --------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos position embeddings (MAE's util/pos_embed.py, computed in float64)
@@ -121,27 +121,28 @@ class Block(TimmBlock):
 
 
 class FusedBlock(Block):
-    """:class:`Block` whose memory-bound steps run as fastmim's ``fused_block`` ops.
+    """:class:`Block` whose memory-bound steps run fused into its GEMMs (fastmim's ``fused_block`` ops).
 
     Same parameters and names as timm's block (``norm1``, ``attn``, ``norm2``, ``mlp.fc1``,
-    ``mlp.fc2``: the state dict does not change) and the same function. On a residual stream kept
-    as two terms, ``x = hidden + residual`` (:meth:`forward_residual`, as flash-attention's
-    prenorm ``Block``)::
+    ``mlp.fc2``: the state dict does not change) and the same function. The residual stream travels
+    with its per-row statistics (:meth:`forward_stream`)::
 
-        x, qkv = add_layer_norm_linear(hidden, residual, norm1, attn.qkv)   # x = hidden + residual
-        x, h = add_layer_norm_linear(x, attn.attend(qkv), norm2, fc1 without its bias)
-        return bias_gelu_linear(h, fc1.bias, fc2), x                         # (hidden, residual) out
+        x, qkv = norm_linear(x, stats, norm1, attn.qkv)        # LayerNorm in the qkv GEMM's prologue
+        s, stats = linear_add(attention(qkv), attn.proj, x)     # bias, residual add, row statistics: epilogue
+        return norm_mlp_add(s, stats, norm2, mlp.fc1, mlp.fc2)  # fc1: LN prologue, bias + GELU epilogue;
+                                                                # fc2: bias, residual, statistics epilogue
 
-    Every residual add runs inside the LayerNorm kernel after it, and its gradient inside that
-    LayerNorm's backward pass: no add kernel is left in the block, forward or backward (the next
-    block, or :func:`run_blocks` after the last, joins the two terms). ``fc1``'s bias goes into
-    the GELU kernel. Each block saves for backward the residual stream, ``fc1``'s output and the
-    attention's own tensors: the LayerNorm outputs and the GELU output, which the next matmul
-    would otherwise keep for its weight gradient, are recomputed in the backward pass that
-    computes their gradient (one extra store each). A block whose norms are not affine
-    ``nn.LayerNorm``, whose activation is not the exact ``nn.GELU``, or whose attention or MLP has
-    other layers runs the unfused steps (timm's), and so does every block on a device where the
-    fused ops have no kernel (CPU, unless Triton's interpreter runs them): see :meth:`fusable`.
+    No LayerNorm, GELU, bias or residual-add kernel is left in the forward pass, and in the backward
+    pass only the LayerNorm row kernels (GELU's derivative, the activation and LayerNorm outputs, and the
+    bias and LayerNorm parameter reductions all run inside the GEMMs: see ``fastmim.ops.fused_block``).
+    Each block saves for backward the residual stream, the row ``mean``/``rstd``, fc1's pre-activation
+    and the attention's own tensors. :func:`run_blocks` passes ``(x, stats)`` from block to block.
+
+    A block with LayerScale or an active drop-path runs the earlier fusion (:meth:`forward_residual`:
+    LayerNorm kernels with the residual add inside, cuBLAS GEMMs); a block whose norms are not affine
+    ``nn.LayerNorm``, whose activation is not the exact ``nn.GELU``, or whose attention or MLP has other
+    layers runs the unfused steps (timm's), and so does every block on a device where the fused ops have
+    no kernel (CPU, unless Triton's interpreter runs them): see :meth:`fusable` and :meth:`stream_fusable`.
     """
 
     def fusable(self, x: torch.Tensor) -> bool:
@@ -163,6 +164,34 @@ class FusedBlock(Block):
                   and not (self.training and getattr(mlp.drop1, "p", 0.0) > 0))
         return norms_ok and act_ok and mlp_ok and isinstance(self.attn, Attention)
 
+    def stream_fusable(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_stream` runs for ``x``: :meth:`fusable`, and nothing sits between the
+        GEMMs and the residual adds (no LayerScale, no active drop-path or dropout after fc2)."""
+        if not self.fusable(x):
+            return False
+
+        def inactive(m: nn.Module) -> bool:
+            return isinstance(m, nn.Identity) or not self.training or float(
+                getattr(m, "p", getattr(m, "drop_prob", 1.0)) or 0.0) == 0.0
+
+        return (isinstance(self.ls1, nn.Identity) and isinstance(self.ls2, nn.Identity)
+                and all(inactive(m) for m in (self.drop_path1, self.drop_path2, self.mlp.drop2))
+                and isinstance(self.attn.proj, nn.Linear) and isinstance(self.mlp.fc2, nn.Linear))
+
+    def forward_stream(self, x: torch.Tensor, stats: torch.Tensor | None = None,
+                       cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x`` with its row statistics ``stats`` (``None``: computed); returns the output
+        and its row statistics. Needs :meth:`stream_fusable` (it runs the fused ops on any backend)."""
+        norm1, norm2, attn, mlp = self.norm1, self.norm2, self.attn, self.mlp
+        x, qkv = norm_linear(x, stats, norm1.weight, norm1.bias, norm1.eps, attn.qkv.weight, attn.qkv.bias)
+        lead = qkv.shape[:-1]
+        packed = qkv.reshape(*lead, 3, attn.num_heads, attn.head_dim)
+        out = attention_qkvpacked(packed, backend=attn.attn_backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        s, stats = linear_add(out.reshape(*lead, qkv.shape[-1] // 3), attn.proj.weight, attn.proj.bias, x)
+        return norm_mlp_add(s, stats, norm2.weight, norm2.bias, norm2.eps, mlp.fc1.weight, mlp.fc1.bias,
+                            mlp.fc2.weight, mlp.fc2.bias)
+
     def forward_residual(self, hidden: torch.Tensor, residual: torch.Tensor | None = None,
                          cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +207,8 @@ class FusedBlock(Block):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 ) -> torch.Tensor:
+        if self.stream_fusable(x):
+            return self.forward_stream(x, None, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[0]
         if not self.fusable(x):
             return super().forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         hidden, residual = self.forward_residual(x, None, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
@@ -188,11 +219,18 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, cu_seqlens: torch.T
                max_seqlen: int | None = None) -> torch.Tensor:
     """``x`` through ``blocks`` in order: the same result as calling each block in turn.
 
-    Runs of fusable :class:`FusedBlock` pass the residual stream between them as two terms
-    (:meth:`FusedBlock.forward_residual`), so each block's last residual add happens inside the
-    next block's first LayerNorm kernel; one add joins the terms at the end of a run."""
-    hidden, residual = x, None
+    Runs of :class:`FusedBlock` on the fused-GEMM path (:meth:`FusedBlock.stream_fusable`) pass the
+    residual stream with its row statistics, which each block's last GEMM computes for the next block's
+    first LayerNorm; blocks on the earlier fusion (:meth:`FusedBlock.forward_residual`) pass it as two
+    terms whose add happens inside the next LayerNorm kernel (one add joins them at the end of a run)."""
+    hidden, residual, stats = x, None, None
     for blk in blocks:
+        if isinstance(blk, FusedBlock) and blk.stream_fusable(hidden):
+            if residual is not None:
+                hidden, residual, stats = residual + hidden, None, None
+            hidden, stats = blk.forward_stream(hidden, stats, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            continue
+        stats = None
         if isinstance(blk, FusedBlock) and blk.fusable(hidden):
             hidden, residual = blk.forward_residual(hidden, residual, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             continue
@@ -213,6 +251,20 @@ def patch_features(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     cls = (model.cls_token + model.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)
     return run_blocks(model.blocks, x)[:, 1:, :]
+
+
+def set_drop_path(blocks: Sequence[nn.Module], rate: float) -> None:
+    """Stochastic depth on built blocks: block ``i`` of ``n`` drops its branches with probability
+    ``rate * i / (n - 1)`` (timm's and MAE's ``linspace(0, rate, depth)`` rule; ``rate=0`` removes it)."""
+    from timm.layers import DropPath
+
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+    n = len(blocks)
+    for i, blk in enumerate(blocks):
+        p = rate * i / max(n - 1, 1)
+        blk.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
 
 
 def set_attn_backend(module: nn.Module, backend: str | None) -> None:

@@ -26,6 +26,13 @@ from fastmim.ops.fused_block import (
     layer_norm,
     layer_norm_linear,
     layer_norm_reference,
+    layer_norm_stats,
+    linear_add,
+    linear_add_reference,
+    norm_linear,
+    norm_linear_reference,
+    norm_mlp_add,
+    norm_mlp_add_reference,
 )
 from fastmim.ops.loss import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify
 from fastmim.ops.resized_crop import (
@@ -54,7 +61,9 @@ __all__ = ["BACKENDS", "backend_status", "check_indices", "forced_backend", "sel
 __all__ += ["ATTN_BACKENDS", "attention", "attention_qkvpacked", "choose_attn_backend", "visible_attention",
             "visible_attention_qkvpacked", "visible_attention_reference"]
 __all__ += ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear",
-            "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference"]
+            "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference", "layer_norm_stats",
+            "linear_add", "linear_add_reference", "norm_linear", "norm_linear_reference", "norm_mlp_add",
+            "norm_mlp_add_reference"]
 __all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
 __all__ += ["CropBoxes", "PackedImages", "pack_images", "random_resized_crop_box", "random_resized_crop_boxes",
             "resized_crop_flip_normalize", "resized_crop_flip_normalize_reference"]
