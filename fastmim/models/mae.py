@@ -25,7 +25,10 @@ and official training scripts run unchanged. What it adds:
 - a per-sample mask ratio (a sequence of ``B`` floats): the encoder runs on packed
   variable-length sequences (``cu_seqlens``), no padding.
 - ``encode(imgs)``: features of the unmasked image for k-NN / linear probing.
-- :func:`load_encoder_into_timm`: the encoder into a timm ``VisionTransformer``.
+- ``reconstruct(imgs, pred, mask)``: the prediction as images in pixel space (norm-pix undone
+  with each target patch's own mean and variance); ``unpatchify`` for any patch grid.
+- :func:`load_encoder_into_timm`: the encoder into a timm ``VisionTransformer``; weights from
+  and to transformers' ViTMAE and from timm ViTs in :mod:`fastmim.models.convert`.
 """
 
 from __future__ import annotations
@@ -108,7 +111,9 @@ class MaskedAutoencoderViT(nn.Module):
 
     Args (fastmim, keyword only): ``fused`` (fastmim ops vs the official plain steps),
     ``attn_backend`` (``"fastmim" | "sdpa" | "xformers" | "reference" | None``; ``None``
-    lets fastmim choose when fused, SDPA otherwise), ``pred_masked_only``, ``drop_path_rate``.
+    lets fastmim choose when fused, SDPA otherwise), ``pred_masked_only``, ``drop_path_rate``,
+    ``decoder_mlp_ratio`` (the decoder blocks' MLP width over their width; default ``mlp_ratio``,
+    as the official model, which has one ratio for both).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
@@ -116,7 +121,7 @@ class MaskedAutoencoderViT(nn.Module):
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4., norm_layer: type[nn.Module] = nn.LayerNorm, norm_pix_loss: bool = False,
                  *, fused: bool = True, attn_backend: str | None = None, pred_masked_only: bool = False,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, decoder_mlp_ratio: float | None = None):
         super().__init__()
         grid = check_patch_grid(img_size, patch_size)
         if not isinstance(patch_size, int):
@@ -140,11 +145,12 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm = norm_layer(embed_dim)
 
         # ----- decoder
+        decoder_mlp_ratio = mlp_ratio if decoder_mlp_ratio is None else decoder_mlp_ratio
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
-            block_cls(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+            block_cls(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
                       attn_backend=block_backend)
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
@@ -199,16 +205,73 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.einsum("nchpwq->nhwpqc", x)
         return x.reshape(n, h * w, p * p * c)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, L, p*p*C) -> (B, C, H, W)``, the inverse of :meth:`patchify` (grid of this model)."""
+    def unpatchify(self, x: torch.Tensor, grid_size: int | Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, L, p*p*C) -> (B, C, H, W)``, the inverse of :meth:`patchify`.
+
+        ``grid_size``: the patch grid ``(H / p, W / p)`` of the images (an int for a square one);
+        default the model's own (``patch_embed.grid_size``, which need not be square).
+        """
         p = self.patch_size
-        h, w = self.grid_size
+        if grid_size is None:
+            grid_size = self.grid_size
+        h, w = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         c = x.shape[-1] // (p * p)
         if x.dim() != 3 or x.shape[1] != h * w or c * p * p != x.shape[-1]:
-            raise ValueError(f"x must be (B, {h * w}, {p}*{p}*C), got {tuple(x.shape)}")
+            raise ValueError(f"x must be (B, {h}*{w}, {p}*{p}*C) for a {h}x{w} grid of {p}-pixel patches, "
+                             f"got {tuple(x.shape)}")
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor | None = None, *,
+                    paste_visible: bool = False) -> torch.Tensor:
+        """The decoder's prediction as images ``(B, C, H, W)`` in the pixel space of ``imgs``.
+
+        ``imgs``: the images the model saw; ``pred`` and ``mask``: what :meth:`forward` returned
+        for them. With ``norm_pix_loss`` the model predicts each patch normalised by the
+        target patch's own mean and variance; they are undone here with those of the
+        matching patch of ``imgs``: ``pred * sqrt(var + 1e-6) + mean`` (unbiased variance, as
+        the loss). ``pred`` may hold every patch ``(B, L, p*p*C)`` or, from a
+        ``pred_masked_only`` model, only the masked ones (``(B, L - K, p*p*C)``, or packed
+        ``(T, p*p*C)`` with a per-sample mask ratio, in ``mask.bool()`` order): the visible
+        patches are then those of ``imgs``, and ``mask`` is needed. ``paste_visible=True``
+        takes the visible patches (``mask == 0``) from ``imgs`` in every case, as the MAE
+        demo's "reconstruction + visible" panel. Any patch grid of the model's patch size
+        works (``imgs`` need not be the model's image size). Returns float32 for a lower
+        precision ``pred``.
+        """
+        if imgs.dim() != 4:
+            raise ValueError(f"imgs must be (B, C, H, W), got {tuple(imgs.shape)}")
+        target = self.patchify(imgs).float()
+        batch, length, width = target.shape
+        grid = (imgs.shape[2] // self.patch_size, imgs.shape[3] // self.patch_size)
+        pred = pred.float()
+        full = pred.dim() == 3 and tuple(pred.shape[:2]) == (batch, length)
+        if pred.shape[-1] != width or not (full or mask is not None):
+            raise ValueError(f"pred must be (B, L, p*p*C) = {(batch, length, width)}, or its masked rows with the "
+                             f"mask, got {tuple(pred.shape)}" + ("" if mask is not None else " and no mask"))
+        if mask is not None and tuple(mask.shape) != (batch, length):
+            raise ValueError(f"mask must be (B, L) = {(batch, length)}, got {tuple(mask.shape)}")
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            std = (target.var(dim=-1, keepdim=True) + 1.e-6) ** .5
+        if full:
+            out = pred * std + mean if self.norm_pix_loss else pred
+            if paste_visible and mask is not None:
+                removed = mask.to(out.dtype).unsqueeze(-1)
+                out = out * removed + target * (1 - removed)
+        else:  # the masked rows only: scatter them into the image's patches
+            rows = mask.reshape(-1).bool()
+            if int(rows.sum()) != pred.reshape(-1, width).shape[0]:
+                raise ValueError(f"pred has {pred.reshape(-1, width).shape[0]} rows, the mask {int(rows.sum())} "
+                                 f"masked patches")
+            flat = pred.reshape(-1, width)
+            if self.norm_pix_loss:
+                flat = flat * std.reshape(-1, 1)[rows] + mean.reshape(-1, 1)[rows]
+            out = target.reshape(-1, width).clone()
+            out[rows] = flat
+            out = out.reshape(batch, length, width)
+        return self.unpatchify(out, grid)
 
     # ------------------------------------------------------------------ masking
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):

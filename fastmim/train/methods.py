@@ -161,13 +161,16 @@ class MethodAdapter:
         """``(reconstruction (B, C, H, W), mask (B, L))`` for the figure, or ``None`` when the
         method has no pixel decoder. Works for any model with MAE's ``forward_encoder`` /
         ``forward_decoder`` / ``unpatchify``; the prediction is de-normalised with each
-        patch's own mean and std when the model trains on normalised pixels."""
+        patch's own mean and std when the model trains on normalised pixels (fastmim's models:
+        their public ``reconstruct``)."""
         if not all(hasattr(module, a) for a in ("forward_encoder", "forward_decoder", "unpatchify", "patchify")):
             return None
         latent, mask, ids_restore = module.forward_encoder(imgs, mask_ratio, noise)
         pred = module.forward_decoder(latent, ids_restore)
         if pred.shape[1] != mask.shape[1]:
             return None  # masked-rows-only decoders: nothing to paste
+        if callable(getattr(module, "reconstruct", None)):
+            return module.reconstruct(imgs, pred, mask), mask
         if getattr(module, "norm_pix_loss", False):
             target = module.patchify(imgs)
             mean = target.mean(dim=-1, keepdim=True)
