@@ -5,9 +5,13 @@
 - :class:`MaskedAutoencoderViT`: a drop-in for the official MAE model (``models_mae.py``).
 - :class:`SupervisedMIM`: a classifier ViT trained jointly with a shallow MIM decoder.
 - :class:`CMAE`, :class:`LUT`: the two-view self-supervised variants (``forward(view1, view2)``).
+- :func:`from_hf_vitmae`, :func:`to_hf_vitmae`: MAE weights from and to transformers' ViTMAE;
+  :func:`load_timm_vit_into`: a timm ViT's weights into any model's encoder
+  (:mod:`fastmim.models.convert`).
 """
 
 from fastmim.models.cmae import CMAE
+from fastmim.models.convert import from_hf_vitmae, hf_vitmae_config, load_timm_vit_into, to_hf_vitmae
 from fastmim.models.ema import EMATeacher
 from fastmim.models.lut import LUT
 from fastmim.models.mae import (
@@ -50,11 +54,14 @@ __all__ = [
     "ViTPreset",
     "create_model",
     "encoder_state_dict_for_timm",
+    "from_hf_vitmae",
     "get_2d_sincos_pos_embed",
     "get_preset",
+    "hf_vitmae_config",
     "list_methods",
     "list_presets",
     "load_encoder_into_timm",
+    "load_timm_vit_into",
     "mae_vit_base_patch16",
     "mae_vit_base_patch16_dec512d8b",
     "mae_vit_huge_patch14",
@@ -63,4 +70,5 @@ __all__ = [
     "mae_vit_large_patch16_dec512d8b",
     "register_method",
     "set_attn_backend",
+    "to_hf_vitmae",
 ]
