@@ -177,12 +177,23 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="dataset (default: the one the checkpoint was trained on); its held-out split is scored")
     p.add_argument("--k", type=int, default=20, help="neighbours for k-NN (default: 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default: 0.07)")
-    p.add_argument("--pool", choices=("cls", "mean"), default=None, help="feature pooling (default: the model's)")
+    p.add_argument("--pool", choices=("cls", "mean", "avg"), default=None,
+                   help="feature pooling (default: the model's); fine-tuning with cls takes the cls token after the "
+                        "final norm, with avg MAE's global pool (mean of the last block's patch tokens, a new "
+                        "fc_norm)")
     p.add_argument("--probe-epochs", type=int, default=90, help="linear-probe epochs (default: 90)")
     p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (default: 5)")
     p.add_argument("--finetune-blr", type=float, default=5e-4,
                    help="fine-tuning base lr, scaled by batch/256 (default: 5e-4)")
     p.add_argument("--finetune-batch-size", type=int, default=64, help="fine-tuning batch (default: 64)")
+    p.add_argument("--layer-decay", type=float, default=1.0,
+                   help="fine-tuning layer-wise lr decay: block i's lr is scaled by decay ** (depth - i) (default: 1, "
+                        "off; MAE: 0.65 for ViT-B, 0.75 for ViT-L/H)")
+    p.add_argument("--mixup", type=float, default=0.0, help="fine-tuning mixup alpha (default: 0, off; MAE: 0.8)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="fine-tuning cutmix alpha (default: 0, off; MAE: 1.0)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="fine-tuning label smoothing (default: 0.1)")
+    p.add_argument("--drop-path", type=float, default=0.0,
+                   help="fine-tuning drop path rate of the last block (default: 0; MAE: 0.1 for ViT-B)")
     p.add_argument("--limit-train", type=int, default=None, metavar="N",
                    help="use N train images (stratified) as k-NN memory / probe data (default: all)")
     p.add_argument("--limit-test", type=int, default=None, metavar="N", help="score N held-out images (default: all)")
@@ -240,11 +251,13 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
         elif protocol == "finetune":
             views = [ViewTransform(meta["image_size"], meta["mean"], meta["std"],
                                    crop_sampler=RandomResizedCropSampler(scale=(0.08, 1.0)))]
+            recipe = _finetune_config(args)
             acc = finetune(ckpt.module, ckpt.adapter, source.split("train", views), test_set,
-                           num_classes=num_classes, epochs=args.finetune_epochs, batch_size=args.finetune_batch_size,
-                           blr=args.finetune_blr, device=device, seed=args.seed, train_indices=train_idx,
-                           test_indices=test_idx, pool=args.pool, num_workers=args.num_workers)
-            detail = f"{args.finetune_epochs} epochs of fine-tuning, blr {args.finetune_blr:g}"
+                           num_classes=num_classes, config=recipe, device=device, seed=args.seed,
+                           train_indices=train_idx, test_indices=test_idx, num_workers=args.num_workers).top1
+            detail = (f"{args.finetune_epochs} epochs of fine-tuning, blr {args.finetune_blr:g}, layer decay "
+                      f"{recipe.layer_decay:g}, mixup {recipe.mixup:g}, cutmix {recipe.cutmix:g}, smoothing "
+                      f"{recipe.label_smoothing:g}, drop path {recipe.drop_path:g}")
         elif protocol == "knn":
             acc = knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes, k=args.k,
                                temperature=args.temperature)
@@ -261,7 +274,22 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
                         "checkpoint": str(ckpt.path), "step": meta.get("step"), "method": meta["method"],
                         "preset": meta["preset"], "data": source.name, "num_train": num_train,
                         "num_test": num_test, "pool": args.pool})
+        if protocol == "finetune":
+            results[-1]["finetune"] = {k: getattr(recipe, k) for k in FINETUNE_LOGGED}
     return ckpt, results
+
+
+# The fine-tuning settings an eval record keeps.
+FINETUNE_LOGGED = ("epochs", "batch_size", "blr", "layer_decay", "mixup", "cutmix", "label_smoothing", "drop_path")
+
+
+def _finetune_config(args: argparse.Namespace) -> Any:
+    """The :class:`fastmim.train.finetuning.FinetuneConfig` of the command line (``ValueError`` if it cannot run)."""
+    from fastmim.train.finetuning import FinetuneConfig
+
+    return FinetuneConfig(epochs=args.finetune_epochs, batch_size=args.finetune_batch_size, blr=args.finetune_blr,
+                          layer_decay=args.layer_decay, mixup=args.mixup, cutmix=args.cutmix,
+                          label_smoothing=args.smoothing, drop_path=args.drop_path, pool=args.pool).validate()
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -281,6 +309,11 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in ("temperature", "finetune_blr"):
         if not getattr(args, name) > 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if "finetune" in protocols:
+        try:
+            _finetune_config(args)
+        except ValueError as exc:
+            raise CLIError(f"fine-tuning: {exc}") from None
     with _user_errors_as_one_line(), _warnings_as_one_line():
         ckpt, results = _evaluate(args, protocols)
     log = Path(args.log) if args.log else ckpt.path.parent / EVAL_LOG_NAME

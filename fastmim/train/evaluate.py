@@ -9,7 +9,9 @@
   extracted once from the un-augmented train images (seconds, not hours) and the head is
   trained with SGD + momentum 0.9, cosine lr ``0.1 * batch / 256``, 90 epochs.
 - Fine-tune (supervised + MIM checkpoints, or any encoder with a new head): the whole
-  network trained briefly with labels on augmented views; see :func:`finetune`.
+  network trained with labels on augmented views, MAE's recipe (layer-wise lr decay,
+  mixup / cutmix, drop path, global pool); :func:`finetune` is
+  :func:`fastmim.train.finetuning.finetune`.
 
 Features come from ``adapter.encode(module, imgs)``, i.e. the model's ``encode`` (``(B, D)``:
 MAE's cls token after the final norm unless ``pool="mean"``).
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from fastmim.data import EvalTransform, ImageDataset, open_data
 from fastmim.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_weights, read_metadata
+from fastmim.train.finetuning import FinetuneConfig, finetune  # noqa: F401  (re-exported: fastmim eval's protocol)
 from fastmim.train.methods import MethodAdapter, get_adapter
 
 __all__ = [
@@ -198,85 +201,3 @@ def classifier_accuracy(module: nn.Module, dataset: ImageDataset, *, indices: li
         correct += int((logits.argmax(dim=1).cpu() == batch["label"]).sum())
         total += batch["label"].shape[0]
     return correct / max(1, total)
-
-
-class _FinetuneNet(nn.Module):
-    """The encoder with a classifier: the model's own (``classify``) or a new linear head on
-    ``adapter.encode`` features (weights ``trunc_normal(std=2e-5)`` as MAE's fine-tuning)."""
-
-    def __init__(self, module: nn.Module, adapter: MethodAdapter, num_classes: int, feature_dim: int,
-                 pool: str | None):
-        super().__init__()
-        self.module = module
-        self.adapter = adapter
-        self.pool = pool
-        self.own_head = hasattr(module, "classify") and getattr(getattr(module, "head", None), "out_features",
-                                                                 None) == num_classes
-        self.head = None if self.own_head else nn.Linear(feature_dim, num_classes)
-        if self.head is not None:
-            nn.init.trunc_normal_(self.head.weight, std=2e-5)
-            nn.init.zeros_(self.head.bias)
-
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        if self.own_head:
-            return self.module.classify(imgs)
-        return self.head(self.adapter.encode(self.module, imgs, self.pool))
-
-
-def finetune(module: nn.Module, adapter: MethodAdapter, train_set: ImageDataset, test_set: ImageDataset, *,
-             num_classes: int, epochs: int = 5, batch_size: int = 64, blr: float = 5e-4, weight_decay: float = 0.05,
-             label_smoothing: float = 0.1, device: torch.device | str = "cpu", seed: int = 0,
-             train_indices: list[int] | None = None, test_indices: list[int] | None = None,
-             pool: str | None = None, num_workers: int = 0) -> float:
-    """Fine-tune the whole encoder with labels, then the held-out top-1.
-
-    A short version of MAE's recipe: AdamW (wd 0.05), lr ``blr * batch / 256`` with one warmup
-    epoch and cosine decay, label smoothing 0.1, augmented train views (``train_set``'s
-    views: RandomResizedCrop + flip); no mixup/cutmix/RandAugment or layer-wise decay. The
-    model's own classifier is used when it has one for ``num_classes`` (supervised + MIM),
-    otherwise a new linear head on its ``encode`` features.
-    """
-    from fastmim.data import TrainBatchSampler
-
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        dim = adapter.encode(module, test_set[0]["views"][0][None].to(device), pool).shape[1]
-    net = _FinetuneNet(module, adapter, num_classes, dim, pool).to(device)
-    num_train = len(train_set) if train_indices is None else len(train_indices)
-    sampler = TrainBatchSampler(num_train, min(batch_size, num_train), seed=seed)
-    lr = blr * sampler.batch_size / 256
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = sampler.batches_per_epoch
-    total, warmup = epochs * steps_per_epoch, steps_per_epoch
-    step = 0
-    net.train()
-    for epoch in range(epochs):
-        for batch_keys in sampler.epoch(epoch):
-            items = [train_set[(i if train_indices is None else train_indices[i], aug_seed)]
-                     for i, aug_seed in batch_keys]
-            imgs = torch.stack([it["views"][0] for it in items]).to(device)
-            labels = torch.tensor([it["label"] for it in items], device=device)
-            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) /
-                                                                                   max(1, total - warmup)))
-            for group in optimizer.param_groups:
-                group["lr"] = lr * scale
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = net(imgs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-    net.eval()
-    test = torch.utils.data.Subset(test_set, test_indices) if test_indices is not None else test_set
-    loader = DataLoader(test, batch_size=256, num_workers=num_workers)
-    correct = count = 0
-    with torch.no_grad():
-        for batch in loader:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = net(batch["views"][0].to(device))
-            correct += int((logits.argmax(dim=1).cpu() == batch["label"]).sum())
-            count += batch["label"].shape[0]
-    return correct / max(1, count)
