@@ -37,7 +37,7 @@ import harness  # noqa: E402
 
 from fastmim.ops import use_backend, visible_attention  # noqa: E402
 from fastmim.ops._dispatch import backend_status, select_backend  # noqa: E402
-from fastmim.ops.attention import sdpa_varlen  # noqa: E402
+from fastmim.ops.attention_router import sdpa_varlen  # noqa: E402
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel

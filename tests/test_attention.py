@@ -29,15 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastmim.ops import check_indices, use_backend
-from fastmim.ops.attention import (
-    ATTN_BACKENDS,
-    attention,
-    attention_qkvpacked,
-    choose_attn_backend,
-    visible_attention,
-    visible_attention_qkvpacked,
-    visible_attention_reference,
-)
+from fastmim.ops.attention import visible_attention, visible_attention_qkvpacked, visible_attention_reference
+from fastmim.ops.attention_router import ATTN_BACKENDS, attention, attention_qkvpacked, choose_attn_backend
 from fastmim.testing import (
     TOLERANCES,
     assert_rel_close,
@@ -620,7 +613,7 @@ def test_attention_backends_agree(mode, backend):
 
 def test_attention_backend_names_and_default():
     q = torch.randn(1, 1, 4, 16)
-    assert ATTN_BACKENDS == ("fastmim", "sdpa", "xformers", "reference")
+    assert ATTN_BACKENDS == ("triton", "sdpa", "xformers", "reference", "fastmim")
     assert choose_attn_backend(q, q, q) == "sdpa"  # CPU default
     with pytest.raises(ValueError, match="backend must be one of"):
         attention(q, q, q, backend="flash")
@@ -632,17 +625,44 @@ def test_attention_backend_names_and_default():
 
 
 def test_attention_backend_env_override(monkeypatch):
+    # One switch for every op: FASTMIM_BACKEND names attention's backend too; a name attention
+    # does not have (csrc) leaves its choice alone.
     q = torch.randn(1, 1, 4, 16)
-    monkeypatch.setenv("FASTMIM_ATTN_BACKEND", "reference")
+    monkeypatch.setenv("FASTMIM_BACKEND", "reference")
     assert choose_attn_backend(q, q, q) == "reference"
-    monkeypatch.setenv("FASTMIM_ATTN_BACKEND", "cudnn")
-    with pytest.raises(ValueError, match="FASTMIM_ATTN_BACKEND"):
+    monkeypatch.setenv("FASTMIM_BACKEND", "csrc")
+    assert choose_attn_backend(q, q, q) == "sdpa"
+    monkeypatch.setenv("FASTMIM_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="FASTMIM_BACKEND must be one of"):
         choose_attn_backend(q, q, q)
+    # The attention-only switch it replaces still works, with a warning.
+    monkeypatch.delenv("FASTMIM_BACKEND")
+    monkeypatch.setenv("FASTMIM_ATTN_BACKEND", "reference")
+    with pytest.warns(FutureWarning, match="FASTMIM_ATTN_BACKEND is deprecated"):
+        assert choose_attn_backend(q, q, q) == "reference"
+    monkeypatch.setenv("FASTMIM_ATTN_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="FASTMIM_ATTN_BACKEND"), pytest.warns(FutureWarning):
+        choose_attn_backend(q, q, q)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_triton_forces_the_kernels_and_fastmim_keeps_the_ops_own_choice(device):
+    q, k, v = (torch.randn(2, 2, 5, 16, device=device) for _ in range(3))
+    from fastmim.kernels import attention as kernels
+
+    with count_calls(kernels, {"forward": "attention_forward"}) as calls:
+        forced = attention(q, k, v, backend="triton")
+    assert calls["forward"] == 1
+    with count_calls(kernels, {"forward": "attention_forward"}) as calls:
+        default = attention(q, k, v, backend="fastmim")
+    # On CPU the op's own default is its reference; on CUDA its Triton kernels.
+    assert calls["forward"] == (1 if device == "cuda" else 0)
+    assert_rel_close(forced, default, torch.float32)
 
 
 def _measured_choice(monkeypatch, times):
     """``choose_attn_backend`` on CPU as if on CUDA: it measures, with the timing replaced by a recorder."""
-    attn = importlib.import_module("fastmim.ops.attention")  # the package's ``attention`` is the function
+    attn = importlib.import_module("fastmim.ops.attention_router")
 
     timed = []
 
@@ -665,11 +685,11 @@ def _packed(lengths, heads=2, head_dim=16, dtype=torch.float32):
 
 def test_choice_cache_varlen_bucket_ignores_the_packed_total(monkeypatch):
     """Per-sample numbers of visible tokens change T every step: one measurement serves them all."""
-    attn, timed = _measured_choice(monkeypatch, {"fastmim": 1.0, "sdpa": 2.0})
+    attn, timed = _measured_choice(monkeypatch, {"triton": 1.0, "sdpa": 2.0})
     for lengths in ([5, 7], [9, 11], [16, 1], [3, 3]):
         (q, k, v), cu = _packed(lengths)
-        assert choose_attn_backend(q, k, v, cu_seqlens=cu, max_seqlen=16) == "fastmim"
-    assert timed == ["fastmim", "sdpa"] and len(attn._CHOICE_CACHE) == 1
+        assert choose_attn_backend(q, k, v, cu_seqlens=cu, max_seqlen=16) == "triton"
+    assert timed == ["triton", "sdpa"] and len(attn._CHOICE_CACHE) == 1
     # What the timing does depend on is a new bucket: the bound, the number of sequences, heads, dtype.
     for (q, k, v), cu, bound in [(*_packed([5, 7]), 32), (*_packed([5, 7, 2]), 16), (*_packed([5, 7], heads=4), 16),
                                  (*_packed([5, 7], dtype=torch.float16), 16)]:
@@ -678,7 +698,7 @@ def test_choice_cache_varlen_bucket_ignores_the_packed_total(monkeypatch):
 
 
 def test_choice_cache_dense_and_key_visibility_buckets(monkeypatch):
-    attn, timed = _measured_choice(monkeypatch, {"fastmim": 3.0, "sdpa": 2.0})
+    attn, timed = _measured_choice(monkeypatch, {"triton": 3.0, "sdpa": 2.0})
     q = torch.randn(2, 3, 12, 16)
     ids = torch.stack([torch.randperm(12)[:5] for _ in range(2)])
     assert choose_attn_backend(q, q, q) == "sdpa"
@@ -697,7 +717,7 @@ def test_choice_under_compile_is_fixed_and_skips_the_cache(monkeypatch):
 
         __getitem__ = __contains__
 
-    attn, timed = _measured_choice(monkeypatch, {"fastmim": 2.0, "sdpa": 1.0})
+    attn, timed = _measured_choice(monkeypatch, {"triton": 2.0, "sdpa": 1.0})
     monkeypatch.setattr(attn, "_CHOICE_CACHE", NoLookup())
     torch._dynamo.reset()
 

@@ -18,13 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastmim"
 # Layer of each top-level part of the package -> the fastmim layers it may import.
 ALLOWED = {
     "kernels": set(),
-    "ops": {"ops", "kernels"},
+    "ops": {"ops", "kernels", "environment"},
     "models": {"models", "ops"},
     "data": {"data", "ops"},
     "train": {"train", "models", "data", "ops", "errors"},
     "patch": {"patch", "models", "ops"},
     "cli": {"cli", "errors", "train", "ops"},
     "errors": set(),
+    "environment": set(),
     "testing": {"testing", "ops"},
     "__init__": {"ops", "models", "patch"},
     "__main__": {"cli"},
@@ -70,3 +71,17 @@ def test_every_import_follows_the_layers(path):
             continue
         assert target in ALLOWED[layer], (f"{path.relative_to(PACKAGE)}:{line} imports {name}: "
                                           f"{layer} may import only {sorted(ALLOWED[layer])}")
+
+
+def test_environment_variables_are_read_in_one_place_and_documented():
+    from fastmim import environment
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for name in environment.VARIABLES:
+        assert f"`{name}" in readme, f"{name} is missing from the README's table"
+    for path in SOURCES:
+        if path.name == "environment.py":
+            continue
+        for line_number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not (("os.environ" in line or "getenv" in line) and "FASTMIM_" in line), (
+                f"{path.relative_to(PACKAGE)}:{line_number} reads a FASTMIM_ variable: use fastmim.environment")

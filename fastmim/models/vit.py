@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 from fastmim.ops._dispatch import forced_backend, select_backend
-from fastmim.ops.attention import ATTN_BACKENDS, attention_qkvpacked
+from fastmim.ops.attention_router import ATTN_BACKENDS, attention_qkvpacked
 from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear, linear_add, norm_linear, norm_mlp_add
 
 # --------------------------------------------------------------------------------------------

@@ -7,15 +7,8 @@ per call (``FASTMIM_BACKEND`` or :func:`use_backend` force one).
 
 from fastmim.ops._dispatch import BACKENDS, backend_status, forced_backend, select_backend, use_backend
 from fastmim.ops._validate import check_indices
-from fastmim.ops.attention import (
-    ATTN_BACKENDS,
-    attention,
-    attention_qkvpacked,
-    choose_attn_backend,
-    visible_attention,
-    visible_attention_qkvpacked,
-    visible_attention_reference,
-)
+from fastmim.ops.attention import visible_attention, visible_attention_qkvpacked, visible_attention_reference
+from fastmim.ops.attention_router import ATTN_BACKENDS, attention, attention_qkvpacked, choose_attn_backend
 from fastmim.ops.fused_block import (
     add_layer_norm,
     add_layer_norm_linear,

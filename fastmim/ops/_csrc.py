@@ -76,8 +76,9 @@ def cuda_buildable() -> bool:
 
 
 def _cache_dir(with_cuda: bool, digest: str) -> Path:
-    root = os.environ.get("FASTMIM_EXT_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "fastmim" / "torch_extensions"
+    from fastmim import environment  # here, not at the top: setup.py loads this file on its own
+
+    base = environment.extension_dir()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     tag = f"{python}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest}"
     return base / tag.replace("+", "_")
@@ -147,7 +148,9 @@ def _register_fakes() -> None:
 @functools.cache
 def load_error() -> str | None:
     """``None`` once the extension is loaded (prebuilt or just-in-time), else why it could not be."""
-    if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
+    from fastmim import environment
+
+    if environment.extension_disabled():
         return "disabled by FASTMIM_NO_EXT=1"
     try:
         importlib.import_module("fastmim._C")

@@ -20,19 +20,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from fastmim import environment
+
 BACKENDS = ("reference", "triton", "csrc")
+# What FASTMIM_BACKEND / use_backend may name: the ops' implementations, and attention's peers
+# (fastmim.ops.attention_router), which the other ops do not have and so ignore.
+FORCEABLE = (*BACKENDS, "sdpa", "xformers")
 
 _forced: str | None = None
 
 
 def triton_interpret() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return environment.triton_interpret()
 
 
 @functools.cache
@@ -46,7 +50,7 @@ def _triton_import_error() -> str | None:
 
 @functools.cache
 def _csrc_import_error() -> str | None:
-    if os.environ.get("FASTMIM_NO_EXT", "0") == "1":
+    if environment.extension_disabled():
         return "disabled by FASTMIM_NO_EXT=1"
     try:
         from fastmim.ops import _csrc
@@ -98,9 +102,9 @@ def backend_status(device: torch.device | str | None = None) -> dict[str, str | 
 
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``FASTMIM_BACKEND``, if any."""
-    backend = _forced or os.environ.get("FASTMIM_BACKEND") or None
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"FASTMIM_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    backend = _forced or environment.forced_backend_name()
+    if backend is not None and backend not in FORCEABLE:
+        raise ValueError(f"FASTMIM_BACKEND must be one of {FORCEABLE}, got {backend!r}")
     return backend
 
 
@@ -108,8 +112,8 @@ def forced_backend() -> str | None:
 def use_backend(backend: str | None) -> Iterator[None]:
     """Force ``backend`` for the ops called inside the block (``None`` restores the default)."""
     global _forced
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None and backend not in FORCEABLE:
+        raise ValueError(f"backend must be one of {FORCEABLE} or None, got {backend!r}")
     previous, _forced = _forced, backend
     try:
         yield

@@ -19,12 +19,13 @@ Shapes, dtypes and devices are always checked (free). Index *values* (``ids_keep
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
+
+from fastmim import environment
 
 __all__ = ["check_cu_seqlens", "check_distinct_rows", "check_index_range", "check_indices", "check_permutation_rows",
            "values_checked"]
@@ -35,7 +36,7 @@ _checks_forced: bool | None = None
 def _checks_on() -> bool:
     if _checks_forced is not None:
         return _checks_forced
-    return os.environ.get("FASTMIM_CHECK_INDICES", "0") == "1"
+    return environment.check_indices()
 
 
 @contextlib.contextmanager
