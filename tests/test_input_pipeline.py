@@ -4,6 +4,8 @@ and `fastmim train` on a JPEG folder through it (training, resume, corrupt files
 from __future__ import annotations
 
 import io
+import json
+import math
 import warnings
 
 import numpy as np
@@ -200,3 +202,125 @@ def test_encoded_batches_need_a_gpu_and_replace_undecodable_images(tmp_path):
     assert replaced == [1] and images[1] is images[0]
     with pytest.raises(DataError, match="corrupt image"):
         _decode_encoded(batch, torch.device("cpu"), 3, "error", decode_fn=cpu_decode)
+
+
+# ----------------------------------------------------------------------------- fastmim train
+
+
+TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+        "decoder_num_heads": 2, "patch_size": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train_config(tmp_path, data, **kw):
+    from fastmim.train.config import TrainConfig
+
+    base = {"data": str(data), "output": str(tmp_path / "run"), "max_steps": 3, "batch_size": 4, "num_workers": 0,
+            "progress": False, "figures": False, "model_overrides": dict(TINY), "image_size": 16, "log_every": 1}
+    return TrainConfig(**{**base, **kw})
+
+
+def _counting_views(monkeypatch):
+    import fastmim.train.loop as loop
+
+    calls = []
+    real = loop.views_on_device
+
+    def counting(batch, *args, **kwargs):
+        out = real(batch, *args, **kwargs)
+        calls.append((tuple(batch["boxes"].shape), [tuple(v.shape) for v in out["views"]]))
+        return out
+
+    monkeypatch.setattr(loop, "views_on_device", counting)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["mae", "cmae"])
+def test_train_on_a_jpeg_folder_makes_the_views_on_the_device(tmp_path, monkeypatch, method):
+    """`fastmim train` on a JPEG folder takes the pipeline by default; CMAE's two views (and its
+    ContrastiveCrop boxes after the warm-up) go through one op call per batch."""
+    from fastmim.train.loop import train
+
+    data = _jpeg_folder(tmp_path / "data", [(40 + i % 5, 50 - i % 7) for i in range(20)])
+    calls = _counting_views(monkeypatch)
+    result = train(_train_config(tmp_path, data, method=method, max_steps=6))
+    assert result.finished and math.isfinite(result.loss)
+    views = 2 if method == "cmae" else 1
+    assert len(calls) == 6 and all(c == ((views, 4, 4), [(4, 3, 16, 16)] * views) for c in calls)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["input"] == "fastmim" and config["decode"] == "cpu"
+    if method == "cmae":  # 18 train images / 4 = 4 batches an epoch: boxes from the model after epoch 1's start
+        from fastmim.train.checkpoint import STATE_NAME, load_state
+
+        crop = load_state(tmp_path / "run" / STATE_NAME)["adapter"]["contrastive_crop"]
+        assert crop["use_boxes"] and crop["boxes_epoch"] == 1
+
+
+def test_resume_is_bit_exact_with_the_pipeline(tmp_path):
+    """Stopped after 2 of 5 steps and resumed with 2 DataLoader workers (batches packed in shared
+    memory): the same parameters as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from fastmim.train.loop import train
+
+    data = _jpeg_folder(tmp_path / "data", [(30 + i % 4, 36 - i % 3) for i in range(12)])
+    common = {"max_steps": 5, "accum_steps": 2, "batch_size": 2}
+    full = train(_train_config(tmp_path, data, output=str(tmp_path / "full"), **common))
+    part = train(_train_config(tmp_path, data, output=str(tmp_path / "part"), stop_after=2, **common))
+    assert full.finished and part.step == 2
+    resumed = train(_train_config(tmp_path, data, output=str(tmp_path / "part"), resume=True, num_workers=2,
+                                  **common))
+    assert resumed.finished and resumed.step == 5
+    a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the torchvision input path is another run: other crops, other weights
+    other = train(_train_config(tmp_path, data, output=str(tmp_path / "tv"), input="torchvision", **common))
+    c = load_file(str(tmp_path / "tv" / "checkpoint.safetensors"))
+    assert other.finished and not torch.equal(a["blocks.0.mlp.fc1.weight"], c["blocks.0.mlp.fc1.weight"])
+
+
+def test_cli_corrupt_files_and_decode_gpu(tmp_path, capsys):
+    from fastmim.cli import main
+
+    data = _jpeg_folder(tmp_path / "data", [(30, 40)] * 10)
+    (data / "class0" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")  # fails the scan
+    argv = ["train", "--data", str(data), "--max-steps", "2", "--batch-size", "4", "--image-size", "16",
+            "--no-progress", "--no-figures", "--num-workers", "0",
+            *[a for k, v in TINY.items() for a in ("--model-arg", f"{k}={v}")]]
+    with pytest.warns(UserWarning, match="skipped 1 corrupt image file"):
+        assert main([*argv, "--output", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--output", str(tmp_path / "b"), "--on-corrupt", "error"]) == 2
+    assert "corrupt image" in capsys.readouterr().err
+    (data / "class0" / "bad.jpg").unlink()
+    # a JPEG whose header verifies but whose body is cut: found when the worker decodes it
+    noise = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(data / "class1" / "000_cut.jpg", quality=90)
+    cut = data / "class1" / "000_cut.jpg"
+    cut.write_bytes(cut.read_bytes()[:1500])
+    with pytest.warns(UserWarning, match="skipping undecodable image"):
+        assert main([*argv, "--output", str(tmp_path / "c"), "--max-steps", "3"]) == 0
+    assert main([*argv, "--output", str(tmp_path / "c2"), "--max-steps", "3", "--on-corrupt", "error"]) == 2
+    assert "000_cut.jpg" in capsys.readouterr().err
+    msg = main([*argv, "--output", str(tmp_path / "d"), "--decode", "gpu", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert msg == 2 and "--decode gpu decodes JPEGs with nvJPEG" in err and "needs a CUDA device" in err
+    assert main([*argv, "--output", str(tmp_path / "e"), "--decode", "gpu", "--input", "torchvision"]) == 2
+    assert "--decode gpu is part of the fastmim input pipeline" in capsys.readouterr().err
+
+
+def test_lut_keeps_its_photometric_view_on_the_cpu(tmp_path, monkeypatch, capsys):
+    from fastmim.train.loop import train
+
+    data = _jpeg_folder(tmp_path / "data", [(30, 40)] * 10)
+    calls = _counting_views(monkeypatch)
+    result = train(_train_config(tmp_path, data, method="lut", max_steps=1, mask_ratio=0.75))
+    assert result.finished and calls == []
+    assert "photometric second view runs on the CPU" in capsys.readouterr().err

@@ -79,6 +79,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=_S, help="DataLoader workers (default: 0 on CPU, 8 per GPU)")
     g.add_argument("--on-corrupt", choices=("skip", "error"), default=_S,
                    help="corrupt image files: skip with a warning, or stop (default: skip)")
+    g.add_argument("--input", choices=("fastmim", "torchvision"), default=_S,
+                   help="image folders: fastmim = workers only decode to uint8, the crops, resizing (bicubic), "
+                        "flips and normalisation run on the training device in one op; torchvision = the float "
+                        "augmentations in the workers (default: fastmim; LUT's second view always takes the latter)")
+    g.add_argument("--decode", choices=("cpu", "gpu"), default=_S,
+                   help="fastmim input: decode in the workers (libjpeg-turbo / Pillow) or JPEGs on the GPU with "
+                        "nvJPEG (needs CUDA) (default: cpu)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", default=_S, help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=_S,

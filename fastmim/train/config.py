@@ -62,6 +62,10 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only at the end (and when interrupted)
     stop_after: int | None = None  # stop this invocation after this many steps; resume later
     on_corrupt: str = "skip"
+    # Image folders: "fastmim" (workers decode to uint8, the views are made on the training device by
+    # fastmim.ops.resized_crop_flip_normalize) or "torchvision" (the float augmentations in the workers).
+    input: str = "fastmim"
+    decode: str = "cpu"  # "fastmim" input: decode in the workers ("cpu") or JPEGs with nvJPEG ("gpu")
     # A step whose loss or gradient norm is nan/inf is always skipped; after max_skips of them in a
     # row (seen at a metrics record): "skip" goes on, "rollback" reloads the last checkpoint with
     # a fresh data order, "stop" ends the run with an error.
@@ -81,6 +85,7 @@ class TrainConfig:
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("input", "torchvision")  # saved before the option existed: the runs of that path
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
@@ -128,6 +133,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--channels must be 1 or 3, got {cfg.channels}")
     if cfg.on_corrupt not in ("skip", "error"):
         raise TrainError(f"--on-corrupt must be skip or error, got {cfg.on_corrupt!r}")
+    if cfg.input not in ("fastmim", "torchvision"):
+        raise TrainError(f"--input must be fastmim or torchvision, got {cfg.input!r}")
+    if cfg.decode not in ("cpu", "gpu"):
+        raise TrainError(f"--decode must be cpu or gpu, got {cfg.decode!r}")
+    if cfg.decode == "gpu" and cfg.input != "fastmim":
+        raise TrainError("--decode gpu is part of the fastmim input pipeline: drop --input torchvision")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     if cfg.resume and cfg.overwrite:

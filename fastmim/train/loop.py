@@ -57,7 +57,17 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 import fastmim
-from fastmim.data import DataSource, TrainBatchSampler, build_views, derive_seed, open_data
+from fastmim.data import (
+    DataSource,
+    DecodedImageFolder,
+    ImageFolderDataset,
+    TrainBatchSampler,
+    build_views,
+    collate_decoded,
+    derive_seed,
+    open_data,
+    views_on_device,
+)
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
     STATE_NAME,
@@ -185,10 +195,15 @@ class _Run:
         self.mask_ratio = (cfg.mask_ratio if cfg.mask_ratio is not None
                            else model_ratio if isinstance(model_ratio, float) else self.adapter.default_mask_ratio)
 
-        views = build_views(self.source, self.image_size, num_views=self.adapter.num_views,
-                            second_view=self.adapter.second_view,
-                            crop_sampler=self.adapter.crop_sampler(self.module, self.source))
-        self.train_set = self.source.split("train", views)
+        crop_sampler = self.adapter.crop_sampler(self.module, self.source)
+        self.device_views = self._device_views()
+        if self.device_views:  # workers decode, the views are made on the device (fastmim.data.pipeline)
+            self.train_set = DecodedImageFolder(self.source.train, self.image_size, num_views=self.adapter.num_views,
+                                                crop_sampler=crop_sampler, decode=cfg.decode)
+        else:
+            views = build_views(self.source, self.image_size, num_views=self.adapter.num_views,
+                                second_view=self.adapter.second_view, crop_sampler=crop_sampler)
+            self.train_set = self.source.split("train", views)
         try:
             self.sampler = TrainBatchSampler(len(self.train_set), cfg.batch_size, seed=cfg.seed,
                                              rank=self.info.rank, world_size=self.info.world_size)
@@ -287,6 +302,29 @@ class _Run:
         self.sampler.seed = self.data_seed
 
     # ---------------------------------------------------------------- data
+    def _device_views(self) -> bool:
+        """Whether the run takes the fastmim input pipeline: image folders under ``--input fastmim``,
+        except LUT's photometric second view (colour jitter, blur, solarize), made on the CPU."""
+        cfg = self.cfg
+        folder = isinstance(self.source.train, ImageFolderDataset)
+        if cfg.decode == "gpu":
+            if not folder:
+                raise TrainError("--decode gpu decodes image files: the bundled data is held decoded in memory")
+            if self.device.type != "cuda":
+                raise TrainError(f"--decode gpu decodes JPEGs with nvJPEG (torchvision.io.decode_jpeg on CUDA) and "
+                                 f"needs a CUDA device; this run is on {self.device.type} (use --decode cpu)")
+        if cfg.input != "fastmim" or not folder:
+            return False
+        if self.adapter.second_view == "photometric":
+            if cfg.decode == "gpu":
+                raise TrainError(f"--decode gpu: {cfg.method}'s photometric second view is made on the CPU, from "
+                                 f"pixels decoded there (use --decode cpu)")
+            if self.info.is_main:
+                print(f"fastmim train: {cfg.method}'s photometric second view runs on the CPU: its views come from "
+                      f"the float augmentations in the workers (as --input torchvision)", file=sys.stderr)
+            return False
+        return True
+
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Micro-batches from the saved position on, across epochs; updates ``epoch``/``position``."""
         while True:
@@ -296,12 +334,16 @@ class _Run:
             generator = torch.Generator().manual_seed(derive_seed(self.data_seed, self.epoch, LOADER_SALT))
             loader = DataLoader(self.train_set, batch_sampler=self.sampler.epoch(self.epoch, self.position),
                                 num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                                worker_init_fn=_seed_worker, generator=generator, persistent_workers=False)
+                                worker_init_fn=_seed_worker, generator=generator, persistent_workers=False,
+                                collate_fn=collate_decoded if self.device_views else None)
             for batch in loader:
                 self.position += 1
                 yield batch
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.device_views:  # uint8 batch: crop, resize, flip and normalise here
+            return views_on_device(batch, self.device, self.image_size, self.source.mean, self.source.std,
+                                   on_corrupt=self.cfg.on_corrupt)
         nb = self.device.type == "cuda"
         return {"views": [v.to(self.device, non_blocking=nb) for v in batch["views"]],
                 "label": batch["label"].to(self.device, non_blocking=nb), "index": batch["index"]}
