@@ -76,13 +76,15 @@ SIZES = {
                   decoder_num_heads=2, img_size=32, patch_size=8),
 }
 TARGETS = (
-    # (metric, peer, max ratio fastmim / peer); speed as peer time / fastmim time >= bound
+    # (metric, peer, max ratio fastmim / peer); speed as peer time / fastmim time >= bound; a bound of
+    # None is a figure reported next to the targets, not a target
     ("activation_bytes", "official", 0.6),
-    ("activation_bytes", "eager_sdpa", 0.75),
-    ("launches", "eager_sdpa", 0.6),
-    ("non_gemm_bytes", "eager_sdpa", 0.6),
+    ("activation_bytes", "eager_sdpa", 0.62),
+    ("launches", "eager_sdpa", 0.55),
+    ("non_gemm_bytes", "eager_sdpa", 0.55),
+    ("hbm_bytes", "eager_sdpa", None),
     ("speedup", "official", 1.3),
-    ("speedup", "eager_sdpa", 1.15),
+    ("speedup", "eager_sdpa", 1.35),
 )
 
 
@@ -235,12 +237,12 @@ def evaluate_targets(records: list[Record], model_name: str, method: str = "mae"
             mine, theirs = by_config[ours], by_config[peer]
             if metric == "speedup":
                 value = theirs.projected_ms / mine.projected_ms
-                met = value >= bound
-                rule = f"projected step time: {peer} / {ours} >= {bound}"
+                met = None if bound is None else value >= bound
+                rule = f"projected step time: {peer} / {ours}" + ("" if bound is None else f" >= {bound}")
             else:
                 value = getattr(mine, metric) / getattr(theirs, metric)
-                met = value <= bound
-                rule = f"{metric}: {ours} / {peer} <= {bound}"
+                met = None if bound is None else value <= bound
+                rule = f"{metric}: {ours} / {peer}" + ("" if bound is None else f" <= {bound}")
             out.append({"method": method, "model": model_name, "config": ours, "peer": peer, "metric": metric,
                         "value": value, "bound": bound, "met": met, "rule": rule})
     return out
@@ -274,7 +276,8 @@ def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str
         f"Modelled on the meta device; roofline projection for {H100_SXM.name}: "
         f"{H100_SXM.tensor_core_flops['bfloat16'] / 1e12:.0f} TFLOP/s bf16 tensor-core (measured), "
         f"{H100_SXM.hbm_bytes_per_s / 1e12:.1f} TB/s HBM (measured, read + write), "
-        f"{H100_SXM.launch_floor_s * 1e6:.1f} us per kernel launch floor (assumed). "
+        f"{H100_SXM.launch_floor_s * 1e6:.1f} us per kernel launch floor (assumed); fastmim's Triton GEMMs at "
+        f"{H100_SXM.triton_gemm_efficiency:.2f} of cuBLAS's throughput (published, see devices.py). "
         "Pure-bf16 parameters, inputs and optimizer state; fused AdamW. "
         f"torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:12]}"
         + (" (uncommitted changes)" if env.get("commit_dirty") else "") + f", {env['date']}.",
@@ -314,10 +317,14 @@ def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str
                          f"{g['activation_ratio']:.3f}x | {g['hbm_ratio']:.3f}x | {g['non_gemm_ratio']:.3f}x | "
                          f"{g['launch_ratio']:.3f}x |")
     if targets:
-        lines += ["", "## Targets (issue 11)", "", "| method | model | rule | value | met |", "|---|---|---|---|---|"]
+        lines += ["", "## Targets", "",
+                  "The bounds set for MAE ViT-B/16, applied to every row; `hbm_bytes` (all bytes, GEMMs "
+                  "included) is reported, not a target. Triton GEMMs are charged at "
+                  f"{H100_SXM.triton_gemm_efficiency:.2f} of cuBLAS's throughput (`benchmarks/costs/devices.py`).",
+                  "", "| method | model | rule | value | met |", "|---|---|---|---|---|"]
         for t in targets:
-            lines.append(f"| {t['method']} | {t['model']} | {t['rule']} | {t['value']:.3f} | "
-                         f"{'yes' if t['met'] else 'NO'} |")
+            met = "(reported)" if t["met"] is None else ("yes" if t["met"] else "NO")
+            lines.append(f"| {t['method']} | {t['model']} | {t['rule']} | {t['value']:.3f} | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -198,6 +198,37 @@ def test_roofline_takes_the_slowest_of_compute_memory_and_launch():
     assert total == pytest.approx(2.0 + 2 * H100_SXM.launch_floor_s)
 
 
+def test_layer_norm_backward_is_charged_as_pytorch_runs_it_and_triton_gemms_at_their_efficiency():
+    """PyTorch's CUDA LayerNorm backward: the dX row kernel, then the gamma/beta reduction reading dY and X
+    again (two kernels; three, with partial sums, past 64K rows of a narrow row). A fastmim Triton GEMM
+    computes at the stated fraction of the cuBLAS rate."""
+    rows, cols = 64, 48
+    x = torch.empty(rows, cols, device="meta", requires_grad=True)
+    w = torch.empty(cols, device="meta", requires_grad=True)
+    b = torch.empty(cols, device="meta", requires_grad=True)
+    counter = cm.StepCounter()
+    with counter.phase("forward"):
+        y = torch.nn.functional.layer_norm(x, (cols,), w, b)
+    with counter.phase("backward"):
+        y.backward(torch.empty_like(y))
+    (rec,) = [r for r in counter.ops if r.op == "aten::native_layer_norm_backward"]
+    act, stats, param = rows * cols * 4, rows * 4, cols * 4
+    row_kernel = 2 * act + 2 * stats + param + act  # dY, X, mean, rstd, gamma -> dX
+    gamma_beta_kernel = 2 * act + 2 * stats + 2 * param  # dY, X, mean, rstd -> dgamma, dbeta
+    assert (rec.launches, rec.bytes) == (2, row_kernel + gamma_beta_kernel)
+    big = torch.empty(70000, 256, device="meta")
+    args = (big, big, [256], torch.empty(70000, device="meta"), torch.empty(70000, device="meta"),
+            torch.empty(256, device="meta"), torch.empty(256, device="meta"), [True, True, True])
+    assert cm.LAUNCH_FORMULAS["aten::native_layer_norm_backward"](args, {}, None) == 3
+    ops = [cm.OpRecord(op, "gemm", "forward", flops=int(790e12), bytes=0, launches=1, dtype="bfloat16",
+                       tensor_core=True) for op in ("aten::mm", "fastmim::gemm_forward")]
+    cm.project(cm.StepCost(ops=ops, activation_bytes=0, peak_bytes=0, resident_bytes=0, saved_tensors=0), H100_SXM)
+    assert "fastmim::gemm_forward" in cm.TRITON_GEMM_OPS and 0 < H100_SXM.triton_gemm_efficiency <= 1
+    assert ops[0].time_s == pytest.approx(1.0)
+    assert ops[1].time_s == pytest.approx(1.0 / H100_SXM.triton_gemm_efficiency)
+    assert "triton_gemm_efficiency" in H100_SXM.sources
+
+
 # --------------------------------------------------------------------------------------------
 # Each fused Triton kernel against what the cost model charges it
 # --------------------------------------------------------------------------------------------
@@ -321,10 +352,39 @@ def _call_add_layer_norm_linear():
     return out, [x, r, w, b, lw]  # backward recomputes the normalised tensor
 
 
+def _block_half_params(c, hidden):
+    """The affine and linear parameters of a block's half at width ``c`` (hidden ``hidden``), requiring grad."""
+    def p(*shape, scale=1.0):
+        return (torch.randn(*shape) * scale).requires_grad_()
+    return p(c), p(c), p(hidden, c, scale=c**-0.5), p(hidden), p(c, hidden, scale=hidden**-0.5), p(c)
+
+
+def _call_norm_mlp_add(c=D, hidden=4 * D, rows=(B, K + 1)):
+    """A block's second half: fc1 (LayerNorm prologue, bias + GELU epilogue), fc2 (bias, residual and
+    row-statistics epilogue); backward: dGELU epilogue, two weight gradients with prologues, LayerNorm rows."""
+    from fastmim.ops import norm_mlp_add
+
+    x = torch.randn(*rows, c, requires_grad=True)
+    params = _block_half_params(c, hidden)
+    return norm_mlp_add(x, None, params[0], params[1], 1e-6, *params[2:])[0], [x, *params]
+
+
+def _call_norm_linear_linear_add(c=D, rows=(B, K + 1)):
+    """A block's first half around the attention: qkv (LayerNorm prologue), proj (bias, residual, statistics)."""
+    from fastmim.ops import linear_add, norm_linear
+
+    x = torch.randn(*rows, c, requires_grad=True)
+    nw, nb, qw, qb, pw, pb = _block_half_params(c, 3 * c)
+    xv, qkv = norm_linear(x, None, nw, nb, 1e-6, qw, qb)
+    return linear_add(qkv, pw, pb, xv)[0], [x, nw, nb, qw, qb, pw, pb]
+
+
 # Small operands every program reads (a seed, a position table, a token, a scalar).
 SHARED = {"seed_ptr", "offset_ptr", "pos_ptr", "cls_ptr", "mask_token_ptr", "weight_sum_ptr", "grad_output_ptr"}
-# The affine parameters and the bias every row program of a fused_block kernel reads.
-FUSED_BLOCK = {"W", "B"}
+# The affine parameters and the bias every row program of a fused_block kernel reads; a GEMM's operand
+# tiles, re-read across its programs (from L2, as cuBLAS's GEMMs are charged: each operand once), and the
+# per-row vectors of its prologues.
+FUSED_BLOCK = {"W", "B", "A", "BIAS", "GAMMA", "BETA", "MEAN", "RSTD", "STATS_IN"}
 # Flash attention re-reads a head's K and V for each query block (and, in backward, its Q, dO, lse
 # and delta for each key block): one head's slice is at most N x D = 256 x 128 elements, in L2 while
 # that head's blocks run, so its HBM traffic is the distinct bytes.
@@ -346,6 +406,11 @@ KERNEL_CASES = {
     "add_layer_norm_linear": (_call_add_layer_norm_linear, FUSED_BLOCK),
     # keys over one block: three backward kernels
     "visible_attention_long": (lambda: _call_visible_attention(n=150), FLASH),
+    "norm_mlp_add": (_call_norm_mlp_add, FUSED_BLOCK),
+    "norm_linear_linear_add": (_call_norm_linear_linear_add, FUSED_BLOCK),
+    # at a real layer width (ViT-B: 768, MLP 3072), a tiny batch (2 samples of 5 tokens)
+    "norm_mlp_add_vit_b": (lambda: _call_norm_mlp_add(768, 3072, (2, 5)), FUSED_BLOCK),
+    "norm_linear_linear_add_vit_b": (lambda: _call_norm_linear_linear_add(768, (2, 5)), FUSED_BLOCK),
 }
 
 

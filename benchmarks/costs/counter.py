@@ -29,9 +29,12 @@ Accounting rules (one op = one GPU kernel unless said otherwise):
   ``_fused_adamw_``) launch what ATen's ``multi_tensor_apply`` would for those tensors
   (chunks of 65536 elements, at most 320 blocks and 110/64/48/36/30 tensors per launch for
   1-5 tensor lists); the flash-attention backward launches 3 kernels (preprocess, main,
-  dq conversion), as FlashAttention-2 does.
+  dq conversion), as FlashAttention-2 does; PyTorch's LayerNorm backward 2 (the dX row kernel
+  and the gamma/beta reduction, each reading dY and X), 3 past 64K rows of a narrow row.
 - FLOPs: ``torch.utils.flop_counter`` formulas (matmuls, convolutions, attention); other ops
-  count no FLOPs (they are bandwidth-bound). The flash backward's recomputation of ``QK^T``
+  count no FLOPs (they are bandwidth-bound). fastmim's Triton GEMMs count their product's FLOPs
+  and compute at the device's stated Triton-vs-cuBLAS efficiency (:func:`project`); the
+  elementwise work of their prologues and epilogues counts none. The flash backward's recomputation of ``QK^T``
   is not counted, as in ``torch.utils.flop_counter``.
 """
 
@@ -135,8 +138,52 @@ def _zeros_then_copy_bytes(args: tuple, kwargs: dict, out: Any) -> int:
 
 BYTE_FORMULAS["aten::slice_backward"] = _zeros_then_copy_bytes
 BYTE_FORMULAS["aten::select_backward"] = _zeros_then_copy_bytes
+
+# PyTorch's CUDA LayerNorm backward (aten/src/ATen/native/cuda/layer_norm_kernel.cu): one row kernel for
+# dX (reads dY, X, mean, rstd, gamma), then the gamma/beta reduction, a second kernel that reads dY, X,
+# mean and rstd again; with more than 64K rows and N / 32 below half the SM count it writes per-block
+# partial sums and reduces them with a .sum(0) (a third kernel).
+_LN_BACKWARD_SPLIT_ROWS = 64 * 1024
+_H100_SMS = 132
+
+
+def _layer_norm_backward_parts(args: tuple) -> tuple[int, int, bool, bool, bool]:
+    grad_out, x, normalized_shape = args[:3]
+    output_mask = args[7] if len(args) > 7 else (True, True, True)
+    cols = math.prod(normalized_shape)
+    rows = x.numel() // max(cols, 1)
+    split = rows > _LN_BACKWARD_SPLIT_ROWS and cols // 32 < _H100_SMS // 2
+    return rows, cols, bool(output_mask[0]), bool(output_mask[1] or output_mask[2]), split
+
+
+def _native_layer_norm_backward_launches(args: tuple, kwargs: dict, out: Any) -> int:
+    rows, cols, want_dx, want_params, split = _layer_norm_backward_parts(args)
+    return max(1, int(want_dx) + (2 if split else 1) * int(want_params))
+
+
+def _native_layer_norm_backward_bytes(args: tuple, kwargs: dict, out: Any) -> int:
+    grad_out, x, _, mean, rstd, weight = args[:6]
+    rows, cols, want_dx, want_params, split = _layer_norm_backward_parts(args)
+    stats = addressed_bytes(mean) + addressed_bytes(rstd)
+    operands = addressed_bytes(grad_out) + addressed_bytes(x) + stats
+    dx, dgamma, dbeta = (list(out) + [None] * 3)[:3]
+    total = 0
+    if want_dx:
+        total += operands + (addressed_bytes(weight) if weight is not None else 0) + addressed_bytes(dx)
+    if want_params:
+        params = sum(addressed_bytes(t) for t in (dgamma, dbeta) if t is not None and t.numel())
+        total += operands + params
+        if split:  # fp32 partial sums of 32-row blocks, written then read by the .sum(0)
+            total += 2 * 2 * math.ceil(rows / 32) * cols * 4
+    return total
+
+
+LAUNCH_FORMULAS["aten::native_layer_norm_backward"] = _native_layer_norm_backward_launches
+BYTE_FORMULAS["aten::native_layer_norm_backward"] = _native_layer_norm_backward_bytes
+# Triton GEMMs (fastmim's fused ones), charged at the device's Triton-vs-cuBLAS efficiency.
+TRITON_GEMM_OPS: set[str] = set()
 # fastmim's ops: family by name (csrc_* variants share their op's family).
-FASTMIM_FAMILY_RULES = (("attention", "attention"), ("mse", "loss"), ("loss", "loss"), ("masking", "masking"),
+FASTMIM_FAMILY_RULES = (("gemm", "gemm"), ("attention", "attention"), ("mse", "loss"), ("loss", "loss"), ("masking", "masking"),
                         ("permutation", "masking"), ("gather", "masking"), ("unshuffle", "masking"),
                         ("layer_norm", "layernorm"), ("gelu", "activation"), ("residual", "elementwise"))
 
@@ -512,7 +559,8 @@ class StepCounter:
         dtype = tensors[0].dtype if tensors else (_tensors(out) or [torch.empty(0)])[0].dtype
         family = classify(namespace, name, region)
         tensor_core = dtype in (torch.bfloat16, torch.float16) and (
-            name in GEMM_OPS or family == "attention" and name not in ("_softmax", "_softmax_backward_data"))
+            name in GEMM_OPS or family == "attention" and name not in ("_softmax", "_softmax_backward_data")
+            or namespace == "fastmim" and family == "gemm")
         self.ops.append(OpRecord(
             op=qname, family=family, phase=self.current_phase,
             flops=_flops(func, qname, args, kwargs, out), bytes=op_bytes(func, args, kwargs, out),
@@ -536,10 +584,16 @@ class StepCounter:
 
 
 def project(cost: StepCost, device: Any) -> float:
-    """Fill each op's roofline time on ``device`` (a :class:`~costs.devices.DeviceSpec`); returns the step's seconds."""
+    """Fill each op's roofline time on ``device`` (a :class:`~costs.devices.DeviceSpec`); returns the step's seconds.
+
+    A Triton GEMM (:data:`TRITON_GEMM_OPS`) computes at ``device.triton_gemm_efficiency`` of the
+    (cuBLAS-measured) tensor-core rate."""
     total = 0.0
     for r in cost.ops:
-        compute = r.flops / device.peak_flops(r.dtype, r.tensor_core) if r.flops else 0.0
+        peak = device.peak_flops(r.dtype, r.tensor_core)
+        if r.op in TRITON_GEMM_OPS and r.tensor_core:
+            peak *= device.triton_gemm_efficiency
+        compute = r.flops / peak if r.flops else 0.0
         memory = r.bytes / device.hbm_bytes_per_s
         r.time_s = max(compute, memory, r.launches * device.launch_floor_s)
         total += r.time_s

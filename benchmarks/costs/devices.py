@@ -24,6 +24,8 @@ class DeviceSpec:
     hbm_bytes_per_s: float
     # The shortest a kernel can take, launch included, when kernels run back to back.
     launch_floor_s: float
+    # A Triton GEMM's tensor-core throughput as a fraction of cuBLAS's on the same problem.
+    triton_gemm_efficiency: float
     sources: dict[str, str]
 
     def peak_flops(self, dtype: torch.dtype | str, tensor_core: bool) -> float:
@@ -50,6 +52,7 @@ H100_SXM = DeviceSpec(
     vector_flops={"float32": 66.9e12, "bfloat16": 133.8e12, "float16": 133.8e12, "float64": 33.5e12},
     hbm_bytes_per_s=3.0e12,
     launch_floor_s=2.5e-6,
+    triton_gemm_efficiency=0.85,
     sources={
         "tensor_core_flops.bfloat16": "measured: dense bf16 matmul (8192^3) on an H100 SXM5, about 790 TFLOP/s",
         "tensor_core_flops.float16": "taken equal to bf16 (same tensor-core rate on the datasheet)",
@@ -62,5 +65,12 @@ H100_SXM = DeviceSpec(
                           "(GPU-side launch latency plus ramp-up, 2-3 us in published microbenchmarks); not "
                           "measured here. Host-side eager dispatch (5-10 us per op) is assumed hidden behind "
                           "the GPU queue at batch 256",
+        "triton_gemm_efficiency": "0.85 of cuBLAS: the mean of the three largest sizes published for Triton's "
+                                  "tutorial matmul (the non-persistent, autotuned, grouped-order kernel fastmim's "
+                                  "GEMMs follow) against cuBLAS on an H100, fp16, in triton-lang/triton issue "
+                                  "#3672 (2024-04-16): 2816^3 500.7 vs 616.5, 2944^3 471.4 vs 573.9, 3072^3 524.7 "
+                                  "vs 584.7 TFLOP/s (0.81, 0.82, 0.90). Not a measurement of fastmim's kernels, "
+                                  "whose prologues (LayerNorm, GELU) and epilogues add work this figure does not "
+                                  "see; no GPU has measured them. cuBLAS GEMMs are charged at 1.0",
     },
 )

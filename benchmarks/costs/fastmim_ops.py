@@ -204,6 +204,32 @@ def _bias_gelu_backward_bytes(args, kwargs, out):
     return cm.op_bytes_generic(args, kwargs, out, "bias_gelu_backward") + bias_gelu_blocks(rows, cols)[2] * cols * 4
 
 
+# ----------------------------------------------------------------------------- fused GEMMs
+# Each operand once, each output once (the generic rule): a GEMM re-reads its A and B tiles from L2
+# across its programs, as cuBLAS's do (charged the same way). The per-tile row statistics (12 bytes a
+# 64-column tile), the LayerNorm backward's fp32 partial sums and their reduction in the weight-gradient
+# launch are operands and outputs like any other. FLOPs: the product's 2 * M * N * K; the prologue and
+# epilogue arithmetic (LayerNorm, GELU and its derivative, the statistics) counts none.
+def _gemm_forward_flops(args, kwargs, out):
+    x, weight = args[:2]
+    return 2 * x.shape[0] * x.shape[1] * weight.shape[0]
+
+
+def _gemm_dgelu_flops(args, kwargs, out):
+    grad, weight = args[:2]
+    return 2 * grad.shape[0] * grad.shape[1] * weight.shape[1]
+
+
+def _gemm_wgrad_flops(args, kwargs, out):
+    grad, x = args[:2]
+    return 2 * grad.shape[0] * grad.shape[1] * x.shape[1]
+
+
+cm.FLOP_FORMULAS["fastmim::gemm_forward"] = _gemm_forward_flops
+cm.FLOP_FORMULAS["fastmim::gemm_dgelu"] = _gemm_dgelu_flops
+cm.FLOP_FORMULAS["fastmim::gemm_wgrad"] = _gemm_wgrad_flops
+cm.TRITON_GEMM_OPS.update({"fastmim::gemm_forward", "fastmim::gemm_dgelu", "fastmim::gemm_wgrad"})
+
 cm.BYTE_FORMULAS["fastmim::visible_attention_backward"] = _attention_backward_bytes
 cm.BYTE_FORMULAS["aten::_scaled_dot_product_flash_attention_backward"] = _flash_backward_bytes
 cm.BYTE_FORMULAS["fastmim::gather_visible"] = _gather_visible_bytes

@@ -42,8 +42,15 @@ class ArgTraffic:
             return 0
         total = 0
         for size in set(self.itemsizes):
-            addrs = [a for a, s in zip(self.addresses, self.itemsizes, strict=True) if s == size]
-            total += np.unique(np.concatenate(addrs)).size * size
+            addrs = np.concatenate([a for a, s in zip(self.addresses, self.itemsizes, strict=True) if s == size])
+            low = int(addrs.min())
+            span = (int(addrs.max()) - low) // size + 1
+            if span <= 1 << 28:  # a bitmap over the addressed range: linear time (np.unique sorts)
+                seen = np.zeros(span, dtype=bool)
+                seen[(addrs - np.uint64(low)) // np.uint64(size)] = True
+                total += int(np.count_nonzero(seen)) * size
+            else:
+                total += np.unique(addrs).size * size
         return total
 
 
