@@ -30,6 +30,13 @@ TOLERANCES = {
 }
 
 
+# A model small enough that a training step takes milliseconds (the training tests check the
+# job, not the model): model overrides for the default preset, and as `fastmim train` arguments.
+TINY_TRAIN_MODEL = {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+                    "decoder_num_heads": 2}
+TINY_TRAIN_MODEL_ARGS = [a for k, v in TINY_TRAIN_MODEL.items() for a in ("--model-arg", f"{k}={v}")]
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64 (0 when both are zero; inf if ``out`` has NaN)."""
     out = out.detach().to(torch.float64).cpu()

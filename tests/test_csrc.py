@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
+from fastmim.ops import gather, masking
 from fastmim.ops import loss as loss_ops
-from fastmim.ops import token_ops
 from fastmim.testing import assert_rel_close, kernel_devices, run_until_stalled
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,7 +63,7 @@ ops = torch.ops.fastmim
 def test_random_permutation_matches_reference(device, seed, batch, num_patches):
     seed_t = torch.tensor(seed, dtype=torch.int64)
     ids_shuffle, ids_restore = ops.csrc_random_permutation(seed_t, batch, num_patches, torch.device(device))
-    ref_shuffle, ref_restore = token_ops.random_permutation_reference(batch, num_patches, seed=seed)
+    ref_shuffle, ref_restore = masking.random_permutation_reference(batch, num_patches, seed=seed)
     assert torch.equal(ids_shuffle.cpu(), ref_shuffle)
     assert torch.equal(ids_restore.cpu(), ref_restore)
 
@@ -72,7 +72,7 @@ def test_random_permutation_matches_reference(device, seed, batch, num_patches):
 def test_random_masking_matches_reference(device, num_keep):
     seed_t = torch.tensor(987654321, dtype=torch.int64, device=device)  # a seed on the device works too
     ids_keep, ids_restore, mask = ops.csrc_random_masking(seed_t, 3, 49, num_keep, torch.device(device))
-    ref = token_ops.random_masking_reference(3, 49, num_keep=num_keep, seed=987654321)
+    ref = masking.random_masking_reference(3, 49, num_keep=num_keep, seed=987654321)
     assert torch.equal(ids_keep.cpu(), ref.ids_keep)
     assert torch.equal(ids_restore.cpu(), ref.ids_restore)
     assert mask.dtype == torch.float32 and torch.equal(mask.cpu(), ref.mask)
@@ -80,7 +80,7 @@ def test_random_masking_matches_reference(device, num_keep):
 
 def test_random_masking_varlen_matches_reference(device):
     counts = [5, 0, 49, 17]
-    ref = token_ops.random_masking_reference(4, 49, num_keep=counts, seed=77)
+    ref = masking.random_masking_reference(4, 49, num_keep=counts, seed=77)
     cu = ref.cu_seqlens.to(device)
     ids_keep, ids_restore, mask = ops.csrc_random_masking_varlen(
         torch.tensor(77), cu, 4, 49, sum(counts), torch.device(device))
@@ -98,17 +98,17 @@ def test_offset_gives_the_rows_of_a_larger_call(device, offset, offset_on):
     seed_t, dev = torch.tensor(seed), torch.device(device)
     off = torch.tensor(offset, device=device if offset_on == "device" else "cpu")
     ids_shuffle, ids_restore = ops.csrc_random_permutation(seed_t, B, L, dev, offset=off)
-    ref_shuffle, ref_restore = token_ops.random_permutation_reference(B, L, seed=seed, offset=offset)
+    ref_shuffle, ref_restore = masking.random_permutation_reference(B, L, seed=seed, offset=offset)
     assert torch.equal(ids_shuffle.cpu(), ref_shuffle) and torch.equal(ids_restore.cpu(), ref_restore)
     if offset < 2**32 - 2:
-        full_shuffle = token_ops.random_permutation_reference(B + offset, L, seed=seed)[0]
+        full_shuffle = masking.random_permutation_reference(B + offset, L, seed=seed)[0]
         assert torch.equal(ids_shuffle.cpu(), full_shuffle[offset:])
     ids_keep, ids_restore, mask = ops.csrc_random_masking(seed_t, B, L, K, dev, offset=off)
-    ref = token_ops.random_masking_reference(B, L, num_keep=K, seed=seed, offset=offset)
+    ref = masking.random_masking_reference(B, L, num_keep=K, seed=seed, offset=offset)
     assert torch.equal(ids_keep.cpu(), ref.ids_keep) and torch.equal(ids_restore.cpu(), ref.ids_restore)
     assert torch.equal(mask.cpu(), ref.mask)
     counts = [5, 0, 49]
-    ref = token_ops.random_masking_reference(B, L, num_keep=counts, seed=seed, offset=offset)
+    ref = masking.random_masking_reference(B, L, num_keep=counts, seed=seed, offset=offset)
     ids_keep, ids_restore, mask = ops.csrc_random_masking_varlen(seed_t, ref.cu_seqlens.to(device), B, L,
                                                                  sum(counts), dev, offset=off)
     assert torch.equal(ids_keep.cpu(), ref.ids_keep) and torch.equal(ids_restore.cpu(), ref.ids_restore)
@@ -121,7 +121,7 @@ def test_offset_gives_the_rows_of_a_larger_call(device, offset, offset_on):
         if backend == "triton" and device not in kernel_devices():
             continue
         with use_backend(backend):
-            outs[backend] = token_ops.random_masking(B, L, num_keep=K, seed=seed, offset=off, device=device)
+            outs[backend] = masking.random_masking(B, L, num_keep=K, seed=seed, offset=off, device=device)
     for backend, out in outs.items():
         for got, want in zip(out, outs["reference"], strict=True):
             assert torch.equal(got.cpu(), want.cpu()), backend
@@ -153,12 +153,12 @@ def test_gather_visible_matches_reference(device, B, L, K, D, dtype, pos_kind, w
     pos_rows = {None: None, "L": L, "L+1": L + 1}[pos_kind]
     x, ids_keep, pos, cls = _tokens(B, L, K, D, dtype, device, pos_rows, with_cls)
     out = ops.csrc_gather_visible(x, ids_keep, pos, cls)
-    ref = token_ops.gather_visible_reference(x, ids_keep, pos, cls_token=cls)
+    ref = gather.gather_visible_reference(x, ids_keep, pos, cls_token=cls)
     assert out.dtype == ref.dtype and torch.equal(out, ref)  # pure indexing + one add: bit-exact
 
     grad_out = torch.randn_like(ref)
     grad_x, grad_pos, grad_cls = ops.csrc_gather_visible_backward(grad_out, ids_keep, L, with_cls, True, True, True)
-    ref_x, ref_pos, ref_cls = token_ops._gather_visible_backward_reference(grad_out, ids_keep, None, L, with_cls)
+    ref_x, ref_pos, ref_cls = gather._gather_visible_backward_reference(grad_out, ids_keep, None, L, with_cls)
     assert torch.equal(grad_x, ref_x.to(dtype))  # each position receives at most one row here
     assert_rel_close(grad_pos, ref_pos, dtype, name="grad_pos")
     if with_cls:
@@ -173,11 +173,11 @@ def test_gather_visible_int32_ids_mixed_dtypes_and_repeats(device):
     ids_keep[:, 5] = ids_keep[:, 3]  # a repeated index: its gradients add up
     ids32 = ids_keep.to(torch.int32)
     out = ops.csrc_gather_visible(x, ids32, pos, cls)
-    ref = token_ops.gather_visible_reference(x, ids_keep, pos, cls_token=cls)
+    ref = gather.gather_visible_reference(x, ids_keep, pos, cls_token=cls)
     assert out.dtype == torch.float32 and torch.equal(out, ref)
     grad_out = torch.randn_like(ref)
     grad_x, grad_pos, _ = ops.csrc_gather_visible_backward(grad_out, ids32, L, True, True, True, False)
-    ref_x, ref_pos, _ = token_ops._gather_visible_backward_reference(grad_out, ids_keep, None, L, True)
+    ref_x, ref_pos, _ = gather._gather_visible_backward_reference(grad_out, ids_keep, None, L, True)
     assert_rel_close(grad_x, ref_x, torch.float32, name="grad_x")
     assert_rel_close(grad_pos, ref_pos, torch.float32, name="grad_pos")
 
@@ -196,12 +196,12 @@ def test_unshuffle_matches_reference(device, B, L, K, D, dtype, pos_kind, with_c
     mask_token = torch.randn(D, device=device).to(dtype)
     pos = None if pos_rows is None else torch.randn(pos_rows, D, device=device).to(dtype)
     out = ops.csrc_unshuffle(x_visible, ids_restore, mask_token, pos, with_cls)
-    ref = token_ops.unshuffle_reference(x_visible, ids_restore, mask_token, pos, has_cls=with_cls)
+    ref = gather.unshuffle_reference(x_visible, ids_restore, mask_token, pos, has_cls=with_cls)
     assert out.dtype == ref.dtype and torch.equal(out, ref)
 
     grad_out = torch.randn_like(ref)
     grad_x, grad_mask, grad_pos = ops.csrc_unshuffle_backward(grad_out, ids_restore, K, with_cls, True, True, True)
-    ref_x, ref_mask, ref_pos = token_ops._unshuffle_backward_reference(grad_out, ids_restore, None, K + hc,
+    ref_x, ref_mask, ref_pos = gather._unshuffle_backward_reference(grad_out, ids_restore, None, K + hc,
                                                                        with_cls)
     assert torch.equal(grad_x, ref_x.to(dtype))  # a permutation: each visible row receives one row
     assert_rel_close(grad_mask, ref_mask, dtype, name="grad_mask_token")
@@ -215,7 +215,7 @@ def test_unshuffle_mixed_dtypes(device):
     mask_token = torch.randn(D, device=device)
     pos = torch.randn(1, L + 1, D, device=device)
     out = ops.csrc_unshuffle(x_visible, ids_restore, mask_token, pos, True)
-    ref = token_ops.unshuffle_reference(x_visible, ids_restore, mask_token, pos, has_cls=True)
+    ref = gather.unshuffle_reference(x_visible, ids_restore, mask_token, pos, has_cls=True)
     assert out.dtype == torch.float32 and torch.equal(out, ref)
 
 
@@ -244,7 +244,7 @@ MISALIGNED_CASES = [(torch.float32, torch.float32, 4), (torch.bfloat16, torch.bf
 def test_gather_visible_misaligned_views(device, dtype, aux_dtype, offset, operand):
     B, L, K, D = 2, 49, 13, 64
     x, ids_keep, pos, cls = _tokens(B, L, K, D, dtype, device, L + 1, True, pos_dtype=aux_dtype)
-    ref = token_ops.gather_visible_reference(x, ids_keep, pos, cls_token=cls)
+    ref = gather.gather_visible_reference(x, ids_keep, pos, cls_token=cls)
     args = {"x": x, "pos_embed": pos, "cls_token": cls}
     args[operand] = _offset_copy(args[operand], offset)
     out = ops.csrc_gather_visible(args["x"], ids_keep, args["pos_embed"], args["cls_token"])
@@ -253,7 +253,7 @@ def test_gather_visible_misaligned_views(device, dtype, aux_dtype, offset, opera
     grad_out = torch.randn_like(ref).to(dtype)
     grad_out = _offset_copy(grad_out, grad_out.element_size())
     grad_x, grad_pos, grad_cls = ops.csrc_gather_visible_backward(grad_out, ids_keep, L, True, True, True, True)
-    ref_x, ref_pos, ref_cls = token_ops._gather_visible_backward_reference(grad_out, ids_keep, None, L, True)
+    ref_x, ref_pos, ref_cls = gather._gather_visible_backward_reference(grad_out, ids_keep, None, L, True)
     assert torch.equal(grad_x, ref_x.to(dtype))
     assert_rel_close(grad_pos, ref_pos, dtype, name="grad_pos")
     assert_rel_close(grad_cls, ref_cls, dtype, name="grad_cls")
@@ -267,7 +267,7 @@ def test_unshuffle_misaligned_views(device, dtype, aux_dtype, offset, operand):
     args = {"x_visible": torch.randn(B, K + 1, D, device=device).to(dtype),
             "mask_token": torch.randn(D, device=device).to(aux_dtype),
             "pos_embed": torch.randn(L + 1, D, device=device).to(aux_dtype)}
-    ref = token_ops.unshuffle_reference(args["x_visible"], ids_restore, args["mask_token"], args["pos_embed"],
+    ref = gather.unshuffle_reference(args["x_visible"], ids_restore, args["mask_token"], args["pos_embed"],
                                         has_cls=True)
     args[operand] = _offset_copy(args[operand], offset)
     out = ops.csrc_unshuffle(args["x_visible"], ids_restore, args["mask_token"], args["pos_embed"], True)
@@ -276,7 +276,7 @@ def test_unshuffle_misaligned_views(device, dtype, aux_dtype, offset, operand):
     grad_out = torch.randn_like(ref).to(dtype)
     grad_out = _offset_copy(grad_out, grad_out.element_size())
     grad_x, grad_mask, grad_pos = ops.csrc_unshuffle_backward(grad_out, ids_restore, K, True, True, True, True)
-    ref_x, ref_mask, ref_pos = token_ops._unshuffle_backward_reference(grad_out, ids_restore, None, K + 1, True)
+    ref_x, ref_mask, ref_pos = gather._unshuffle_backward_reference(grad_out, ids_restore, None, K + 1, True)
     assert torch.equal(grad_x, ref_x.to(dtype))
     assert_rel_close(grad_mask, ref_mask, dtype, name="grad_mask_token")
     assert_rel_close(grad_pos, ref_pos, dtype, name="grad_pos")
@@ -290,11 +290,11 @@ def test_token_ops_with_no_patches(device, has_cls):
     x = torch.randn(B, 0, D, device=device)
     cls = torch.randn(D, device=device) if has_cls else None
     out = ops.csrc_gather_visible(x, ids, None, cls)
-    ref = token_ops.gather_visible_reference(x, ids, None, cls_token=cls)
+    ref = gather.gather_visible_reference(x, ids, None, cls_token=cls)
     assert out.shape == ref.shape == (B, hc, D) and torch.equal(out, ref)
     grad_out = torch.randn(B, hc, D, device=device)
     got = ops.csrc_gather_visible_backward(grad_out, ids, 0, has_cls, True, True, True)
-    ref_x, ref_pos, ref_cls = token_ops._gather_visible_backward_reference(grad_out, ids, None, 0, has_cls)
+    ref_x, ref_pos, ref_cls = gather._gather_visible_backward_reference(grad_out, ids, None, 0, has_cls)
     assert got[0].shape == ref_x.shape == (B, 0, D) and got[1].shape == ref_pos.shape == (0, D)
     if has_cls:
         assert_rel_close(got[2], ref_cls, torch.float32, name="grad_cls")
@@ -304,10 +304,10 @@ def test_token_ops_with_no_patches(device, has_cls):
     x_visible = torch.randn(B, hc, D, device=device)
     mask_token = torch.randn(D, device=device)
     out = ops.csrc_unshuffle(x_visible, ids, mask_token, None, has_cls)
-    ref = token_ops.unshuffle_reference(x_visible, ids, mask_token, None, has_cls=has_cls)
+    ref = gather.unshuffle_reference(x_visible, ids, mask_token, None, has_cls=has_cls)
     assert out.shape == ref.shape == (B, hc, D) and torch.equal(out, ref)
     grad_x, grad_mask, grad_pos = ops.csrc_unshuffle_backward(grad_out, ids, 0, has_cls, True, True, True)
-    ref_x, ref_mask, ref_pos = token_ops._unshuffle_backward_reference(grad_out, ids, None, hc, has_cls)
+    ref_x, ref_mask, ref_pos = gather._unshuffle_backward_reference(grad_out, ids, None, hc, has_cls)
     assert torch.equal(grad_x, ref_x) and grad_pos.shape == ref_pos.shape == (hc, D)
     assert torch.equal(grad_mask, ref_mask) and not grad_mask.any()  # no masked position: sum over nothing
     if has_cls:
@@ -324,17 +324,17 @@ def test_token_ops_with_an_empty_batch_or_width(device, B, D):
     restore = torch.arange(L, device=dev).expand(B, L).contiguous()
     x, pos, cls = torch.randn(B, L, D, device=dev), torch.randn(L + 1, D, device=dev), torch.randn(D, device=dev)
     out = ops.csrc_gather_visible(x, ids, pos, cls)
-    assert torch.equal(out, token_ops.gather_visible_reference(x, ids, pos, cls_token=cls))
+    assert torch.equal(out, gather.gather_visible_reference(x, ids, pos, cls_token=cls))
     grad_out = torch.randn(B, K + 1, D, device=dev)
     got = ops.csrc_gather_visible_backward(grad_out, ids, L, True, True, True, True)
-    for g, want in zip(got, token_ops._gather_visible_backward_reference(grad_out, ids, None, L, True), strict=True):
+    for g, want in zip(got, gather._gather_visible_backward_reference(grad_out, ids, None, L, True), strict=True):
         assert torch.equal(g, want)
     x_visible = torch.randn(B, K + 1, D, device=dev)
     out = ops.csrc_unshuffle(x_visible, restore, cls, pos, True)
-    assert torch.equal(out, token_ops.unshuffle_reference(x_visible, restore, cls, pos, has_cls=True))
+    assert torch.equal(out, gather.unshuffle_reference(x_visible, restore, cls, pos, has_cls=True))
     grad_out = torch.randn(B, L + 1, D, device=dev)
     got = ops.csrc_unshuffle_backward(grad_out, restore, K, True, True, True, True)
-    for g, want in zip(got, token_ops._unshuffle_backward_reference(grad_out, restore, None, K + 1, True), strict=True):
+    for g, want in zip(got, gather._unshuffle_backward_reference(grad_out, restore, None, K + 1, True), strict=True):
         assert torch.equal(g, want)
     if B == 0:
         seed = torch.tensor(1)
@@ -358,14 +358,14 @@ def test_cuda_kernels_read_zeros_for_out_of_range_indices(ext):
     bad[1, 1], bad[0, 2] = L, -1
     bad_rows = ([1, 0], [2, 3])  # their output rows (after the cls row)
     out = ops.csrc_gather_visible(x, bad, pos, cls)
-    want = token_ops.gather_visible_reference(x, ids, pos, cls_token=cls)
+    want = gather.gather_visible_reference(x, ids, pos, cls_token=cls)
     want[bad_rows] = 0
     assert torch.equal(out, want)
     grad_out = torch.randn_like(out)
     kept = grad_out.clone()
     kept[bad_rows] = 0
     got = ops.csrc_gather_visible_backward(grad_out, bad, L, True, True, True, True)
-    want = token_ops._gather_visible_backward_reference(kept, ids, None, L, True)
+    want = gather._gather_visible_backward_reference(kept, ids, None, L, True)
     assert torch.equal(got[0], want[0])
     assert_rel_close(got[1], want[1], torch.float32, name="grad_pos")
     assert_rel_close(got[2], want[2], torch.float32, name="grad_cls")
@@ -376,12 +376,12 @@ def test_cuda_kernels_read_zeros_for_out_of_range_indices(ext):
     bad[1, i] = L
     x_visible, mask_token, pos = torch.randn(B, K + 1, D, device="cuda"), torch.randn(D, device="cuda"), pos[1:]
     out = ops.csrc_unshuffle(x_visible, bad, mask_token, pos, True)
-    want = token_ops.unshuffle_reference(x_visible, restore, mask_token, pos, has_cls=True)
+    want = gather.unshuffle_reference(x_visible, restore, mask_token, pos, has_cls=True)
     want[1, 1 + i] = pos[i]
     assert torch.equal(out, want)
     grad_out = torch.randn_like(out)
     got = ops.csrc_unshuffle_backward(grad_out, bad, K, True, True, True, True)
-    want = token_ops._unshuffle_backward_reference(grad_out, restore, None, K + 1, True)
+    want = gather._unshuffle_backward_reference(grad_out, restore, None, K + 1, True)
     assert torch.equal(got[0], want[0])
     assert_rel_close(got[1], want[1] - grad_out[1, 1 + i], torch.float32, name="grad_mask_token")
     assert_rel_close(got[2], want[2], torch.float32, name="grad_pos")
@@ -871,9 +871,9 @@ def test_public_token_ops_on_csrc_match_reference(dtype):
         cls = torch.randn(1, 1, D).to(dtype).requires_grad_()
         mask_token = torch.randn(1, 1, D).to(dtype).requires_grad_()
         with use_backend(backend):
-            m = token_ops.random_masking(B, L, 0.75, seed=11)
-            visible = token_ops.gather_visible(x, m.ids_keep, pos, cls_token=cls)
-            full = token_ops.unshuffle(visible, m.ids_restore, mask_token, pos, has_cls=True)
+            m = masking.random_masking(B, L, 0.75, seed=11)
+            visible = gather.gather_visible(x, m.ids_keep, pos, cls_token=cls)
+            full = gather.unshuffle(visible, m.ids_restore, mask_token, pos, has_cls=True)
             (full * torch.linspace(-1, 1, full.numel()).reshape(full.shape)).sum().backward()
         return [m.ids_keep, m.ids_restore, m.mask, visible, full, x.grad, pos.grad, cls.grad, mask_token.grad]
 

@@ -25,12 +25,7 @@ TINY = {"depth": 2, "embed_dim": 48, "num_heads": 3, "decoder_embed_dim": 32, "d
         "decoder_num_heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clusters(n_per_class, num_classes, dim, seed, spread=0.3):

@@ -15,6 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fastmim.cli import main
+from fastmim.testing import TINY_TRAIN_MODEL as TINY
+from fastmim.testing import TINY_TRAIN_MODEL_ARGS as TINY_ARGS
 from fastmim.testing import run_until_stalled
 from fastmim.train.checkpoint import (
     CheckpointError,
@@ -28,19 +30,7 @@ from fastmim.train.loop import train
 from fastmim.train.methods import MAEAdapter, StepContext
 from fastmim.train.schedule import cosine_lr, default_warmup_steps, scaled_lr
 
-# A model small enough that a step takes milliseconds: tests check the job, not the model.
-TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
-        "decoder_num_heads": 2}
-TINY_ARGS = [a for k, v in TINY.items() for a in ("--model-arg", f"{k}={v}")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: one thread avoids OpenMP contention on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, **kw) -> TrainConfig:

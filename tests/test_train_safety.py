@@ -19,6 +19,8 @@ from safetensors.torch import load, load_file, save_file
 
 import fastmim
 from fastmim.cli import main
+from fastmim.testing import TINY_TRAIN_MODEL as TINY
+from fastmim.testing import TINY_TRAIN_MODEL_ARGS as TINY_ARGS
 from fastmim.train import loop
 from fastmim.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -34,18 +36,7 @@ from fastmim.train.config import TrainConfig
 from fastmim.train.loop import train
 from fastmim.train.methods import LUTAdapter, MAEAdapter
 
-# The tiny model of tests/test_train.py: a step takes milliseconds.
-TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
-        "decoder_num_heads": 2}
-TINY_ARGS = [a for k, v in TINY.items() for a in ("--model-arg", f"{k}={v}")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, **kw) -> TrainConfig:

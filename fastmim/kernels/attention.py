@@ -161,6 +161,15 @@ def _fwd_one_head(Q, K, V, Out, LSE, KIDX, KMASK, b, h, seq_start, n_q, n_k, n_r
     tl.store(LSE + l_base + offs_m * stride_ln, lse, mask=m_valid)
 
 
+# The kernels' pointer arguments (rows read with the strides passed beside them):
+#   Q, Out, DO, DQ       (B, H, Nq, D), or (T, H, D) packed with VARLEN
+#   K, V, DK, DV         (B, H, Nk, D), or (T, H, D) packed with VARLEN
+#   LSE, DELTA           (B, H, Nq) fp32, or (T, H) packed
+#   CU                   (B + 1,) int32 sequence offsets (VARLEN only)
+#   KIDX                 (B, K) int32/int64 visible key ids (KEY_MODE index only)
+#   KMASK                (B, L) bool/uint8 key visibility (KEY_MODE mask only)
+
+
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, Out, LSE, CU, KIDX, KMASK, N_Q, N_K, N_ROWS, H, qk_scale,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,

@@ -39,7 +39,13 @@ _TILE_ELEMENTS = 4096
 
 @triton.jit
 def _masked_patch_mse_fwd_kernel(
-    pred_ptr, imgs_ptr, weight_ptr, ids_ptr, weight_sum_ptr, row_loss_ptr, grad_ptr,
+    pred_ptr,  # (B, L, N) LAYOUT_FULL, (B, K, N) LAYOUT_SELECTED or (T, N) LAYOUT_PACKED; N = p * p * C
+    imgs_ptr,  # (B, C, H, W), read in place by patch index math
+    weight_ptr,  # (B, L) patch weights (HAS_WEIGHT only)
+    ids_ptr,  # (B, K) or (T,) patch ids of pred's rows (LAYOUT_SELECTED / LAYOUT_PACKED only)
+    weight_sum_ptr,  # () fp32: sum of the weights (SCALE_BY_WEIGHT_SUM only)
+    row_loss_ptr,  # (rows,) fp32 weighted loss of each row of pred
+    grad_ptr,  # like pred, contiguous: d loss / d pred (COMPUTE_GRAD only)
     num_rows, rows_per_sample, batch, num_patches, grid_w,
     stride_pred_sample, stride_pred_row,
     stride_img_b, stride_img_c, stride_img_h, stride_img_w,
@@ -131,7 +137,9 @@ def _masked_patch_mse_fwd_kernel(
 
 
 @triton.jit
-def _scale_grad_by_scalar_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
+def _scale_grad_by_scalar_kernel(grad_ptr,  # (numel,) the saved gradient, scaled in place
+                                 grad_output_ptr,  # () the incoming gradient of the scalar loss
+                                 numel, BLOCK: tl.constexpr):
     scale = tl.load(grad_output_ptr).to(tl.float32)
     # grad_output is 1 for a plain loss.backward(): then there is nothing to do and the
     # saved gradient is returned as it is, at the cost of one scalar load per program.
@@ -143,7 +151,9 @@ def _scale_grad_by_scalar_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.con
 
 
 @triton.jit
-def _scale_grad_by_row_kernel(grad_ptr, grad_output_ptr, num_rows, stride_go,
+def _scale_grad_by_row_kernel(grad_ptr,  # (num_rows, N) the saved gradient, scaled in place
+                              grad_output_ptr,  # (num_rows,) strided: the incoming gradient of each row's loss
+                              num_rows, stride_go,
                               N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)

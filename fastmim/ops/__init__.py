@@ -27,7 +27,20 @@ from fastmim.ops.fused_block import (
     norm_mlp_add,
     norm_mlp_add_reference,
 )
+from fastmim.ops.gather import gather_visible, gather_visible_reference, unshuffle, unshuffle_reference
 from fastmim.ops.loss import masked_patch_mse, masked_patch_mse_reference, patchify, unpatchify
+from fastmim.ops.masking import (
+    Masking,
+    PackedMasking,
+    check_mask_ratio,
+    masking_from_mask,
+    masking_from_permutation,
+    num_keep_from_ratio,
+    random_masking,
+    random_masking_reference,
+    random_permutation,
+    random_permutation_reference,
+)
 from fastmim.ops.resized_crop import (
     CropBoxes,
     PackedImages,
@@ -36,18 +49,6 @@ from fastmim.ops.resized_crop import (
     random_resized_crop_boxes,
     resized_crop_flip_normalize,
     resized_crop_flip_normalize_reference,
-)
-from fastmim.ops.token_ops import (
-    Masking,
-    PackedMasking,
-    gather_visible,
-    gather_visible_reference,
-    random_masking,
-    random_masking_reference,
-    random_permutation,
-    random_permutation_reference,
-    unshuffle,
-    unshuffle_reference,
 )
 
 __all__ = ["BACKENDS", "backend_status", "check_indices", "forced_backend", "select_backend", "use_backend"]
@@ -60,6 +61,7 @@ __all__ += ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference
 __all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
 __all__ += ["CropBoxes", "PackedImages", "pack_images", "random_resized_crop_box", "random_resized_crop_boxes",
             "resized_crop_flip_normalize", "resized_crop_flip_normalize_reference"]
-__all__ += ["Masking", "PackedMasking", "gather_visible", "gather_visible_reference", "random_masking",
-            "random_masking_reference", "random_permutation", "random_permutation_reference", "unshuffle",
-            "unshuffle_reference"]
+__all__ += ["gather_visible", "gather_visible_reference", "unshuffle", "unshuffle_reference"]
+__all__ += ["Masking", "PackedMasking", "check_mask_ratio", "masking_from_mask", "masking_from_permutation",
+            "num_keep_from_ratio", "random_masking", "random_masking_reference", "random_permutation",
+            "random_permutation_reference"]

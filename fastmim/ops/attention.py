@@ -51,12 +51,11 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops._dispatch import select_backend
-from fastmim.ops._validate import check_cu_seqlens, check_distinct_rows, check_index_range
+from fastmim.ops._validate import validate_attention, validate_qkv
 
 __all__ = ["visible_attention", "visible_attention_qkvpacked", "visible_attention_reference"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DTYPES = (*_KERNEL_DTYPES, torch.float64)
 _MAX_KERNEL_HEAD_DIM = 256
 
 
@@ -171,8 +170,27 @@ def _reference_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens, key_i
     return tuple(_from_bhnd(g, varlen).to(t.dtype) for g, t in zip((dq, dk, dv), (q, k, v), strict=True))
 
 
+def _unpack_qkv(qkv: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` views: ``(B, N, 3, H, D)`` -> ``(B, H, N, D)`` each, ``(T, 3, H, D)`` -> ``(T, H, D)``."""
+    return qkv.unbind(1) if varlen else qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _token_major_swap(t: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """``(B, N, H, D)`` <-> ``(B, H, N, D)``, a view either way (varlen ``(T, H, D)`` as it is)."""
+    return t if varlen else t.transpose(1, 2)
+
+
+def _packed_out_shape(qkv: torch.Tensor) -> tuple[int, ...]:
+    return (*qkv.shape[:-3], *qkv.shape[-2:])
+
+
+def _packed_lse_shape(qkv: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    heads = qkv.shape[-2]
+    return (heads, qkv.shape[0]) if varlen else (qkv.shape[0], heads, qkv.shape[1])
+
+
 # ---------------------------------------------------------------------------------------------
-# Registered ops (torch.library): the forward returns (out, lse); the backward is an op too
+# Registered ops (torch.library): each forward returns (out, lse); each backward is an op too
 # ---------------------------------------------------------------------------------------------
 
 
@@ -223,168 +241,6 @@ def _(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens, key_index, key_mask, ma
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, key_index, key_mask, max_seqlen, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_index, key_mask)
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, key_index, key_mask = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.fastmim.visible_attention_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens,
-                                                              key_index, key_mask, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd("fastmim::visible_attention", _backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------
-# Public op
-# ---------------------------------------------------------------------------------------------
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)
-
-
-def _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"visible_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"visible_attention: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"visible_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"visible_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"visible_attention: scale must be a Python float or None, got {type(scale).__name__}")
-    if cu_seqlens is not None:
-        if key_visible is not None:
-            raise ValueError("visible_attention: key_visible is for the dense (B, H, L, D) layout, not with cu_seqlens")
-        if q.dim() != 3:
-            raise ValueError(f"visible_attention: with cu_seqlens, q must be packed (T, H, D), got shape {_shape(q)}")
-        if _shape(k) != _shape(q) or _shape(v) != _shape(q):
-            raise ValueError(f"visible_attention: with cu_seqlens, k and v must be shaped like q {_shape(q)}, "
-                             f"got k {_shape(k)}, v {_shape(v)}")
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
-            got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
-            raise TypeError(f"visible_attention: cu_seqlens must be an int32 tensor, got {got}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"visible_attention: cu_seqlens must be 1-D (B+1,), got shape {_shape(cu_seqlens)}")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"visible_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
-            raise ValueError(f"visible_attention: max_seqlen must be a Python int >= 1 bounding every sequence "
-                             f"length (no host sync is made to find it), got {max_seqlen!r}")
-        check_cu_seqlens("cu_seqlens", cu_seqlens, total=q.shape[0], max_seqlen=max_seqlen, op="visible_attention")
-        return
-    if max_seqlen is not None:
-        raise ValueError("visible_attention: max_seqlen is only meaningful with cu_seqlens")
-    if q.dim() != 4:
-        raise ValueError(f"visible_attention: q must be (B, H, N, D) (or (T, H, D) with cu_seqlens), got shape "
-                         f"{_shape(q)}")
-    if k.dim() != 4 or _shape(k) != _shape(v) or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"visible_attention: k and v must be (B, H, Nk, D) matching q {_shape(q)} in B, H, D, "
-                         f"got k {_shape(k)}, v {_shape(v)}")
-    if k.shape[2] == 0:
-        raise ValueError(f"visible_attention: k has no keys (shape {_shape(k)})")
-    if key_visible is None:
-        return
-    if not isinstance(key_visible, torch.Tensor):
-        raise TypeError(f"visible_attention: key_visible must be a tensor, got {type(key_visible).__name__}")
-    batch, length = q.shape[0], k.shape[2]
-    if q.shape[2] != length:
-        raise ValueError(f"visible_attention: key_visible needs q and k of the same length L, got q {_shape(q)}, "
-                         f"k {_shape(k)}")
-    if key_visible.device != q.device:
-        raise ValueError(f"visible_attention: key_visible is on {key_visible.device}, q on {q.device}")
-    if key_visible.dtype == torch.bool:
-        if _shape(key_visible) != (batch, length):
-            raise ValueError(f"visible_attention: boolean key_visible must be (B, L) = {(batch, length)}, "
-                             f"got {_shape(key_visible)}")
-    elif key_visible.dtype in (torch.int32, torch.int64):
-        if key_visible.dim() != 2 or key_visible.shape[0] != batch or key_visible.shape[1] > length:
-            raise ValueError(f"visible_attention: integer key_visible must be (B, K) = ({batch}, K <= {length}), "
-                             f"got {_shape(key_visible)}")
-        check_index_range("key_visible", key_visible, length, op="visible_attention")
-        check_distinct_rows("key_visible", key_visible, op="visible_attention")
-    else:
-        raise TypeError(f"visible_attention: key_visible must be bool (B, L) or int32/int64 (B, K), "
-                        f"got {key_visible.dtype}")
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def _visible_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`visible_attention` on validated arguments: ``(out, lse)``."""
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    key_index, key_mask = _split_key_visible(key_visible)
-    if key_index is not None:
-        key_index = key_index.contiguous()
-    if key_mask is not None:
-        key_mask = key_mask.contiguous()
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return _visible_attention_op(q, k, v, cu_seqlens, key_index, key_mask, 0 if max_seqlen is None else max_seqlen,
-                                 scale)
-
-
-def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                      max_seqlen: int | None = None, key_visible: torch.Tensor | None = None,
-                      scale: float | None = None, return_lse: bool = False):
-    """Flash attention over visible tokens (dense, varlen packed, or key-visibility; see the module doc).
-
-    Args:
-        q, k, v: ``(B, H, N, D)`` (dense / key-visibility; k, v may have another length ``Nk`` when
-            ``key_visible`` is None) or ``(T, H, D)`` packed with ``cu_seqlens``. fp16, bf16, fp32
-            (float64 runs the reference).
-        cu_seqlens: ``(B+1,)`` int32 offsets of the packed sequences.
-        max_seqlen: Python int, an upper bound on the sequence lengths (required with ``cu_seqlens``).
-        key_visible: bool ``(B, L)`` mask or int ``(B, K)`` index set of the keys each sample's
-            queries may attend to.
-        scale: softmax scale, default ``D ** -0.5``.
-        return_lse: also return the log-sum-exp of the scores (natural log), ``(B, H, N)`` or ``(H, T)``,
-            fp32 (float64 for float64 inputs); differentiable.
-
-    Returns ``out`` shaped like ``q`` (and ``lse``). An empty key set gives ``out = 0``, ``lse = -inf``.
-    Bad values of ``cu_seqlens`` / ``key_visible`` raise ``ValueError`` (host tensors; see the module doc).
-    """
-    _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
-    out, lse = _visible_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
-    return (out, lse) if return_lse else out
-
-
-# ---------------------------------------------------------------------------------------------
-# Packed qkv: a ViT's qkv projection in, the input of its output projection out, no copies
-# ---------------------------------------------------------------------------------------------
-
-
-def _unpack_qkv(qkv: torch.Tensor, varlen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q, k, v`` views: ``(B, N, 3, H, D)`` -> ``(B, H, N, D)`` each, ``(T, 3, H, D)`` -> ``(T, H, D)``."""
-    return qkv.unbind(1) if varlen else qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _token_major_swap(t: torch.Tensor, varlen: bool) -> torch.Tensor:
-    """``(B, N, H, D)`` <-> ``(B, H, N, D)``, a view either way (varlen ``(T, H, D)`` as it is)."""
-    return t if varlen else t.transpose(1, 2)
-
-
-def _packed_out_shape(qkv: torch.Tensor) -> tuple[int, ...]:
-    return (*qkv.shape[:-3], *qkv.shape[-2:])
-
-
-def _packed_lse_shape(qkv: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    heads = qkv.shape[-2]
-    return (heads, qkv.shape[0]) if varlen else (qkv.shape[0], heads, qkv.shape[1])
-
-
 @torch.library.custom_op("fastmim::visible_attention_qkvpacked", mutates_args=())
 def _qkvpacked_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,6 +283,31 @@ def _(grad_out, qkv, out, lse, grad_lse, cu_seqlens, max_seqlen, scale):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
+# ---------------------------------------------------------------------------------------------
+# Autograd rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, key_index, key_mask, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_index, key_mask)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, key_index, key_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fastmim.visible_attention_backward(grad_out, q, k, v, out, lse, grad_lse, cu_seqlens,
+                                                              key_index, key_mask, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("fastmim::visible_attention", _backward, setup_context=_setup_context)
+
+
 def _qkvpacked_setup_context(ctx, inputs, output):
     qkv, cu_seqlens, max_seqlen, scale = inputs
     out, lse = output
@@ -448,12 +329,51 @@ torch.library.register_autograd("fastmim::visible_attention_qkvpacked", _qkvpack
                                 setup_context=_qkvpacked_setup_context)
 
 
-def _check_qkv(qkv, cu_seqlens) -> None:
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"visible_attention_qkvpacked: qkv must be a torch.Tensor, got {type(qkv).__name__}")
-    want = "(T, 3, H, D) with cu_seqlens" if cu_seqlens is not None else "(B, N, 3, H, D)"
-    if qkv.dim() != (4 if cu_seqlens is not None else 5) or qkv.shape[-3] != 3:
-        raise ValueError(f"visible_attention_qkvpacked: qkv must be {want}, got shape {_shape(qkv)}")
+# ---------------------------------------------------------------------------------------------
+# Public functions (arguments checked by fastmim.ops._validate)
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _visible_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`visible_attention` on validated arguments: ``(out, lse)``."""
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    key_index, key_mask = _split_key_visible(key_visible)
+    if key_index is not None:
+        key_index = key_index.contiguous()
+    if key_mask is not None:
+        key_mask = key_mask.contiguous()
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    return _visible_attention_op(q, k, v, cu_seqlens, key_index, key_mask, 0 if max_seqlen is None else max_seqlen,
+                                 scale)
+
+
+def visible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                      max_seqlen: int | None = None, key_visible: torch.Tensor | None = None,
+                      scale: float | None = None, return_lse: bool = False):
+    """Flash attention over visible tokens (dense, varlen packed, or key-visibility; see the module doc).
+
+    Args:
+        q, k, v: ``(B, H, N, D)`` (dense / key-visibility; k, v may have another length ``Nk`` when
+            ``key_visible`` is None) or ``(T, H, D)`` packed with ``cu_seqlens``. fp16, bf16, fp32
+            (float64 runs the reference).
+        cu_seqlens: ``(B+1,)`` int32 offsets of the packed sequences.
+        max_seqlen: Python int, an upper bound on the sequence lengths (required with ``cu_seqlens``).
+        key_visible: bool ``(B, L)`` mask or int ``(B, K)`` index set of the keys each sample's
+            queries may attend to.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of the scores (natural log), ``(B, H, N)`` or ``(H, T)``,
+            fp32 (float64 for float64 inputs); differentiable.
+
+    Returns ``out`` shaped like ``q`` (and ``lse``). An empty key set gives ``out = 0``, ``lse = -inf``.
+    Bad values of ``cu_seqlens`` / ``key_visible`` raise ``ValueError`` (host tensors; see the module doc).
+    """
+    validate_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    out, lse = _visible_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    return (out, lse) if return_lse else out
 
 
 def _visible_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -478,7 +398,7 @@ def visible_attention_qkvpacked(qkv: torch.Tensor, *, cu_seqlens: torch.Tensor |
     gradients nor copies them back through a permute. Same result as :func:`visible_attention` on
     the q, k, v views (the same kernels).
     """
-    _check_qkv(qkv, cu_seqlens)
-    _validate(*_unpack_qkv(qkv, cu_seqlens is not None), cu_seqlens, max_seqlen, None, scale)
+    validate_qkv(qkv, cu_seqlens)
+    validate_attention(*_unpack_qkv(qkv, cu_seqlens is not None), cu_seqlens, max_seqlen, None, scale)
     out, lse = _visible_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, scale)
     return (out, lse) if return_lse else out

@@ -29,13 +29,12 @@ import torch.nn.functional as F
 
 from fastmim import environment
 from fastmim.ops._dispatch import forced_backend, use_backend
+from fastmim.ops._validate import validate_attention, validate_qkv
 from fastmim.ops.attention import (
-    _check_qkv,
     _key_mask_from,
     _split_key_visible,
     _token_major_swap,
     _unpack_qkv,
-    _validate,
     _visible_attention,
     _visible_attention_qkvpacked,
     visible_attention_reference,
@@ -243,7 +242,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     raise the same errors: the arguments are checked once, here, before a backend is chosen or run.
     """
     _check_backend(backend)
-    _validate(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
+    validate_attention(q, k, v, cu_seqlens, max_seqlen, key_visible, scale)
     if backend is None:
         backend = choose_attn_backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                       key_visible=key_visible, scale=scale)
@@ -259,11 +258,11 @@ def attention_qkvpacked(qkv: torch.Tensor, *, backend: str | None = None, cu_seq
     around the kernels); the other backends get q, k, v views and their output transposed back
     (as timm's attention does).
     """
-    _check_qkv(qkv, cu_seqlens)
+    validate_qkv(qkv, cu_seqlens)
     _check_backend(backend)
     varlen = cu_seqlens is not None
     q, k, v = _unpack_qkv(qkv, varlen)
-    _validate(q, k, v, cu_seqlens, max_seqlen, None, scale)
+    validate_attention(q, k, v, cu_seqlens, max_seqlen, None, scale)
     if backend is None:
         backend = choose_attn_backend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
     if backend == "triton":

@@ -31,12 +31,10 @@ from __future__ import annotations
 import torch
 
 from fastmim.ops._dispatch import select_backend
-from fastmim.ops._validate import check_index_range, values_checked
+from fastmim.ops._validate import check_image_geometry, validate_masked_patch_mse
 
 __all__ = ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
 
-_REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backends of the op; the compiled csrc kernel (fastmim._C) is the CPU default where
 # benchmarks/bench_loss.py measured it at least as fast as the reference.
@@ -54,7 +52,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
 
     Within a patch the order is row, column, channel (the official ``nchpwq -> nhwpqc``).
     """
-    _check_image_geometry(imgs, patch_size, "imgs")
+    check_image_geometry(imgs, patch_size, "imgs")
     batch, channels, height, width = imgs.shape
     p = patch_size
     h, w = height // p, width // p
@@ -134,192 +132,6 @@ def masked_patch_mse_reference(
         return loss.sum()
     weight_sum = weight.sum()
     return loss.sum() / torch.where(weight_sum == 0, torch.ones_like(weight_sum), weight_sum)
-
-
-# --------------------------------------------------------------------------------------------
-# Public op
-# --------------------------------------------------------------------------------------------
-
-
-def masked_patch_mse(
-    pred: torch.Tensor,
-    imgs: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    patch_size: int,
-    norm_pix: bool = True,
-    eps: float = 1e-6,
-    reduction: str = "mean",
-    ids_masked: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """MAE's reconstruction loss straight from the image, forward and backward in one pass.
-
-    With ``N = patch_size**2 * C`` and ``L = (H / p) * (W / p)``, per patch ``l`` of sample
-    ``b``: ``t`` = the patch of ``imgs`` (row, column, channel order, as :func:`patchify`);
-    with ``norm_pix``, ``t = (t - mean(t)) / sqrt(var(t) + eps)`` with the unbiased variance;
-    ``patch_loss = mean_j (pred_j - t_j)**2``. Then ``"mean"`` gives
-    ``sum(mask * patch_loss) / sum(mask)`` (the official loss), ``"sum"`` the numerator,
-    ``"none"`` ``mask * patch_loss`` per row of ``pred``.
-
-    Args:
-        pred: predictions, one of three layouts:
-            ``(B, L, N)``: every patch (the official decoder output); ``mask`` required.
-            ``(B, K, N)`` with ``ids_masked (B, K)``: only the patches ``ids_masked[b, k]``
-            in ``[0, L)``, so a decoder can skip its output projection on visible tokens (with
-            MAE's random masking keeping ``len_keep`` patches: ``ids_shuffle[:, len_keep:]``,
-            ``K = L - len_keep``).
-            ``(T, N)`` with ``ids_masked (T,)``: packed rows, ``ids_masked[t] = b * L + l``.
-            The last dimension must be contiguous; other strides are read as they are (e.g.
-            ``decoder_out[:, 1:]`` needs no copy).
-        imgs: ``(B, C, H, W)``, H and W divisible by ``patch_size``; any strides (read in
-            place). float16, bfloat16, float32 or float64, like ``pred`` (may differ).
-        mask: ``(B, L)`` patch weights, 1 = masked (loss counted), 0 = visible; float or bool
-            (bool is converted to float32, a small copy). Any finite weights ``>= 0`` (a soft
-            mask) are allowed; a negative, NaN or infinite one is a ``ValueError`` (its values
-            are checked as ``ids_masked``'s, see there). With ``ids_masked`` it is optional:
-            the weight of a row is ``mask[b, l]`` of its patch, or 1 without ``mask``.
-        patch_size: ``p``.
-        norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
-        eps: added to the variance inside the square root (a constant patch gives a finite
-            loss and gradient).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        ids_masked: the patch indices of the rows of ``pred`` (int64 or int32), see ``pred``.
-            Their values are checked as fastmim's other index arguments
-            (:mod:`fastmim.ops._validate`): always for a CPU tensor, on every backend (a
-            ``ValueError`` naming the first bad position, its value and the range ``[0, L)``,
-            ``[0, B * L)`` packed); for an accelerator tensor only under
-            :func:`fastmim.ops.check_indices` or ``FASTMIM_CHECK_INDICES=1`` (reading them
-            back would sync with the device). Unchecked, an out-of-range index reads no patch:
-            the Triton and csrc kernels give its row loss 0 and gradient 0 and leave its weight
-            out of ``sum(mask)`` (without ``mask``, ``"mean"`` still divides by the number of
-            rows); the reference backend's indexing raises (a device-side assert on CUDA).
-
-    Returns:
-        float32 (float64 if an input is float64): a scalar, or ``pred.shape[:-1]`` for
-        ``"none"``. When the weights sum to 0 (e.g. ``mask_ratio=0``, no rows with ``K = 0``
-        or ``T = 0``, or an empty batch ``B = 0``), ``"mean"`` returns 0 and a zero gradient
-        on every backend (the official code returns NaN); ``"sum"`` is 0 for no rows. The
-        kernels (Triton, csrc) do not read rows of weight 0, so non-finite values there do not
-        propagate (the reference, like the official code, gives NaN).
-
-    Gradient flows to ``pred`` only; ``imgs`` and ``mask`` must not require grad. When
-    ``pred`` requires grad the forward also writes ``d loss / d pred`` (one tensor like
-    ``pred``), kept for backward, which scales it in place by ``grad_output``: backward once
-    per graph (``retain_graph`` re-use of this node raises autograd's in-place error).
-    Statistics and sums are fp32 for bf16/fp16 inputs. No host sync (unless index checks are
-    on for accelerator tensors, see ``ids_masked``).
-    """
-    mask = _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked)
-    compute_grad = pred.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.fastmim.masked_patch_mse(
-        pred, imgs, mask, ids_masked, patch_size, norm_pix, float(eps), reduction, compute_grad)
-    return loss
-
-
-def _check_image_geometry(imgs: torch.Tensor, patch_size: int, name: str) -> None:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if not isinstance(imgs, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(imgs).__name__}")
-    if imgs.dim() != 4:
-        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(imgs.shape)}")
-    height, width = imgs.shape[2], imgs.shape[3]
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"{name} height and width must be divisible by patch_size={patch_size}, "
-                         f"got {height}x{width}")
-
-
-def _validate(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked) -> torch.Tensor | None:
-    if not isinstance(pred, torch.Tensor):
-        raise TypeError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
-    _check_image_geometry(imgs, patch_size, "imgs")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    for name, t in (("pred", pred), ("imgs", imgs)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    batch, channels, height, width = imgs.shape
-    if min(channels, height, width) < 1:
-        raise ValueError(f"imgs must have C, H and W >= 1 (only the batch B may be empty), got {tuple(imgs.shape)}")
-    p = patch_size
-    num_patches = (height // p) * (width // p)
-    n = p * p * channels
-    if norm_pix and n < 2:
-        raise ValueError(f"norm_pix needs at least 2 values per patch (p*p*C = {n}): the unbiased variance "
-                         "of one value is undefined")
-    if ids_masked is None:
-        expected = (batch, num_patches, n)
-        if tuple(pred.shape) != expected:
-            raise ValueError(f"pred must have shape (B, L, p*p*C) = {expected} for imgs {tuple(imgs.shape)} and "
-                             f"patch_size={p}, got {tuple(pred.shape)} (pass ids_masked for a subset of patches)")
-        if mask is None:
-            raise ValueError("mask (B, L) is required when pred holds every patch (ids_masked is None)")
-    else:
-        if not isinstance(ids_masked, torch.Tensor):
-            raise TypeError(f"ids_masked must be a torch.Tensor, got {type(ids_masked).__name__}")
-        if ids_masked.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"ids_masked must be int64 or int32, got {ids_masked.dtype}")
-        if ids_masked.device != pred.device:
-            raise ValueError(f"ids_masked is on {ids_masked.device}, expected pred's device {pred.device}")
-        if pred.dim() == 3:
-            if pred.shape[0] != batch or pred.shape[2] != n:
-                raise ValueError(f"pred must have shape (B, K, p*p*C) = ({batch}, K, {n}) with ids_masked, "
-                                 f"got {tuple(pred.shape)}")
-            if tuple(ids_masked.shape) != tuple(pred.shape[:2]):
-                raise ValueError(f"ids_masked must have shape (B, K) = {tuple(pred.shape[:2])} like pred's first "
-                                 f"two dimensions, got {tuple(ids_masked.shape)}")
-            if pred.shape[1] > num_patches:
-                raise ValueError(f"pred has K={pred.shape[1]} rows per sample, more than L={num_patches} patches")
-        elif pred.dim() == 2:
-            if pred.shape[1] != n:
-                raise ValueError(f"pred must have shape (T, p*p*C) = (T, {n}) in the packed layout, "
-                                 f"got {tuple(pred.shape)}")
-            if tuple(ids_masked.shape) != (pred.shape[0],):
-                raise ValueError(f"ids_masked must have shape (T,) = ({pred.shape[0]},) in the packed layout, "
-                                 f"got {tuple(ids_masked.shape)}")
-        else:
-            raise ValueError(f"pred must have shape (B, K, p*p*C) or (T, p*p*C) with ids_masked, "
-                             f"got {tuple(pred.shape)}")
-        check_index_range("ids_masked", ids_masked, num_patches if pred.dim() == 3 else batch * num_patches,
-                          op="masked_patch_mse")
-    if pred.shape[-1] > 0 and pred.stride(-1) != 1:
-        raise ValueError(f"pred's last dimension must be contiguous (stride 1), got strides {pred.stride()}")
-    if imgs.device != pred.device:
-        raise ValueError(f"imgs is on {imgs.device}, expected pred's device {pred.device}")
-    if imgs.requires_grad:
-        raise ValueError("imgs requires grad, but masked_patch_mse gives gradients to pred only: "
-                         "pass imgs.detach()")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        if tuple(mask.shape) != (batch, num_patches):
-            raise ValueError(f"mask must have shape (B, L) = {(batch, num_patches)}, got {tuple(mask.shape)}")
-        if mask.device != pred.device:
-            raise ValueError(f"mask is on {mask.device}, expected pred's device {pred.device}")
-        if mask.dtype == torch.bool:
-            mask = mask.to(torch.float32)
-        elif mask.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"mask must be a float or bool tensor, got {mask.dtype}")
-        else:
-            _check_weights(mask)
-        if mask.requires_grad:
-            raise ValueError("mask requires grad, but masked_patch_mse gives gradients to pred only: "
-                             "pass mask.detach()")
-    return mask
-
-
-def _check_weights(mask: torch.Tensor) -> None:
-    """Every weight finite and ``>= 0``, checked when index values are (same policy, same cost): a
-    negative weight can cancel the others in ``sum(mask)``, a non-finite one poisons the whole loss."""
-    if mask.numel() == 0 or not values_checked(mask):
-        return
-    bad = ~(mask >= 0) | torch.isinf(mask)  # NaN fails mask >= 0
-    if bool(bad.any()):
-        b, patch = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"masked_patch_mse: mask[{b}, {patch}] = {float(mask[b, patch])} is not a finite weight "
-                         ">= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,3 +244,83 @@ def _backward(ctx, grad_loss, grad_grad_pred):
 
 
 torch.library.register_autograd("fastmim::masked_patch_mse", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public op (arguments checked by fastmim.ops._validate)
+# --------------------------------------------------------------------------------------------
+
+
+def masked_patch_mse(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    reduction: str = "mean",
+    ids_masked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MAE's reconstruction loss straight from the image, forward and backward in one pass.
+
+    With ``N = patch_size**2 * C`` and ``L = (H / p) * (W / p)``, per patch ``l`` of sample
+    ``b``: ``t`` = the patch of ``imgs`` (row, column, channel order, as :func:`patchify`);
+    with ``norm_pix``, ``t = (t - mean(t)) / sqrt(var(t) + eps)`` with the unbiased variance;
+    ``patch_loss = mean_j (pred_j - t_j)**2``. Then ``"mean"`` gives
+    ``sum(mask * patch_loss) / sum(mask)`` (the official loss), ``"sum"`` the numerator,
+    ``"none"`` ``mask * patch_loss`` per row of ``pred``.
+
+    Args:
+        pred: predictions, one of three layouts:
+            ``(B, L, N)``: every patch (the official decoder output); ``mask`` required.
+            ``(B, K, N)`` with ``ids_masked (B, K)``: only the patches ``ids_masked[b, k]``
+            in ``[0, L)``, so a decoder can skip its output projection on visible tokens (with
+            MAE's random masking keeping ``len_keep`` patches: ``ids_shuffle[:, len_keep:]``,
+            ``K = L - len_keep``).
+            ``(T, N)`` with ``ids_masked (T,)``: packed rows, ``ids_masked[t] = b * L + l``.
+            The last dimension must be contiguous; other strides are read as they are (e.g.
+            ``decoder_out[:, 1:]`` needs no copy).
+        imgs: ``(B, C, H, W)``, H and W divisible by ``patch_size``; any strides (read in
+            place). float16, bfloat16, float32 or float64, like ``pred`` (may differ).
+        mask: ``(B, L)`` patch weights, 1 = masked (loss counted), 0 = visible; float or bool
+            (bool is converted to float32, a small copy). Any finite weights ``>= 0`` (a soft
+            mask) are allowed; a negative, NaN or infinite one is a ``ValueError`` (its values
+            are checked as ``ids_masked``'s, see there). With ``ids_masked`` it is optional:
+            the weight of a row is ``mask[b, l]`` of its patch, or 1 without ``mask``.
+        patch_size: ``p``.
+        norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
+        eps: added to the variance inside the square root (a constant patch gives a finite
+            loss and gradient).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ids_masked: the patch indices of the rows of ``pred`` (int64 or int32), see ``pred``.
+            Their values are checked as fastmim's other index arguments
+            (:mod:`fastmim.ops._validate`): always for a CPU tensor, on every backend (a
+            ``ValueError`` naming the first bad position, its value and the range ``[0, L)``,
+            ``[0, B * L)`` packed); for an accelerator tensor only under
+            :func:`fastmim.ops.check_indices` or ``FASTMIM_CHECK_INDICES=1`` (reading them
+            back would sync with the device). Unchecked, an out-of-range index reads no patch:
+            the Triton and csrc kernels give its row loss 0 and gradient 0 and leave its weight
+            out of ``sum(mask)`` (without ``mask``, ``"mean"`` still divides by the number of
+            rows); the reference backend's indexing raises (a device-side assert on CUDA).
+
+    Returns:
+        float32 (float64 if an input is float64): a scalar, or ``pred.shape[:-1]`` for
+        ``"none"``. When the weights sum to 0 (e.g. ``mask_ratio=0``, no rows with ``K = 0``
+        or ``T = 0``, or an empty batch ``B = 0``), ``"mean"`` returns 0 and a zero gradient
+        on every backend (the official code returns NaN); ``"sum"`` is 0 for no rows. The
+        kernels (Triton, csrc) do not read rows of weight 0, so non-finite values there do not
+        propagate (the reference, like the official code, gives NaN).
+
+    Gradient flows to ``pred`` only; ``imgs`` and ``mask`` must not require grad. When
+    ``pred`` requires grad the forward also writes ``d loss / d pred`` (one tensor like
+    ``pred``), kept for backward, which scales it in place by ``grad_output``: backward once
+    per graph (``retain_graph`` re-use of this node raises autograd's in-place error).
+    Statistics and sums are fp32 for bf16/fp16 inputs. No host sync (unless index checks are
+    on for accelerator tensors, see ``ids_masked``).
+    """
+    mask = validate_masked_patch_mse(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked)
+    compute_grad = pred.requires_grad and torch.is_grad_enabled()
+    loss, _ = torch.ops.fastmim.masked_patch_mse(
+        pred, imgs, mask, ids_masked, patch_size, norm_pix, float(eps), reduction, compute_grad)
+    return loss

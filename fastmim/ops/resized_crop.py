@@ -20,7 +20,7 @@ to ``uint8`` and the training device does the rest in one pass per batch:
   image, Python ints, what a data-loader worker calls): RandomResizedCrop's rule (area fraction
   uniform in ``scale``, aspect ratio log-uniform in ``ratio``, 10 tries, then the central crop
   clamped to ``ratio``) and a flip, drawn from the counter-based RNG of
-  :mod:`fastmim.ops.token_ops` keyed by ``(seed, sample)``. See "Crop boxes" below.
+  :mod:`fastmim.ops.masking` keyed by ``(seed, sample)``. See "Crop boxes" below.
 
 Backends of :func:`resized_crop_flip_normalize`: the reference (per image: crop view, PyTorch's
 ``interpolate(mode="bicubic", antialias=True)``, clamp, flip, normalise; any device), Triton
@@ -418,7 +418,7 @@ _SEED_LIMIT = 2**63
 
 
 def _mix32_int(x: int) -> int:
-    """The RNG's 32-bit avalanche (``fastmim.ops.token_ops._mix32``) on one Python int."""
+    """The RNG's 32-bit avalanche (``fastmim.ops.masking._mix32``) on one Python int."""
     x ^= x >> 16
     x = (x * 0x7FEB352D) & _M32
     x ^= x >> 15

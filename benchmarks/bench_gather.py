@@ -1,10 +1,11 @@
-"""Benchmark of the token ops: MAE's encoder masking and decoder un-shuffle, forward and forward + backward.
+"""Benchmark of the gather ops: MAE's encoder masking + gather and decoder un-shuffle, forward and forward + backward.
 
 Cases (MAE pretraining shapes, B=256, L=196 patches of a 224x224 image, mask ratio 0.75, K=49):
 - ``encoder-D<D>`` (D = 768 ViT-B, 1024 ViT-L): random masking + gather of the visible tokens +
   position embedding + cls token. fastmim: ``random_masking`` + ``gather_visible(x, ids_keep,
   pos_embed, cls_token=cls_token)``; peers: the official MAE chain (``x + pos_embed[:, 1:]``,
-  ``torch.rand`` noise, two ``argsort``, ``gather``, mask ``gather``, cls ``cat``).
+  ``torch.rand`` noise, two ``argsort``, ``gather``, mask ``gather``, cls ``cat``). The masking
+  alone is ``benchmarks/bench_masking.py``; here it is counted as the official chain does it.
 - ``decoder-D<D>`` (D = 512, the MAE decoder width, and 768/1024): the decoder input,
   ``unshuffle(x, ids_restore, mask_token, decoder_pos_embed, has_cls=True)``; peer: the official
   ``cat`` with mask tokens, ``gather`` with ``ids_restore``, ``cat`` cls, ``+ decoder_pos_embed``.
@@ -187,7 +188,7 @@ def main(argv=None):
     notes = ("bytes = the minimum each op must move (kept rows read, outputs and gradients written once, "
              "indices and mask), the same for every provider; mask ratio 0.75, cls token and (1, L+1, D) "
              "pos_embed as in the official MAE; fwd+bwd = forward + gradients of tokens and parameters")
-    harness.write_results("bench_token_ops", records, ceilings, args, notes=notes)
+    harness.write_results("bench_gather", records, ceilings, args, notes=notes)
 
 
 if __name__ == "__main__":
