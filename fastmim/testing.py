@@ -99,6 +99,44 @@ def poison_allocations(module: types.ModuleType) -> Iterator[None]:
         module.torch = real
 
 
+def is_poison(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` still holds :func:`poison_like`'s value."""
+    return bool(torch.isnan(t).all()) if t.dtype.is_floating_point else bool((t == torch.iinfo(t.dtype).max).all())
+
+
+class _GuardedTorch(types.SimpleNamespace):
+    """``torch`` whose ``empty`` hands out the poisoned middle of a buffer with ``guard`` more
+    poisoned elements on each side; the buffers are kept to check the bands afterwards."""
+
+    def __init__(self, guard: int):
+        super().__init__(guard=guard, buffers=[])
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, size, **kwargs):
+        size = torch.Size(size)
+        base = poison_like(torch.empty(size.numel() + 2 * self.guard, **kwargs))
+        self.buffers.append(base)
+        return base[self.guard: self.guard + size.numel()].view(size)
+
+
+@contextlib.contextmanager
+def guarded_allocations(module: types.ModuleType, guard: int = 1024) -> Iterator[None]:
+    """As :func:`poison_allocations` for ``module``'s ``torch.empty``, and each buffer lies between
+    two poisoned bands of ``guard`` elements, checked when the block ends: a kernel that writes
+    before the start or past the end of an output it allocated fails the test."""
+    real, guarded = module.torch, _GuardedTorch(guard)
+    module.torch = guarded
+    try:
+        yield
+    finally:
+        module.torch = real
+    for base in guarded.buffers:
+        assert is_poison(base[:guard]), f"a kernel of {module.__name__} wrote before the start of its buffer"
+        assert is_poison(base[base.numel() - guard:]), f"a kernel of {module.__name__} wrote past the end of its buffer"
+
+
 @contextlib.contextmanager
 def count_calls(module: types.ModuleType, names: dict[str, str]) -> Iterator[dict[str, int]]:
     """Inside the block, each function ``module.<names[label]>`` counts its calls in the yielded
@@ -129,6 +167,15 @@ def kernel_devices() -> list[str]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         devices.append("cpu")
     return devices
+
+
+def backend_devices() -> list[tuple[str, str]]:
+    """``(backend, device)`` pairs of fastmim's ops that run here: the reference on CPU, Triton on
+    every :func:`kernel_devices` device, csrc on CPU when the extension is built."""
+    from fastmim.ops import backend_status
+
+    pairs = [("reference", "cpu")] + [("triton", d) for d in kernel_devices()]
+    return pairs + ([("csrc", "cpu")] if backend_status("cpu")["csrc"] is None else [])
 
 
 def _process_tree_cpu_ticks(root: int) -> int | None:

@@ -24,7 +24,8 @@ One step, both views in one batch of ``2B`` images:
    the ``L`` patch indices.
 
 Defaults chosen where the paper leaves the detail open (all constructor options): decoder
-depth 2, width 256; projection hidden 2048, out 256; temperature 0.2; position-free fraction
+depth 2, width 256 (``create_model("cmae", preset)``: smaller than the preset's MAE decoder,
+see :func:`small_decoder`); projection hidden 2048, out 256; temperature 0.2; position-free fraction
 0.75; weights ``w_mim=1, w_con=0.1, w_pos=0.1``; MIM loss on both views; normalised-pixel
 target. ContrastiveCrop (the data side) is :class:`fastmim.data.ContrastiveCrop`.
 """
@@ -112,7 +113,7 @@ class CMAE(MaskedAutoencoderViT):
             return ids_shuffle[:, :keep], ids_restore, (ids_restore >= keep).to(torch.float32)
         random_masking = self._fused_op("random_masking")
         if random_masking is None and seed is not None:
-            from fastmim.ops.token_ops import random_masking_reference as random_masking
+            from fastmim.ops.masking import random_masking_reference as random_masking
         if random_masking is not None:
             if batch % 2:
                 raise ValueError(f"batch must be 2B (the rows of both views), got {batch}")
@@ -198,8 +199,23 @@ class CMAE(MaskedAutoencoderViT):
                 f"w_con={self.w_con}, w_pos={self.w_pos}")
 
 
+def small_decoder(preset: ViTPreset) -> dict[str, int]:
+    """CMAE's decoder at ``preset``: smaller than MAE's decoder of the same preset (docs/METHODS.md (a)).
+
+    At most 2 blocks and 256 wide (MAE's ViT-B/L/H decoder is 8 x 512: 2 x 256 there, as before);
+    where that is not smaller than the preset's MAE decoder (the small-image presets' 2 x 128),
+    half its width. Head dim 32, as MAE's.
+    """
+    depth = min(2, preset.decoder_depth)
+    width = min(256, preset.decoder_embed_dim)
+    if (width, depth) == (preset.decoder_embed_dim, preset.decoder_depth):
+        width = max(32, width // 2)
+    return {"decoder_embed_dim": width, "decoder_depth": depth, "decoder_num_heads": max(1, width // 32)}
+
+
 @register_method("cmae")
 def _build_cmae(preset: ViTPreset, **overrides: Any) -> CMAE:
-    """CMAE at ``preset``'s encoder size with CMAE's small decoder (256 wide, 2 blocks, head dim 32)."""
-    kwargs = {**preset.encoder_kwargs(), "decoder_embed_dim": 256, "decoder_depth": 2, "decoder_num_heads": 8}
+    """CMAE at ``preset``'s encoder size with CMAE's small decoder (:func:`small_decoder`: 256 wide,
+    2 blocks at ViT-B scale; always smaller than the preset's MAE decoder)."""
+    kwargs = {**preset.encoder_kwargs(), **small_decoder(preset)}
     return CMAE(**{**kwargs, **overrides})

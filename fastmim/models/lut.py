@@ -167,7 +167,7 @@ class LUT(MaskedAutoencoderViT):
         if random_permutation is not None:
             return random_permutation(batch, length, seed=seed, offset=offset, device=device)
         if seed is not None:
-            from fastmim.ops.token_ops import random_permutation_reference
+            from fastmim.ops.masking import random_permutation_reference
 
             return random_permutation_reference(batch, length, seed=seed, offset=offset, device=device)
         ids_shuffle = torch.argsort(torch.rand(batch, length, device=device), dim=1)

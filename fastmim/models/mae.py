@@ -319,7 +319,7 @@ class MaskedAutoencoderViT(nn.Module):
             m = random_masking(batch, length, mask_ratio, seed=seed, offset=offset, device=device)
             return _Masking(m.ids_keep, m.ids_restore, m.mask, None, None)
         if noise is None and seed is not None:
-            from fastmim.ops.token_ops import random_permutation_reference
+            from fastmim.ops.masking import random_permutation_reference
 
             ids_shuffle, ids_restore = random_permutation_reference(batch, length, seed=seed, offset=offset,
                                                                     device=device)
