@@ -587,3 +587,46 @@ def test_two_view_methods_under_ddp_and_fsdp_match_one_process(tmp_path, method)
             assert boxes_a["boxes"].shape == (15, 4)
             assert torch.equal(boxes_a["boxes"], boxes_b["boxes"]), name
             assert (boxes_a["boxes"] != torch.tensor([0.0, 0.0, 1.0, 1.0])).any(dim=1).sum() >= 5
+
+
+def test_init_from_official_starts_at_its_weights_optimizer_and_step(tmp_path):
+    """A new run from an official main_pretrain.py checkpoint: its weights and AdamW state are
+    the run's start and its optimizer steps count as done (the schedule goes on from there)."""
+    import argparse
+
+    from timm.optim import param_groups_weight_decay
+
+    from fastmim.models import create_model
+    from fastmim.train.checkpoint import load_state, read_weights
+
+    torch.manual_seed(5)
+    official = create_model("mae", "vit_tiny_patch4_32", in_chans=1, fused=False, **TINY)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(official, 0.05), lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(2):
+        loss, _, _ = official(torch.randn(4, 1, 32, 32), 0.75)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path / "checkpoint-1.pth"
+    torch.save({"model": official.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "scaler": None,
+                "args": argparse.Namespace(blr=1e-3, batch_size=4)}, path)
+
+    # max_steps = the official steps: nothing left to train, the saved weights are the official ones.
+    done = train(_config(tmp_path, output=str(tmp_path / "start"), max_steps=2, init_from_official=str(path),
+                         figures=False))
+    assert done.step == 2 and done.finished
+    saved = read_weights(tmp_path / "start" / "checkpoint.safetensors")
+    for name, tensor in official.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+    assert load_state(tmp_path / "start" / "train_state.pt")["step"] == 2
+
+    # Two more steps: records from step 3, Adam's step counts going on from 2.
+    more = train(_config(tmp_path, output=str(tmp_path / "more"), max_steps=4, log_every=1,
+                         init_from_official=str(path), figures=False))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
+    assert more.step == 4 and steps == [3, 4]
+    adam_steps = {int(s["step"]) for s in load_state(tmp_path / "more" / "train_state.pt")["optimizer"]["state"]
+                  .values()}
+    assert adam_steps == {4}
+    with pytest.raises(TrainError, match="--method mae"):
+        train(_config(tmp_path, output=str(tmp_path / "lut"), method="lut", init_from_official=str(path)))

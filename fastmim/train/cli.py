@@ -51,6 +51,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", default=_S,
                    help="replace the run already in --output: its checkpoint, state, metrics, figures and eval "
                         "log are removed first (other files stay); without it such a folder is refused")
+    g.add_argument("--init-from-official", default=_S, metavar="PATH",
+                   help="start a new MAE run from an official main_pretrain.py checkpoint-*.pth (its weights, "
+                        "AdamW state and step)")
     g.add_argument("--model-arg", action="append", type=_model_arg, default=_S, metavar="KEY=VALUE",
                    help="extra model constructor argument (JSON value), repeatable, e.g. depth=2")
     g = p.add_argument_group("schedule and optimizer (MAE recipe)")
@@ -215,6 +218,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list[dict[str, Any]]]:
     """``(checkpoint, one result record per protocol)``; prints each accuracy."""
     from fastmim.data import RandomResizedCropSampler, ViewTransform
+    from fastmim.train.distributed import resolve_device
     from fastmim.train.evaluate import (
         classifier_accuracy,
         evaluation_data,
@@ -225,7 +229,6 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
         load_checkpoint,
         subset_indices,
     )
-    from fastmim.train.distributed import resolve_device
 
     try:
         device = resolve_device(args.device)

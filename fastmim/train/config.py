@@ -53,6 +53,9 @@ class TrainConfig:
     norm_pix_loss: bool = False
     model_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # An official MAE main_pretrain.py checkpoint-*.pth to start from: its weights, AdamW state and
+    # step (fastmim.train.official); a new run only (--resume continues fastmim's own checkpoints).
+    init_from_official: str | None = None
     num_workers: int | None = None  # default: 0 on CPU, up to 8 per GPU
     compile: str | None = None  # a torch.compile backend ("inductor", "aot_eager", ...)
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
@@ -143,6 +146,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
+    if cfg.init_from_official is not None:
+        if cfg.method != "mae":
+            raise TrainError(f"--init-from-official continues an official MAE run: --method mae, got {cfg.method}")
+        if cfg.fsdp:
+            raise TrainError("--init-from-official loads the official weights and optimizer state into one "
+                             "process's model: run it without --fsdp (DDP is fine)")
 
 
 def check_lr(lr: float, cfg: TrainConfig) -> None:

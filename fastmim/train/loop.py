@@ -234,9 +234,10 @@ class _Run:
         self._set_rollbacks(0)
         if self.state is not None:
             self._restore_weights()
+        step0_figure = cfg.figures and self.state is None and self.info.is_main
         # The step-0 figure comes before sharding: FSDP must first run through the root's forward.
-        self.step0_panels = (self.reconstruct() if cfg.figures and self.state is None and self.info.is_main
-                             else None)
+        # (An official start draws it once its weights are in.)
+        self.step0_panels = self.reconstruct() if step0_figure and cfg.init_from_official is None else None
         if cfg.fsdp:
             if not self.info.enabled:
                 raise TrainError("--fsdp needs several processes (launch with torchrun --nproc_per_node=N)")
@@ -247,6 +248,9 @@ class _Run:
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=cfg.betas, fused=True)
         if self.state is not None:
             self._restore_state(self.state)
+        elif cfg.init_from_official is not None:
+            self._start_from_official(cfg.init_from_official)
+            self.step0_panels = self.reconstruct() if step0_figure else None
         self.model: nn.Module = self.module
         if self.info.enabled and not cfg.fsdp:
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
@@ -293,6 +297,24 @@ class _Run:
         self.adapter.load_state_dict(state.get("adapter", {}))
         rng = state["rng"]
         set_rng_state(rng[self.info.rank] if isinstance(rng, list) else rng, self.device)
+
+    def _start_from_official(self, path: str) -> None:
+        """Weights, AdamW moments and the optimizer step of an official ``main_pretrain.py``
+        checkpoint; the cosine schedule goes on from that step of this run's ``max_steps``."""
+        from fastmim.train.official import init_from_official
+
+        try:
+            start = init_from_official(path, self.module, self.optimizer)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise TrainError(f"--init-from-official {path}: {exc}") from None
+        # The Adam moments keep fused AdamW, which takes the non-finite guard's found_inf.
+        for group in self.optimizer.param_groups:
+            group.update(fused=True, foreach=None)
+        self.step = start.step
+        if self.info.is_main:
+            loaded = "weights and optimizer state" if start.optimizer_loaded else "weights (no optimizer state)"
+            print(f"fastmim train: starting from the official checkpoint {path}: {loaded}, step {start.step}, "
+                  f"official epoch {start.epoch}", file=sys.stderr)
 
     def _set_rollbacks(self, count: int) -> None:
         """After a rollback the data order, augmentations and masks come from a new seed, so the
