@@ -134,6 +134,33 @@ def test_gradients_reach_every_learnable_parameter(fused):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_w_mim_zero_is_the_same_supervised_training_without_the_mim_branch(fused):
+    """``w_mim=0`` (the baseline of benchmarks/reproduce_methods.py): the same masked pass, masks
+    and classifier, and the reconstruction loss reaches no weight. The encoder and head get
+    exactly the gradients of the classification loss alone; the decoder gets none."""
+    torch.manual_seed(0)
+    on = tiny(fused=fused)
+    off = tiny(fused=fused, w_mim=0.0)
+    off.load_state_dict(on.state_dict())
+    imgs, labels = batch(4)
+    out_off = off(imgs, labels, seed=5)
+    out_on = on(imgs, labels, seed=5)
+    assert torch.equal(out_off["mask"], out_on["mask"]) and torch.equal(out_off["logits"], out_on["logits"])
+    assert out_off["loss"].item() == pytest.approx(out_off["loss_cls"].item())
+    assert out_off["loss_mim"].item() > 0  # still computed and logged, only not trained on
+    out_off["loss"].backward()
+    on.zero_grad()
+    out_on["loss_cls"].backward()  # the classification loss alone, through the same forward
+    for (name, p_off), (_, p_on) in zip(off.named_parameters(), on.named_parameters()):
+        if name.startswith(("decoder_", "mask_token")):
+            assert p_off.grad is None or not p_off.grad.any(), name
+        elif p_on.grad is None:
+            assert p_off.grad is None or not p_off.grad.any(), name
+        else:
+            assert torch.allclose(p_off.grad, p_on.grad, rtol=1e-5, atol=1e-7), name
+
+
 def test_tokenizer_target_trains_with_cross_entropy():
     class PatchMeanTokenizer(nn.Module):  # a stand-in tokenizer: 4 ids from each patch's mean brightness
         def forward(self, imgs):
