@@ -28,6 +28,7 @@ first. ``--smoke``: a few tiny images, one pass (checks the script runs).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -166,6 +167,7 @@ def main(argv=None):
     }
     for fn in providers.values():  # warm-up: file cache, the extension, the first calls
         fn(batches[0])
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     per_round: dict[str, list[float]] = {name: [] for name in providers}
     for _ in range(args.rounds):
         seconds = dict.fromkeys(providers, 0.0)
@@ -180,14 +182,18 @@ def main(argv=None):
     table, source = cores_table({"torchvision": rates["torchvision"], "fastmim": rates["fastmim-cpu-stage"]})
 
     ceilings = harness.measure_ceilings("cpu", smoke=args.smoke)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     shape = {"images": len(samples), "batch": args.batch_size, "size": args.size, "rounds": args.rounds,
-             "data": "synthetic 500x375 JPEGs, quality 90" if args.data is None else str(args.data)}
+             "data": "synthetic 500x375 JPEGs, quality 90" if args.data is None else str(args.data),
+             "load_average_1min": [load_before, load_after], "cpu_count": os.cpu_count()}
     records = [harness.Record(f"input-{args.size}px-per-image", name, 1e3 / rate, shape,
                               extra={"img_s": rate, "img_s_per_round": per_round[name]})
                for name, rate in rates.items()]
     notes = ("one core (torch.set_num_threads(1)), no DataLoader workers; ms = milliseconds per image, median over "
              "interleaved passes; fastmim-cpu-stage is what a worker does when training on a GPU (decode to uint8 + "
-             f"collate), fastmim-cpu-full adds the op on the CPU; cores per GPU at step rates from {source}")
+             f"collate), fastmim-cpu-full adds the op on the CPU; cores per GPU at step rates from {source}; the "
+             f"machine's 1-minute load average before and after the passes is in each record's shape (other "
+             f"processes share the cores: absolute figures drop under load, the interleaved ratios much less)")
     path = harness.write_results("bench_input", records, ceilings, args, notes=notes)
     payload = json.loads(path.read_text())
     payload["cores_per_gpu"] = table

@@ -40,6 +40,7 @@ file is handled as :class:`~fastmim.data.ImageFolderDataset` does (``on_corrupt`
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
 from collections.abc import Iterator, Sequence
@@ -370,6 +371,13 @@ def _decode_encoded(batch: dict[str, Any], device: torch.device, channels: int, 
     return images, replaced
 
 
+@functools.lru_cache(maxsize=8)
+def _device_stats(mean: tuple[float, ...], std: tuple[float, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation statistics on ``device``, copied there once per run, not every step."""
+    return (torch.tensor(mean, dtype=torch.float32).to(device), torch.tensor(std, dtype=torch.float32).to(device))
+
+
 def views_on_device(batch: dict[str, Any], device: torch.device | str, size: int | tuple[int, int],
                     mean: Sequence[float], std: Sequence[float], *, dtype: torch.dtype = torch.float32,
                     on_corrupt: str = "skip") -> dict[str, Any]:
@@ -397,8 +405,9 @@ def views_on_device(batch: dict[str, Any], device: torch.device | str, size: int
     batch_size = layout.shape[0]
     if views > 1:  # every view of every image in one call: the layout repeats per view
         packed = PackedImages(packed.data, layout.repeat(views, 1), packed.channels)
+    mean_t, std_t = _device_stats(tuple(float(m) for m in mean), tuple(float(s) for s in std), device)
     out = resized_crop_flip_normalize(packed, boxes.reshape(-1, 4).to(device, non_blocking=non_blocking),
-                                      size, flip.reshape(-1).to(device, non_blocking=non_blocking), mean, std,
+                                      size, flip.reshape(-1).to(device, non_blocking=non_blocking), mean_t, std_t,
                                       dtype=dtype)
     return {"views": list(out.split(batch_size)), "label": labels.to(device, non_blocking=non_blocking),
             "index": batch["index"]}

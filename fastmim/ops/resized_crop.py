@@ -149,7 +149,7 @@ def pack_images(images: Sequence[Tensor], *, out: Tensor | None = None) -> Packe
         rows.append((offset, h, w, 1, w * channels, channels))
         offset += n
     layout = torch.tensor(rows, dtype=torch.int64).reshape(len(images), 6)
-    return PackedImages(data, layout.to(device), channels)
+    return PackedImages(data, layout.to(device, non_blocking=True), channels)
 
 
 # ============================================================================ reference
@@ -275,7 +275,8 @@ def _stats(mean, std, channels: int, device: torch.device) -> tuple[Tensor, Tens
         if value is None:
             t = torch.full((channels,), default, dtype=torch.float32, device=device)
         else:
-            t = torch.as_tensor(value, dtype=torch.float32).to(device).reshape(-1)
+            # No device sync: a host value is copied asynchronously (staged, as it is not pinned).
+            t = torch.as_tensor(value, dtype=torch.float32).to(device, non_blocking=True).reshape(-1)
             if t.numel() != channels:
                 raise ValueError(f"{_OP}: {name} must have one value per channel ({channels}), got {t.numel()}")
         out.append(t.contiguous())
