@@ -3,10 +3,14 @@
 No GPU needed. The launches are captured, not listed by hand: fastmim's MAE training step
 (forward and backward, ``pred_masked_only`` off and on, ViT-B/16 and ViT-L/16 at 224 px,
 batch 256, bf16; and its input, the views ``resized_crop_flip_normalize`` makes from the packed
-``uint8`` batch) runs on the meta device with every fastmim op sent to its Triton path, and
-``JITFunction.run`` records each launch (argument types, constexprs, ``num_warps``,
-``num_stages``) instead of running it. A kernel that a new op or model launches joins the
-report by itself.
+``uint8`` batch), the training steps of supervised + MIM, CMAE and LUT at ViT-B/16, and the launch
+paths no default step takes (the per-row loss's gradient scaling; the single-pass LayerNorm and
+bias + GELU kernels of blocks off the fused-GEMM path) run on the meta device with every fastmim op
+sent to its Triton path, and ``JITFunction.run`` records each launch (argument types, constexprs,
+``num_warps``, ``num_stages``) instead of running it. A kernel that a new op or model launches joins
+the report by itself; ``tests/test_gpu_compile_report.py`` checks that every Triton kernel of
+``fastmim.kernels`` is in it. On the meta device an autotuned launcher launches every configuration
+it may choose on a GPU, so each of them is compiled.
 
 Each distinct launch configuration is compiled ahead of time with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))``
@@ -15,7 +19,10 @@ pointers and integers divisible by 16 carry ``tt.divisibility=16`` (every pointe
 16-byte aligned, as PyTorch allocations are), integers equal to 1 become constants. The PTX
 goes through the ``ptxas`` bundled with Triton (``-v``): registers per thread, spill stores and
 loads; shared memory is Triton's (``metadata.shared``). Theoretical occupancy follows from
-registers, shared memory and warps against each SM's limits (:data:`SM_LIMITS`).
+registers, shared memory and warps against each SM's limits (:data:`SM_LIMITS`). Compiles run in
+parallel (``--jobs``); Triton caches them and ``ptxas``'s logs are cached by the PTX's hash
+(``~/.cache/fastmim/ptxas``), so a rerun with unchanged kernels takes seconds. Integer arguments a
+kernel declares ``do_not_specialize`` are typed as Triton does (no constant 1, no divisibility).
 
 The CUDA sources in ``csrc/`` are compiled by ``csrc/check_cuda_compile.sh`` (``nvcc -Xptxas -v``
 for sm_80 and sm_90) and its figures parsed into the same table.
@@ -29,6 +36,7 @@ files named ``gpu_compile_report-smoke.*``).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -111,6 +119,8 @@ def _describe(fn, args: tuple, kwargs: dict) -> Launch:
             divisible.append(index)
         elif isinstance(value, bool):
             signature.append((param.name, "i1"))
+        elif isinstance(value, int) and getattr(param, "do_not_specialize", False):
+            signature.append((param.name, "i32" if -(2**31) <= value < 2**31 else "i64"))
         elif isinstance(value, int):
             if value == 1:  # Triton specialises an integer equal to 1 as a constant
                 signature.append((param.name, "constexpr"))
@@ -139,8 +149,11 @@ class _TritonPath(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def capture_launches(model_kwargs: list[dict[str, Any]], batch: int) -> list[Launch]:
-    """Distinct launches of fastmim's MAE training step (forward + backward) for each model."""
+def capture_launches(model_kwargs: list[dict[str, Any]], batch: int, methods: tuple[str, ...] = (),
+                     other_paths: bool = False) -> list[Launch]:
+    """Distinct launches of fastmim's MAE training step (forward + backward) for each model, of the
+    other ``methods``' steps (ViT-B/16, their own views, heads and losses) and, with ``other_paths``,
+    of the launches a default step does not make (see :func:`_other_paths`)."""
     from triton.runtime.jit import JITFunction
 
     import fastmim.ops  # noqa: F401  (registers the ops)
@@ -168,11 +181,61 @@ def capture_launches(model_kwargs: list[dict[str, Any]], batch: int) -> list[Lau
             with _TritonPath():
                 model(imgs, mask_ratio=0.75)[0].backward()
             _input_views(batch, kwargs["img_size"])
+        for method in methods:
+            _method_step(method, batch)
+        if other_paths:
+            _other_paths(batch, model_kwargs[0]["embed_dim"], model_kwargs[0]["img_size"],
+                         model_kwargs[0]["patch_size"])
     finally:
         JITFunction.run = original_run
         for mod, fn in saved:
             mod.select_backend = fn
     return list(seen)
+
+
+def _method_step(method: str, batch: int) -> None:
+    """One training step (forward + backward) of supervised + MIM, CMAE or LUT at ViT-B/16, bf16."""
+    from fastmim.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(method, "vit_base_patch16_224", fused=True, attn_backend="fastmim").to(torch.bfloat16)
+    view = torch.empty(batch, 3, 224, 224, device="meta", dtype=torch.bfloat16)
+    with _TritonPath():
+        if method == "supmim":
+            out = model(view, torch.zeros(batch, dtype=torch.int64, device="meta"))
+        else:
+            out = model(view, torch.empty_like(view), 0.75)
+        out["loss"].backward()
+
+
+def _other_paths(batch: int, width: int, img_size: int, patch_size: int) -> None:
+    """Launches no default training step makes, at a step's shapes: the per-row loss (``reduction="none"``:
+    its backward scales the saved gradient row by row) and the single-pass LayerNorm and bias + GELU
+    kernels around cuBLAS GEMMs that blocks off the fused-GEMM path take (LayerScale, drop-path)."""
+    from fastmim.ops import add_layer_norm, add_layer_norm_linear, bias_gelu, bias_gelu_linear, layer_norm
+    from fastmim.ops import masked_patch_mse
+
+    bf16 = torch.bfloat16
+    patches = (img_size // patch_size) ** 2
+    pred = torch.empty(batch, patches, patch_size * patch_size * 3, device="meta", dtype=bf16, requires_grad=True)
+    imgs = torch.empty(batch, 3, img_size, img_size, device="meta", dtype=bf16)
+    mask = torch.empty(batch, patches, device="meta", dtype=bf16)
+    tokens = batch * (patches // 4 + 1)
+    x, r = (torch.empty(tokens, width, device="meta", dtype=bf16, requires_grad=True) for _ in range(2))
+    w, b = (torch.empty(width, device="meta", dtype=bf16, requires_grad=True) for _ in range(2))
+    w1 = torch.empty(4 * width, width, device="meta", dtype=bf16, requires_grad=True)
+    b1 = torch.empty(4 * width, device="meta", dtype=bf16, requires_grad=True)
+    w2 = torch.empty(width, 4 * width, device="meta", dtype=bf16, requires_grad=True)
+    with _TritonPath():
+        loss = masked_patch_mse(pred, imgs, mask, patch_size=patch_size, reduction="none")
+        loss.backward(torch.empty_like(loss))
+        s, h = add_layer_norm_linear(x, r, w, b, 1e-6, w1)
+        out = bias_gelu_linear(h, b1, w2, b)
+        (out + s).backward(torch.empty_like(out))
+        y = layer_norm(x, w, b) + add_layer_norm(x, r, w, b)[1]
+        y.backward(torch.empty_like(y))
+        z = bias_gelu(h.detach().requires_grad_(), b1)
+        z.backward(torch.empty_like(z))
 
 
 def _input_views(batch: int, size: int) -> None:
@@ -217,6 +280,38 @@ def occupancy(arch: str, regs: int, smem: int, warps: int) -> dict[str, Any]:
             "fits": smem <= lim["smem_per_block"] and blocks > 0}
 
 
+def _ptxas_cache_dir() -> Path:
+    return Path(os.environ.get("FASTMIM_COMPILE_REPORT_CACHE", Path.home() / ".cache" / "fastmim" / "ptxas"))
+
+
+def _ptxas(ptx: str, arch: str) -> tuple[int, str]:
+    """``ptxas -v`` of ``ptx`` for ``arch``: (return code, log), cached by the PTX's hash (Triton caches the
+    compile itself, so a rerun with unchanged kernels costs neither)."""
+    key = hashlib.sha256((ptxas_path() + arch + ptx).encode()).hexdigest()
+    cached = _ptxas_cache_dir() / f"{key}.json"
+    if cached.exists():
+        try:
+            entry = json.loads(cached.read_text())
+            return int(entry["returncode"]), str(entry["log"])
+        except (OSError, ValueError, KeyError):
+            pass
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_file = Path(tmp) / "k.ptx"
+        ptx_file.write_text(ptx)
+        proc = subprocess.run([ptxas_path(), "-v", f"--gpu-name={arch}", str(ptx_file), "-o", str(Path(tmp) / "k.o")],
+                              capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode == 0:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp_path = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp_path.write_text(json.dumps({"returncode": proc.returncode, "log": log}))
+            tmp_path.replace(cached)
+        except OSError:
+            pass
+    return proc.returncode, log
+
+
 def compile_launch(launch: Launch, arch: str) -> dict[str, Any]:
     import importlib
 
@@ -242,13 +337,8 @@ def compile_launch(launch: Launch, arch: str) -> dict[str, Any]:
         return row
     ptx = compiled.asm["ptx"]
     smem = int(compiled.metadata.shared)
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx_file = Path(tmp) / "k.ptx"
-        ptx_file.write_text(ptx)
-        proc = subprocess.run([ptxas_path(), "-v", f"--gpu-name={arch}", str(ptx_file), "-o", str(Path(tmp) / "k.o")],
-                              capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    returncode, log = _ptxas(ptx, arch)
+    if returncode != 0:
         row.update(ok=False, error="ptxas: " + log[-2000:])
         return row
     regs = int(_USAGE.search(log).group(1)) if _USAGE.search(log) else 0
@@ -329,11 +419,16 @@ def markdown(rows: list[dict[str, Any]], csrc: dict[str, Any], env: dict[str, An
     return "\n".join(lines) + "\n"
 
 
+def _compile_job(job: tuple[Launch, str]) -> dict[str, Any]:
+    return compile_launch(*job)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model's launches, sm_90a only (CI)")
     parser.add_argument("--output", type=Path, default=harness.RESULTS_DIR)
     parser.add_argument("--no-csrc", action="store_true", help="skip the nvcc check of csrc/")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     if args.smoke:
         models = [dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=32,
@@ -345,19 +440,22 @@ def main(argv: list[str] | None = None) -> int:
                   dict(base, embed_dim=1024, depth=24, num_heads=16)]
         batch, archs = 256, list(TARGETS)
     models = [dict(m, pred_masked_only=p) for m in models for p in (False, True)]
-    launches = capture_launches(models, batch)
+    methods = () if args.smoke else ("supmim", "cmae", "lut")
+    launches = capture_launches(models, batch, methods=methods, other_paths=True)
     print(f"{len(launches)} distinct kernel launches captured", flush=True)
     rows = []
-    for launch in sorted(launches, key=lambda lc: (lc.module, lc.kernel, lc.label())):
-        for arch in archs:
-            row = compile_launch(launch, arch)
+    jobs = [(launch, arch) for launch in sorted(launches, key=lambda lc: (lc.module, lc.kernel, lc.label()))
+            for arch in archs]
+    with concurrent.futures.ProcessPoolExecutor(max(1, min(args.jobs, len(jobs)))) as pool:
+        results = pool.map(_compile_job, jobs)
+        for row in results:
             rows.append(row)
             if row["ok"]:
-                print(f"{row['kernel']:32s} {row['config'][:60]:60s} {arch:7s} regs {row['registers']:3d} "
+                print(f"{row['kernel']:32s} {row['config'][:60]:60s} {row['arch']:7s} regs {row['registers']:3d} "
                       f"spill {row['spill_stores']}/{row['spill_loads']} smem {row['shared_bytes']} "
                       f"occ {row['occupancy']:.0%}", flush=True)
             else:
-                print(f"{row['kernel']} {row['config']} {arch}: COMPILE ERROR {row['error'][:400]}", flush=True)
+                print(f"{row['kernel']} {row['config']} {row['arch']}: COMPILE ERROR {row['error'][:400]}", flush=True)
     csrc = {"status": "skipped", "kernels": []} if args.no_csrc else csrc_report()
     env = harness.environment("cpu")
     env.pop("device", None)

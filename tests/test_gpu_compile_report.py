@@ -54,6 +54,33 @@ def test_training_step_kernels_compile_without_spills(tmp_path):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["occupancy"] <= 1
     assert (tmp_path / "gpu_compile_report.md").read_text().startswith("# GPU compile report")
+    # Every Triton kernel fastmim ships is in the report, compiled for both architectures.
+    missing = {name for name in _triton_kernels() if {(name, "sm_80"), (name, "sm_90a")} - {(r["kernel"], r["arch"])
+                                                                                           for r in rows}}
+    assert not missing, f"kernels no captured launch reached: {sorted(missing)}"
+    # Every configuration the fused GEMMs' autotuner may pick on a GPU is compiled.
+    from fastmim.kernels.fused_block import GEMM_CONFIGS
+
+    tiles = {(r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_K"], r["num_warps"],
+              r["num_stages"]) for r in rows if r["kernel"] == "_fused_gemm_kernel"}
+    assert tiles == {cfg for configs in GEMM_CONFIGS.values() for cfg in configs}
+
+
+def _triton_kernels() -> set[str]:
+    """The ``@triton.jit`` kernels (``*_kernel``) defined in the modules of ``fastmim.kernels``."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    import fastmim.kernels
+
+    names = set()
+    for info in pkgutil.iter_modules(fastmim.kernels.__path__):
+        module = importlib.import_module(f"fastmim.kernels.{info.name}")
+        names |= {name for name, obj in vars(module).items()
+                  if isinstance(obj, JITFunction) and name.endswith("_kernel") and obj.fn.__module__ == module.__name__}
+    return names
 
 
 def test_smoke_mode_runs(tmp_path):

@@ -305,12 +305,15 @@ STATS_TILE = 64  # columns per row-statistics tile of the residual epilogue (fix
 #                  depend on the autotuned block size)
 _SIDE_BLOCK = 128  # columns each side program of the dgamma/dbeta reduction sums
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried on CUDA, per GEMM kind; each compiled for
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried on CUDA, per GEMM kind; each compiles for
 # sm_80 and sm_90a without spills (benchmarks/gpu_compile_report.py). BLOCK_N is a multiple of
-# STATS_TILE for the residual epilogue.
+# STATS_TILE for the residual epilogue. The 64-wide tiles are for weight gradients of narrow layers (a
+# decoder's), whose few 128 x 128 output tiles would leave SMs idle; the GELU prologue's erf needs
+# 32-deep K steps on sm_80 (64 spills there).
 GEMM_CONFIGS = {
-    "forward": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
-    "wgrad": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
+    "forward": ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
+    "wgrad": ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
+    "wgrad_gelu": ((128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)),
 }
 _GROUP_M = 8
 _TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
@@ -320,7 +323,7 @@ def _interpret_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """The interpreter's tiles: large ones (its cost is per program and per op, not per element)."""
     def p2(x, lo, hi):
         return max(lo, min(hi, triton.next_power_of_2(max(x, 1))))
-    return p2(m, 16, 64), p2(n, STATS_TILE, 128), p2(k, 16, 64), 4, 1
+    return p2(m, 16, 128), p2(n, STATS_TILE, 256), p2(k, 16, 64), 4, 1
 
 
 @triton.jit
@@ -404,7 +407,7 @@ def _side_reduce(PART, DPARAM, n_part, n_cols, sid, SIDE_BLOCK: tl.constexpr):
     tl.store(DPARAM + n_cols + cols, acc_b.to(DPARAM.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stats_in_tiles", "eps", "n_side", "n_part", "n_part_cols"])
 def _fused_gemm_kernel(A, B, C, BIAS, AUX, RES, STATS_IN, STATS_OUT, MEAN, RSTD, GAMMA, BETA, DBIAS, PART, DPARAM,
                        M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stats_in_tiles, eps, n_side, n_part,
                        n_part_cols,
@@ -564,6 +567,12 @@ def _run_gemm(kind: str, key: tuple, m: int, n: int, k: int, device: torch.devic
     launch(grid(cfg), cfg)
 
 
+def _stats_t(tiles: int) -> int:
+    """The statistics-tile block of a LayerNorm prologue: 16 for rows up to 1024 wide (one compiled
+    variant for the first block's single tile and every ViT width up to ViT-L's)."""
+    return max(16, triton.next_power_of_2(tiles))
+
+
 def _dot_code(dtype: torch.dtype) -> int:
     return _DOT_CODES[dtype]
 
@@ -607,7 +616,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             m, n, k, x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), t_in, eps, 0, 0, 0,
             A_NORM=norm is not None, B_MODE=0, EPILOGUE=1 if gelu else (3 if residual is not None else 0),
             HAS_BIAS=bias is not None, ROW_SUM=False, HAS_SIDE=False,
-            STATS_T=triton.next_power_of_2(t_in), STATS_TILE_N=STATS_TILE, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            STATS_T=_stats_t(t_in), STATS_TILE_N=STATS_TILE, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             GROUP_M=_GROUP_M, SIDE_BLOCK=_SIDE_BLOCK, DOT=_dot_code(dot_dtype), INTERPRET=_INTERPRET,
             num_warps=warps, num_stages=stages)
 
@@ -690,7 +699,8 @@ def linear_wgrad(grad: torch.Tensor, x: torch.Tensor, dot_dtype: torch.dtype, we
             STATS_TILE_N=STATS_TILE, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, SIDE_BLOCK=_SIDE_BLOCK,
             DOT=_dot_code(dot_dtype), INTERPRET=_INTERPRET, num_warps=warps, num_stages=stages)
 
-    key = ("wgrad", gelu, norm is not None, dbias is not None, partial is not None, n_out, k_in,
+    kind = "wgrad_gelu" if gelu else "wgrad"
+    key = (kind, norm is not None, dbias is not None, partial is not None, n_out, k_in,
            triton.next_power_of_2(tokens), grad.dtype, x.dtype, weight_dtype, dot_dtype)
-    _run_gemm("wgrad", key, n_out, k_in, tokens, dev, n_side, launch)
+    _run_gemm(kind, key, n_out, k_in, tokens, dev, n_side, launch)
     return dweight, dbias, dparams
