@@ -149,6 +149,121 @@ uint64_t host_offset(const std::optional<at::Tensor>& offset) {
   return offset.has_value() ? static_cast<uint64_t>(offset->item<int64_t>()) : 0;
 }
 
+// ---- setup of the CPU and CUDA kernels ----
+
+namespace {
+
+// Tokens x (B, N, D) and their index tensor ids (B, any).
+void check_tokens(const at::Tensor& x, const at::Tensor& ids, const char* op, const char* x_name,
+                  const char* ids_name) {
+  check_float_tensor(x, op, x_name);
+  TORCH_CHECK(x.dim() == 3, op, ": ", x_name, " must be 3-D (B, N, D), got shape ", x.sizes());
+  check_same_device(x, ids, op, x_name, ids_name);
+  check_index_tensor(ids, op, ids_name, x.size(0), -1);
+}
+
+// A gradient's tensor of `sizes` when it is asked for, else an empty (0,) one.
+at::Tensor grad_or_empty(bool needed, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return needed ? at::empty(sizes, opts) : at::empty({0}, opts);
+}
+
+}  // namespace
+
+TokenForwardSetup setup_gather_visible(FASTMIM_GATHER_VISIBLE_PARAMS) {
+  const char* op = "csrc_gather_visible";
+  check_tokens(x, ids_keep, op, "x", "ids_keep");
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = ids_keep.size(1);
+  TORCH_CHECK(K <= L, op, ": ids_keep has ", K, " columns but x has only ", L, " patches");
+  const at::ScalarType out_dtype = token_result_dtype(x, {&pos_embed, &cls_token}, op);
+  const PosRows pos = check_pos_embed(pos_embed, x, out_dtype, L, D, op);
+  if (cls_token.has_value()) check_token_vector(*cls_token, x, out_dtype, D, op, "cls_token");
+  const int64_t hc = cls_token.has_value() ? 1 : 0;
+  return {{B, L, D, K, hc}, out_dtype, pos, at::empty({B, K + hc, D}, x.options().dtype(out_dtype))};
+}
+
+TensorTriple gather_visible_backward_outputs(const at::TensorOptions& opts, int64_t batch, int64_t num_patches,
+                                             int64_t dim, bool has_cls, bool need_x, bool need_pos, bool need_cls) {
+  return {grad_or_empty(need_x, {batch, num_patches, dim}, opts), grad_or_empty(need_pos, {num_patches, dim}, opts),
+          grad_or_empty(need_cls && has_cls, {dim}, opts)};
+}
+
+GatherVisibleBackwardSetup setup_gather_visible_backward(FASTMIM_GATHER_VISIBLE_BACKWARD_PARAMS) {
+  const char* op = "csrc_gather_visible_backward";
+  check_tokens(grad_out, ids_keep, op, "grad_out", "ids_keep");
+  const int64_t B = grad_out.size(0), D = grad_out.size(2), K = ids_keep.size(1), L = num_patches;
+  const int64_t hc = has_cls ? 1 : 0;
+  TORCH_CHECK(grad_out.size(1) == K + hc, op, ": grad_out must have K + has_cls = ", K + hc, " rows, got ",
+              grad_out.size(1));
+  TORCH_CHECK(L >= K, op, ": num_patches (", L, ") must be >= K (", K, ")");
+  auto [grad_x, grad_pos, grad_cls] =
+      gather_visible_backward_outputs(grad_out.options(), B, L, D, has_cls, need_x, need_pos, need_cls);
+  return {{B, L, D, K, hc}, grad_x, grad_pos, grad_cls};
+}
+
+TokenForwardSetup setup_unshuffle(FASTMIM_UNSHUFFLE_PARAMS) {
+  const char* op = "csrc_unshuffle";
+  check_tokens(x_visible, ids_restore, op, "x_visible", "ids_restore");
+  const int64_t hc = has_cls ? 1 : 0;
+  const int64_t B = x_visible.size(0), D = x_visible.size(2), L = ids_restore.size(1), K = x_visible.size(1) - hc;
+  TORCH_CHECK(K >= 0 && K <= L, op, ": x_visible must have K + has_cls rows with 0 <= K <= L = ", L, ", got ",
+              x_visible.size(1), " rows");
+  const std::optional<at::Tensor> mask_opt = mask_token;
+  const at::ScalarType out_dtype = token_result_dtype(x_visible, {&mask_opt, &pos_embed}, op);
+  check_token_vector(mask_token, x_visible, out_dtype, D, op, "mask_token");
+  const PosRows pos = check_pos_embed(pos_embed, x_visible, out_dtype, L, D, op);
+  return {{B, L, D, K, hc}, out_dtype, pos, at::empty({B, L + hc, D}, x_visible.options().dtype(out_dtype))};
+}
+
+TensorTriple unshuffle_backward_outputs(const at::TensorOptions& opts, int64_t batch, int64_t num_patches,
+                                        int64_t num_visible, int64_t dim, bool has_cls, bool need_x, bool need_mask,
+                                        bool need_pos) {
+  const int64_t hc = has_cls ? 1 : 0;
+  return {grad_or_empty(need_x, {batch, num_visible + hc, dim}, opts), grad_or_empty(need_mask, {dim}, opts),
+          grad_or_empty(need_pos, {num_patches + hc, dim}, opts)};
+}
+
+UnshuffleBackwardSetup setup_unshuffle_backward(FASTMIM_UNSHUFFLE_BACKWARD_PARAMS) {
+  const char* op = "csrc_unshuffle_backward";
+  check_tokens(grad_out, ids_restore, op, "grad_out", "ids_restore");
+  const int64_t hc = has_cls ? 1 : 0;
+  const int64_t B = grad_out.size(0), D = grad_out.size(2), L = ids_restore.size(1), K = num_visible;
+  TORCH_CHECK(grad_out.size(1) == L + hc, op, ": grad_out must have L + has_cls = ", L + hc, " rows, got ",
+              grad_out.size(1));
+  TORCH_CHECK(K >= 0 && K <= L, op, ": num_visible must be in [0, ", L, "], got ", K);
+  auto [grad_x, grad_mask, grad_pos] =
+      unshuffle_backward_outputs(grad_out.options(), B, L, K, D, has_cls, need_x, need_mask, need_pos);
+  return {{B, L, D, K, hc}, grad_x, grad_mask, grad_pos};
+}
+
+PatchMseSetup setup_masked_patch_mse(FASTMIM_MASKED_PATCH_MSE_PARAMS) {
+  std::string red(reduction);
+  check_patch_mse_args(pred, imgs, mask, ids_masked, patch_size, red, "csrc_masked_patch_mse");
+  const int64_t p = patch_size;
+  const PatchGeometry g{imgs.size(0), (imgs.size(2) / p) * (imgs.size(3) / p), pred.size(-1), imgs.size(1),
+                        imgs.size(2), imgs.size(3), p, imgs.size(3) / p};
+  const int layout = !ids_masked.has_value() ? 0 : (ids_masked->dim() == 2 ? 1 : 2);
+  const int64_t rows = pred.numel() / g.N;
+  const int64_t rows_per_sample = layout == 1 ? ids_masked->size(1) : g.L;
+  at::Tensor weight = mask.has_value() ? mask->to(at::kFloat).contiguous() : at::Tensor();
+  auto row_loss = at::empty(pred.sizes().slice(0, pred.dim() - 1), pred.options().dtype(at::kFloat));
+  auto grad = compute_grad ? at::empty_like(pred, at::MemoryFormat::Contiguous) : at::empty({0}, pred.options());
+  return {std::move(red), g, layout, rows, rows_per_sample, weight, row_loss, grad};
+}
+
+at::Tensor setup_masked_patch_mse_backward(FASTMIM_MASKED_PATCH_MSE_BACKWARD_PARAMS) {
+  const char* op = "csrc_masked_patch_mse_backward";
+  check_float_tensor(grad_pred, op, "grad_pred");
+  check_same_device(grad_output, grad_pred, op, "grad_output", "grad_pred");
+  TORCH_CHECK(grad_pred.dim() >= 1 && grad_pred.numel() > 0, op, ": grad_pred is empty (shape ", grad_pred.sizes(),
+              "): was the forward run with compute_grad=True?");
+  if (grad_output.dim() > 0) {
+    TORCH_CHECK(grad_output.sizes() == grad_pred.sizes().slice(0, grad_pred.dim() - 1), op,
+                ": grad_output must be a scalar or have shape ", grad_pred.sizes().slice(0, grad_pred.dim() - 1),
+                " (one factor per row), got ", grad_output.sizes());
+  }
+  return grad_output.to(at::kFloat).contiguous();
+}
+
 namespace {
 
 void check_random_args(int64_t batch, int64_t num_patches, int64_t num_keep, const char* op) {
@@ -219,9 +334,7 @@ void check_same_device_opt(const std::optional<at::Tensor>& a, const at::Tensor&
   if (a.has_value()) check_same_device(*a, b, op, name_a, name_b);
 }
 
-at::Tensor gather_visible_meta(const at::Tensor& x, const at::Tensor& ids_keep,
-                               const std::optional<at::Tensor>& pos_embed,
-                               const std::optional<at::Tensor>& cls_token) {
+at::Tensor gather_visible_meta(FASTMIM_GATHER_VISIBLE_PARAMS) {
   const char* op = "csrc_gather_visible";
   check_same_device(x, ids_keep, op, "x", "ids_keep");
   check_same_device_opt(pos_embed, x, op, "pos_embed", "the tokens");
@@ -232,21 +345,13 @@ at::Tensor gather_visible_meta(const at::Tensor& x, const at::Tensor& ids_keep,
                    x.options().dtype(dtype));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_meta(const at::Tensor& grad_out,
-                                                                            const at::Tensor& ids_keep,
-                                                                            int64_t num_patches, bool has_cls,
-                                                                            bool need_x, bool need_pos,
-                                                                            bool need_cls) {
+TensorTriple gather_visible_backward_meta(FASTMIM_GATHER_VISIBLE_BACKWARD_PARAMS) {
   check_same_device(grad_out, ids_keep, "csrc_gather_visible_backward", "grad_out", "ids_keep");
-  auto opts = grad_out.options();
-  const int64_t D = grad_out.size(-1);
-  return {need_x ? at::empty({grad_out.size(0), num_patches, D}, opts) : at::empty({0}, opts),
-          need_pos ? at::empty({num_patches, D}, opts) : at::empty({0}, opts),
-          (need_cls && has_cls) ? at::empty({D}, opts) : at::empty({0}, opts)};
+  return gather_visible_backward_outputs(grad_out.options(), grad_out.size(0), num_patches, grad_out.size(-1), has_cls,
+                                         need_x, need_pos, need_cls);
 }
 
-at::Tensor unshuffle_meta(const at::Tensor& x_visible, const at::Tensor& ids_restore, const at::Tensor& mask_token,
-                          const std::optional<at::Tensor>& pos_embed, bool has_cls) {
+at::Tensor unshuffle_meta(FASTMIM_UNSHUFFLE_PARAMS) {
   const char* op = "csrc_unshuffle";
   check_same_device(x_visible, ids_restore, op, "x_visible", "ids_restore");
   check_same_device(mask_token, x_visible, op, "mask_token", "the tokens");
@@ -259,23 +364,13 @@ at::Tensor unshuffle_meta(const at::Tensor& x_visible, const at::Tensor& ids_res
                    x_visible.options().dtype(dtype));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_meta(const at::Tensor& grad_out,
-                                                                       const at::Tensor& ids_restore,
-                                                                       int64_t num_visible, bool has_cls, bool need_x,
-                                                                       bool need_mask, bool need_pos) {
+TensorTriple unshuffle_backward_meta(FASTMIM_UNSHUFFLE_BACKWARD_PARAMS) {
   check_same_device(grad_out, ids_restore, "csrc_unshuffle_backward", "grad_out", "ids_restore");
-  auto opts = grad_out.options();
-  const int64_t D = grad_out.size(-1), hc = has_cls ? 1 : 0;
-  return {need_x ? at::empty({grad_out.size(0), num_visible + hc, D}, opts) : at::empty({0}, opts),
-          need_mask ? at::empty({D}, opts) : at::empty({0}, opts),
-          need_pos ? at::empty({ids_restore.size(1) + hc, D}, opts) : at::empty({0}, opts)};
+  return unshuffle_backward_outputs(grad_out.options(), grad_out.size(0), ids_restore.size(1), num_visible,
+                                    grad_out.size(-1), has_cls, need_x, need_mask, need_pos);
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_patch_mse_meta(const at::Tensor& pred, const at::Tensor& imgs,
-                                                         const std::optional<at::Tensor>& mask,
-                                                         const std::optional<at::Tensor>& ids_masked,
-                                                         int64_t patch_size, bool norm_pix, double eps,
-                                                         c10::string_view reduction, bool compute_grad) {
+TensorPair masked_patch_mse_meta(FASTMIM_MASKED_PATCH_MSE_PARAMS) {
   const char* op = "csrc_masked_patch_mse";
   check_same_device(pred, imgs, op, "pred", "imgs");
   check_same_device_opt(mask, pred, op, "mask", "pred");
@@ -286,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_meta(const at::Tensor& pred,
   return {loss, grad};
 }
 
-void masked_patch_mse_backward_meta(const at::Tensor& grad_pred, const at::Tensor& grad_output) {
+void masked_patch_mse_backward_meta(FASTMIM_MASKED_PATCH_MSE_BACKWARD_PARAMS) {
   check_same_device(grad_output, grad_pred, "csrc_masked_patch_mse_backward", "grad_output", "grad_pred");
 }
 
@@ -330,35 +425,21 @@ TORCH_LIBRARY(fastmim, m) {
          TORCH_FN(fastmim::random_masking_varlen));
 }
 
+// csrc_<op> -> fastmim::<op>_<backend> for every op of FASTMIM_DISPATCHED_OPS.
+#define FASTMIM_IMPL_CPU(op, result, params) m.impl("csrc_" #op, TORCH_FN(fastmim::op##_cpu));
+#define FASTMIM_IMPL_CUDA(op, result, params) m.impl("csrc_" #op, TORCH_FN(fastmim::op##_cuda));
+#define FASTMIM_IMPL_META(op, result, params) m.impl("csrc_" #op, TORCH_FN(fastmim::op##_meta));
+
 TORCH_LIBRARY_IMPL(fastmim, CPU, m) {
-  m.impl("csrc_gather_visible", TORCH_FN(fastmim::gather_visible_cpu));
-  m.impl("csrc_gather_visible_backward", TORCH_FN(fastmim::gather_visible_backward_cpu));
-  m.impl("csrc_unshuffle", TORCH_FN(fastmim::unshuffle_cpu));
-  m.impl("csrc_unshuffle_backward", TORCH_FN(fastmim::unshuffle_backward_cpu));
-  m.impl("csrc_masked_patch_mse", TORCH_FN(fastmim::masked_patch_mse_cpu));
-  m.impl("csrc_masked_patch_mse_backward", TORCH_FN(fastmim::masked_patch_mse_backward_cpu));
+  FASTMIM_DISPATCHED_OPS(FASTMIM_IMPL_CPU)
   m.impl("csrc_resized_crop_flip_normalize", TORCH_FN(fastmim::resized_crop_flip_normalize_cpu));
 }
 
 #ifdef FASTMIM_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastmim, CUDA, m) {
-  m.impl("csrc_gather_visible", TORCH_FN(fastmim::gather_visible_cuda));
-  m.impl("csrc_gather_visible_backward", TORCH_FN(fastmim::gather_visible_backward_cuda));
-  m.impl("csrc_unshuffle", TORCH_FN(fastmim::unshuffle_cuda));
-  m.impl("csrc_unshuffle_backward", TORCH_FN(fastmim::unshuffle_backward_cuda));
-  m.impl("csrc_masked_patch_mse", TORCH_FN(fastmim::masked_patch_mse_cuda));
-  m.impl("csrc_masked_patch_mse_backward", TORCH_FN(fastmim::masked_patch_mse_backward_cuda));
-}
+TORCH_LIBRARY_IMPL(fastmim, CUDA, m) { FASTMIM_DISPATCHED_OPS(FASTMIM_IMPL_CUDA) }
 #endif
 
-TORCH_LIBRARY_IMPL(fastmim, Meta, m) {
-  m.impl("csrc_gather_visible", TORCH_FN(fastmim::gather_visible_meta));
-  m.impl("csrc_gather_visible_backward", TORCH_FN(fastmim::gather_visible_backward_meta));
-  m.impl("csrc_unshuffle", TORCH_FN(fastmim::unshuffle_meta));
-  m.impl("csrc_unshuffle_backward", TORCH_FN(fastmim::unshuffle_backward_meta));
-  m.impl("csrc_masked_patch_mse", TORCH_FN(fastmim::masked_patch_mse_meta));
-  m.impl("csrc_masked_patch_mse_backward", TORCH_FN(fastmim::masked_patch_mse_backward_meta));
-}
+TORCH_LIBRARY_IMPL(fastmim, Meta, m) { FASTMIM_DISPATCHED_OPS(FASTMIM_IMPL_META) }
 
 // fastmim._C is an importable module so that `import fastmim._C` registers the ops above;
 // WITH_CUDA tells the Python side whether the CUDA kernels were compiled in.

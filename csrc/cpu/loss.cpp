@@ -28,10 +28,6 @@
 namespace fastmim {
 namespace {
 
-struct Geometry {
-  int64_t B, L, N, C, H, W, p, Wp;
-};
-
 using fVec = at::vec::Vectorized<float>;
 // Elements per step of the vector loops: two fp32 vectors, so two partial sums in flight.
 constexpr int64_t kLanes = 2 * fVec::size();
@@ -112,7 +108,7 @@ inline float squared_error_row(const float* p, const float* t, float* g, float c
 // range-checked here, on the host where reading it is free, before it indexes anything: an
 // out-of-range id raises (the Python op has already rejected it with a ValueError).
 template <typename index_t>
-inline int64_t row_patch(const index_t* ids, int64_t r, int64_t rows_per_sample, const Geometry& g, int layout,
+inline int64_t row_patch(const index_t* ids, int64_t r, int64_t rows_per_sample, const PatchGeometry& g, int layout,
                          const char* op) {
   if (layout == 0) return r;
   const int64_t v = static_cast<int64_t>(ids[r]);
@@ -128,7 +124,7 @@ inline int64_t row_patch(const index_t* ids, int64_t r, int64_t rows_per_sample,
 
 template <typename pred_t, typename img_t, typename index_t>
 void patch_mse_rows(const pred_t* pred, const img_t* imgs, const float* weight, const index_t* ids, int layout,
-                    int64_t rows, int64_t rows_per_sample, const Geometry& g, bool norm_pix, float eps, float scale,
+                    int64_t rows, int64_t rows_per_sample, const PatchGeometry& g, bool norm_pix, float eps, float scale,
                     float* row_loss, pred_t* grad, const char* op) {
   const float inv_n = 1.0f / static_cast<float>(g.N);
   const float inv_n1 = 1.0f / static_cast<float>(g.N - 1);  // inf when N == 1: var = nan, as torch.var
@@ -179,23 +175,15 @@ void patch_mse_rows(const pred_t* pred, const img_t* imgs, const float* weight, 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cpu(const at::Tensor& pred, const at::Tensor& imgs,
-                                                        const std::optional<at::Tensor>& mask,
-                                                        const std::optional<at::Tensor>& ids_masked,
-                                                        int64_t patch_size, bool norm_pix, double eps,
-                                                        c10::string_view reduction, bool compute_grad) {
+TensorPair masked_patch_mse_cpu(FASTMIM_MASKED_PATCH_MSE_PARAMS) {
   const char* op = "csrc_masked_patch_mse";
-  const std::string red(reduction);
-  check_patch_mse_args(pred, imgs, mask, ids_masked, patch_size, red, op);
-  const int64_t p = patch_size;
-  Geometry g{imgs.size(0), (imgs.size(2) / p) * (imgs.size(3) / p), pred.size(-1), imgs.size(1), imgs.size(2),
-             imgs.size(3), p, imgs.size(3) / p};
-  const int layout = !ids_masked.has_value() ? 0 : (ids_masked->dim() == 2 ? 1 : 2);
-  const int64_t rows = pred.numel() / g.N;
-  const int64_t rows_per_sample = layout == 1 ? ids_masked->size(1) : g.L;
-  auto f32 = pred.options().dtype(at::kFloat);
-  at::Tensor weight = mask.has_value() ? mask->to(at::kFloat).contiguous() : at::Tensor();
-  const float* wp = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+  const PatchMseSetup s =
+      setup_masked_patch_mse(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad);
+  const std::string& red = s.reduction;
+  const PatchGeometry& g = s.g;
+  const int layout = s.layout;
+  const int64_t rows = s.rows, rows_per_sample = s.rows_per_sample;
+  const float* wp = s.weight.defined() ? s.weight.const_data_ptr<float>() : nullptr;
   // The scale of the masked mean needs the weights of the rows before the main pass (the
   // gradient is written final): a cheap pre-pass over B * L floats.
   float scale = 1.0f;
@@ -213,21 +201,17 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cpu(const at::Tensor& pred, 
     }
     scale = wsum != 0.0 ? 1.0f / static_cast<float>(wsum) : 0.0f;  // all-zero mask: loss 0, gradient 0
   }
-  auto row_loss = at::empty(pred.sizes().slice(0, pred.dim() - 1), f32);
-  auto grad = compute_grad ? at::empty_like(pred, at::MemoryFormat::Contiguous) : at::empty({0}, pred.options());
-  const at::ScalarType index_type = ids_masked.has_value() ? ids_masked->scalar_type() : at::kLong;
-  FASTMIM_DISPATCH_FLOAT(pred.scalar_type(), "fastmim_csrc", [&] {
-    using pred_t = scalar_t;
-    FASTMIM_DISPATCH_FLOAT(imgs.scalar_type(), "fastmim_csrc", [&] {
-      using img_t = scalar_t;
-      AT_DISPATCH_INDEX_TYPES(index_type, "fastmim_csrc", [&] {
-        const index_t* ip = ids_masked.has_value() ? ids_masked->const_data_ptr<index_t>() : nullptr;
-        patch_mse_rows<pred_t, img_t, index_t>(pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(), wp, ip,
-                                               layout, rows, rows_per_sample, g, norm_pix, static_cast<float>(eps),
-                                               scale, row_loss.data_ptr<float>(),
-                                               compute_grad ? grad.data_ptr<pred_t>() : nullptr, op);
-      });
-    });
+  const at::Tensor& row_loss = s.row_loss;
+  const at::Tensor& grad = s.grad;
+  dispatch_patch_mse(pred, imgs, ids_masked, [&](auto pred_tag, auto img_tag, auto index_tag) {
+    using pred_t = typename decltype(pred_tag)::type;
+    using img_t = typename decltype(img_tag)::type;
+    using index_t = typename decltype(index_tag)::type;
+    const index_t* ip = ids_masked.has_value() ? ids_masked->const_data_ptr<index_t>() : nullptr;
+    patch_mse_rows<pred_t, img_t, index_t>(pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(), wp, ip, layout,
+                                           rows, rows_per_sample, g, norm_pix, static_cast<float>(eps), scale,
+                                           row_loss.data_ptr<float>(), compute_grad ? grad.data_ptr<pred_t>() : nullptr,
+                                           op);
   });
   if (red == "none") return {row_loss, grad};
   // Summed in a fixed order in double: deterministic for any thread count.
@@ -235,23 +219,13 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cpu(const at::Tensor& pred, 
   double total = 0.0;
   for (int64_t r = 0; r < rows; ++r) total += lp[r];
   const double loss = red == "mean" ? total * scale : total;
-  return {at::scalar_tensor(loss, f32), grad};
+  return {at::scalar_tensor(loss, row_loss.options()), grad};
 }
 
-void masked_patch_mse_backward_cpu(const at::Tensor& grad_pred, const at::Tensor& grad_output) {
-  const char* op = "csrc_masked_patch_mse_backward";
-  check_float_tensor(grad_pred, op, "grad_pred");
-  check_same_device(grad_output, grad_pred, op, "grad_output", "grad_pred");
-  TORCH_CHECK(grad_pred.dim() >= 1 && grad_pred.numel() > 0, op, ": grad_pred is empty (shape ", grad_pred.sizes(),
-              "): was the forward run with compute_grad=True?");
+void masked_patch_mse_backward_cpu(FASTMIM_MASKED_PATCH_MSE_BACKWARD_PARAMS) {
+  const at::Tensor go = setup_masked_patch_mse_backward(grad_pred, grad_output);
   const int64_t N = grad_pred.size(-1), rows = grad_pred.numel() / N;
-  const bool per_row = grad_output.dim() > 0;
-  if (per_row) {
-    TORCH_CHECK(grad_output.sizes() == grad_pred.sizes().slice(0, grad_pred.dim() - 1), op,
-                ": grad_output must be a scalar or have shape ", grad_pred.sizes().slice(0, grad_pred.dim() - 1),
-                " (one factor per row), got ", grad_output.sizes());
-  }
-  auto go = grad_output.to(at::kFloat).contiguous();
+  const bool per_row = go.dim() > 0;
   FASTMIM_DISPATCH_FLOAT(grad_pred.scalar_type(), "fastmim_csrc", [&] {
     scalar_t* gp = grad_pred.data_ptr<scalar_t>();
     const float* gop = go.const_data_ptr<float>();

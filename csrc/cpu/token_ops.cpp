@@ -33,24 +33,6 @@ namespace {
 
 constexpr int64_t kRowGrain = 16;  // rows per parallel_for task (a row is D >= ~64 elements)
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<in_t>, Tag<out_t>) for in_t = `in` and out_t = `out`, where out is in or float32.
-template <typename F>
-void dispatch_in_out(at::ScalarType in, at::ScalarType out, const char* op, const F& f) {
-  TORCH_CHECK(out == in || out == at::kFloat, op, ": unsupported dtype combination ", in, " -> ", out);
-  FASTMIM_DISPATCH_FLOAT(in, "fastmim_csrc", [&] {
-    if (out == in) {
-      f(Tag<scalar_t>{}, Tag<scalar_t>{});
-    } else {
-      f(Tag<scalar_t>{}, Tag<float>{});
-    }
-  });
-}
-
 template <typename out_t, typename a_t, typename b_t>
 inline void add_rows(out_t* __restrict__ out, const a_t* __restrict__ a, const b_t* __restrict__ b, int64_t n) {
   for (int64_t d = 0; d < n; ++d) out[d] = static_cast<out_t>(static_cast<float>(a[d]) + static_cast<float>(b[d]));
@@ -63,6 +45,24 @@ inline void convert_row(out_t* __restrict__ out, const in_t* __restrict__ src, i
   } else {
     for (int64_t d = 0; d < n; ++d) out[d] = static_cast<out_t>(static_cast<float>(src[d]));
   }
+}
+
+// out = src + add (in fp32), or src converted when add is null.
+template <typename out_t, typename in_t, typename add_t>
+inline void copy_add_row(out_t* out, const in_t* src, const add_t* add, int64_t n) {
+  if (add != nullptr) {
+    add_rows(out, src, add, n);
+  } else {
+    convert_row(out, src, n);
+  }
+}
+
+// Calls row(b, j, dst) for every row j of every sample b of out (B, rows, D), split across threads.
+template <typename out_t, typename F>
+void for_each_row(out_t* out, int64_t batch, int64_t rows, int64_t dim, const F& row) {
+  at::parallel_for(0, batch * rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row(r / rows, r % rows, out + r * dim);
+  });
 }
 
 template <typename scalar_t>
@@ -113,14 +113,6 @@ inline scalar_t* gather_inverse_row(scalar_t* dst, const scalar_t* src, int64_t 
     store_row(dst, scratch, dim);
   }
   return dst;
-}
-
-void check_tokens(const at::Tensor& x, const at::Tensor& ids, const char* op, const char* x_name,
-                  const char* ids_name) {
-  check_float_tensor(x, op, x_name);
-  TORCH_CHECK(x.dim() == 3, op, ": ", x_name, " must be 3-D (B, N, D), got shape ", x.sizes());
-  check_same_device(x, ids, op, x_name, ids_name);
-  check_index_tensor(ids, op, ids_name, x.size(0), -1);
 }
 
 // Calls emit(b, ids_shuffle_row) for every row b (sample offset + b); the row is the stable
@@ -214,75 +206,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
 
 // ---------------------------------------------------------------- gather_visible
 
-at::Tensor gather_visible_cpu(const at::Tensor& x, const at::Tensor& ids_keep,
-                              const std::optional<at::Tensor>& pos_embed,
-                              const std::optional<at::Tensor>& cls_token) {
+at::Tensor gather_visible_cpu(FASTMIM_GATHER_VISIBLE_PARAMS) {
   const char* op = "csrc_gather_visible";
-  check_tokens(x, ids_keep, op, "x", "ids_keep");
-  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = ids_keep.size(1);
-  TORCH_CHECK(K <= L, op, ": ids_keep has ", K, " columns but x has only ", L, " patches");
-  const at::ScalarType out_dtype = token_result_dtype(x, {&pos_embed, &cls_token}, op);
-  const PosRows pos = check_pos_embed(pos_embed, x, out_dtype, L, D, op);
-  if (cls_token.has_value()) check_token_vector(*cls_token, x, out_dtype, D, op, "cls_token");
-  const int64_t hc = cls_token.has_value() ? 1 : 0;
-  auto out = at::empty({B, K + hc, D}, x.options().dtype(out_dtype));
-  const int64_t rows = K + hc;
-  dispatch_in_out(x.scalar_type(), out_dtype, op, [&](auto in_tag, auto out_tag) {
+  const TokenForwardSetup s = setup_gather_visible(x, ids_keep, pos_embed, cls_token);
+  const int64_t L = s.L, D = s.D, K = s.K, hc = s.hc;
+  dispatch_token_forward(s, x, ids_keep, op, [&](auto in_tag, auto out_tag, auto index_tag, const auto& pos) {
     using in_t = typename decltype(in_tag)::type;
     using out_t = typename decltype(out_tag)::type;
-    AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc", [&] {
-      const in_t* xp = x.const_data_ptr<in_t>();
-      const out_t* pp = pos.rows.defined() ? pos.rows.const_data_ptr<out_t>() : nullptr;
-      const out_t* pos_patch = pp != nullptr ? pp + pos.patch_offset * D : nullptr;
-      const out_t* pos_cls = (pp != nullptr && pos.patch_offset == 1) ? pp : nullptr;
-      const out_t* cls = hc ? cls_token->const_data_ptr<out_t>() : nullptr;
-      const index_t* ip = ids_keep.const_data_ptr<index_t>();
-      out_t* o = out.data_ptr<out_t>();
-      at::parallel_for(0, B * rows, kRowGrain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / rows, j = r % rows;
-          out_t* dst = o + r * D;
-          if (j < hc) {
-            if (pos_cls != nullptr) {
-              add_rows(dst, cls, pos_cls, D);
-            } else {
-              std::memcpy(dst, cls, D * sizeof(out_t));
-            }
-            continue;
-          }
-          const int64_t v = static_cast<int64_t>(ip[b * K + (j - hc)]);
-          TORCH_CHECK(v >= 0 && v < L, op, ": ids_keep[", b, ", ", j - hc, "] = ", v, " is out of range [0, ", L,
-                      ")");
-          const in_t* src = xp + (b * L + v) * D;
-          if (pos_patch != nullptr) {
-            add_rows(dst, src, pos_patch + v * D, D);
-          } else {
-            convert_row(dst, src, D);
-          }
-        }
-      });
+    using index_t = typename decltype(index_tag)::type;
+    const in_t* xp = x.const_data_ptr<in_t>();
+    const out_t* cls = hc ? cls_token->const_data_ptr<out_t>() : nullptr;
+    const index_t* ip = ids_keep.const_data_ptr<index_t>();
+    for_each_row(s.out.data_ptr<out_t>(), s.B, K + hc, D, [&](int64_t b, int64_t j, out_t* dst) {
+      if (j < hc) return copy_add_row(dst, cls, pos.cls, D);
+      const int64_t v = static_cast<int64_t>(ip[b * K + (j - hc)]);
+      TORCH_CHECK(v >= 0 && v < L, op, ": ids_keep[", b, ", ", j - hc, "] = ", v, " is out of range [0, ", L, ")");
+      copy_add_row(dst, xp + (b * L + v) * D, pos.patch != nullptr ? pos.patch + v * D : nullptr, D);
     });
   });
-  return out;
+  return s.out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cpu(const at::Tensor& grad_out,
-                                                                           const at::Tensor& ids_keep,
-                                                                           int64_t num_patches, bool has_cls,
-                                                                           bool need_x, bool need_pos,
-                                                                           bool need_cls) {
+TensorTriple gather_visible_backward_cpu(FASTMIM_GATHER_VISIBLE_BACKWARD_PARAMS) {
   const char* op = "csrc_gather_visible_backward";
-  check_tokens(grad_out, ids_keep, op, "grad_out", "ids_keep");
-  const int64_t B = grad_out.size(0), D = grad_out.size(2), K = ids_keep.size(1), L = num_patches;
-  const int64_t hc = has_cls ? 1 : 0;
-  TORCH_CHECK(grad_out.size(1) == K + hc, op, ": grad_out must have K + has_cls = ", K + hc, " rows, got ",
-              grad_out.size(1));
-  TORCH_CHECK(L >= K, op, ": num_patches (", L, ") must be >= K (", K, ")");
-  auto opts = grad_out.options();
-  auto grad_x = need_x ? at::empty({B, L, D}, opts) : at::empty({0}, opts);
-  auto grad_pos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
-  auto grad_cls = (need_cls && has_cls) ? at::empty({D}, opts) : at::empty({0}, opts);
-  if (!need_x && !need_pos && !(need_cls && has_cls)) return {grad_x, grad_pos, grad_cls};
+  const GatherVisibleBackwardSetup s = setup_gather_visible_backward(grad_out, ids_keep, num_patches, has_cls,
+                                                                     need_x, need_pos, need_cls);
+  const int64_t B = s.B, D = s.D, K = s.K, L = s.L, hc = s.hc;
+  if (!need_x && !need_pos && !(need_cls && has_cls)) return s.grads();
   auto first = at::empty({B, L}, at::TensorOptions().dtype(at::kInt));
   auto count = at::empty({B, L}, at::TensorOptions().dtype(at::kInt));
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc", [&] {
@@ -294,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cpu(const
       build_inverse(ip, B, K, L, L, fp, cp, op, "ids_keep");
       const int64_t rows_in = K + hc;
       if (need_x || need_pos) {
-        scalar_t* gx = need_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-        scalar_t* gpos = need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
+        scalar_t* gx = need_x ? s.grad_x.data_ptr<scalar_t>() : nullptr;
+        scalar_t* gpos = need_pos ? s.grad_pos.data_ptr<scalar_t>() : nullptr;
         // A task owns a range of patch positions l and walks the batch, so the pos_embed
         // gradient (sum over b of grad_x[b, l]) is reduced while grad_x[b, l] is written.
         const int64_t grain = need_pos ? 1 : std::max<int64_t>(1, kRowGrain / std::max<int64_t>(B, 1));
@@ -317,90 +267,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cpu(const
       if (need_cls && has_cls) {
         std::vector<float> acc(D, 0.0f);
         for (int64_t b = 0; b < B; ++b) accumulate_row(acc.data(), gp + b * rows_in * D, D);
-        store_row(grad_cls.data_ptr<scalar_t>(), acc.data(), D);
+        store_row(s.grad_cls.data_ptr<scalar_t>(), acc.data(), D);
       }
     });
   });
-  return {grad_x, grad_pos, grad_cls};
+  return s.grads();
 }
 
 // ---------------------------------------------------------------- unshuffle
 
-at::Tensor unshuffle_cpu(const at::Tensor& x_visible, const at::Tensor& ids_restore, const at::Tensor& mask_token,
-                         const std::optional<at::Tensor>& pos_embed, bool has_cls) {
+at::Tensor unshuffle_cpu(FASTMIM_UNSHUFFLE_PARAMS) {
   const char* op = "csrc_unshuffle";
-  check_tokens(x_visible, ids_restore, op, "x_visible", "ids_restore");
-  const int64_t hc = has_cls ? 1 : 0;
-  const int64_t B = x_visible.size(0), D = x_visible.size(2), L = ids_restore.size(1), K = x_visible.size(1) - hc;
-  TORCH_CHECK(K >= 0 && K <= L, op, ": x_visible must have K + has_cls rows with 0 <= K <= L = ", L, ", got ",
-              x_visible.size(1), " rows");
-  const std::optional<at::Tensor> mask_opt = mask_token;
-  const at::ScalarType out_dtype = token_result_dtype(x_visible, {&mask_opt, &pos_embed}, op);
-  check_token_vector(mask_token, x_visible, out_dtype, D, op, "mask_token");
-  const PosRows pos = check_pos_embed(pos_embed, x_visible, out_dtype, L, D, op);
-  auto out = at::empty({B, L + hc, D}, x_visible.options().dtype(out_dtype));
-  const int64_t S = L + hc, rows_in = K + hc;
-  dispatch_in_out(x_visible.scalar_type(), out_dtype, op, [&](auto in_tag, auto out_tag) {
+  const TokenForwardSetup s = setup_unshuffle(x_visible, ids_restore, mask_token, pos_embed, has_cls);
+  const int64_t D = s.D, L = s.L, K = s.K, hc = s.hc, rows_in = K + hc;
+  dispatch_token_forward(s, x_visible, ids_restore, op, [&](auto in_tag, auto out_tag, auto index_tag, const auto& pos) {
     using in_t = typename decltype(in_tag)::type;
     using out_t = typename decltype(out_tag)::type;
-    AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc", [&] {
-      const in_t* xp = x_visible.const_data_ptr<in_t>();
-      const out_t* mt = mask_token.const_data_ptr<out_t>();
-      const out_t* pp = pos.rows.defined() ? pos.rows.const_data_ptr<out_t>() : nullptr;
-      const out_t* pos_patch = pp != nullptr ? pp + pos.patch_offset * D : nullptr;
-      const out_t* pos_cls = (pp != nullptr && pos.patch_offset == 1) ? pp : nullptr;
-      const index_t* ip = ids_restore.const_data_ptr<index_t>();
-      out_t* o = out.data_ptr<out_t>();
-      at::parallel_for(0, B * S, kRowGrain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / S, j = r % S;
-          out_t* dst = o + r * D;
-          if (j < hc) {
-            const in_t* src = xp + b * rows_in * D;
-            if (pos_cls != nullptr) {
-              add_rows(dst, src, pos_cls, D);
-            } else {
-              convert_row(dst, src, D);
-            }
-            continue;
-          }
-          const int64_t i = j - hc;
-          const int64_t v = static_cast<int64_t>(ip[b * L + i]);
-          TORCH_CHECK(v >= 0 && v < L, op, ": ids_restore[", b, ", ", i, "] = ", v, " is out of range [0, ", L, ")");
-          if (v < K) {
-            const in_t* src = xp + (b * rows_in + hc + v) * D;
-            if (pos_patch != nullptr) {
-              add_rows(dst, src, pos_patch + i * D, D);
-            } else {
-              convert_row(dst, src, D);
-            }
-          } else if (pos_patch != nullptr) {
-            add_rows(dst, mt, pos_patch + i * D, D);
-          } else {
-            std::memcpy(dst, mt, D * sizeof(out_t));
-          }
-        }
-      });
+    using index_t = typename decltype(index_tag)::type;
+    const in_t* xp = x_visible.const_data_ptr<in_t>();
+    const out_t* mt = mask_token.const_data_ptr<out_t>();
+    const index_t* ip = ids_restore.const_data_ptr<index_t>();
+    for_each_row(s.out.data_ptr<out_t>(), s.B, L + hc, D, [&](int64_t b, int64_t j, out_t* dst) {
+      if (j < hc) return copy_add_row(dst, xp + b * rows_in * D, pos.cls, D);
+      const int64_t i = j - hc;
+      const int64_t v = static_cast<int64_t>(ip[b * L + i]);
+      TORCH_CHECK(v >= 0 && v < L, op, ": ids_restore[", b, ", ", i, "] = ", v, " is out of range [0, ", L, ")");
+      const out_t* pos_row = pos.patch != nullptr ? pos.patch + i * D : nullptr;
+      if (v < K) {
+        copy_add_row(dst, xp + (b * rows_in + hc + v) * D, pos_row, D);
+      } else {
+        copy_add_row(dst, mt, pos_row, D);
+      }
     });
   });
-  return out;
+  return s.out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::Tensor& grad_out,
-                                                                      const at::Tensor& ids_restore,
-                                                                      int64_t num_visible, bool has_cls, bool need_x,
-                                                                      bool need_mask, bool need_pos) {
+TensorTriple unshuffle_backward_cpu(FASTMIM_UNSHUFFLE_BACKWARD_PARAMS) {
   const char* op = "csrc_unshuffle_backward";
-  check_tokens(grad_out, ids_restore, op, "grad_out", "ids_restore");
-  const int64_t hc = has_cls ? 1 : 0;
-  const int64_t B = grad_out.size(0), D = grad_out.size(2), L = ids_restore.size(1), K = num_visible;
+  const UnshuffleBackwardSetup s = setup_unshuffle_backward(grad_out, ids_restore, num_visible, has_cls, need_x,
+                                                            need_mask, need_pos);
+  const int64_t B = s.B, D = s.D, L = s.L, K = s.K, hc = s.hc;
   const int64_t S = L + hc, rows_x = K + hc;
-  TORCH_CHECK(grad_out.size(1) == S, op, ": grad_out must have L + has_cls = ", S, " rows, got ", grad_out.size(1));
-  TORCH_CHECK(K >= 0 && K <= L, op, ": num_visible must be in [0, ", L, "], got ", K);
-  auto opts = grad_out.options();
-  auto grad_x = need_x ? at::empty({B, rows_x, D}, opts) : at::empty({0}, opts);
-  auto grad_mask = need_mask ? at::empty({D}, opts) : at::empty({0}, opts);
-  auto grad_pos = need_pos ? at::empty({S, D}, opts) : at::empty({0}, opts);
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc", [&] {
       const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
@@ -412,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::
       int32_t* cp = count.data_ptr<int32_t>();
       build_inverse(ip, B, L, K, L, fp, cp, op, "ids_restore");
       if (need_x) {  // the visible tokens' gradient: a gather through the inverse of ids_restore
-        scalar_t* gx = grad_x.data_ptr<scalar_t>();
+        scalar_t* gx = s.grad_x.data_ptr<scalar_t>();
         at::parallel_for(0, B * rows_x, kRowGrain, [&](int64_t r0, int64_t r1) {
           std::vector<float> scratch(D);
           for (int64_t r = r0; r < r1; ++r) {
@@ -434,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::
         const int64_t chunks = std::min<int64_t>(S, std::max<int64_t>(1, at::get_num_threads()) * 4);
         // At least one partial: with S == 0 (no patch, no cls row) grad_mask is that zero row.
         std::vector<float> mask_partial(need_mask ? std::max<int64_t>(chunks, 1) * D : 0, 0.0f);
-        scalar_t* gpos = need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr;
+        scalar_t* gpos = need_pos ? s.grad_pos.data_ptr<scalar_t>() : nullptr;
         at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
           std::vector<float> acc(D);
           for (int64_t c = c0; c < c1; ++c) {
@@ -456,12 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::
           for (int64_t c = 1; c < chunks; ++c) {
             for (int64_t d = 0; d < D; ++d) mask_partial[d] += mask_partial[c * D + d];
           }
-          store_row(grad_mask.data_ptr<scalar_t>(), mask_partial.data(), D);
+          store_row(s.grad_mask.data_ptr<scalar_t>(), mask_partial.data(), D);
         }
       }
     });
   });
-  return {grad_x, grad_mask, grad_pos};
+  return s.grads();
 }
 
 }  // namespace fastmim

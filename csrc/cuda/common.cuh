@@ -7,8 +7,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 namespace fastmim {
 namespace cuda {
@@ -54,5 +56,28 @@ inline int pack_width(int64_t dim, std::initializer_list<at::Tensor> vectorised)
   return kWide;
 }
 
+// Threads of a block that walks a row of `dim` features in packs of `vec` (32 to 256).
+inline int pack_threads(int64_t dim, int vec) {
+  return static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(dim, vec))));
+}
+
+// Calls launch(std::integral_constant<int, VEC>{}) with VEC = the widest pack of T when `wide`,
+// else 1, then checks the launch.
+template <typename T, typename F>
+void launch_packed(bool wide, const F& launch) {
+  if (wide) {
+    launch(std::integral_constant<int, 16 / sizeof(T)>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace cuda
+
+// The CUDA kernels' first check: `t` (the tensor the op is dispatched on) is a CUDA tensor.
+inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
+}
+
 }  // namespace fastmim

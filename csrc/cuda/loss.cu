@@ -20,13 +20,9 @@ using cuda::warp_sum;
 
 constexpr int kMaxSmemBytes = 48 * 1024;
 
-struct Geometry {
-  int64_t B, L, N, C, H, W, p, Wp;
-};
-
 template <typename index_t>
 __device__ __forceinline__ int64_t row_patch(const index_t* ids, int64_t r, int64_t rows_per_sample,
-                                             const Geometry& g, int layout, bool* ok) {
+                                             const PatchGeometry& g, int layout, bool* ok) {
   if (layout == 0) return r;
   const int64_t v = static_cast<int64_t>(ids[r]);
   const int64_t limit = layout == 1 ? g.L : g.B * g.L;
@@ -40,7 +36,7 @@ __device__ __forceinline__ int64_t row_patch(const index_t* ids, int64_t r, int6
 template <typename pred_t, typename img_t, typename index_t>
 __global__ void patch_mse_kernel(const pred_t* __restrict__ pred, const img_t* __restrict__ imgs,
                                  const float* __restrict__ weight, const index_t* __restrict__ ids, int layout,
-                                 int64_t rows, int64_t rows_per_sample, Geometry g, bool norm_pix, float eps,
+                                 int64_t rows, int64_t rows_per_sample, PatchGeometry g, bool norm_pix, float eps,
                                  const float* __restrict__ scale_ptr, float* __restrict__ row_loss,
                                  pred_t* __restrict__ grad, float* __restrict__ block_partial) {
   extern __shared__ float smem[];
@@ -135,26 +131,22 @@ __global__ void scale_grad_kernel(scalar_t* __restrict__ grad, const float* __re
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cuda(const at::Tensor& pred, const at::Tensor& imgs,
-                                                         const std::optional<at::Tensor>& mask,
-                                                         const std::optional<at::Tensor>& ids_masked,
-                                                         int64_t patch_size, bool norm_pix, double eps,
-                                                         c10::string_view reduction, bool compute_grad) {
+TensorPair masked_patch_mse_cuda(FASTMIM_MASKED_PATCH_MSE_PARAMS) {
   const char* op = "csrc_masked_patch_mse";
-  const std::string red(reduction);
-  TORCH_CHECK(pred.is_cuda(), op, ": pred must be a CUDA tensor");
-  check_patch_mse_args(pred, imgs, mask, ids_masked, patch_size, red, op);
+  check_cuda(pred, op, "pred");
   const c10::cuda::CUDAGuard guard(pred.device());
-  const int64_t p = patch_size;
-  Geometry g{imgs.size(0), (imgs.size(2) / p) * (imgs.size(3) / p), pred.size(-1), imgs.size(1), imgs.size(2),
-             imgs.size(3), p, imgs.size(3) / p};
+  const PatchMseSetup s =
+      setup_masked_patch_mse(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad);
+  const std::string& red = s.reduction;
+  const PatchGeometry& g = s.g;
   TORCH_CHECK(g.N * static_cast<int64_t>(sizeof(float)) <= kMaxSmemBytes, op, ": patches of ", g.N,
               " values (p*p*C) exceed the kernel's shared-memory budget of ", kMaxSmemBytes / 4, " values");
-  const int layout = !ids_masked.has_value() ? 0 : (ids_masked->dim() == 2 ? 1 : 2);
-  const int64_t rows = pred.numel() / g.N;
-  const int64_t rows_per_sample = layout == 1 ? ids_masked->size(1) : g.L;
-  auto f32 = pred.options().dtype(at::kFloat);
-  at::Tensor weight = mask.has_value() ? mask->to(at::kFloat).contiguous() : at::Tensor();
+  const int layout = s.layout;
+  const int64_t rows = s.rows, rows_per_sample = s.rows_per_sample;
+  const at::Tensor& weight = s.weight;
+  const at::Tensor& row_loss = s.row_loss;
+  const at::Tensor& grad = s.grad;
+  auto f32 = row_loss.options();
   // The masked mean's scale 1 / sum(weights of the rows) (0 when that sum is 0), computed on
   // the device before the main pass, which writes the final gradient: no host sync.
   at::Tensor scale;
@@ -175,8 +167,6 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cuda(const at::Tensor& pred,
     }
     scale = at::where(wsum != 0, wsum.reciprocal(), at::zeros_like(wsum));
   }
-  auto row_loss = at::empty(pred.sizes().slice(0, pred.dim() - 1), f32);
-  auto grad = compute_grad ? at::empty_like(pred, at::MemoryFormat::Contiguous) : at::empty({0}, pred.options());
   if (rows == 0) {
     return {red == "none" ? row_loss : at::zeros({}, f32), grad};
   }
@@ -184,22 +174,18 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cuda(const at::Tensor& pred,
   const int64_t blocks = ceil_div(rows, warps);
   at::Tensor partials = red == "none" ? at::Tensor() : at::empty({blocks}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::ScalarType index_type = ids_masked.has_value() ? ids_masked->scalar_type() : at::kLong;
-  FASTMIM_DISPATCH_FLOAT(pred.scalar_type(), "fastmim_csrc_cuda", [&] {
-    using pred_t = scalar_t;
-    FASTMIM_DISPATCH_FLOAT(imgs.scalar_type(), "fastmim_csrc_cuda", [&] {
-      using img_t = scalar_t;
-      AT_DISPATCH_INDEX_TYPES(index_type, "fastmim_csrc_cuda", [&] {
-        patch_mse_kernel<pred_t, img_t, index_t><<<blocks, 32 * warps, warps * g.N * sizeof(float), stream>>>(
-            pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(),
-            weight.defined() ? weight.const_data_ptr<float>() : nullptr,
-            ids_masked.has_value() ? ids_masked->const_data_ptr<index_t>() : nullptr, layout, rows, rows_per_sample,
-            g, norm_pix, static_cast<float>(eps), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
-            red == "none" ? row_loss.data_ptr<float>() : nullptr, compute_grad ? grad.data_ptr<pred_t>() : nullptr,
-            partials.defined() ? partials.data_ptr<float>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+  dispatch_patch_mse(pred, imgs, ids_masked, [&](auto pred_tag, auto img_tag, auto index_tag) {
+    using pred_t = typename decltype(pred_tag)::type;
+    using img_t = typename decltype(img_tag)::type;
+    using index_t = typename decltype(index_tag)::type;
+    patch_mse_kernel<pred_t, img_t, index_t><<<blocks, 32 * warps, warps * g.N * sizeof(float), stream>>>(
+        pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(),
+        weight.defined() ? weight.const_data_ptr<float>() : nullptr,
+        ids_masked.has_value() ? ids_masked->const_data_ptr<index_t>() : nullptr, layout, rows, rows_per_sample, g,
+        norm_pix, static_cast<float>(eps), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
+        red == "none" ? row_loss.data_ptr<float>() : nullptr, compute_grad ? grad.data_ptr<pred_t>() : nullptr,
+        partials.defined() ? partials.data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (red == "none") return {row_loss, grad};
   auto loss = at::empty({}, f32);
@@ -210,21 +196,11 @@ std::tuple<at::Tensor, at::Tensor> masked_patch_mse_cuda(const at::Tensor& pred,
   return {loss, grad};
 }
 
-void masked_patch_mse_backward_cuda(const at::Tensor& grad_pred, const at::Tensor& grad_output) {
-  const char* op = "csrc_masked_patch_mse_backward";
-  check_float_tensor(grad_pred, op, "grad_pred");
-  check_same_device(grad_output, grad_pred, op, "grad_output", "grad_pred");
-  TORCH_CHECK(grad_pred.dim() >= 1 && grad_pred.numel() > 0, op, ": grad_pred is empty (shape ", grad_pred.sizes(),
-              "): was the forward run with compute_grad=True?");
+void masked_patch_mse_backward_cuda(FASTMIM_MASKED_PATCH_MSE_BACKWARD_PARAMS) {
+  const at::Tensor factor = setup_masked_patch_mse_backward(grad_pred, grad_output);
   const c10::cuda::CUDAGuard guard(grad_pred.device());
   const int64_t N = grad_pred.size(-1);
-  const bool per_row = grad_output.dim() > 0;
-  if (per_row) {
-    TORCH_CHECK(grad_output.sizes() == grad_pred.sizes().slice(0, grad_pred.dim() - 1), op,
-                ": grad_output must be a scalar or have shape ", grad_pred.sizes().slice(0, grad_pred.dim() - 1),
-                " (one factor per row), got ", grad_output.sizes());
-  }
-  auto factor = grad_output.to(at::kFloat).contiguous();
+  const bool per_row = factor.dim() > 0;
   const int64_t n = grad_pred.numel();
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>(ceil_div(n, threads), 65535);

@@ -29,8 +29,11 @@ namespace fastmim {
 namespace {
 
 using cuda::ceil_div;
+using cuda::launch_packed;
 using cuda::load_pack;
 using cuda::Pack;
+using cuda::pack_threads;
+using cuda::pack_width;
 using cuda::store_pack;
 
 constexpr int kMaxSmemPatches = 4096;  // 32 KiB of 64-bit keys per block
@@ -176,6 +179,20 @@ __device__ __forceinline__ void copy_add_row(out_t* dst, const in_t* src, const 
   }
 }
 
+// The row a warp of a warp-per-row kernel writes: row `row` of the output, row j of sample b
+// (`rows` per sample, B samples); lane = the thread's lane; valid = false past the last row.
+struct WarpRow {
+  int64_t row, b, j;
+  int lane;
+  bool valid;
+};
+
+__device__ __forceinline__ WarpRow warp_row(int64_t B, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const bool valid = row < B * rows;
+  return {row, valid ? row / rows : 0, valid ? row % rows : 0, static_cast<int>(threadIdx.x % 32), valid};
+}
+
 template <typename out_t>
 __device__ __forceinline__ void zero_row(out_t* dst, int64_t D, int lane) {
   for (int64_t d = lane; d < D; d += 32) dst[d] = static_cast<out_t>(0.0f);
@@ -186,11 +203,8 @@ __global__ void gather_visible_kernel(const in_t* __restrict__ x, const index_t*
                                       const out_t* __restrict__ pos_patch, const out_t* __restrict__ pos_cls,
                                       const out_t* __restrict__ cls, out_t* __restrict__ out, int64_t B, int64_t L,
                                       int64_t K, int64_t D, int hc) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t rows = K + hc;
-  if (row >= B * rows) return;
-  const int64_t b = row / rows, j = row % rows;
+  const auto [row, b, j, lane, valid] = warp_row(B, K + hc);
+  if (!valid) return;
   out_t* dst = out + row * D;
   if (j < hc) {
     copy_add_row<out_t, out_t, out_t, VEC>(dst, cls, pos_cls, D, lane);
@@ -210,11 +224,9 @@ __global__ void unshuffle_kernel(const in_t* __restrict__ xv, const index_t* __r
                                  const out_t* __restrict__ mask_token, const out_t* __restrict__ pos_patch,
                                  const out_t* __restrict__ pos_cls, out_t* __restrict__ out, int64_t B, int64_t L,
                                  int64_t K, int64_t D, int hc) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t S = L + hc, rows_in = K + hc;
-  if (row >= B * S) return;
-  const int64_t b = row / S, j = row % S;
+  const int64_t rows_in = K + hc;
+  const auto [row, b, j, lane, valid] = warp_row(B, L + hc);
+  if (!valid) return;
   out_t* dst = out + row * D;
   if (j < hc) {
     copy_add_row<out_t, in_t, out_t, VEC>(dst, xv + b * rows_in * D, pos_cls, D, lane);
@@ -338,11 +350,9 @@ __global__ void unshuffle_backward_x_kernel(const scalar_t* __restrict__ g, cons
                                             const int32_t* __restrict__ first, const int32_t* __restrict__ count,
                                             scalar_t* __restrict__ grad_x, int64_t B, int64_t L, int64_t K,
                                             int64_t D, int hc) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t rows_x = K + hc, S = L + hc;
-  if (row >= B * rows_x) return;
-  const int64_t b = row / rows_x, j = row % rows_x;
+  const int64_t S = L + hc;
+  const auto [row, b, j, lane, valid] = warp_row(B, K + hc);
+  if (!valid) return;
   const scalar_t* src = g + b * S * D;
   for (int64_t d = static_cast<int64_t>(lane) * VEC; d < D; d += 32 * VEC) {
     float acc[VEC];
@@ -396,27 +406,6 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-void check_cuda_tokens(const at::Tensor& x, const at::Tensor& ids, const char* op, const char* x_name,
-                       const char* ids_name) {
-  TORCH_CHECK(x.is_cuda(), op, ": ", x_name, " must be a CUDA tensor");
-  check_float_tensor(x, op, x_name);
-  TORCH_CHECK(x.dim() == 3, op, ": ", x_name, " must be 3-D (B, N, D), got shape ", x.sizes());
-  check_same_device(x, ids, op, x_name, ids_name);
-  check_index_tensor(ids, op, ids_name, x.size(0), -1);
-}
-
-template <typename F>
-void dispatch_in_out(at::ScalarType in, at::ScalarType out, const F& f) {
-  FASTMIM_DISPATCH_FLOAT(in, "fastmim_csrc_cuda", [&] {
-    using in_t = scalar_t;
-    if (out == in) {
-      f(in_t{}, in_t{});
-    } else {
-      f(in_t{}, float{});
-    }
-  });
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- entry points
@@ -457,72 +446,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(const at::Ten
   return {ids_keep, ids_restore, mask};
 }
 
-at::Tensor gather_visible_cuda(const at::Tensor& x, const at::Tensor& ids_keep,
-                               const std::optional<at::Tensor>& pos_embed,
-                               const std::optional<at::Tensor>& cls_token) {
+at::Tensor gather_visible_cuda(FASTMIM_GATHER_VISIBLE_PARAMS) {
   const char* op = "csrc_gather_visible";
-  check_cuda_tokens(x, ids_keep, op, "x", "ids_keep");
+  check_cuda(x, op, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = ids_keep.size(1);
-  TORCH_CHECK(K <= L, op, ": ids_keep has ", K, " columns but x has only ", L, " patches");
-  const at::ScalarType out_dtype = token_result_dtype(x, {&pos_embed, &cls_token}, op);
-  const PosRows pos = check_pos_embed(pos_embed, x, out_dtype, L, D, op);
-  if (cls_token.has_value()) check_token_vector(*cls_token, x, out_dtype, D, op, "cls_token");
-  const int hc = cls_token.has_value() ? 1 : 0;
-  auto out = at::empty({B, K + hc, D}, x.options().dtype(out_dtype));
-  if (out.numel() == 0) return out;
-  dispatch_in_out(x.scalar_type(), out_dtype, [&](auto in_v, auto out_v) {
-    using in_t = decltype(in_v);
-    using out_t = decltype(out_v);
-    AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc_cuda", [&] {
-      const out_t* pp = ptr_or_null<out_t>(pos.rows);
-      const out_t* pos_patch = pp != nullptr ? pp + pos.patch_offset * D : nullptr;
-      const out_t* pos_cls = (pp != nullptr && pos.patch_offset == 1) ? pp : nullptr;
-      const out_t* cls = hc ? cls_token->const_data_ptr<out_t>() : nullptr;
-      const int64_t blocks = ceil_div(B * (K + hc), kWarpsPerBlock);
-      auto launch = [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        gather_visible_kernel<in_t, out_t, index_t, VEC>
-            <<<blocks, 32 * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                x.const_data_ptr<in_t>(), ids_keep.const_data_ptr<index_t>(), pos_patch, pos_cls, cls,
-                out.data_ptr<out_t>(), B, L, K, D, hc);
-      };
-      if (cuda::pack_width<in_t>(D, {x, pos.rows, cls_token.value_or(at::Tensor()), out}) > 1) {
-        launch(std::integral_constant<int, 16 / sizeof(in_t)>{});
-      } else {
-        launch(std::integral_constant<int, 1>{});
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const TokenForwardSetup s = setup_gather_visible(x, ids_keep, pos_embed, cls_token);
+  if (s.out.numel() == 0) return s.out;
+  const int64_t B = s.B, L = s.L, D = s.D, K = s.K, hc = s.hc;
+  dispatch_token_forward(s, x, ids_keep, op, [&](auto in_tag, auto out_tag, auto index_tag, const auto& pos) {
+    using in_t = typename decltype(in_tag)::type;
+    using out_t = typename decltype(out_tag)::type;
+    using index_t = typename decltype(index_tag)::type;
+    const out_t* cls = hc ? cls_token->const_data_ptr<out_t>() : nullptr;
+    const bool wide = pack_width<in_t>(D, {x, s.pos.rows, cls_token.value_or(at::Tensor()), s.out}) > 1;
+    launch_packed<in_t>(wide, [&](auto vec) {
+      gather_visible_kernel<in_t, out_t, index_t, decltype(vec)::value>
+          <<<ceil_div(B * (K + hc), kWarpsPerBlock), 32 * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              x.const_data_ptr<in_t>(), ids_keep.const_data_ptr<index_t>(), pos.patch, pos.cls, cls,
+              s.out.data_ptr<out_t>(), B, L, K, D, static_cast<int>(hc));
     });
   });
-  return out;
+  return s.out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cuda(const at::Tensor& grad_out,
-                                                                            const at::Tensor& ids_keep,
-                                                                            int64_t num_patches, bool has_cls,
-                                                                            bool need_x, bool need_pos,
-                                                                            bool need_cls) {
-  const char* op = "csrc_gather_visible_backward";
-  check_cuda_tokens(grad_out, ids_keep, op, "grad_out", "ids_keep");
+TensorTriple gather_visible_backward_cuda(FASTMIM_GATHER_VISIBLE_BACKWARD_PARAMS) {
+  check_cuda(grad_out, "csrc_gather_visible_backward", "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  const int64_t B = grad_out.size(0), D = grad_out.size(2), K = ids_keep.size(1), L = num_patches;
-  const int hc = has_cls ? 1 : 0;
-  TORCH_CHECK(grad_out.size(1) == K + hc, op, ": grad_out must have K + has_cls = ", K + hc, " rows, got ",
-              grad_out.size(1));
-  TORCH_CHECK(L >= K, op, ": num_patches (", L, ") must be >= K (", K, ")");
-  auto opts = grad_out.options();
+  const GatherVisibleBackwardSetup s = setup_gather_visible_backward(grad_out, ids_keep, num_patches, has_cls,
+                                                                     need_x, need_pos, need_cls);
+  const int64_t B = s.B, L = s.L, D = s.D, K = s.K;
+  const int hc = static_cast<int>(s.hc);
   const bool cls_grad = need_cls && has_cls;
-  auto grad_x = need_x ? at::empty({B, L, D}, opts) : at::empty({0}, opts);
-  auto grad_pos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
-  auto grad_cls = cls_grad ? at::empty({D}, opts) : at::empty({0}, opts);
   if (B == 0) {  // sums over an empty batch; a grid with no block along the batch is not launchable
-    grad_pos.zero_();
-    grad_cls.zero_();
-    return {grad_x, grad_pos, grad_cls};
+    s.grad_pos.zero_();
+    s.grad_cls.zero_();
+    return s.grads();
   }
   // No position to write (L == 0 without a cls gradient): an empty grid is not launchable.
-  if ((!need_x && !need_pos && !cls_grad) || L + (cls_grad ? 1 : 0) == 0) return {grad_x, grad_pos, grad_cls};
+  if ((!need_x && !need_pos && !cls_grad) || L + (cls_grad ? 1 : 0) == 0) return s.grads();
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_keep.scalar_type(), "fastmim_csrc_cuda", [&] {
       auto [first, count] = build_inverse<index_t>(ids_keep, L);
@@ -531,128 +492,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_visible_backward_cuda(cons
       const int64_t batch_per_block = need_pos || cls_grad ? B : std::max<int64_t>(1, ceil_div(B, 16));
       const dim3 grid(static_cast<unsigned>(L + (cls_grad ? 1 : 0)),
                       static_cast<unsigned>(ceil_div(B, batch_per_block)));
-      auto launch = [&](auto vec) {
+      const bool wide = pack_width<scalar_t>(D, {grad_out, s.grad_x, s.grad_pos, s.grad_cls}) > 1;
+      launch_packed<scalar_t>(wide, [&](auto vec) {
         constexpr int VEC = decltype(vec)::value;
-        const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(D, VEC))));
-        gather_visible_backward_kernel<scalar_t, index_t, VEC><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            grad_out.const_data_ptr<scalar_t>(), ids_keep.const_data_ptr<index_t>(),
-            first.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(),
-            need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr,
-            cls_grad ? grad_cls.data_ptr<scalar_t>() : nullptr, B, L, K, D, hc, batch_per_block);
-      };
-      if (cuda::pack_width<scalar_t>(D, {grad_out, grad_x, grad_pos, grad_cls}) > 1) {
-        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-      } else {
-        launch(std::integral_constant<int, 1>{});
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gather_visible_backward_kernel<scalar_t, index_t, VEC>
+            <<<grid, pack_threads(D, VEC), 0, c10::cuda::getCurrentCUDAStream()>>>(
+                grad_out.const_data_ptr<scalar_t>(), ids_keep.const_data_ptr<index_t>(),
+                first.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(),
+                need_x ? s.grad_x.data_ptr<scalar_t>() : nullptr,
+                need_pos ? s.grad_pos.data_ptr<scalar_t>() : nullptr,
+                cls_grad ? s.grad_cls.data_ptr<scalar_t>() : nullptr, B, L, K, D, hc, batch_per_block);
+      });
     });
   });
-  return {grad_x, grad_pos, grad_cls};
+  return s.grads();
 }
 
-at::Tensor unshuffle_cuda(const at::Tensor& x_visible, const at::Tensor& ids_restore, const at::Tensor& mask_token,
-                          const std::optional<at::Tensor>& pos_embed, bool has_cls) {
+at::Tensor unshuffle_cuda(FASTMIM_UNSHUFFLE_PARAMS) {
   const char* op = "csrc_unshuffle";
-  check_cuda_tokens(x_visible, ids_restore, op, "x_visible", "ids_restore");
+  check_cuda(x_visible, op, "x_visible");
   const c10::cuda::CUDAGuard guard(x_visible.device());
-  const int hc = has_cls ? 1 : 0;
-  const int64_t B = x_visible.size(0), D = x_visible.size(2), L = ids_restore.size(1), K = x_visible.size(1) - hc;
-  TORCH_CHECK(K >= 0 && K <= L, op, ": x_visible must have K + has_cls rows with 0 <= K <= L = ", L, ", got ",
-              x_visible.size(1), " rows");
-  const std::optional<at::Tensor> mask_opt = mask_token;
-  const at::ScalarType out_dtype = token_result_dtype(x_visible, {&mask_opt, &pos_embed}, op);
-  check_token_vector(mask_token, x_visible, out_dtype, D, op, "mask_token");
-  const PosRows pos = check_pos_embed(pos_embed, x_visible, out_dtype, L, D, op);
-  auto out = at::empty({B, L + hc, D}, x_visible.options().dtype(out_dtype));
-  if (out.numel() == 0) return out;
-  dispatch_in_out(x_visible.scalar_type(), out_dtype, [&](auto in_v, auto out_v) {
-    using in_t = decltype(in_v);
-    using out_t = decltype(out_v);
-    AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc_cuda", [&] {
-      const out_t* pp = ptr_or_null<out_t>(pos.rows);
-      const out_t* pos_patch = pp != nullptr ? pp + pos.patch_offset * D : nullptr;
-      const out_t* pos_cls = (pp != nullptr && pos.patch_offset == 1) ? pp : nullptr;
-      const int64_t blocks = ceil_div(B * (L + hc), kWarpsPerBlock);
-      auto launch = [&](auto vec) {
-        constexpr int VEC = decltype(vec)::value;
-        unshuffle_kernel<in_t, out_t, index_t, VEC><<<blocks, 32 * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            x_visible.const_data_ptr<in_t>(), ids_restore.const_data_ptr<index_t>(), mask_token.const_data_ptr<out_t>(),
-            pos_patch, pos_cls, out.data_ptr<out_t>(), B, L, K, D, hc);
-      };
-      if (cuda::pack_width<in_t>(D, {x_visible, mask_token, pos.rows, out}) > 1) {
-        launch(std::integral_constant<int, 16 / sizeof(in_t)>{});
-      } else {
-        launch(std::integral_constant<int, 1>{});
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const TokenForwardSetup s = setup_unshuffle(x_visible, ids_restore, mask_token, pos_embed, has_cls);
+  if (s.out.numel() == 0) return s.out;
+  dispatch_token_forward(s, x_visible, ids_restore, op, [&](auto in_tag, auto out_tag, auto index_tag, const auto& pos) {
+    using in_t = typename decltype(in_tag)::type;
+    using out_t = typename decltype(out_tag)::type;
+    using index_t = typename decltype(index_tag)::type;
+    const bool wide = pack_width<in_t>(s.D, {x_visible, mask_token, s.pos.rows, s.out}) > 1;
+    launch_packed<in_t>(wide, [&](auto vec) {
+      unshuffle_kernel<in_t, out_t, index_t, decltype(vec)::value>
+          <<<ceil_div(s.B * (s.L + s.hc), kWarpsPerBlock), 32 * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              x_visible.const_data_ptr<in_t>(), ids_restore.const_data_ptr<index_t>(),
+              mask_token.const_data_ptr<out_t>(), pos.patch, pos.cls, s.out.data_ptr<out_t>(), s.B, s.L, s.K, s.D,
+              static_cast<int>(s.hc));
     });
   });
-  return out;
+  return s.out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_backward_cuda(const at::Tensor& grad_out,
-                                                                       const at::Tensor& ids_restore,
-                                                                       int64_t num_visible, bool has_cls, bool need_x,
-                                                                       bool need_mask, bool need_pos) {
-  const char* op = "csrc_unshuffle_backward";
-  check_cuda_tokens(grad_out, ids_restore, op, "grad_out", "ids_restore");
+TensorTriple unshuffle_backward_cuda(FASTMIM_UNSHUFFLE_BACKWARD_PARAMS) {
+  check_cuda(grad_out, "csrc_unshuffle_backward", "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  const int hc = has_cls ? 1 : 0;
-  const int64_t B = grad_out.size(0), D = grad_out.size(2), L = ids_restore.size(1), K = num_visible;
+  const UnshuffleBackwardSetup s = setup_unshuffle_backward(grad_out, ids_restore, num_visible, has_cls, need_x,
+                                                            need_mask, need_pos);
+  const int64_t B = s.B, L = s.L, D = s.D, K = s.K;
+  const int hc = static_cast<int>(s.hc);
   const int64_t S = L + hc, rows_x = K + hc;
-  TORCH_CHECK(grad_out.size(1) == S, op, ": grad_out must have L + has_cls = ", S, " rows, got ", grad_out.size(1));
-  TORCH_CHECK(K >= 0 && K <= L, op, ": num_visible must be in [0, ", L, "], got ", K);
-  auto opts = grad_out.options();
-  auto grad_x = need_x ? at::empty({B, rows_x, D}, opts) : at::empty({0}, opts);
-  auto grad_mask = need_mask ? at::empty({D}, opts) : at::empty({0}, opts);
-  auto grad_pos = need_pos ? at::empty({S, D}, opts) : at::empty({0}, opts);
   if (S == 0) {  // L == 0 without a cls row: nothing to gather or sum, and no launchable grid
-    if (need_mask) grad_mask.zero_();
-    return {grad_x, grad_mask, grad_pos};
+    if (need_mask) s.grad_mask.zero_();
+    return s.grads();
   }
   FASTMIM_DISPATCH_FLOAT(grad_out.scalar_type(), "fastmim_csrc_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(ids_restore.scalar_type(), "fastmim_csrc_cuda", [&] {
       auto [first, count] = build_inverse<index_t>(ids_restore, K);
       auto stream = c10::cuda::getCurrentCUDAStream();
-      const bool wide = cuda::pack_width<scalar_t>(D, {grad_out, grad_x, grad_pos}) > 1;
+      const bool wide = pack_width<scalar_t>(D, {grad_out, s.grad_x, s.grad_pos}) > 1;
       if (need_x && B * rows_x > 0) {
-        auto launch = [&](auto vec) {
-          constexpr int VEC = decltype(vec)::value;
-          unshuffle_backward_x_kernel<scalar_t, index_t, VEC>
+        launch_packed<scalar_t>(wide, [&](auto vec) {
+          unshuffle_backward_x_kernel<scalar_t, index_t, decltype(vec)::value>
               <<<ceil_div(B * rows_x, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
                   grad_out.const_data_ptr<scalar_t>(), ids_restore.const_data_ptr<index_t>(),
-                  first.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(), grad_x.data_ptr<scalar_t>(), B,
-                  L, K, D, hc);
-        };
-        if (wide) {
-          launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-        } else {
-          launch(std::integral_constant<int, 1>{});
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+                  first.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(), s.grad_x.data_ptr<scalar_t>(),
+                  B, L, K, D, hc);
+        });
       }
       if (need_mask || need_pos) {
-        at::Tensor partial = need_mask ? at::empty({S, D}, opts.dtype(at::kFloat)) : at::Tensor();
-        auto launch = [&](auto vec) {
+        at::Tensor partial = need_mask ? at::empty({S, D}, grad_out.options().dtype(at::kFloat)) : at::Tensor();
+        launch_packed<scalar_t>(wide, [&](auto vec) {
           constexpr int VEC = decltype(vec)::value;
-          const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, ceil_div(D, VEC))));
-          unshuffle_backward_sums_kernel<scalar_t, index_t, VEC><<<S, threads, 0, stream>>>(
+          unshuffle_backward_sums_kernel<scalar_t, index_t, VEC><<<S, pack_threads(D, VEC), 0, stream>>>(
               grad_out.const_data_ptr<scalar_t>(), ids_restore.const_data_ptr<index_t>(),
-              need_pos ? grad_pos.data_ptr<scalar_t>() : nullptr, need_mask ? partial.data_ptr<float>() : nullptr, B,
-              L, K, D, hc);
-        };
-        if (wide) {
-          launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-        } else {
-          launch(std::integral_constant<int, 1>{});
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (need_mask) grad_mask.copy_(partial.sum(0));  // (S, D) -> (D,): a deterministic reduction
+              need_pos ? s.grad_pos.data_ptr<scalar_t>() : nullptr, need_mask ? partial.data_ptr<float>() : nullptr,
+              B, L, K, D, hc);
+        });
+        if (need_mask) s.grad_mask.copy_(partial.sum(0));  // (S, D) -> (D,): a deterministic reduction
       }
     });
   });
-  return {grad_x, grad_mask, grad_pos};
+  return s.grads();
 }
 
 }  // namespace fastmim
