@@ -28,20 +28,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastmim import testing
 from fastmim.ops import check_indices, use_backend
 from fastmim.ops.attention import visible_attention, visible_attention_qkvpacked, visible_attention_reference
 from fastmim.ops.attention_router import ATTN_BACKENDS, attention, attention_qkvpacked, choose_attn_backend
-from fastmim.testing import (
-    TOLERANCES,
-    assert_rel_close,
-    count_calls,
-    kernel_devices,
-    poison_allocations,
-    poison_like,
-    rel_error,
-)
 
-DEVICES = kernel_devices()
+DEVICES = testing.kernel_devices()
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Floor of the tolerance: rounding that a naive low-precision attention can dodge by luck.
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -109,8 +101,8 @@ def _on_triton_kernels():
     """
     from fastmim.kernels import attention as kernels
 
-    with use_backend("triton"), poison_allocations(kernels), \
-            count_calls(kernels, {"forward": "attention_forward", "backward": "attention_backward"}) as calls:
+    with use_backend("triton"), testing.poison_allocations(kernels), \
+            testing.count_calls(kernels, {"forward": "attention_forward", "backward": "attention_backward"}) as calls:
         yield calls
 
 
@@ -128,7 +120,7 @@ def _check(fast, ref, tensors, dtype, device, names=("q", "k", "v")):
     for name, got, yard, want in zip(("out", *names), [out, *grads], [out_lp, *grads_lp], [out64, *grads64],
                                      strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name
-        err, err_lp = rel_error(got, want), rel_error(yard, want)
+        err, err_lp = testing.rel_error(got, want), testing.rel_error(yard, want)
         tol = 2 * err_lp + FLOOR[dtype]
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.2e} (naive {dtype} attention: {err_lp:.2e})"
 
@@ -162,7 +154,7 @@ def test_kernels_write_every_element(device, n):
     from fastmim.kernels import attention as kernels
 
     q, k, v = (_randn(1, 2, n, 80, dtype=torch.bfloat16, device=device) for _ in range(3))
-    with poison_allocations(kernels):
+    with testing.poison_allocations(kernels):
         out, lse = kernels.attention_forward(q, k, v, 80**-0.5)
         dq, dk, dv = kernels.attention_backward(torch.randn_like(out), q, k, v, out, lse, 80**-0.5)
     for t in (out, lse, dq, dk, dv):
@@ -179,7 +171,7 @@ def test_heads_per_program(device):
     four, lse_four = attention_forward(q, k, v, 0.2, heads_per_program=4)
     assert torch.equal(one, four) and torch.equal(lse_one, lse_four)
     ref = visible_attention_reference(q.double(), k.double(), v.double(), scale=0.2)
-    assert rel_error(four, ref) < 2e-3
+    assert testing.rel_error(four, ref) < 2e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -262,7 +254,7 @@ def test_varlen_equals_per_sample_dense(device, lengths, head_dim, dtype, max_se
     _check(fast, _per_sample_dense(lengths), (q, k, v), dtype, device)
     # The op's own reference (block-diagonal mask) agrees with the per-sample definition.
     ref = visible_attention_reference(q.double(), k.double(), v.double(), cu_seqlens=cu.cpu(), max_seqlen=max_seqlen)
-    assert rel_error(ref, _per_sample_dense(lengths)(q.double(), k.double(), v.double())) < 1e-12
+    assert testing.rel_error(ref, _per_sample_dense(lengths)(q.double(), k.double(), v.double())) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +344,8 @@ def test_attention_qkvpacked_backends_agree(varlen, backend):
                                          [qkv.to(device)], grad_out.to(device))
     assert calls in (None, {"forward": 1, "backward": 1}), calls
     assert out.shape == grad_out.shape
-    assert_rel_close(out, want, torch.float32)
-    assert_rel_close(grad, want_grad, torch.float32, name="dqkv")
+    testing.assert_rel_close(out, want, torch.float32)
+    testing.assert_rel_close(grad, want_grad, torch.float32, name="dqkv")
 
 
 def test_qkvpacked_bad_input():
@@ -465,7 +457,7 @@ def test_fully_masked_key_set(backend, kind):
         assert torch.equal(t.grad[empty], torch.zeros_like(t.grad[empty]))
     if kind == "mask":  # the other sample is unaffected
         ref = visible_attention_reference(q[1:].double(), k[1:, :, :5].double(), v[1:, :, :5].double())
-        assert rel_error(out[1:], ref) < 1.6e-2
+        assert testing.rel_error(out[1:], ref) < 1.6e-2
 
 
 def test_fully_masked_key_set_sdpa_backend():
@@ -553,11 +545,11 @@ def test_empty_sequences(backend, lengths):
         out, grads = _forward_backward(lambda *t: _attention_by(backend)(*t, **kwargs), (q, k, v), grad_out)
         packed, (dqkv,) = _forward_backward(lambda t: _attention_by(backend, packed=True)(t, **kwargs),
                                             [torch.stack([q, k, v], dim=1)], grad_out)
-    assert_rel_close(out, want, torch.float32)
-    assert_rel_close(packed, want, torch.float32, name="packed output")
+    testing.assert_rel_close(out, want, torch.float32)
+    testing.assert_rel_close(packed, want, torch.float32, name="packed output")
     for i, (got, ref) in enumerate(zip(grads, want_grads, strict=True)):
-        assert_rel_close(got, ref, torch.float32, name=f"d{'qkv'[i]}")
-        assert_rel_close(dqkv[:, i], ref, torch.float32, name=f"dqkv[:, {i}]")
+        testing.assert_rel_close(got, ref, torch.float32, name=f"d{'qkv'[i]}")
+        testing.assert_rel_close(dqkv[:, i], ref, torch.float32, name=f"dqkv[:, {i}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,9 +598,9 @@ def test_attention_backends_agree(mode, backend):
         out, grads = _forward_backward(lambda q, k, v: attention(q, k, v, backend=backend, **kwargs),
                                        [t.to(device) for t in tensors], grad_out.to(device))
     assert calls in (None, {"forward": 1, "backward": 1}), calls
-    assert_rel_close(out, want, torch.float32)
+    testing.assert_rel_close(out, want, torch.float32)
     for name, got, ref in zip("qkv", grads, want_grads, strict=True):
-        assert_rel_close(got, ref, torch.float32, name=f"d{name}")
+        testing.assert_rel_close(got, ref, torch.float32, name=f"d{name}")
 
 
 def test_attention_backend_names_and_default():
@@ -645,19 +637,19 @@ def test_attention_backend_env_override(monkeypatch):
         choose_attn_backend(q, q, q)
 
 
-@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("device", testing.kernel_devices())
 def test_triton_forces_the_kernels_and_fastmim_keeps_the_ops_own_choice(device):
     q, k, v = (torch.randn(2, 2, 5, 16, device=device) for _ in range(3))
     from fastmim.kernels import attention as kernels
 
-    with count_calls(kernels, {"forward": "attention_forward"}) as calls:
+    with testing.count_calls(kernels, {"forward": "attention_forward"}) as calls:
         forced = attention(q, k, v, backend="triton")
     assert calls["forward"] == 1
-    with count_calls(kernels, {"forward": "attention_forward"}) as calls:
+    with testing.count_calls(kernels, {"forward": "attention_forward"}) as calls:
         default = attention(q, k, v, backend="fastmim")
     # On CPU the op's own default is its reference; on CUDA its Triton kernels.
     assert calls["forward"] == (1 if device == "cuda" else 0)
-    assert_rel_close(forced, default, torch.float32)
+    testing.assert_rel_close(forced, default, torch.float32)
 
 
 def _measured_choice(monkeypatch, times):
@@ -727,7 +719,7 @@ def test_choice_under_compile_is_fixed_and_skips_the_cache(monkeypatch):
     (q, k, v), cu = _packed([5, 8])
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, cu)
     ref = visible_attention_reference(q, k, v, cu_seqlens=cu)
-    assert timed == [] and rel_error(out, ref) < 1e-5
+    assert timed == [] and testing.rel_error(out, ref) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,7 +769,7 @@ def test_compile_fullgraph_triton_kernels(device):
         out.sum().backward()
     with use_backend("reference"):
         ref = block(x, key_visible=ids)
-    assert rel_error(out, ref) < 1e-5
+    assert testing.rel_error(out, ref) < 1e-5
 
 
 def test_compile_fullgraph_attention_default_backend():
@@ -957,17 +949,17 @@ class _Guarded(types.SimpleNamespace):
         return getattr(torch, name)
 
     def place(self, t):
-        flat = poison_like(torch.empty(GUARD + t.numel() + GUARD, dtype=t.dtype, device=t.device))
+        flat = testing.poison_like(torch.empty(GUARD + t.numel() + GUARD, dtype=t.dtype, device=t.device))
         inside = flat[GUARD:GUARD + t.numel()].view(t.shape)
         inside.copy_(t)
         self.buffers.append((flat, t.numel()))
         return inside
 
     def empty(self, *args, **kwargs):
-        return self.place(poison_like(torch.empty(*args, **kwargs)))
+        return self.place(testing.poison_like(torch.empty(*args, **kwargs)))
 
     def empty_like(self, *args, **kwargs):
-        return self.place(poison_like(torch.empty_like(*args, **kwargs)))
+        return self.place(testing.poison_like(torch.empty_like(*args, **kwargs)))
 
     def zeros_like(self, *args, **kwargs):
         return self.place(torch.zeros_like(*args, **kwargs))
@@ -976,7 +968,7 @@ class _Guarded(types.SimpleNamespace):
         """The poison around every tensor placed since the last check is intact."""
         for i, (flat, numel) in enumerate(self.buffers):
             for end in (flat[:GUARD], flat[GUARD + numel:]):
-                poisoned = end.isnan() if end.is_floating_point() else end == poison_like(end[:1])
+                poisoned = end.isnan() if end.is_floating_point() else end == testing.poison_like(end[:1])
                 assert bool(poisoned.all()), f"buffer {i}: a kernel wrote outside it"
         self.buffers.clear()
 
@@ -1009,8 +1001,8 @@ def _kernels_stay_inside(device):
             guarded.assert_intact()
             if cu == [0, 4, 1000]:  # clamped to [0, 4, 10]
                 want = _softmax_attention64(q, k, v, cu_seqlens=torch.tensor([0, 4, 10]), scale=0.25)[0]
-                assert_rel_close(out, want, torch.float32)
-                assert_rel_close(packed_out, want, torch.float32, name="packed output")
+                testing.assert_rel_close(out, want, torch.float32)
+                testing.assert_rel_close(packed_out, want, torch.float32, name="packed output")
         # key ids outside [0, L): not visible, nothing read or written at them
         for ids in ([[0, 3, 100000], [1, -5, 2]], [[2**40 + 3, 3, 6], [7, 1, -(2**40)]], [[-1, 9, 8], [2, 8, 0]]):
             for dtype in (torch.int64, torch.int32):
@@ -1028,9 +1020,9 @@ def _kernels_stay_inside(device):
                 leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
                 want = _softmax_attention64(*leaves, key_visible=visible, scale=0.25)[0]
                 want.backward(grad_out.cpu().double())
-                assert_rel_close(out, want, torch.float32)
+                testing.assert_rel_close(out, want, torch.float32)
                 for name, got, leaf in zip("qkv", grads, leaves, strict=True):
-                    assert_rel_close(got, leaf.grad, torch.float32, name=f"d{name}")
+                    testing.assert_rel_close(got, leaf.grad, torch.float32, name=f"d{name}")
     finally:
         kernels.torch = real_torch
 
@@ -1154,13 +1146,13 @@ def _check_generated(backend, case, packed):
         grads = torch.autograd.grad(out, views, grad_out, allow_unused=True, materialize_grads=True)
     assert calls in (None, {"forward": 1, "backward": 1}), calls
     assert out.shape == want.shape and out.dtype == dtype
-    assert_rel_close(out, want, dtype)
+    testing.assert_rel_close(out, want, dtype)
     # The backward rounds twice more to the input dtype (P and dS before their products, as FA2 does).
     for name, got, ref in zip(("dqkv",) if packed else ("dq", "dk", "dv"), grads, want_grads, strict=True):
-        assert_rel_close(got, ref, tol=2 * TOLERANCES[dtype], name=name)
+        testing.assert_rel_close(got, ref, tol=2 * testing.TOLERANCES[dtype], name=name)
     if lse is not None and lse_want is not None:
         # exp(lse), the softmax denominator: its relative error is the absolute error of the lse (near 0 at times).
-        assert_rel_close(lse.exp(), lse_want.exp(), torch.float64 if dtype == torch.float64 else torch.float32,
+        testing.assert_rel_close(lse.exp(), lse_want.exp(), torch.float64 if dtype == torch.float64 else torch.float32,
                          name="exp(lse)")
 
 

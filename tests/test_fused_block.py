@@ -8,18 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmim.kernels.fused_block as kernels
-from fastmim.ops import (
-    add_layer_norm,
-    add_layer_norm_linear,
-    add_layer_norm_reference,
-    bias_gelu,
-    bias_gelu_linear,
-    bias_gelu_reference,
-    layer_norm,
-    layer_norm_linear,
-    layer_norm_reference,
-    use_backend,
-)
+from fastmim import ops
 from fastmim.testing import TOLERANCES, assert_rel_close, kernel_devices
 
 DEVICES = kernel_devices()
@@ -85,11 +74,11 @@ def test_layer_norm_triton_matches_reference(device, dtype, shape, programs):
     weight, bias = torch.randn(c, device=device).to(dtype), torch.randn(c, device=device).to(dtype)
     grad = torch.randn(shape, device=device).to(dtype)
     xs, ws, bs = _leaf(x), _leaf(weight), _leaf(bias)
-    with use_backend("triton"), poisoned_allocations():
-        y = layer_norm(xs, ws, bs, 1e-6)
+    with ops.use_backend("triton"), poisoned_allocations():
+        y = ops.layer_norm(xs, ws, bs, 1e-6)
         grads = _grads(y, grad, (xs, ws, bs))
     x64, w64, b64 = (_leaf(t.double()) for t in (x, weight, bias))
-    ref = layer_norm_reference(x64, w64, b64, 1e-6)
+    ref = ops.layer_norm_reference(x64, w64, b64, 1e-6)
     refs = _grads(ref, grad.double(), (x64, w64, b64))
     _check((y, *grads), (ref, *refs), [dtype] * 4, ["y", "dx", "dweight", "dbias"])
 
@@ -102,15 +91,15 @@ def test_add_layer_norm_triton_matches_reference(device, dtype, shape, programs)
     weight, bias = torch.randn(c, device=device).to(dtype), torch.randn(c, device=device).to(dtype)
     grad_s, grad_y = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
     leaves = [_leaf(t) for t in (x, residual, weight, bias)]
-    with use_backend("triton"), poisoned_allocations():
-        s, y = add_layer_norm(*leaves, eps=1e-5)
+    with ops.use_backend("triton"), poisoned_allocations():
+        s, y = ops.add_layer_norm(*leaves, eps=1e-5)
         grads = torch.autograd.grad((s, y), leaves, (grad_s, grad_y))
     # The sum is rounded to the dtype before it is normalised (as an unfused add leaves it): so is the reference's.
     s_ref = (x.double() + residual.double()).to(dtype)
     # (the interpreter may round fp32 -> bf16 differently from PyTorch: the dtype's tolerance, not equality)
     assert_rel_close(s, s_ref, dtype, name="s")
     leaves64 = [_leaf(t.double()) for t in (x, residual, weight, bias)]
-    s64, y64 = add_layer_norm_reference(*leaves64, eps=1e-5)
+    s64, y64 = ops.add_layer_norm_reference(*leaves64, eps=1e-5)
     refs = torch.autograd.grad((s64, y64), leaves64, (grad_s.double(), grad_y.double()))
     _check((y, *grads), (y64, *refs), [dtype] * 5, ["y", "dx", "dresidual", "dweight", "dbias"])
 
@@ -122,11 +111,11 @@ def test_bias_gelu_triton_matches_reference(device, dtype, shape, programs):
     bias = torch.randn(shape[-1], device=device).to(dtype)
     grad = torch.randn(shape, device=device).to(dtype)
     xs, bs = _leaf(x), _leaf(bias)
-    with use_backend("triton"), poisoned_allocations():
-        y = bias_gelu(xs, bs)
+    with ops.use_backend("triton"), poisoned_allocations():
+        y = ops.bias_gelu(xs, bs)
         grads = _grads(y, grad, (xs, bs))
     x64, b64 = _leaf(x.double()), _leaf(bias.double())
-    ref = bias_gelu_reference(x64, b64)
+    ref = ops.bias_gelu_reference(x64, b64)
     assert_rel_close(ref, F.gelu(x64 + b64), torch.float64, name="reference vs F.gelu")
     refs = _grads(ref, grad.double(), (x64, b64))
     _check((y, *grads), (ref, *refs), [dtype] * 3, ["y", "dx", "dbias"])
@@ -142,16 +131,16 @@ def test_mixed_precision_parameters_keep_their_dtype(device):
     grad = torch.randn(5, 3, 40, device=device)
     for backend in ("triton", "reference"):
         leaves = [_leaf(t) for t in (x, r, w, b)]
-        with use_backend(backend):
-            s, y = add_layer_norm(*leaves)
+        with ops.use_backend(backend):
+            s, y = ops.add_layer_norm(*leaves)
             grads = torch.autograd.grad(y, leaves, grad)
-            z = bias_gelu(leaves[0], leaves[2])
+            z = ops.bias_gelu(leaves[0], leaves[2])
             gz = torch.autograd.grad(z, (leaves[0], leaves[2]), grad.bfloat16())
         assert s.dtype == y.dtype == torch.float32 and z.dtype == torch.bfloat16
         assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
         assert [g.dtype for g in gz] == [torch.bfloat16, torch.float32]
         leaves64 = [_leaf(t.double()) for t in (x, r, w, b)]
-        refs = torch.autograd.grad(add_layer_norm_reference(*leaves64)[1], leaves64, grad.double())
+        refs = torch.autograd.grad(ops.add_layer_norm_reference(*leaves64)[1], leaves64, grad.double())
         for name, g, ref in zip(["dx", "dresidual", "dweight", "dbias"], grads, refs, strict=True):
             assert_rel_close(g, ref, torch.bfloat16 if g.dtype == torch.bfloat16 else torch.float32,
                              name=f"{backend} {name}")
@@ -166,11 +155,11 @@ def test_references_equal_pytorch_and_pass_gradcheck():
     r = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     w = torch.randn(12, dtype=torch.float64, requires_grad=True)
     b = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    assert_rel_close(layer_norm_reference(x, w, b, 1e-6), F.layer_norm(x, (12,), w, b, 1e-6), torch.float64)
-    assert_rel_close(bias_gelu_reference(x, b), F.gelu(x + b), torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: layer_norm_reference(*a, 1e-6), (x, w, b))
-    assert torch.autograd.gradcheck(lambda *a: add_layer_norm_reference(*a, 1e-6), (x, r, w, b))
-    assert torch.autograd.gradcheck(bias_gelu_reference, (x, b))
+    assert_rel_close(ops.layer_norm_reference(x, w, b, 1e-6), F.layer_norm(x, (12,), w, b, 1e-6), torch.float64)
+    assert_rel_close(ops.bias_gelu_reference(x, b), F.gelu(x + b), torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: ops.layer_norm_reference(*a, 1e-6), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.add_layer_norm_reference(*a, 1e-6), (x, r, w, b))
+    assert torch.autograd.gradcheck(ops.bias_gelu_reference, (x, b))
 
 
 def test_registered_backward_ops_pass_gradcheck():
@@ -179,9 +168,9 @@ def test_registered_backward_ops_pass_gradcheck():
     r = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
     w = torch.randn(10, dtype=torch.float64, requires_grad=True)
     b = torch.randn(10, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: layer_norm(*a, 1e-5), (x, w, b))
-    assert torch.autograd.gradcheck(lambda *a: add_layer_norm(*a, 1e-5), (x, r, w, b))
-    assert torch.autograd.gradcheck(bias_gelu, (x, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.layer_norm(*a, 1e-5), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.add_layer_norm(*a, 1e-5), (x, r, w, b))
+    assert torch.autograd.gradcheck(ops.bias_gelu, (x, b))
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,9 +185,9 @@ def test_compile_fullgraph():
             self.fc1, self.fc2 = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
 
         def forward(self, x):
-            x, h = add_layer_norm(x, layer_norm(x, self.norm1.weight, self.norm1.bias), self.norm2.weight,
+            x, h = ops.add_layer_norm(x, ops.layer_norm(x, self.norm1.weight, self.norm1.bias), self.norm2.weight,
                                   self.norm2.bias)
-            return x + self.fc2(bias_gelu(F.linear(h, self.fc1.weight), self.fc1.bias))
+            return x + self.fc2(ops.bias_gelu(F.linear(h, self.fc1.weight), self.fc1.bias))
 
     model = MiniBlock()
     x = torch.randn(2, 9, 16)
@@ -213,15 +202,15 @@ def test_compile_fullgraph():
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda x, w, b: layer_norm(x, w[:-1], b), ValueError, r"weight must have shape \(8,\)"),
-    (lambda x, w, b: layer_norm(x, w, b[None]), ValueError, r"bias must have shape \(8,\)"),
-    (lambda x, w, b: layer_norm(x.long(), w, b), TypeError, "x must be float16"),
-    (lambda x, w, b: layer_norm(x, w, b, eps=-1.0), ValueError, "eps must be a non-negative"),
-    (lambda x, w, b: layer_norm(x[..., :0], w[:0], b[:0]), ValueError, "non-empty last dim"),
-    (lambda x, w, b: add_layer_norm(x, x[:1], w, b), ValueError, "residual must have the shape of x"),
-    (lambda x, w, b: add_layer_norm(x, "x", w, b), TypeError, "residual must be a torch.Tensor"),
-    (lambda x, w, b: bias_gelu(x, b[:3]), ValueError, r"bias must have shape \(8,\)"),
-    (lambda x, w, b: bias_gelu([1.0], b), TypeError, "x must be a torch.Tensor"),
+    (lambda x, w, b: ops.layer_norm(x, w[:-1], b), ValueError, r"weight must have shape \(8,\)"),
+    (lambda x, w, b: ops.layer_norm(x, w, b[None]), ValueError, r"bias must have shape \(8,\)"),
+    (lambda x, w, b: ops.layer_norm(x.long(), w, b), TypeError, "x must be float16"),
+    (lambda x, w, b: ops.layer_norm(x, w, b, eps=-1.0), ValueError, "eps must be a non-negative"),
+    (lambda x, w, b: ops.layer_norm(x[..., :0], w[:0], b[:0]), ValueError, "non-empty last dim"),
+    (lambda x, w, b: ops.add_layer_norm(x, x[:1], w, b), ValueError, "residual must have the shape of x"),
+    (lambda x, w, b: ops.add_layer_norm(x, "x", w, b), TypeError, "residual must be a torch.Tensor"),
+    (lambda x, w, b: ops.bias_gelu(x, b[:3]), ValueError, r"bias must have shape \(8,\)"),
+    (lambda x, w, b: ops.bias_gelu([1.0], b), TypeError, "x must be a torch.Tensor"),
 ])
 def test_bad_inputs_raise_clear_errors(call, error, match):
     x, w, b = torch.randn(2, 3, 8), torch.randn(8), torch.randn(8)
@@ -244,15 +233,15 @@ def test_fused_block_runs_timm_steps_where_the_fused_ops_have_no_kernel():
 
     block = FusedBlock(32, 2, qkv_bias=True, attn_backend="sdpa")
     x = torch.randn(2, 5, 32)
-    with use_backend("reference"):
+    with ops.use_backend("reference"):
         assert not block.fusable(x)
-    with use_backend("triton"):
+    with ops.use_backend("triton"):
         assert block.fusable(x)
     assert block.fusable(x.to("meta"))  # shape-only runs (the cost model) see the GPU step
     real = torch.ops.fastmim.gemm_forward
     for backend, fused in (("reference", False), ("triton", True)):
         seen = []
-        with use_backend(backend), mock.patch.object(torch.ops.fastmim, "gemm_forward",
+        with ops.use_backend(backend), mock.patch.object(torch.ops.fastmim, "gemm_forward",
                                                      side_effect=lambda *a, seen=seen: seen.append(a) or real(*a)):
             block(x)
         assert bool(seen) == fused, backend
@@ -281,7 +270,7 @@ def test_fused_block_is_the_timm_block(backend):
     xp, xf = _leaf(x), _leaf(x)
     ref = plain(xp)
     ref.backward(grad)
-    with use_backend(backend):
+    with ops.use_backend(backend):
         out = fused(xf)
         out.backward(grad)
     assert_rel_close(out, ref, torch.float32, name="block output")
@@ -295,13 +284,13 @@ def test_add_layer_norm_with_one_output_used(backend):
     x, r = torch.randn(3, 5, 16, requires_grad=True), torch.randn(3, 5, 16, requires_grad=True)
     w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
     grad = torch.randn(3, 5, 16)
-    with use_backend(backend):
-        s, y = add_layer_norm(x, r, w, b)
+    with ops.use_backend(backend):
+        s, y = ops.add_layer_norm(x, r, w, b)
         gx, gr = torch.autograd.grad(s, (x, r), grad)
         assert torch.equal(gx, grad) and torch.equal(gr, grad)
-        s, y = add_layer_norm(x, r, w, b)
+        s, y = ops.add_layer_norm(x, r, w, b)
         grads = torch.autograd.grad(y, (x, r, w, b), grad)
-    refs = torch.autograd.grad(add_layer_norm_reference(x, r, w, b)[1], (x, r, w, b), grad)
+    refs = torch.autograd.grad(ops.add_layer_norm_reference(x, r, w, b)[1], (x, r, w, b), grad)
     for name, g, ref in zip(["dx", "dresidual", "dweight", "dbias"], grads, refs, strict=True):
         assert_rel_close(g, ref, torch.float32, name=name)
 
@@ -311,7 +300,7 @@ def test_add_layer_norm_with_one_output_used(backend):
 # --------------------------------------------------------------------------------------------
 
 def _mlp_tail_reference(x, bias, weight, linear_bias):
-    return F.linear(bias_gelu_reference(x, bias), weight, linear_bias)
+    return F.linear(ops.bias_gelu_reference(x, bias), weight, linear_bias)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -325,8 +314,8 @@ def test_bias_gelu_linear_matches_reference(backend, dtype, with_bias):
     grad = torch.randn(2, 13, 24, device=device).to(dtype)
     inputs = [t for t in (x, bias, weight, linear_bias) if t is not None]
     leaves = [_leaf(t) for t in inputs]
-    with use_backend(backend):
-        out = bias_gelu_linear(*leaves) if with_bias else bias_gelu_linear(*leaves, None)
+    with ops.use_backend(backend):
+        out = ops.bias_gelu_linear(*leaves) if with_bias else ops.bias_gelu_linear(*leaves, None)
         grads = _grads(out, grad, leaves)
     leaves64 = [_leaf(t.double()) for t in inputs]
     ref = _mlp_tail_reference(*leaves64) if with_bias else _mlp_tail_reference(*leaves64, None)
@@ -346,18 +335,18 @@ def test_bias_gelu_linear_saves_only_its_input_and_passes_gradcheck():
     linear_bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        bias_gelu_linear(x.detach().requires_grad_(), bias, weight, linear_bias)
+        ops.bias_gelu_linear(x.detach().requires_grad_(), bias, weight, linear_bias)
     params = {bias.data_ptr(), weight.data_ptr()}
     activations = [t for t in saved if t.data_ptr() not in params]
     assert len(activations) == 1 and activations[0].shape == x.shape  # x only: no (3, 4, 10) activation
-    assert torch.autograd.gradcheck(bias_gelu_linear, (x, bias, weight, linear_bias))
+    assert torch.autograd.gradcheck(ops.bias_gelu_linear, (x, bias, weight, linear_bias))
 
 
 def test_bias_gelu_linear_compiles_fullgraph():
     fc1, fc2 = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
 
     def mlp(h):
-        return bias_gelu_linear(F.linear(h, fc1.weight), fc1.bias, fc2.weight, fc2.bias)
+        return ops.bias_gelu_linear(F.linear(h, fc1.weight), fc1.bias, fc2.weight, fc2.bias)
 
     h = torch.randn(2, 9, 16)
     eager = mlp(h)
@@ -393,23 +382,23 @@ def test_layer_norm_linear_matches_reference(backend, dtype, with_residual):
     def run(*t, fast):
         if with_residual is None:
             xx, ww, bb, lww, lbb = t
-            s, y = add_layer_norm_linear(xx, None, ww, bb, 1e-6, lww, lbb) if fast else \
-                (xx, F.linear(layer_norm_reference(xx, ww, bb, 1e-6), lww, lbb))
+            s, y = ops.add_layer_norm_linear(xx, None, ww, bb, 1e-6, lww, lbb) if fast else \
+                (xx, F.linear(ops.layer_norm_reference(xx, ww, bb, 1e-6), lww, lbb))
             if fast:
                 assert s._base is xx
             return (s, y), (grad_s, grad)
         if with_residual:
             xx, rr, ww, bb, lww, lbb = t
-            s, y = add_layer_norm_linear(xx, rr, ww, bb, 1e-6, lww, lbb) if fast else \
-                (xx + rr, F.linear(layer_norm_reference(xx + rr, ww, bb, 1e-6), lww, lbb))
+            s, y = ops.add_layer_norm_linear(xx, rr, ww, bb, 1e-6, lww, lbb) if fast else \
+                (xx + rr, F.linear(ops.layer_norm_reference(xx + rr, ww, bb, 1e-6), lww, lbb))
             return (s, y), (grad_s, grad)
         xx, ww, bb, lww, lbb = t
-        out = layer_norm_linear(xx, ww, bb, 1e-6, lww, lbb) if fast else \
-            F.linear(layer_norm_reference(xx, ww, bb, 1e-6), lww, lbb)
+        out = ops.layer_norm_linear(xx, ww, bb, 1e-6, lww, lbb) if fast else \
+            F.linear(ops.layer_norm_reference(xx, ww, bb, 1e-6), lww, lbb)
         return (out,), (grad,)
 
     leaves = [_leaf(t) for t in inputs]
-    with use_backend(backend):
+    with ops.use_backend(backend):
         outs, grads_in = run(*leaves, fast=True)
         grads = torch.autograd.grad(outs, leaves, grads_in)
     leaves64 = [_leaf(t.double()) for t in inputs]
@@ -428,13 +417,13 @@ def test_layer_norm_linear_saves_no_normalised_tensor_and_passes_gradcheck():
                                                                                       requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        s, _ = add_layer_norm_linear(x, r, w, b, 1e-5, lw, lb)
+        s, _ = ops.add_layer_norm_linear(x, r, w, b, 1e-5, lw, lb)
     params = {t.data_ptr() for t in (w, b, lw, lb)}
     full = [t for t in saved if t.data_ptr() not in params and t.shape == x.shape]
     assert len(full) == 1 and full[0].data_ptr() == s.data_ptr()  # the sum only, not the normalised tensor
-    assert torch.autograd.gradcheck(lambda *a: layer_norm_linear(a[0], a[1], a[2], 1e-5, a[3], a[4]),
+    assert torch.autograd.gradcheck(lambda *a: ops.layer_norm_linear(a[0], a[1], a[2], 1e-5, a[3], a[4]),
                                     (x, w, b, lw, lb))
-    assert torch.autograd.gradcheck(lambda *a: add_layer_norm_linear(a[0], a[1], a[2], a[3], 1e-5, a[4], a[5]),
+    assert torch.autograd.gradcheck(lambda *a: ops.add_layer_norm_linear(a[0], a[1], a[2], a[3], 1e-5, a[4], a[5]),
                                     (x, r, w, b, lw, lb))
 
 
@@ -445,7 +434,7 @@ def test_fused_block_compiles_fullgraph():
     torch.manual_seed(0)
     block = FusedBlock(32, 2, qkv_bias=True, attn_backend="sdpa")
     x = torch.randn(2, 9, 32)
-    with use_backend("triton"):
+    with ops.use_backend("triton"):
         assert block.fusable(x)
         eager = block(x)
         eager.sum().backward()
@@ -506,7 +495,7 @@ def test_run_blocks_is_the_blocks_in_turn(plain_at, packed):
     for blk in plain:
         ref = blk(ref, **kwargs)
     ref.backward(grad)
-    with use_backend("triton"):
+    with ops.use_backend("triton"):
         out = run_blocks(fused, xf, **kwargs)
         out.backward(grad)
     assert_rel_close(out, ref, torch.float32, name="output")
@@ -534,7 +523,7 @@ def test_run_blocks_leaves_no_residual_add_in_the_fused_blocks():
 
     blocks = _block_stack(True)
     x = _leaf(torch.randn(2, 9, 32))
-    with use_backend("triton"):
+    with ops.use_backend("triton"):
         with CountAdds() as forward:
             out = run_blocks(blocks, x)
         with CountAdds() as backward:
@@ -624,8 +613,8 @@ def test_fused_gemm_launchers_match_float64(dtype, gemm_tiles):
 
 def _mlp_inputs(dtype, c=40, hidden=72, shape=(2, 13)):
     x = torch.randn(*shape, c).to(dtype)
-    params = [torch.randn(c), torch.randn(c), torch.randn(hidden, c) / 6, torch.randn(hidden), torch.randn(c, hidden) / 8,
-              torch.randn(c)]
+    params = [torch.randn(c), torch.randn(c), torch.randn(hidden, c) / 6, torch.randn(hidden),
+              torch.randn(c, hidden) / 8, torch.randn(c)]
     return [x] + [p.to(dtype) for p in params]
 
 
@@ -652,7 +641,7 @@ def test_fused_gemm_ops_match_reference(backend, dtype):
 
     tensors = inputs + [qkv_w, qkv_b, proj_w, proj_b]
     leaves = [_leaf(t) for t in tensors]
-    with use_backend(backend):
+    with ops.use_backend(backend):
         out = run(*leaves, fast=True)
         grads = _grads(out, grad, leaves)
     leaves64 = [_leaf(t.double()) for t in tensors]
@@ -695,7 +684,7 @@ def test_fused_gemm_ops_under_autocast_keep_the_dtypes_of_the_unfused_block():
     results = {}
     for fast in (True, False):
         leaves = [_leaf(t) for t in inputs]
-        with use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        with ops.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
             if fast:
                 out = norm_mlp_add(leaves[0], None, leaves[1], leaves[2], 1e-6, *leaves[3:])[0]
             else:
@@ -729,7 +718,7 @@ def test_fused_block_launches_only_gemms_and_layer_norm_rows():
 
     block = FusedBlock(32, 2, qkv_bias=True, attn_backend="fastmim")
     x = _leaf(torch.randn(2, 5, 32))
-    with use_backend("triton"):
+    with ops.use_backend("triton"):
         assert block.stream_fusable(x)
         with Ops() as forward:
             out = block(x)

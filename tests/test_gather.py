@@ -22,6 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastmim import testing
 from fastmim.kernels import gather as kernels
 from fastmim.ops import (
     backend_status,
@@ -37,17 +38,8 @@ from fastmim.ops import (
     use_backend,
 )
 from fastmim.ops.masking import masking_noise_reference
-from fastmim.testing import (
-    TOLERANCES,
-    assert_rel_close,
-    backend_devices,
-    count_calls,
-    guarded_allocations,
-    is_poison,
-    kernel_devices,
-)
 
-DEVICES = kernel_devices()
+DEVICES = testing.kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIOS = [0.0, 0.5, 0.75, 0.9]
 CSRC_ERROR = backend_status("cpu")["csrc"]
@@ -57,14 +49,15 @@ _LAUNCHERS = ("gather_visible_forward", "gather_visible_backward", "unshuffle_fo
 @pytest.fixture(autouse=True)
 def triton_calls():
     """Guards the Triton launchers' allocations; yields the launcher calls by name."""
-    with guarded_allocations(kernels), count_calls(kernels, {name: name for name in _LAUNCHERS}) as calls:
+    launchers = {name: name for name in _LAUNCHERS}
+    with testing.guarded_allocations(kernels), testing.count_calls(kernels, launchers) as calls:
         yield calls
 
 
 def test_launcher_buffers_are_poisoned():
     for dtype in (torch.float32, torch.bfloat16, torch.int64):
         t = kernels.torch.empty((3, 5), dtype=dtype, device="cpu")
-        assert t.shape == (3, 5) and t.dtype == dtype and t.is_contiguous() and is_poison(t)
+        assert t.shape == (3, 5) and t.dtype == dtype and t.is_contiguous() and testing.is_poison(t)
 
 
 def _assert_same_values(out, ref, device):
@@ -149,7 +142,7 @@ def _assert_matches_reference(fast, reference, inputs, backend, grad_out=None, d
             assert torch.equal(got, want)
     for got, want in zip(grads[1:], ref_grads[1:], strict=True):
         assert got.dtype == want.dtype
-        assert_rel_close(got, want, dtype)
+        testing.assert_rel_close(got, want, dtype)
     return out
 
 
@@ -173,7 +166,7 @@ def test_gather_visible_triton_matches_reference(device, dtype, B, L, D, K, pos_
     assert torch.equal(grads[0], ref_grads[0])  # grad_x is a pure scatter
     for got, want in zip(grads[1:], ref_grads[1:], strict=True):
         assert got.dtype == want.dtype
-        assert_rel_close(got, want, dtype, name="pos/cls grad")
+        testing.assert_rel_close(got, want, dtype, name="pos/cls grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -279,7 +272,7 @@ def test_gather_visible_repeated_indices_sum_gradients(backend, device):
         out, grads = _grads(lambda x, p, c: gather_visible(x, ids, p, cls_token=c), inputs)
     assert torch.equal(out, ref_out)
     for got, want in zip(grads, ref_grads, strict=True):
-        assert_rel_close(got, want, torch.float32)
+        testing.assert_rel_close(got, want, torch.float32)
     if backend == "triton":  # packed varlen: the same rows, sample 1 keeping a shorter prefix
         cu = torch.tensor([0, K, K + 100], dtype=torch.int32, device=device)
         packed = torch.cat([ids[0], ids[1, :100]])
@@ -288,7 +281,7 @@ def test_gather_visible_repeated_indices_sum_gradients(backend, device):
             out, grads = _grads(lambda x, p: gather_visible(x, packed, p, cu_seqlens=cu), inputs[:2])
         assert torch.equal(out, ref_out)
         for got, want in zip(grads, ref_grads, strict=True):
-            assert_rel_close(got, want, torch.float32)
+            testing.assert_rel_close(got, want, torch.float32)
 
 
 def test_gather_visible_equals_official_encoder_chain():
@@ -366,7 +359,7 @@ def test_unshuffle_triton_matches_reference(device, dtype, B, L, D, K, pos_kind,
     assert torch.equal(grads[0], ref_grads[0])  # grad_x_visible is a pure gather
     for got, want in zip(grads[1:], ref_grads[1:], strict=True):
         assert got.dtype == want.dtype
-        assert_rel_close(got, want, dtype, name="mask/pos grad")
+        testing.assert_rel_close(got, want, dtype, name="mask/pos grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -385,7 +378,7 @@ def test_model_widths_forward_and_backward(device, D):
         dec, grads = _grads(lambda v, m, p: unshuffle(v, restore, m, p, has_cls=True), (out, mt, pos))
     assert torch.equal(dec, ref_out) and torch.equal(grads[0], ref_grads[0])
     for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        assert_rel_close(got, want, torch.float32)
+        testing.assert_rel_close(got, want, torch.float32)
 
 
 # ----------------------------------------------------------------------------- varlen
@@ -440,7 +433,7 @@ def test_varlen_gather_and_unshuffle(has_cls):
             assert torch.equal(out.cpu(), ref_out)
             assert torch.equal(grads[0].cpu(), ref_grads[0])
             for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-                assert_rel_close(got, want, torch.float32)
+                testing.assert_rel_close(got, want, torch.float32)
 
 
 # ----------------------------------------------------------------------------- gradcheck (float64)
@@ -509,7 +502,7 @@ def test_random_shapes_triton_matches_reference(B, L, D, ratio, has_cls, seed):
         assert torch.equal(enc.cpu(), enc_ref) and torch.equal(dec.cpu(), dec_ref)
         assert torch.equal(grads[0].cpu(), grads_ref[0])  # grad_x: a gather then a scatter, no sums
         for got, want in zip(grads[1:], grads_ref[1:], strict=True):
-            assert_rel_close(got, want, torch.float32)
+            testing.assert_rel_close(got, want, torch.float32)
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -545,7 +538,7 @@ def test_compile_fullgraph_no_graph_break():
     got.backward()
     assert torch.equal(got, want)
     for p, g in zip(model.parameters(), want_grads, strict=True):
-        assert_rel_close(p.grad, g, torch.float32)
+        testing.assert_rel_close(p.grad, g, torch.float32)
     # a seed drawn from the default generator inside the graph traces too, and an int offset
     fn = torch.compile(lambda: random_masking(2, 16, 0.5).ids_keep, backend="aot_eager", fullgraph=True)
     assert fn().shape == (2, 8)
@@ -796,7 +789,7 @@ def test_triton_gather_reads_zeros_for_out_of_range_ids(device, varlen, bad, ids
     assert torch.equal(out, want)
     assert torch.equal(grads[0], want_grads[0])
     for got, ref in zip(grads[1:], want_grads[1:], strict=True):
-        assert_rel_close(got, ref, torch.float32)
+        testing.assert_rel_close(got, ref, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -828,8 +821,8 @@ def test_triton_unshuffle_reads_a_zero_token_for_out_of_range_ranks(device, varl
     want[1, 1 + i] = pos[1 + i]
     assert torch.equal(out, want)
     assert torch.equal(grads[0], want_grads[0])
-    assert_rel_close(grads[1], want_grads[1] - grad_out[1, 1 + i], torch.float32, name="grad_mask_token")
-    assert_rel_close(grads[2], want_grads[2], torch.float32, name="grad_pos")
+    testing.assert_rel_close(grads[1], want_grads[1] - grad_out[1, 1 + i], torch.float32, name="grad_mask_token")
+    testing.assert_rel_close(grads[2], want_grads[2], torch.float32, name="grad_pos")
 
 
 @pytest.mark.skipif(CSRC_ERROR is not None, reason=f"csrc backend unavailable: {CSRC_ERROR}")
@@ -894,7 +887,7 @@ def test_cuda_index_values_checked_only_under_check_indices():
 # ----------------------------------------------------------------------------- edge cases
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("backend,device", testing.backend_devices())
 def test_empty_batch_gives_empty_results_on_every_backend(backend, device):
     L, D, K = 8, 4, 3
     with use_backend(backend):
@@ -920,7 +913,7 @@ def test_empty_batch_gives_empty_results_on_every_backend(backend, device):
         assert out.shape == (0, L + hc, D)
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("backend,device", testing.backend_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_unshuffle_with_no_visible_patch(backend, device, dtype):
     # K = 0 without a cls token, and every sample of a packed batch keeping nothing: every
@@ -937,7 +930,7 @@ def test_unshuffle_with_no_visible_patch(backend, device, dtype):
         assert torch.equal(out, (mt + pos).expand(B, L, D))
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("backend,device", testing.backend_devices())
 def test_float64_gradients_stay_float64(backend, device):
     # float64 runs the reference on every backend; its backward must not round through fp32.
     # The gradients of x and x_visible are copies of the incoming one: equal to it, bit for bit.
@@ -973,7 +966,7 @@ _sizes = st.integers(0, 3), st.integers(1, 12), st.integers(1, 16)  # B, L, D
 
 def _coarsest(*dtypes):
     """The dtype with the widest tolerance among ``dtypes``: sums round at its precision."""
-    return max(dtypes, key=TOLERANCES.__getitem__)
+    return max(dtypes, key=testing.TOLERANCES.__getitem__)
 
 
 @st.composite
@@ -1011,7 +1004,7 @@ def _pos_embed(kind, L, D, dtype, strided, g):
     return pos[None] if kind.startswith("1") else pos
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("backend,device", testing.backend_devices())
 @_PROPERTY_SETTINGS
 @given(case=_gather_cases())
 def test_property_gather_visible(backend, device, case):
@@ -1043,7 +1036,7 @@ def _unshuffle_cases(draw):
     return case
 
 
-@pytest.mark.parametrize("backend,device", backend_devices())
+@pytest.mark.parametrize("backend,device", testing.backend_devices())
 @_PROPERTY_SETTINGS
 @given(case=_unshuffle_cases())
 def test_property_unshuffle(backend, device, case):

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastmim import testing
 from fastmim.ops import (
     check_indices,
     masked_patch_mse,
@@ -23,18 +24,8 @@ from fastmim.ops import (
     use_backend,
 )
 from fastmim.ops._dispatch import backend_status
-from fastmim.testing import (
-    TOLERANCES,
-    assert_rel_close,
-    count_calls,
-    kernel_devices,
-    poison_allocations,
-    poison_like,
-    rel_error,
-    run_until_stalled,
-)
 
-DEVICES = kernel_devices()
+DEVICES = testing.kernel_devices()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # (B, C, H, W, p): every patch size the issue names, one and three channels, non-square
@@ -101,8 +92,8 @@ def _kernel_calls(backend):
         return
     from fastmim.kernels import loss as kernels
 
-    with poison_allocations(kernels), \
-            count_calls(kernels, {"forward": "masked_patch_mse_forward",
+    with testing.poison_allocations(kernels), \
+            testing.count_calls(kernels, {"forward": "masked_patch_mse_forward",
                                   "backward": "masked_patch_mse_scale_grad_"}) as calls:
         yield calls
 
@@ -194,8 +185,8 @@ def test_triton_matches_reference(device, dtype, geometry, norm_pix):
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert grad.dtype == dtype and grad.shape == pred.shape
     # Same input values, fp32 statistics and sums: the loss is as exact as an fp32 computation.
-    assert_rel_close(loss, ref_loss, torch.float32, name="loss")
-    assert_rel_close(grad, ref_grad, dtype, name="grad_pred")
+    testing.assert_rel_close(loss, ref_loss, torch.float32, name="loss")
+    testing.assert_rel_close(grad, ref_grad, dtype, name="grad_pred")
     assert torch.equal(grad[mask == 0], torch.zeros_like(grad[mask == 0]))  # visible rows written, as 0
 
 
@@ -211,8 +202,8 @@ def test_triton_mask_ratios_and_reductions(device, mask_ratio, reduction):
     loss, grad = run_op(pred, imgs, mask, grad_output, **kwargs)
     ref_loss, ref_grad = reference_loss_and_grad(pred, imgs, mask, grad_output, **kwargs)
     assert loss.shape == ref_loss.shape
-    assert_rel_close(loss, ref_loss, torch.float32, name="loss")
-    assert_rel_close(grad, ref_grad, torch.float32, name="grad_pred")
+    testing.assert_rel_close(loss, ref_loss, torch.float32, name="loss")
+    testing.assert_rel_close(grad, ref_grad, torch.float32, name="grad_pred")
     if mask_ratio == 0.0:
         assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(grad) == 0
 
@@ -228,12 +219,12 @@ def test_triton_constant_patches_are_finite(device, dtype):
     loss, grad = run_op(pred, imgs, mask, patch_size=4)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     ref_loss, ref_grad = reference_loss_and_grad(pred, imgs, mask, patch_size=4)
-    assert_rel_close(loss, ref_loss, torch.float32, name="loss")
+    testing.assert_rel_close(loss, ref_loss, torch.float32, name="loss")
     # A constant patch's target is the mean's rounding error times 1/sqrt(eps) = 1000, in the
     # official fp32 code too: on the 0.3 patches fp32 and fp64 differ by about 1e-4.
-    assert_rel_close(grad, ref_grad, dtype, tol=max(TOLERANCES[dtype], 1e-3), name="grad_pred")
+    testing.assert_rel_close(grad, ref_grad, dtype, tol=max(testing.TOLERANCES[dtype], 1e-3), name="grad_pred")
     exact_rows = slice(0, 8)  # the patches of the first two patch rows
-    assert_rel_close(grad[:, exact_rows], ref_grad[:, exact_rows], dtype, name="grad_pred (exact patches)")
+    testing.assert_rel_close(grad[:, exact_rows], ref_grad[:, exact_rows], dtype, name="grad_pred (exact patches)")
 
 
 def _loss_with_normalisation(imgs, pred, mask, p, normalise):
@@ -260,8 +251,8 @@ def test_eps_inside_the_square_root_and_unbiased_variance(backend, dtype):
     official = official_forward_loss(imgs.double(), pred64, mask.double(), 4, norm_pix_loss=True)
     (official_grad,) = torch.autograd.grad(official, pred64)
     loss, grad = run_op(pred, imgs, mask, backend=backend, patch_size=4)
-    assert_rel_close(loss, official, torch.float32, name="loss")
-    assert_rel_close(grad, official_grad, dtype, name="grad_pred")
+    testing.assert_rel_close(loss, official, torch.float32, name="loss")
+    testing.assert_rel_close(grad, official_grad, dtype, name="grad_pred")
     eps = 1e-6
     near_misses = {
         "sqrt(var) + eps": lambda t, mean, var: (t - mean) / (var.sqrt() + eps),
@@ -269,7 +260,7 @@ def test_eps_inside_the_square_root_and_unbiased_variance(backend, dtype):
     }
     for name, normalise in near_misses.items():
         other = _loss_with_normalisation(imgs.double(), pred.double(), mask.double(), 4, normalise)
-        assert rel_error(other, official) > 100 * TOLERANCES[torch.float32], name
+        assert testing.rel_error(other, official) > 100 * testing.TOLERANCES[torch.float32], name
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -299,14 +290,14 @@ def test_masked_only_and_packed_layouts_equal_the_full_layout(device, reduction,
     if reduction == "none":
         full_loss = full_loss.gather(1, ids_masked)
     assert sel_loss.shape == full_loss.shape and packed_loss.shape == full_loss.reshape(-1).shape[:sel_loss.dim()]
-    assert_rel_close(sel_loss, full_loss, torch.float32, name="masked-only loss")
-    assert_rel_close(packed_loss.reshape(sel_loss.shape), full_loss, torch.float32, name="packed loss")
-    assert_rel_close(sel_grad, full_grad_masked, torch.float32, name="masked-only grad")
-    assert_rel_close(packed_grad.reshape(sel_grad.shape), full_grad_masked, torch.float32, name="packed grad")
+    testing.assert_rel_close(sel_loss, full_loss, torch.float32, name="masked-only loss")
+    testing.assert_rel_close(packed_loss.reshape(sel_loss.shape), full_loss, torch.float32, name="packed loss")
+    testing.assert_rel_close(sel_grad, full_grad_masked, torch.float32, name="masked-only grad")
+    testing.assert_rel_close(packed_grad.reshape(sel_grad.shape), full_grad_masked, torch.float32, name="packed grad")
     ref_loss, ref_grad = reference_loss_and_grad(pred_masked, imgs, mask if with_mask else None, go_sel,
                                                  patch_size=p, reduction=reduction, ids_masked=ids_masked)
-    assert_rel_close(sel_loss, ref_loss, torch.float32, name="masked-only loss vs reference")
-    assert_rel_close(sel_grad, ref_grad, torch.float32, name="masked-only grad vs reference")
+    testing.assert_rel_close(sel_loss, ref_loss, torch.float32, name="masked-only loss vs reference")
+    testing.assert_rel_close(sel_grad, ref_grad, torch.float32, name="masked-only grad vs reference")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -319,12 +310,12 @@ def test_strided_inputs_are_read_in_place(device):
     mask = mask.t().contiguous().t()  # column-major (B, L)
     loss, grad = run_op(pred, imgs, mask, patch_size=p)
     ref_loss, ref_grad = reference_loss_and_grad(pred, imgs, mask, patch_size=p)
-    assert_rel_close(loss, ref_loss, torch.float32, name="loss")
-    assert_rel_close(grad, ref_grad, torch.bfloat16, name="grad_pred")
+    testing.assert_rel_close(loss, ref_loss, torch.float32, name="loss")
+    testing.assert_rel_close(grad, ref_grad, torch.bfloat16, name="grad_pred")
     kwargs = dict(patch_size=p, ids_masked=ids_masked.int())
     pred_masked = pred.gather(1, ids_masked[..., None].expand(-1, -1, 48))
     sel_loss, _ = run_op(pred_masked, imgs, mask.bool(), **kwargs)
-    assert_rel_close(sel_loss, ref_loss, torch.float32, name="int32 ids, bool mask")
+    testing.assert_rel_close(sel_loss, ref_loss, torch.float32, name="int32 ids, bool mask")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,8 +329,8 @@ def test_mixed_dtypes_and_no_grad(device, dtype):
             loss_no_grad = masked_patch_mse(pred.requires_grad_(True), imgs, mask, patch_size=8)
     ref_loss, _ = reference_loss_and_grad(pred, imgs, mask, patch_size=8)
     assert not loss.requires_grad and not loss_no_grad.requires_grad
-    assert_rel_close(loss, ref_loss, torch.float32, name="loss")
-    assert_rel_close(loss_no_grad, ref_loss, torch.float32, name="loss under no_grad")
+    testing.assert_rel_close(loss, ref_loss, torch.float32, name="loss")
+    testing.assert_rel_close(loss_no_grad, ref_loss, torch.float32, name="loss under no_grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -379,10 +370,10 @@ def test_reference_backend_closed_form_gradient(dtype, reduction):
     loss, grad = run_op(pred, imgs, mask, grad_output.to(pred.dtype if dtype == torch.float64 else torch.float32),
                         backend="reference", patch_size=4, reduction=reduction)
     ref_loss, ref_grad = reference_loss_and_grad(pred, imgs, mask, grad_output, patch_size=4, reduction=reduction)
-    tol = TOLERANCES[torch.float64] if dtype == torch.float64 else TOLERANCES[torch.float32]
+    tol = testing.TOLERANCES[torch.float64] if dtype == torch.float64 else testing.TOLERANCES[torch.float32]
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_rel_close(loss, ref_loss, tol=tol, name="loss")
-    assert_rel_close(grad, ref_grad, dtype, name="grad_pred")
+    testing.assert_rel_close(loss, ref_loss, tol=tol, name="loss")
+    testing.assert_rel_close(grad, ref_grad, dtype, name="grad_pred")
 
 
 def test_compile_fullgraph():
@@ -405,8 +396,8 @@ def test_compile_fullgraph():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(tokens, imgs, mask)
     out.backward()
-    assert_rel_close(out, eager, torch.float32, name="compiled loss")
-    assert_rel_close(model.proj.weight.grad, eager_grad, torch.float32, name="compiled weight grad")
+    testing.assert_rel_close(out, eager, torch.float32, name="compiled loss")
+    testing.assert_rel_close(model.proj.weight.grad, eager_grad, torch.float32, name="compiled weight grad")
 
 
 def _bad(**overrides):
@@ -589,7 +580,7 @@ _SENTINEL = 1234.0
 def _guarded_copy(t):
     """``t``'s values inside a larger buffer whose extra elements are NaN (int max): a kernel that reads
     outside ``t`` gets them into its result."""
-    buf = poison_like(torch.empty(t.numel() + 2 * _GUARD, dtype=t.dtype, device=t.device))
+    buf = testing.poison_like(torch.empty(t.numel() + 2 * _GUARD, dtype=t.dtype, device=t.device))
     inner = buf[_GUARD:_GUARD + t.numel()].view(t.shape)
     inner.copy_(t)
     return inner
@@ -694,15 +685,15 @@ def _check_unchecked_ids(device):
                     else:
                         expected_loss = expected_loss.sum() / divisor
                         expected_grad = expected_grad * grad_output / divisor
-                    assert_rel_close(loss, expected_loss, torch.float32, tol=2e-5, name=f"loss ({where})")
-                    assert_rel_close(grad, expected_grad, torch.float32, name=f"grad_pred ({where})")
+                    testing.assert_rel_close(loss, expected_loss, torch.float32, tol=2e-5, name=f"loss ({where})")
+                    testing.assert_rel_close(grad, expected_grad, torch.float32, name=f"grad_pred ({where})")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_out_of_range_ids_past_the_host_check_read_and_write_nothing_outside_the_tensors(device):
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_loss; "
               f"test_loss._check_unchecked_ids({device!r}); print('ok')")
-    proc = run_until_stalled([sys.executable, "-c", script])
+    proc = testing.run_until_stalled([sys.executable, "-c", script])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
@@ -809,8 +800,9 @@ def test_property_matches_the_reference(backend, data):
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == ref_loss.shape
     assert grad.dtype == dtype and torch.isfinite(loss).all() and torch.isfinite(grad).all()
     # The loss is computed in fp32 (fp64) from the same input values, summed in another order.
-    assert_rel_close(loss, ref_loss, tol=TOLERANCES[torch.float64] if dtype == torch.float64 else 2e-5, name="loss")
-    assert_rel_close(grad, ref_grad, dtype, name="grad_pred")
+    tol = testing.TOLERANCES[torch.float64] if dtype == torch.float64 else 2e-5
+    testing.assert_rel_close(loss, ref_loss, tol=tol, name="loss")
+    testing.assert_rel_close(grad, ref_grad, dtype, name="grad_pred")
 
 
 @st.composite

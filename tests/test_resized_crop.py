@@ -10,16 +10,9 @@ import torch
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from fastmim import ops
 from fastmim.ops import use_backend
 from fastmim.ops._dispatch import backend_status
-from fastmim.ops.resized_crop import (
-    PackedImages,
-    pack_images,
-    random_resized_crop_box,
-    random_resized_crop_boxes,
-    resized_crop_flip_normalize,
-    resized_crop_flip_normalize_reference,
-)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -86,7 +79,7 @@ def test_reference_matches_torchvision(content):
     boxes = _random_boxes(sizes, g)
     flip = torch.rand(len(sizes), generator=g) < 0.5
     size = 24
-    ours = resized_crop_flip_normalize_reference(images, boxes, size, flip, MEAN, STD)
+    ours = ops.resized_crop_flip_normalize_reference(images, boxes, size, flip, MEAN, STD)
     std = torch.tensor(STD)[:, None, None]
     errors = []
     for b, img in enumerate(images):
@@ -103,7 +96,7 @@ def test_reference_matches_torchvision(content):
 def test_same_size_crop_is_the_crop_itself_normalised():
     img = _images([(30, 40)])[0]
     box = torch.tensor([[3, 5, 16, 16]], dtype=torch.int32)
-    out = resized_crop_flip_normalize_reference([img], box, 16, torch.tensor([True]))
+    out = ops.resized_crop_flip_normalize_reference([img], box, 16, torch.tensor([True]))
     assert torch.allclose(out[0], img[:, 3:19, 5:21].flip(-1).float() / 255, atol=1e-6)
 
 
@@ -128,11 +121,11 @@ def test_backend_matches_reference(backend, form):
     else:
         images = _images(sizes)
         if form == "packed":
-            images = pack_images(images)
+            images = ops.pack_images(images)
     size = (16, 12) if backend == "triton" else 16
-    want = resized_crop_flip_normalize_reference(images, boxes, size, flip, MEAN, STD)
+    want = ops.resized_crop_flip_normalize_reference(images, boxes, size, flip, MEAN, STD)
     with use_backend(backend):
-        got = resized_crop_flip_normalize(images, boxes, size, flip, MEAN, STD)
+        got = ops.resized_crop_flip_normalize(images, boxes, size, flip, MEAN, STD)
     assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
@@ -143,9 +136,9 @@ def test_backend_low_precision_and_gray(backend):
     images = _images([(19, 23), (7, 30)], channels=1, seed=3)
     boxes = torch.tensor([[1, 2, 17, 20], [0, 3, 7, 21]])
     for dtype in (torch.bfloat16, torch.float16):
-        want = resized_crop_flip_normalize_reference(images, boxes, 8, None, (0.45,), (0.22,), dtype=dtype)
+        want = ops.resized_crop_flip_normalize_reference(images, boxes, 8, None, (0.45,), (0.22,), dtype=dtype)
         with use_backend(backend):
-            got = resized_crop_flip_normalize(images, boxes, 8, None, (0.45,), (0.22,), dtype=dtype)
+            got = ops.resized_crop_flip_normalize(images, boxes, 8, None, (0.45,), (0.22,), dtype=dtype)
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2 if dtype == torch.bfloat16 else 2e-3, rtol=0)
 
@@ -155,9 +148,9 @@ def test_triton_large_downscale_takes_the_blocked_taps_path():
     _backend_or_skip("triton")
     images = _images([(40, 44)], channels=1, seed=4)
     boxes = torch.tensor([[0, 2, 40, 42]], dtype=torch.int32)
-    want = resized_crop_flip_normalize_reference(images, boxes, 6, torch.tensor([True]))
+    want = ops.resized_crop_flip_normalize_reference(images, boxes, 6, torch.tensor([True]))
     with use_backend("triton"):
-        got = resized_crop_flip_normalize(images, boxes, 6, torch.tensor([True]))
+        got = ops.resized_crop_flip_normalize(images, boxes, 6, torch.tensor([True]))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
@@ -166,10 +159,10 @@ def test_csrc_matches_reference_at_training_size():
     g = torch.Generator().manual_seed(5)
     sizes = [(375, 500), (500, 333), (64, 300), (1, 1)]
     images = _smooth_images(sizes, seed=5)
-    boxes = random_resized_crop_boxes([h for h, _ in sizes], [w for _, w in sizes], seed=7)
-    want = resized_crop_flip_normalize_reference(images, boxes.boxes, 224, boxes.flip, MEAN, STD)
+    boxes = ops.random_resized_crop_boxes([h for h, _ in sizes], [w for _, w in sizes], seed=7)
+    want = ops.resized_crop_flip_normalize_reference(images, boxes.boxes, 224, boxes.flip, MEAN, STD)
     with use_backend("csrc"):
-        got = resized_crop_flip_normalize(images, boxes.boxes, 224, boxes.flip, MEAN, STD)
+        got = ops.resized_crop_flip_normalize(images, boxes.boxes, 224, boxes.flip, MEAN, STD)
     torch.testing.assert_close(got, want, atol=5e-5, rtol=0)
     del g
 
@@ -180,13 +173,13 @@ def test_triton_kernel_clamps_unchecked_bad_boxes_into_the_image():
     _backend_or_skip("triton")
     from fastmim.kernels.resized_crop import resized_crop_flip_normalize_forward
 
-    images = pack_images(_images([(12, 10), (9, 14)], channels=1))
+    images = ops.pack_images(_images([(12, 10), (9, 14)], channels=1))
     bad = torch.tensor([[-3, 4, 50, 3], [8, 13, 5, 0]], dtype=torch.int32)
     clamped = torch.tensor([[0, 4, 12, 3], [8, 13, 1, 1]], dtype=torch.int32)
     mean, std = torch.zeros(1), torch.ones(1)
     got = resized_crop_flip_normalize_forward(images.data, images.layout, bad, None, 1, 4, 4, mean, std,
                                               images.data.numel(), torch.float32)
-    want = resized_crop_flip_normalize_reference(images, clamped, 4)
+    want = ops.resized_crop_flip_normalize_reference(images, clamped, 4)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
@@ -194,7 +187,7 @@ def test_empty_batch():
     empty = torch.empty(0, 3, 8, 8, dtype=torch.uint8)
     for backend in ("reference", "csrc"):
         with use_backend(backend if backend_status("cpu")[backend] is None else "reference"):
-            out = resized_crop_flip_normalize(empty, torch.empty(0, 4, dtype=torch.int32), 5)
+            out = ops.resized_crop_flip_normalize(empty, torch.empty(0, 4, dtype=torch.int32), 5)
         assert out.shape == (0, 3, 5, 5)
 
 
@@ -206,7 +199,7 @@ def test_compile_fullgraph_no_graph_break():
     flip = torch.tensor([False, True])
 
     def fn(x, b, f):
-        return resized_crop_flip_normalize(x, b, 8, f, MEAN, STD) * 2
+        return ops.resized_crop_flip_normalize(x, b, 8, f, MEAN, STD) * 2
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(dense, boxes, flip), fn(dense, boxes, flip))
@@ -220,45 +213,45 @@ def test_bad_arguments():
     ok = torch.tensor([[0, 0, 10, 12], [1, 1, 4, 4]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"boxes\[1\] = \(top 5, left 1, height 4, width 4\) is not inside image 1 "
                                          r"of 8x8"):
-        resized_crop_flip_normalize(images, torch.tensor([[0, 0, 10, 12], [5, 1, 4, 4]]), 8)
+        ops.resized_crop_flip_normalize(images, torch.tensor([[0, 0, 10, 12], [5, 1, 4, 4]]), 8)
     with pytest.raises(ValueError, match="is not inside image 0"):
-        resized_crop_flip_normalize(images, torch.tensor([[0, 0, 0, 12], [1, 1, 4, 4]]), 8)
+        ops.resized_crop_flip_normalize(images, torch.tensor([[0, 0, 0, 12], [1, 1, 4, 4]]), 8)
     with pytest.raises(TypeError, match="boxes must be an int32 or int64"):
-        resized_crop_flip_normalize(images, ok.float(), 8)
+        ops.resized_crop_flip_normalize(images, ok.float(), 8)
     with pytest.raises(ValueError, match=r"boxes must have shape \(B, 4\) = \(2, 4\)"):
-        resized_crop_flip_normalize(images, ok[:1], 8)
+        ops.resized_crop_flip_normalize(images, ok[:1], 8)
     with pytest.raises(TypeError, match="flip must be a bool tensor"):
-        resized_crop_flip_normalize(images, ok, 8, torch.tensor([1, 0]))
+        ops.resized_crop_flip_normalize(images, ok, 8, torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="size must be >= 1"):
-        resized_crop_flip_normalize(images, ok, 0)
+        ops.resized_crop_flip_normalize(images, ok, 0)
     with pytest.raises(TypeError, match="size must be an int or a pair"):
-        resized_crop_flip_normalize(images, ok, (8, 8, 8))
+        ops.resized_crop_flip_normalize(images, ok, (8, 8, 8))
     with pytest.raises(ValueError, match="mean must have one value per channel"):
-        resized_crop_flip_normalize(images, ok, 8, mean=(0.5,))
+        ops.resized_crop_flip_normalize(images, ok, 8, mean=(0.5,))
     with pytest.raises(ValueError, match="std must be non-zero"):
-        resized_crop_flip_normalize(images, ok, 8, std=(1.0, 0.0, 1.0))
+        ops.resized_crop_flip_normalize(images, ok, 8, std=(1.0, 0.0, 1.0))
     with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
-        resized_crop_flip_normalize(images, ok, 8, dtype=torch.float64)
+        ops.resized_crop_flip_normalize(images, ok, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"images\[1\] must be a uint8"):
-        resized_crop_flip_normalize([images[0], images[1].float()], ok, 8)
+        ops.resized_crop_flip_normalize([images[0], images[1].float()], ok, 8)
     with pytest.raises(ValueError, match="same channels"):
-        resized_crop_flip_normalize([images[0], images[1][:1]], ok, 8)
+        ops.resized_crop_flip_normalize([images[0], images[1][:1]], ok, 8)
     with pytest.raises(ValueError, match="empty list"):
-        resized_crop_flip_normalize([], ok[:0], 8)
+        ops.resized_crop_flip_normalize([], ok[:0], 8)
     with pytest.raises(TypeError, match="images must be uint8"):
-        resized_crop_flip_normalize(torch.zeros(2, 3, 8, 8), ok, 8)
-    packed = pack_images(images)
+        ops.resized_crop_flip_normalize(torch.zeros(2, 3, 8, 8), ok, 8)
+    packed = ops.pack_images(images)
     bad_layout = packed.layout.clone()
     bad_layout[1, 1] = 100  # a height reaching past the buffer
     with pytest.raises(ValueError, match=r"PackedImages.layout\[1\]"):
-        resized_crop_flip_normalize(PackedImages(packed.data, bad_layout, 3), ok, 8)
+        ops.resized_crop_flip_normalize(ops.PackedImages(packed.data, bad_layout, 3), ok, 8)
 
 
 def test_pack_images_layout_and_out_buffer():
     images = _images([(3, 4), (2, 5)])
     images[1] = images[1].permute(0, 2, 1).contiguous().permute(0, 2, 1)  # any strides
     buffer = torch.full((100,), 7, dtype=torch.uint8)
-    packed = pack_images(images, out=buffer)
+    packed = ops.pack_images(images, out=buffer)
     assert packed.data.numel() == 3 * (12 + 10) and packed.data.data_ptr() == buffer.data_ptr()
     assert packed.layout.tolist() == [[0, 3, 4, 1, 12, 3], [36, 2, 5, 1, 15, 3]]
     for b, img in enumerate(images):
@@ -273,8 +266,8 @@ def test_box_sampler_one_image_equals_the_batch_rows():
     H = torch.randint(1, 700, (300,), generator=g)
     W = torch.randint(1, 700, (300,), generator=g)
     H[:4], W[:4] = torch.tensor([1, 2, 1000, 375]), torch.tensor([1, 900, 3, 500])  # fallbacks, the usual size
-    batch = random_resized_crop_boxes(H, W, seed=2**62 + 11, offset=5)
-    rows = [random_resized_crop_box(h, w, seed=2**62 + 11, counter=5 + i)
+    batch = ops.random_resized_crop_boxes(H, W, seed=2**62 + 11, offset=5)
+    rows = [ops.random_resized_crop_box(h, w, seed=2**62 + 11, counter=5 + i)
             for i, (h, w) in enumerate(zip(H.tolist(), W.tolist(), strict=True))]
     assert batch.boxes.dtype == torch.int32 and batch.flip.dtype == torch.bool
     assert batch.boxes.tolist() == [list(r[:4]) for r in rows]
@@ -284,21 +277,21 @@ def test_box_sampler_one_image_equals_the_batch_rows():
     assert (top + h <= H).all() and (left + w <= W).all()
     # a per-row seed and sample number (a loader's per-image seed, the view as the sample)
     seeds = torch.randint(0, 2**62, (300,), generator=g)
-    per_row = random_resized_crop_boxes(H, W, seed=seeds, offset=torch.full((300,), 1))
-    assert per_row.boxes[7].tolist() == list(random_resized_crop_box(int(H[7]), int(W[7]), seed=int(seeds[7]),
+    per_row = ops.random_resized_crop_boxes(H, W, seed=seeds, offset=torch.full((300,), 1))
+    assert per_row.boxes[7].tolist() == list(ops.random_resized_crop_box(int(H[7]), int(W[7]), seed=int(seeds[7]),
                                                                      counter=1)[:4])
     # row b of offset o is row o + b of offset 0; another seed, other boxes
-    assert torch.equal(random_resized_crop_boxes(H[5:], W[5:], seed=2**62 + 11, offset=10).boxes, batch.boxes[5:])
-    assert not torch.equal(random_resized_crop_boxes(H, W, seed=12, offset=5).boxes, batch.boxes)
+    assert torch.equal(ops.random_resized_crop_boxes(H[5:], W[5:], seed=2**62 + 11, offset=10).boxes, batch.boxes[5:])
+    assert not torch.equal(ops.random_resized_crop_boxes(H, W, seed=12, offset=5).boxes, batch.boxes)
 
 
 def test_box_sampler_fallback_is_the_clamped_central_crop():
     # Aspect ratios no try can meet: RandomResizedCrop's central crop clamped to the ratio range.
-    assert random_resized_crop_box(1, 900, seed=0)[:4] == (0, 449, 1, 1)
-    assert random_resized_crop_box(1000, 3, seed=0)[:4] == (498, 0, 4, 3)
-    assert random_resized_crop_box(1, 1, seed=0)[:4] == (0, 0, 1, 1)
+    assert ops.random_resized_crop_box(1, 900, seed=0)[:4] == (0, 449, 1, 1)
+    assert ops.random_resized_crop_box(1000, 3, seed=0)[:4] == (498, 0, 4, 3)
+    assert ops.random_resized_crop_box(1, 1, seed=0)[:4] == (0, 0, 1, 1)
     for seed in range(50):  # a tiny image whose tries round to nothing also ends there
-        top, left, h, w, _ = random_resized_crop_box(2, 2, seed=seed)
+        top, left, h, w, _ = ops.random_resized_crop_box(2, 2, seed=seed)
         assert 0 <= top and 0 <= left and top + h <= 2 and left + w <= 2
 
 
@@ -309,7 +302,7 @@ def test_box_sampler_follows_random_resized_crop_distribution():
     torch.manual_seed(0)
     theirs = torch.tensor([RandomResizedCrop.get_params(torch.empty(1, 375, 500), (0.2, 1.0), (3 / 4, 4 / 3))
                            for _ in range(n)], dtype=torch.float64)
-    ours = random_resized_crop_boxes(torch.full((n,), 375), torch.full((n,), 500), seed=99).boxes.double()
+    ours = ops.random_resized_crop_boxes(torch.full((n,), 375), torch.full((n,), 500), seed=99).boxes.double()
 
     def features(b):
         top, left, h, w = b.unbind(1)
@@ -327,17 +320,17 @@ def test_box_sampler_follows_random_resized_crop_distribution():
 
 def test_box_sampler_flips_and_arguments():
     H, W = torch.full((4000,), 100), torch.full((4000,), 80)
-    flips = random_resized_crop_boxes(H, W, seed=1).flip.float().mean()
+    flips = ops.random_resized_crop_boxes(H, W, seed=1).flip.float().mean()
     assert abs(flips - 0.5) < 0.03
-    assert not random_resized_crop_boxes(H, W, seed=1, flip_p=0.0).flip.any()
-    assert random_resized_crop_boxes(H, W, seed=1, flip_p=1.0).flip.all()
+    assert not ops.random_resized_crop_boxes(H, W, seed=1, flip_p=0.0).flip.any()
+    assert ops.random_resized_crop_boxes(H, W, seed=1, flip_p=1.0).flip.all()
     with pytest.raises(ValueError, match="scale must be"):
-        random_resized_crop_boxes(H, W, seed=1, scale=(0.5, 0.2))
+        ops.random_resized_crop_boxes(H, W, seed=1, scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="ratio must be"):
-        random_resized_crop_box(10, 10, seed=1, ratio=(0, 1))
+        ops.random_resized_crop_box(10, 10, seed=1, ratio=(0, 1))
     with pytest.raises(ValueError, match="seed must be in"):
-        random_resized_crop_box(10, 10, seed=-1)
+        ops.random_resized_crop_box(10, 10, seed=-1)
     with pytest.raises(ValueError, match="seed must be an int"):
-        random_resized_crop_boxes(H, W, seed=torch.tensor([1, 2]))
+        ops.random_resized_crop_boxes(H, W, seed=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="height and width must be"):
-        random_resized_crop_box(0, 10, seed=1)
+        ops.random_resized_crop_box(0, 10, seed=1)

@@ -119,9 +119,13 @@ def _jit_build() -> None:
             is_python_module=False,
             verbose=False,
         )
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+    except (RuntimeError, subprocess.CalledProcessError) as exc:  # the compiler's verdict on these sources
         failed_marker.write_text(f"{type(exc).__name__}: {exc}\n")
         raise ImportError(f"building the C++ extension failed: {exc}") from exc
+    except OSError as exc:
+        # Loading the library failed (e.g. another process was still writing it): not a verdict
+        # on the sources, so nothing is remembered and the next process tries again.
+        raise ImportError(f"loading the C++ extension failed: {exc}") from exc
 
 
 def _register_fakes() -> None:

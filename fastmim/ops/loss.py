@@ -104,17 +104,9 @@ def _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps):
     return target, weight
 
 
-def masked_patch_mse_reference(
-    pred: torch.Tensor,
-    imgs: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    patch_size: int,
-    norm_pix: bool = True,
-    eps: float = 1e-6,
-    reduction: str = "mean",
-    ids_masked: torch.Tensor | None = None,
-) -> torch.Tensor:
+def masked_patch_mse_reference(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor | None = None, *,
+                               patch_size: int, norm_pix: bool = True, eps: float = 1e-6, reduction: str = "mean",
+                               ids_masked: torch.Tensor | None = None) -> torch.Tensor:
     """The definition of :func:`masked_patch_mse` in plain PyTorch (differentiable).
 
     The official MAE ``forward_loss``, computed in float32 (float64 if an input is float64)
@@ -174,17 +166,9 @@ def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, red
 
 
 @torch.library.custom_op("fastmim::masked_patch_mse", mutates_args=())
-def _masked_patch_mse_op(
-    pred: torch.Tensor,
-    imgs: torch.Tensor,
-    mask: torch.Tensor | None,
-    ids_masked: torch.Tensor | None,
-    patch_size: int,
-    norm_pix: bool,
-    eps: float,
-    reduction: str,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_patch_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor | None,
+                         ids_masked: torch.Tensor | None, patch_size: int, norm_pix: bool, eps: float, reduction: str,
+                         compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     backend = select_backend("masked_patch_mse", pred.device, implemented=_BACKENDS, prefer_cpu=_CPU_DEFAULT)
     if backend == "csrc" and pred.dtype in _TRITON_DTYPES and imgs.dtype in _TRITON_DTYPES:
         return torch.ops.fastmim.csrc_masked_patch_mse(
@@ -251,17 +235,9 @@ torch.library.register_autograd("fastmim::masked_patch_mse", _backward, setup_co
 # --------------------------------------------------------------------------------------------
 
 
-def masked_patch_mse(
-    pred: torch.Tensor,
-    imgs: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    patch_size: int,
-    norm_pix: bool = True,
-    eps: float = 1e-6,
-    reduction: str = "mean",
-    ids_masked: torch.Tensor | None = None,
-) -> torch.Tensor:
+def masked_patch_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor | None = None, *, patch_size: int,
+                     norm_pix: bool = True, eps: float = 1e-6, reduction: str = "mean",
+                     ids_masked: torch.Tensor | None = None) -> torch.Tensor:
     """MAE's reconstruction loss straight from the image, forward and backward in one pass.
 
     With ``N = patch_size**2 * C`` and ``L = (H / p) * (W / p)``, per patch ``l`` of sample
