@@ -58,3 +58,50 @@ def test_benchmark_script_runs_in_smoke_mode(script, tmp_path):
         assert payload["environment"]["torch"] == torch.__version__
         assert payload["records"], f"{path.name} holds no records"
         assert all(record["ms"] > 0 for record in payload["records"])
+
+
+def test_reproduce_methods_smoke_writes_one_record_per_method_arm_seed_and_metric(tmp_path):
+    """benchmarks/reproduce_methods.py --smoke: every arm trained a few steps at 2 seeds, evaluated
+    on small subsets; the results JSON holds the records, the paired summaries and the plot; a
+    second invocation finds everything done and trains nothing."""
+    env = dict(os.environ, TRITON_INTERPRET="1" if not torch.cuda.is_available() else "0")
+    cmd = [sys.executable, str(BENCH_DIR / "reproduce_methods.py"), "--smoke", "--no-progress", "--threads", "1",
+           "--output", str(tmp_path)]
+    proc = run_until_stalled(cmd, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    payload = json.loads((tmp_path / "reproduce_methods.json").read_text())
+    assert payload["kind"] == "smoke" and payload["complete"] and not payload["missing"]
+    assert (tmp_path / "reproduce_methods.png").stat().st_size > 0
+    assert payload["environment"]["torch"] == torch.__version__
+    seeds = payload["settings"]["seeds"]
+    expected = {("supmim", arm, s, m) for arm in ("supmim", "supervised") for s in seeds
+                for m in ("classifier", "knn", "linear")}
+    expected |= {(method, arm, s, m) for method in ("cmae", "lut") for arm in (method, "mae") for s in seeds
+                 for m in ("knn", "linear", "finetune")}
+    got = [(r["method"], r["arm"], r["seed"], r["metric"]) for r in payload["records"]]
+    assert sorted(got) == sorted(expected)
+    for record in payload["records"]:
+        assert 0.0 <= record["top1"] <= 1.0 and record["pretrain_steps"] == payload["settings"]["steps"]
+    # The two comparisons against MAE read the same MAE runs.
+    mae = {(r["method"], r["seed"], r["metric"]): r["top1"] for r in payload["records"] if r["arm"] == "mae"}
+    assert all(mae[("cmae", s, m)] == mae[("lut", s, m)] for s in seeds for m in ("knn", "linear", "finetune"))
+    for summary in payload["summary"]:
+        diff = summary["difference"]
+        assert diff["n"] == len(seeds) == len(diff["differences"])
+        assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    # Resumable: nothing left to train or evaluate.
+    again = run_until_stalled(cmd, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("done before, skipped") == 10 and "training" not in again.stdout
+
+
+def test_reproduce_methods_paired_interval():
+    import reproduce_methods as rm
+
+    diff = rm.paired_difference({0: 0.6, 1: 0.7, 2: 0.65}, {0: 0.5, 1: 0.55, 2: 0.6, 3: 0.9})
+    assert diff["seeds"] == [0, 1, 2] and diff["n"] == 3
+    assert diff["mean"] == pytest.approx(0.1)
+    half = 4.303 * 0.05 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n), sd of (0.1, 0.15, 0.05)
+    assert diff["ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert rm.paired_difference({0: 0.5}, {0: 0.4})["ci95"] is None
+    assert rm.t_quantile_975(30) == pytest.approx(2.042) and rm.t_quantile_975(60) == pytest.approx(2.000, abs=1e-3)
