@@ -86,7 +86,8 @@ def _cache_dir(with_cuda: bool, digest: str) -> Path:
 
 def _sources_digest(kwargs: dict) -> str:
     digest = hashlib.sha256(repr(kwargs["extra_compile_args"]).encode())
-    for path in sorted(set(kwargs["sources"]) | {str(p.relative_to(_REPO_ROOT)) for p in _CSRC.rglob("*.h")}):
+    headers = {str(p.relative_to(_REPO_ROOT)) for p in (*_CSRC.rglob("*.h"), *_CSRC.rglob("*.cuh"))}
+    for path in sorted(set(kwargs["sources"]) | headers):
         digest.update(path.encode())
         digest.update((_REPO_ROOT / path).read_bytes())
     return digest.hexdigest()[:16]
