@@ -210,10 +210,12 @@ def _method_step(method: str, batch: int) -> None:
 
 def _other_paths(batch: int, width: int, img_size: int, patch_size: int) -> None:
     """Launches no default training step makes, at a step's shapes: the per-row loss (``reduction="none"``:
-    its backward scales the saved gradient row by row) and the single-pass LayerNorm and bias + GELU
-    kernels around cuBLAS GEMMs that blocks off the fused-GEMM path take (LayerScale, drop-path)."""
+    its backward scales the saved gradient row by row), the single-pass LayerNorm and bias + GELU
+    kernels around cuBLAS GEMMs that blocks off the fused-GEMM path take (LayerScale, drop-path), and the
+    three-kernel attention backward of sequences longer than one key block (the encoder on whole images:
+    fine-tuning, 197 tokens at head dim 64)."""
     from fastmim.ops import add_layer_norm, add_layer_norm_linear, bias_gelu, bias_gelu_linear, layer_norm
-    from fastmim.ops import masked_patch_mse
+    from fastmim.ops import masked_patch_mse, visible_attention_qkvpacked
 
     bf16 = torch.bfloat16
     patches = (img_size // patch_size) ** 2
@@ -236,6 +238,10 @@ def _other_paths(batch: int, width: int, img_size: int, patch_size: int) -> None
         y.backward(torch.empty_like(y))
         z = bias_gelu(h.detach().requires_grad_(), b1)
         z.backward(torch.empty_like(z))
+        heads = max(1, width // 64)
+        qkv = torch.empty(batch, patches + 1, 3, heads, width // heads, device="meta", dtype=bf16, requires_grad=True)
+        attn = visible_attention_qkvpacked(qkv)
+        attn.backward(torch.empty_like(attn))
 
 
 def _input_views(batch: int, size: int) -> None:

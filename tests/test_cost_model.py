@@ -306,10 +306,10 @@ def _call_visible_attention_qkvpacked(varlen=False):
     return visible_attention_qkvpacked(qkv).reshape(2, K + 1, 32), [qkv]
 
 
-def _call_visible_attention(n=K + 1):
+def _call_visible_attention(n=K + 1, head_dim=16, dtype=torch.float32):
     from fastmim.ops.attention import visible_attention
 
-    q, k, v = (torch.randn(2, 2, n, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, n, head_dim).to(dtype).requires_grad_() for _ in range(3))
     return visible_attention(q, k, v), [q, k, v]
 
 
@@ -406,6 +406,9 @@ KERNEL_CASES = {
     "add_layer_norm_linear": (_call_add_layer_norm_linear, FUSED_BLOCK),
     # keys over one block: three backward kernels
     "visible_attention_long": (lambda: _call_visible_attention(n=150), FLASH),
+    # the MAE decoder's attention (197 tokens, head dim 32, bf16): one backward kernel, every key on chip
+    "visible_attention_decoder": (lambda: _call_visible_attention(n=197, head_dim=32, dtype=torch.bfloat16),
+                                  FLASH),
     "norm_mlp_add": (_call_norm_mlp_add, FUSED_BLOCK),
     "norm_linear_linear_add": (_call_norm_linear_linear_add, FUSED_BLOCK),
     # at a real layer width (ViT-B: 768, MLP 3072), a tiny batch (2 samples of 5 tokens)

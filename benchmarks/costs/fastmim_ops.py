@@ -108,17 +108,18 @@ def _attention_backward_flops(args, kwargs, out):
 
 
 def _attention_backward_launches(args, kwargs, out):
-    """One kernel when every key fits one block (short sequences), else three: delta = rowsum(dO * O),
-    dK and dV per key block, dQ per query block (the launcher's own rule)."""
+    """One kernel when every key fits one key block of the backward (short sequences: up to 128 keys, 256
+    at head dims up to 32), else three: delta = rowsum(dO * O), dK and dV per key block, dQ per query
+    block (the launcher's own rule)."""
     grad_out, q, k, v, o, lse, grad_lse, cu_seqlens, key_index, key_mask, max_seqlen = args[:11]
     q_shape, k_shape = _bhnd(q, k, cu_seqlens, key_index, max_seqlen)
     n_q = max_seqlen if cu_seqlens is not None else q_shape[2]
     n_k = max_seqlen if cu_seqlens is not None else k_shape[2]
     try:
-        from fastmim.kernels.attention import _blocks
+        from fastmim.kernels.attention import _bwd_blocks
     except ImportError:  # triton missing: assume the long-sequence path
         return 3
-    block_n = _blocks(q_shape[3], n_q, n_k)[1]
+    block_n = _bwd_blocks(q_shape[3], n_q, n_k, q.dtype == torch.float32)["dkdv_n"]
     return 1 if n_k <= block_n and grad_lse is None else 3
 
 

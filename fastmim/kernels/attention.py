@@ -56,6 +56,7 @@ KEYS_MASK = 2  # key_mask (B, L): invisible keys are skipped by a -inf score
 
 MAX_HEAD_DIM = 256
 FUSED_BACKWARD_MAX_KEYS = 128
+FUSED_BACKWARD_MAX_KEYS_SMALL_HEAD = 256  # head dims up to 32: see _bwd_blocks
 
 
 @triton.jit
@@ -398,6 +399,14 @@ def _bwd_blocks(head_dim: int, max_q: int, max_k: int, fp32: bool = False) -> di
     # A key block that cannot hold every key gains nothing from its size, and at 128 keys it spills on
     # sm_80 (ptxas -v): such sequences take 64-key blocks (more programs, no spill).
     dkdv_n = key_block if max_k <= key_block else min(key_block, 64)
+    if not fp32 and block_d <= 32 and key_block < max_k <= FUSED_BACKWARD_MAX_KEYS_SMALL_HEAD:
+        # Short sequences at small head dims (the MAE decoder: 197 tokens, head dim 32): every key and value
+        # of a (batch, head) stays on chip in one 256-key block, so one program per (batch, head) writes dQ,
+        # dK and dV in one pass (the fused kernel) instead of the three-kernel path; 16-query steps and 8
+        # warps compile without spills for sm_80 and sm_90a (ptxas -v).
+        return dict(dkdv_m=16, dkdv_n=FUSED_BACKWARD_MAX_KEYS_SMALL_HEAD,
+                    dq_m=max(16, min(triton.next_power_of_2(max_q), query_block)), dq_n=step, block_d=block_d,
+                    num_warps=8, num_stages=num_stages)
     return dict(
         dkdv_m=max(16, min(triton.next_power_of_2(max_q), step)), dkdv_n=dkdv_n,
         dq_m=max(16, min(triton.next_power_of_2(max_q), query_block)),
