@@ -139,12 +139,13 @@ CONFIGS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
 PATCHED = {"official_patched": "official", "hf_vitmae_patched": "hf_vitmae"}
 
 # The other methods, on fastmim's own models: ``eager_sdpa`` is the model's plain-PyTorch path
-# (``fused=False``: argsort masking, gathers, the patchify loss, timm's blocks) with SDPA, as a user
-# would write the method on today's timm; ``fastmim`` its fused path. No published code of these
+# (``fused=False``: the ops' references, i.e. gathers and the patchify loss, timm's blocks) with SDPA
+# and the official argsort masking (``masking="official"``), as a user would write the method on
+# today's timm; ``fastmim`` its fused path. No published code of these
 # methods is re-implemented in ``benchmarks/peers/``, so they have no ``official`` configuration.
 METHOD_PRESETS = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224", "smoke": "vit_tiny_patch4_32"}
 SMOKE_OVERRIDES = {k: v for k, v in SIZES["smoke"].items() if k not in ("img_size", "patch_size")}  # MAE's toy widths
-METHOD_CONFIGS = {"eager_sdpa": dict(fused=False, attn_backend="sdpa"),
+METHOD_CONFIGS = {"eager_sdpa": dict(fused=False, attn_backend="sdpa", masking="official"),
                   "fastmim": dict(fused=True, attn_backend="fastmim")}
 METHODS = ("supmim", "cmae", "lut")
 

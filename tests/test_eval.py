@@ -116,6 +116,18 @@ def test_load_checkpoint_rebuilds_the_model(trained_run):
     assert feats.shape == (3, TINY["embed_dim"])
 
 
+def test_eval_at_another_image_size(trained_run, tmp_path, capsys):
+    """--image-size: the features of larger images, the position embeddings resampled for them."""
+    log = tmp_path / "eval.jsonl"
+    assert main(["eval", "--checkpoint", str(trained_run), "--image-size", "48", "--limit-train", "200",
+                 "--limit-test", "100", "--log", str(log)]) == 0
+    (record,) = map(json.loads, log.read_text().splitlines())
+    assert record["image_size"] == 48 and 0.1 < record["top1"] <= 1.0
+    capsys.readouterr()
+    assert "multiple of the model's patch size 4" in _eval_error(capsys, ["eval", "--checkpoint", str(trained_run),
+                                                                          "--image-size", "30"])
+
+
 def _eval_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

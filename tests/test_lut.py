@@ -49,7 +49,7 @@ def test_the_views_keep_disjoint_slices_of_one_permutation(fused, mask_ratio, mo
     keep = int(25 * (1 - mask_ratio))
     seen = []
     real = model._visible_tokens
-    monkeypatch.setattr(model, "_visible_tokens", lambda x, ids: seen.append(ids) or real(x, ids))
+    monkeypatch.setattr(model, "_visible_tokens", lambda x, ids, pos: seen.append(ids) or real(x, ids, pos))
     ids_shuffle, _ = model.two_view_permutation(3, torch.device("cpu"), seed=42)
     model(*views(batch=3), mask_ratio, seed=42)
     (ids_keep,) = seen

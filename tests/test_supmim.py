@@ -26,11 +26,14 @@ def test_defaults_follow_the_method_spec():
     assert model.label_smoothing == 0.1 and model.pool == "avg" and model.cls_input == "masked"
     assert len(model.decoder_blocks) == 2 and model.decoder_embed.out_features == 512
     assert model.norm_pix_loss and isinstance(model.head, nn.Linear) and model.head.out_features == 7
-    supmae = SupervisedMIM(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, preset="supmae")
+    supmae = SupervisedMIM(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, recipe="supmae")
     assert supmae.mask_ratio == 0.75 and supmae.w_cls == 0.01 and supmae.logit_temperature == 10.0
     assert len(supmae.decoder_blocks) == 1 and isinstance(supmae.head[1], nn.BatchNorm1d)
-    assert SupervisedMIM(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, preset="supmae",
+    assert SupervisedMIM(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, recipe="supmae",
                          mask_ratio=0.6).mask_ratio == 0.6  # explicit arguments override the recipe
+    with pytest.warns(DeprecationWarning, match=r"recipe=\.\.\."):  # the recipe's former name still works
+        old = SupervisedMIM(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, preset="supmae")
+    assert old.recipe == "supmae" and old.mask_ratio == 0.75
 
 
 def test_create_model_presets():
@@ -40,7 +43,7 @@ def test_create_model_presets():
     # docs/METHODS.md's width stays an option on the small presets
     wide = create_model("supmim", "vit_tiny_patch4_32", depth=1, decoder_embed_dim=512, decoder_num_heads=16)
     assert wide.decoder_embed.out_features == 512 and wide.decoder_blocks[0].attn.num_heads == 16
-    assert create_model("supmae", "vit_tiny_patch4_32", depth=1).preset == "supmae"
+    assert create_model("supmae", "vit_tiny_patch4_32", depth=1).recipe == "supmae"
     with torch.device("meta"):
         base = create_model("supmim", "vit_base_patch16_224")
     assert base.decoder_embed.out_features == 512 and len(base.decoder_blocks) == 2
@@ -80,7 +83,7 @@ def test_seed_and_offset_choose_the_masks(fused):
 
 
 def test_supmae_recipe_weights_and_temperature():
-    model = tiny(preset="supmae")
+    model = tiny(recipe="supmae")
     model.eval()  # BatchNorm head: running statistics, so the hand computation below matches
     imgs, labels = batch()
     out = model(imgs, labels)
@@ -195,8 +198,8 @@ def test_bf16_autocast_and_compile():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="preset must be one of"):
-        tiny(preset="mae")
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        tiny(recipe="mae")
     with pytest.raises(ValueError, match="pool must be"):
         tiny(pool="max")
     with pytest.raises(ValueError, match="cls_input must be"):

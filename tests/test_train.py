@@ -340,6 +340,26 @@ def _cli_error(capsys, argv) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("method", ["mae", "cmae"])
+def test_mask_type_and_norm_pix_loss_reach_the_model(method):
+    """--mask-type and --norm-pix-loss / --no-norm-pix-loss (unset: the method's own default)."""
+    from fastmim.cli import build_parser
+    from fastmim.train.methods import build_model, get_adapter, resolve_model
+
+    adapter = get_adapter(method)
+    for argv, masking, norm_pix_loss in ((["--mask-type", "block"], "block", method != "mae"),
+                                         (["--no-norm-pix-loss"], "random", False),
+                                         (["--norm-pix-loss", "--masking", "grid"], "grid", True)):
+        args = vars(build_parser().parse_args(["train", *argv]))
+        cfg = TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
+        kwargs, _, _ = resolve_model(cfg, adapter, 1, 3)
+        with torch.device("meta"):
+            model = build_model(method, cfg.model, {**kwargs, "depth": 1})
+        assert (model.masking, model.norm_pix_loss) == (masking, norm_pix_loss)
+    # a config saved before --no-norm-pix-loss, where False meant "not asked for"
+    assert TrainConfig.from_json({"method": "cmae", "norm_pix_loss": False}).norm_pix_loss is None
+
+
 def test_bad_input_one_line_errors(tmp_path, capsys):
     out = ["--output", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *TINY_ARGS]
     assert "does not exist" in _cli_error(capsys, ["train", "--data", str(tmp_path / "nope"), *out])
@@ -351,7 +371,7 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "not divisible by the patch size 4" in _cli_error(capsys, ["train", "--image-size", "30", *out])
     assert "unknown method 'maee'" in _cli_error(capsys, ["train", "--method", "maee", *out])
     assert "unknown preset 'vit_tiny_patch4_33'" in _cli_error(capsys, ["train", "--model", "vit_tiny_patch4_33", *out])
-    assert "must be in (0, 1)" in _cli_error(capsys, ["train", "--mask-ratio", "1.5", *out])
+    assert "--mask-ratio must be in [0, 1), got 1.5" in _cli_error(capsys, ["train", "--mask-ratio", "1.5", *out])
     # A model's own validation (LUT's disjoint views need half the patches masked) is one line too.
     assert "mask_ratio" in _cli_error(capsys, ["train", "--method", "lut", "--mask-ratio", "0.3", "--batch-size", "2",
                                                "--output", str(tmp_path / "lut"), "--max-steps", "1", "--no-progress",

@@ -26,6 +26,11 @@ def derive_seed(*keys: int) -> int:
     return ((int(state[0]) << 32) | int(state[1])) & 0x7FFFFFFFFFFFFFFF
 
 
+# The last key of each epoch's plan, derive_seed(seed, epoch, EPOCH_PLAN_SALT): keeps the data
+# order's stream apart from the other streams derived from the run seed (the masks', the loader's).
+EPOCH_PLAN_SALT = 0x5A3D
+
+
 class TrainBatchSampler:
     """Yields, for one epoch from batch ``start`` on, lists of ``(index, aug_seed)`` pairs:
     this rank's share of each global batch. Use one per epoch as a DataLoader
@@ -52,7 +57,7 @@ class TrainBatchSampler:
 
     def plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(permutation, aug_seeds)`` of ``epoch``: int64 ``(N,)`` each, seeds by image index."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0x5A3D))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, EPOCH_PLAN_SALT))
         permutation = torch.randperm(self.num_samples, generator=generator)
         aug_seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
         return permutation, aug_seeds

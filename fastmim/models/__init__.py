@@ -5,6 +5,8 @@
 - :class:`MaskedAutoencoderViT`: a drop-in for the official MAE model (``models_mae.py``).
 - :class:`SupervisedMIM`: a classifier ViT trained jointly with a shallow MIM decoder.
 - :class:`CMAE`, :class:`LUT`: the two-view self-supervised variants (``forward(view1, view2)``).
+- :mod:`fastmim.models.masking`: where every model's masks come from (:func:`make_masks`; the
+  generators ``random``, ``official``, ``block``, ``grid`` and one's own, :func:`register_mask_generator`).
 - :func:`from_hf_vitmae`, :func:`to_hf_vitmae`: MAE weights from and to transformers' ViTMAE;
   :func:`load_timm_vit_into`: a timm ViT's weights into any model's encoder
   (:mod:`fastmim.models.convert`).
@@ -26,6 +28,7 @@ from fastmim.models.mae import (
     mae_vit_large_patch16,
     mae_vit_large_patch16_dec512d8b,
 )
+from fastmim.models.masking import MaskRequest, list_mask_generators, make_masks, register_mask_generator
 from fastmim.models.presets import (
     DEFAULT_PRESET,
     PRESETS,
@@ -40,14 +43,15 @@ from fastmim.models.supmim import RECIPES, SupervisedMIM
 from fastmim.models.vit import Attention, Block, get_2d_sincos_pos_embed, set_attn_backend
 
 __all__ = [
-    "DEFAULT_PRESET",
-    "PRESETS",
     "Attention",
     "Block",
     "CMAE",
+    "DEFAULT_PRESET",
     "EMATeacher",
     "LUT",
+    "MaskRequest",
     "MaskedAutoencoderViT",
+    "PRESETS",
     "PackedTokens",
     "RECIPES",
     "SupervisedMIM",
@@ -58,6 +62,7 @@ __all__ = [
     "get_2d_sincos_pos_embed",
     "get_preset",
     "hf_vitmae_config",
+    "list_mask_generators",
     "list_methods",
     "list_presets",
     "load_encoder_into_timm",
@@ -68,6 +73,8 @@ __all__ = [
     "mae_vit_huge_patch14_dec512d8b",
     "mae_vit_large_patch16",
     "mae_vit_large_patch16_dec512d8b",
+    "make_masks",
+    "register_mask_generator",
     "register_method",
     "set_attn_backend",
     "to_hf_vitmae",

@@ -8,9 +8,10 @@ position task, with a smaller decoder. ``forward(view1, view2)`` returns
 
 One step, both views in one batch of ``2B`` images:
 
-1. Masking: one ``random_masking`` call over the ``2B`` rows (view ``v`` of image ``b`` is
-   sample ``2 * (offset + b) + v`` of the seed, then reordered so that rows ``0..B-1`` are view
-   1), or the argsort of a given ``noise (2B, L)``.
+1. Masking: the model's masks (:mod:`fastmim.models.masking`; default ``random_masking``) in
+   one call over the ``2B`` rows (view ``v`` of image ``b`` is sample ``2 * (offset + b) + v`` of
+   the seed, then reordered so that rows ``0..B-1`` are view 1), or a given ``mask`` /
+   ``noise`` ``(2B, L)``.
 2. Encoder input: the first ``num_free = int(pos_fraction * K)`` visible tokens of each row
    (in shuffled order, so a uniformly random subset) get **no** position embedding, the others
    do (two ``gather_visible`` calls, ``cls`` first). One encoder pass serves all three tasks.
@@ -39,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmim.models.heads import info_nce, mlp_head
-from fastmim.models.mae import MaskedAutoencoderViT, _check_masking_source, _ln, _num_visible
+from fastmim.models.mae import MaskedAutoencoderViT
 from fastmim.models.presets import ViTPreset, register_method
-from fastmim.models.vit import check_images, check_mask_ratio
+from fastmim.models.vit import check_images, vit_layer_norm
 
 __all__ = ["CMAE"]
 
@@ -63,7 +64,7 @@ class CMAE(MaskedAutoencoderViT):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
                  decoder_embed_dim: int = 256, decoder_depth: int = 2, decoder_num_heads: int = 8,
-                 mlp_ratio: float = 4., norm_layer: type[nn.Module] = _ln, norm_pix_loss: bool = True,
+                 mlp_ratio: float = 4., norm_layer: type[nn.Module] = vit_layer_norm, norm_pix_loss: bool = True,
                  *, proj_hidden_dim: int = 2048, proj_dim: int = 256, proj_layers: int = 2,
                  temperature: float = 0.2, pos_fraction: float = 0.75,
                  w_mim: float = 1.0, w_con: float = 0.1, w_pos: float = 0.1, sync_bn: bool = True,
@@ -89,96 +90,92 @@ class CMAE(MaskedAutoencoderViT):
 
     def two_view_masking(self, batch: int, device: torch.device, mask_ratio: float,
                          noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
-                         offset: int | torch.Tensor | None = None,
+                         offset: int | torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                         grid_size: tuple[int, int] | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids_keep (2B, K), ids_restore (2B, L), mask (2B, L))`` for both views at once
-        (``batch`` = ``2B`` rows, view 1's first).
+        (``batch`` = ``2B`` rows, view 1's first), from the model's masks
+        (:meth:`~fastmim.models.MaskedAutoencoderViT.masks`).
 
-        ``noise (2B, L)``: argsort of it (the official convention, both paths). Otherwise
-        ``fastmim.ops.random_masking`` (fused) or its reference (``fused=False`` with a ``seed``:
-        the same bits), one call over the ``2B`` rows in which view ``v`` of image ``b`` is sample
-        ``2 * (offset + b) + v`` (``offset`` default 0): a process holding images ``[offset,
-        offset + B)`` of a global batch gets the masks one process with the whole batch would.
-        Or the official ``torch.rand`` argsort (``fused=False``, no seed).
+        ``mask`` or ``noise`` ``(2B, L)`` (view 1's rows first) are taken as given. Otherwise
+        the model's generator makes the ``2B`` rows in one call in which view ``v`` of image
+        ``b`` is sample ``2 * (offset + b) + v`` of the seed (``offset`` default 0): a process
+        holding images ``[offset, offset + B)`` of a global batch gets the masks one process with
+        the whole batch would. Every row must keep the same number of patches.
         """
-        length = self.num_patches
-        keep = _num_visible(length, check_mask_ratio(mask_ratio))
-        _check_masking_source(noise, seed, offset, self.fused)
-        if noise is not None:
-            if tuple(noise.shape) != (batch, length):
-                raise ValueError(f"noise must be (2B, L) = {(batch, length)} (view 1 rows first), "
-                                 f"got {tuple(noise.shape)}")
-            ids_shuffle = torch.argsort(noise, dim=1)
-            ids_restore = torch.argsort(ids_shuffle, dim=1)
-            return ids_shuffle[:, :keep], ids_restore, (ids_restore >= keep).to(torch.float32)
-        random_masking = self._fused_op("random_masking")
-        if random_masking is None and seed is not None:
-            from fastmim.ops.masking import random_masking_reference as random_masking
-        if random_masking is not None:
-            if batch % 2:
-                raise ValueError(f"batch must be 2B (the rows of both views), got {batch}")
-            images = batch // 2
-            pairs = random_masking(batch, length, mask_ratio, seed=seed, offset=2 * (0 if offset is None else offset),
-                                   device=device)
-            # Rows 2b + v -> v * B + b: view 1's rows first, as the model lays out the views.
-            return tuple(t.unflatten(0, (images, 2)).transpose(0, 1).flatten(0, 1) for t in pairs)
-        ids_shuffle = torch.argsort(torch.rand(batch, length, device=device), dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        return ids_shuffle[:, :keep], ids_restore, (ids_restore >= keep).to(torch.float32)
+        if batch % 2:
+            raise ValueError(f"batch must be 2B (the rows of both views), got {batch}")
+        grid = self.grid_size if grid_size is None else grid_size
+        for name, value in (("noise", noise), ("mask", mask)):
+            if value is not None and tuple(value.shape) != (batch, grid[0] * grid[1]):
+                raise ValueError(f"{name} must be (2B, L) = {(batch, grid[0] * grid[1])} (view 1 rows first), "
+                                 f"got {tuple(value.shape)}")
+        given = mask is not None or noise is not None or self.masking == "official"
+        masks = self.masks(batch, grid, mask_ratio, noise=noise, mask=mask, seed=seed,
+                           offset=None if offset is None else 2 * offset, device=device)
+        if masks.cu_seqlens is not None:
+            raise ValueError(f"CMAE needs the same number of visible patches in every row, got {masks.num_visible}")
+        out = (masks.ids_keep, masks.ids_restore, masks.mask)
+        if given:
+            return out
+        # Rows 2b + v -> v * B + b: view 1's rows first, as the model lays out the views.
+        return tuple(t.unflatten(0, (batch // 2, 2)).transpose(0, 1).flatten(0, 1) for t in out)
 
     # ------------------------------------------------------------------ encoder
-    def visible_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor, num_free: int) -> torch.Tensor:
+    def visible_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor, num_free: int,
+                       pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, K + 1, D)``: cls, then the visible tokens in ``ids_keep`` order; the first
-        ``num_free`` without position embedding, the rest with it."""
-        cls = self.cls_token + self.pos_embed[:, :1, :]
-        gather_visible = self._fused_op("gather_visible")
-        if gather_visible is not None:
-            pos = self.pos_embed[0, 1:, :]
-            if num_free == 0:
-                return gather_visible(x, ids_keep, pos, cls_token=cls)
-            free = gather_visible(x, ids_keep[:, :num_free], None, cls_token=cls)
-            if num_free == ids_keep.shape[1]:
-                return free
-            placed = gather_visible(x, ids_keep[:, num_free:], pos)
-            return torch.cat([free, placed.to(free.dtype)], dim=1)
-        batch, keep = ids_keep.shape
-        dim = x.shape[-1]
-        visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        has_pos = (torch.arange(keep, device=x.device) >= num_free).to(visible.dtype)
-        visible = visible + self.pos_embed[0, 1:, :][ids_keep] * has_pos[None, :, None]
-        return torch.cat([cls.expand(batch, -1, -1).to(visible.dtype), visible], dim=1)
+        ``num_free`` without position embedding, the rest with it (``pos_embed``: the images'
+        position embedding, default the model's)."""
+        pos_embed = self.pos_embed if pos_embed is None else pos_embed
+        cls = self.cls_token + pos_embed[:, :1, :]
+        gather_visible = self.ops.gather_visible
+        if num_free == 0:
+            return gather_visible(x, ids_keep, pos_embed[0, 1:, :], cls_token=cls)
+        free = gather_visible(x, ids_keep[:, :num_free], None, cls_token=cls)
+        if num_free == ids_keep.shape[1]:
+            return free
+        placed = gather_visible(x, ids_keep[:, num_free:], pos_embed[0, 1:, :])
+        return torch.cat([free, placed.to(free.dtype)], dim=1)
 
     # ------------------------------------------------------------------ forward
-    def _check_view(self, name: str, imgs: torch.Tensor) -> None:
+    def _check_view(self, name: str, imgs: torch.Tensor) -> tuple[int, int]:
         try:
-            check_images(imgs, self.in_chans, self.patch_embed.img_size, self.patch_size)
+            return check_images(imgs, self.in_chans, self.patch_size)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{name}: {err}") from None
 
     def forward(self, imgs1: torch.Tensor, imgs2: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
-                offset: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                offset: int | torch.Tensor | None = None, *,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{"loss", "loss_mim", "loss_con", "loss_pos"}`` (scalars) for two views ``(B, C, H, W)``.
 
-        ``noise (2B, L)`` (view 1's rows first) or ``seed`` and ``offset`` (the index of image 0
-        in the global batch) fix the masks (see :meth:`two_view_masking`).
+        ``mask`` or ``noise`` ``(2B, L)`` (view 1's rows first), or ``seed`` and ``offset`` (the
+        index of image 0 in the global batch) fix the masks (see :meth:`two_view_masking`). Views of
+        another size than the model's work when ``pos_fraction`` is 0 (the position task predicts
+        one of the model's ``L`` patch indices).
         """
-        self._check_view("imgs1", imgs1)
+        grid = self._check_view("imgs1", imgs1)
         self._check_view("imgs2", imgs2)
         if imgs1.shape != imgs2.shape:
             raise ValueError(f"the two views must have the same shape, got {tuple(imgs1.shape)} and "
                              f"{tuple(imgs2.shape)}")
+        if grid != self.grid_size and self.pos_fraction > 0:
+            raise ValueError(f"CMAE's position task predicts one of the {self.num_patches} patches of a "
+                             f"{self.grid_size} grid: views of a {grid} grid need pos_fraction=0")
         batch = imgs1.shape[0]
         imgs = torch.cat([imgs1, imgs2], dim=0)
-        ids_keep, ids_restore, mask = self.two_view_masking(2 * batch, imgs.device, mask_ratio, noise, seed, offset)
+        ids_keep, ids_restore, mask = self.two_view_masking(2 * batch, imgs.device, mask_ratio, noise, seed, offset,
+                                                            mask, grid)
         keep = ids_keep.shape[1]
         num_free = self.num_free(keep)
 
-        x = self.visible_tokens(self.patch_embed(imgs), ids_keep, num_free)
+        x = self.visible_tokens(self.patch_embed(imgs), ids_keep, num_free, self.pos_embed_for(grid))
         latent = self.norm(self._run_blocks(x, self.blocks))
 
         ids_masked = self.masked_ids(mask, keep) if self.pred_masked_only else None
-        pred = self.forward_decoder(latent, ids_restore, ids_masked)
+        pred = self.forward_decoder(latent, ids_restore, ids_masked, grid_size=grid)
         loss_mim = self.forward_loss(imgs, pred, mask, ids_masked)
 
         z = self.projector(latent[:, 1:, :].mean(dim=1))

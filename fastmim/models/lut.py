@@ -45,9 +45,11 @@ from torch import nn
 
 from fastmim.models.ema import EMAPairs, EMATeacher, ema_momentum
 from fastmim.models.heads import cosine_loss, mlp_head
-from fastmim.models.mae import MaskedAutoencoderViT, _check_masking_source, _ln, _num_visible
+from fastmim.models.mae import MaskedAutoencoderViT
+from fastmim.models.masking import keep_count, make_permutation
 from fastmim.models.presets import ViTPreset, register_method
-from fastmim.models.vit import check_images, check_mask_ratio
+from fastmim.models.vit import check_images, vit_layer_norm
+from fastmim.ops import check_mask_ratio
 
 __all__ = ["LUT"]
 
@@ -62,13 +64,14 @@ class LUT(MaskedAutoencoderViT):
       predictor (out = ``embed_dim``);
     - ``w_mae`` (1.0), ``w_bc`` (0.25): loss weights;
     - ``ema_momentum`` (0.996) and ``ema_final`` (1.0): the teacher's momentum schedule;
-    - ``sync_bn`` (True): the heads' BatchNorm takes global-batch statistics under DDP.
+    - ``sync_bn`` (True): the heads' BatchNorm takes global-batch statistics under DDP;
+    - ``masking``: ``"random"`` (default) or ``"official"``, the permutation's source.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                 mlp_ratio: float = 4., norm_layer: type[nn.Module] = _ln, norm_pix_loss: bool = True,
+                 mlp_ratio: float = 4., norm_layer: type[nn.Module] = vit_layer_norm, norm_pix_loss: bool = True,
                  *, head_hidden_dim: int = 4096, head_layers: int = 2, pred_layers: int = 2,
                  w_mae: float = 1.0, w_bc: float = 0.25, ema_momentum: float = 0.996, ema_final: float = 1.0,
                  sync_bn: bool = True, **mae_options: Any):
@@ -76,6 +79,9 @@ class LUT(MaskedAutoencoderViT):
             raise ValueError(f"need 0 <= ema_momentum <= ema_final <= 1, got {ema_momentum} and {ema_final}")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
                          decoder_depth, decoder_num_heads, mlp_ratio, norm_layer, norm_pix_loss, **mae_options)
+        if self.masking not in ("random", "official"):  # the two views cut one permutation (see forward)
+            raise ValueError(f"LUT's views cut one random permutation per image: masking must be 'random' or "
+                             f"'official', got {self.masking!r} (an explicit forward(mask=...) takes any masks)")
         self.w_mae, self.w_bc = float(w_mae), float(w_bc)
         self.ema_momentum, self.ema_final = float(ema_momentum), float(ema_final)
         self.projector = mlp_head(embed_dim, head_hidden_dim, embed_dim, head_layers, sync_bn=sync_bn)
@@ -150,76 +156,71 @@ class LUT(MaskedAutoencoderViT):
     # ------------------------------------------------------------------ masking
     def two_view_permutation(self, batch: int, device: torch.device, noise: torch.Tensor | None = None,
                              seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None,
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids_shuffle, ids_restore)``, ``(B, L)`` each: argsort of ``noise`` when given, else
-        ``fastmim.ops.random_permutation`` (fused) / its reference (``fused=False`` with a
-        ``seed``), image ``b`` permuted as sample ``offset + b`` (default 0) of the seed / the
-        official ``torch.rand`` argsort (``fused=False``, no seed)."""
-        length = self.num_patches
-        _check_masking_source(noise, seed, offset, self.fused)
-        offset = 0 if offset is None else offset
-        if noise is not None:
-            if tuple(noise.shape) != (batch, length):
-                raise ValueError(f"noise must be (B, L) = {(batch, length)}, got {tuple(noise.shape)}")
-            ids_shuffle = torch.argsort(noise, dim=1)
-            return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
-        random_permutation = self._fused_op("random_permutation")
-        if random_permutation is not None:
-            return random_permutation(batch, length, seed=seed, offset=offset, device=device)
-        if seed is not None:
-            from fastmim.ops.masking import random_permutation_reference
+                             num_patches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids_shuffle, ids_restore)``, ``(B, L)`` each (:func:`fastmim.models.masking.make_permutation`;
+        ``L`` = ``num_patches``, default the model's): argsort of ``noise`` when given, else with the
+        model's ``masking``: ``"random"``, the counter-based ``random_permutation`` (image ``b``
+        permuted as sample ``offset + b``, default 0, of the seed), or ``"official"``, the
+        ``torch.rand`` argsort."""
+        return make_permutation(batch, num_patches or self.num_patches, masking=self.masking, noise=noise, seed=seed,
+                                offset=offset, device=device, reference=not self.fused)
 
-            return random_permutation_reference(batch, length, seed=seed, offset=offset, device=device)
-        ids_shuffle = torch.argsort(torch.rand(batch, length, device=device), dim=1)
-        return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
+    def _visible_ids(self, batch: int, device: torch.device, mask_ratio: float, noise: torch.Tensor | None,
+                     seed: int | torch.Tensor | None, offset: int | torch.Tensor | None,
+                     mask: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids_keep (2B, K), ids_restore (B, L))``: both views' visible patches (disjoint) and view
+        1's ranks, from one permutation per image or from a given ``mask (2B, L)``."""
+        if mask is None:
+            length = grid[0] * grid[1]
+            keep = keep_count(length, mask_ratio)
+            ids_shuffle, ids_restore = self.two_view_permutation(batch, device, noise, seed, offset, length)
+            return torch.cat([ids_shuffle[:, :keep], ids_shuffle[:, keep:2 * keep]], dim=0), ids_restore
+        masks = self.masks(2 * batch, grid, noise=noise, mask=mask, seed=seed, offset=offset, device=device)
+        if masks.cu_seqlens is not None or bool(((masks.mask[:batch] == 0) & (masks.mask[batch:] == 0)).any()):
+            raise ValueError("LUT's mask (2B, L) must keep the same number of patches in every row, and the two "
+                             "views of an image disjoint sets")
+        return masks.ids_keep, masks.ids_restore[:batch]
 
-    def _visible_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        gather_visible = self._fused_op("gather_visible")
-        if gather_visible is not None:
-            return gather_visible(x, ids_keep, self.pos_embed, cls_token=self.cls_token)
-        dim = x.shape[-1]
-        x = x + self.pos_embed[:, 1:, :]
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls.to(x.dtype), x], dim=1)
+    def _visible_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        """``(2B, K + 1, D)``: cls, then each row's visible tokens, with their position embedding."""
+        return self.ops.gather_visible(x, ids_keep, pos_embed, cls_token=self.cls_token)
 
     # ------------------------------------------------------------------ forward
-    def _check_view(self, name: str, imgs: torch.Tensor) -> None:
+    def _check_view(self, name: str, imgs: torch.Tensor) -> tuple[int, int]:
         try:
-            check_images(imgs, self.in_chans, self.patch_embed.img_size, self.patch_size)
+            return check_images(imgs, self.in_chans, self.patch_size)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{name}: {err}") from None
 
     def forward(self, imgs1: torch.Tensor, imgs2: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
-                offset: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                offset: int | torch.Tensor | None = None, *,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{"loss", "loss_mae", "loss_bc"}`` (scalars) for two views ``(B, C, H, W)``.
 
         ``mask_ratio`` must be >= 0.5 (the two views' visible sets are disjoint). ``noise (B, L)``
         or ``seed`` and ``offset`` (the index of image 0 in the global batch) fix the permutation
-        (see :meth:`two_view_permutation`).
+        (see :meth:`two_view_permutation`); or ``mask (2B, L)`` (view 1's rows first, 1 = removed)
+        gives both views' masks. The views may have another size than the model's (a multiple
+        of the patch size).
         """
-        self._check_view("imgs1", imgs1)
+        grid = self._check_view("imgs1", imgs1)
         self._check_view("imgs2", imgs2)
         if imgs1.shape != imgs2.shape:
             raise ValueError(f"the two views must have the same shape, got {tuple(imgs1.shape)} and "
                              f"{tuple(imgs2.shape)}")
-        mask_ratio = check_mask_ratio(mask_ratio)
-        if mask_ratio < 0.5:
+        if check_mask_ratio(mask_ratio) < 0.5 and mask is None:
             raise ValueError(f"LUT needs mask_ratio >= 0.5 (the two views keep disjoint sets of K = int(L * (1 - "
                              f"mask_ratio)) patches each, so 2K <= L), got {mask_ratio}")
-        batch, length = imgs1.shape[0], self.num_patches
-        keep = _num_visible(length, mask_ratio)
-
-        ids_shuffle, ids_restore = self.two_view_permutation(batch, imgs1.device, noise, seed, offset)
-        ids_keep = torch.cat([ids_shuffle[:, :keep], ids_shuffle[:, keep:2 * keep]], dim=0)  # (2B, K)
-        x = self._visible_tokens(self.patch_embed(torch.cat([imgs1, imgs2], dim=0)), ids_keep)
+        batch = imgs1.shape[0]
+        ids_keep, ids_restore = self._visible_ids(batch, imgs1.device, mask_ratio, noise, seed, offset, mask, grid)
+        keep = ids_keep.shape[1]
+        x = self._visible_tokens(self.patch_embed(torch.cat([imgs1, imgs2], dim=0)), ids_keep, self.pos_embed_for(grid))
         latent = self.norm(self._run_blocks(x, self.blocks))
 
         mask1 = (ids_restore >= keep).to(torch.float32)
-        latent1 = latent[:batch]
         ids_masked = self.masked_ids(mask1, keep) if self.pred_masked_only else None
-        pred = self.forward_decoder(latent1, ids_restore, ids_masked)
+        pred = self.forward_decoder(latent[:batch], ids_restore, ids_masked, grid_size=grid)
         loss_mae = self.forward_loss(imgs1, pred, mask1, ids_masked)
 
         pooled = latent[:, 1:, :].mean(dim=1)

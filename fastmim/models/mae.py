@@ -4,26 +4,35 @@
 method names (``patchify``, ``unpatchify``, ``random_masking``, ``forward_encoder``,
 ``forward_decoder``, ``forward_loss``, ``forward``), ``forward(imgs, mask_ratio=0.75) ->
 (loss, pred, mask)`` and the ``state_dict`` keys and shapes, so official checkpoints load
-and official training scripts run unchanged. What it adds:
+and official training scripts run unchanged. The steps are the paper's, each one op:
+``random_masking`` (the masks), ``gather_visible`` (visible tokens + position embedding + cls),
+the encoder blocks, ``unshuffle`` (mask tokens, un-shuffle, decoder position embedding), the
+decoder blocks and ``masked_patch_mse`` (the loss). What it adds:
 
-- ``fused=True`` (default): masking, the visible-token gather, the decoder's un-shuffle and
-  the loss are fastmim ops (``random_masking``, ``gather_visible``, ``unshuffle``,
-  ``masked_patch_mse``), attention goes to ``attn_backend``, and the blocks are
-  :class:`~fastmim.models.vit.FusedBlock` (fused LayerNorm, residual add and bias + GELU,
-  their outputs recomputed in backward instead of saved; where the fused ops have a kernel),
-  chained by :func:`~fastmim.models.vit.run_blocks` so that every residual add runs inside a
-  LayerNorm kernel. ``fused=False`` runs the
-  official plain-PyTorch steps. Both compute the same function; with the same ``noise`` (or
-  the same ``seed``) they give the same loss.
-- ``forward(imgs, mask_ratio, seed=..., offset=...)``: masks from the counter-based RNG of
-  ``fastmim.ops.random_masking`` (image ``b`` is sample ``offset + b`` of ``seed``), so a
-  process holding images ``[offset, offset + B)`` of a global batch masks them as one process
-  holding the whole batch would.
+- ``fused=True`` (default): those ops are fastmim's fused ops, attention goes to
+  ``attn_backend``, and the blocks are :class:`~fastmim.models.vit.FusedBlock` (fused LayerNorm,
+  residual add and bias + GELU, their outputs recomputed in backward instead of saved; where
+  the fused ops have a kernel), chained by :func:`~fastmim.models.vit.run_blocks` so that every
+  residual add runs inside a LayerNorm kernel. ``fused=False`` calls the same ops' plain-PyTorch
+  references (:class:`~fastmim.models.vit.ModelOps`) and timm's blocks: the same function, the
+  same masks and loss for the same inputs.
+- Where the masks come from (:mod:`fastmim.models.masking`, one module for every method):
+  ``masking="random"`` (default; the counter-based RNG of ``fastmim.ops.random_masking``:
+  ``forward(imgs, mask_ratio, seed=..., offset=...)`` masks image ``b`` as sample ``offset + b``
+  of ``seed``, so a process holding images ``[offset, offset + B)`` of a global batch masks
+  them as one process holding the whole batch would), ``"official"`` (``torch.rand`` and
+  ``argsort``: an official run's masks, bit for bit, for the same ``torch.manual_seed``),
+  ``"block"``, ``"grid"`` or a generator of one's own; ``forward(imgs, mask=...)`` takes a mask
+  (1 = removed); a subclass overriding ``random_masking(x, mask_ratio, noise=None)`` (the hook
+  the official code offers) gets its masks used, fused or not.
 - ``pred_masked_only=True``: the decoder's output projection and the loss see the masked
   tokens only; ``pred`` is then ``(B, L - K, p*p*C)``, the masked patches in increasing
   patch index (``pred`` fills ``mask.bool()`` in order). Same loss.
-- a per-sample mask ratio (a sequence of ``B`` floats): the encoder runs on packed
-  variable-length sequences (``cu_seqlens``), no padding.
+- a per-sample mask ratio (a sequence of ``B`` floats), or a mask removing a different number
+  of patches per image: the encoder runs on packed variable-length sequences (``cu_seqlens``).
+- images of another size than ``img_size`` (any multiple of the patch size, square or not):
+  the position embeddings are resampled (bicubic, :func:`~fastmim.models.vit.resize_pos_embed`)
+  in ``forward``, ``forward_encoder``, ``forward_features`` and ``encode``.
 - ``encode(imgs)``: features of the unmasked image for k-NN / linear probing.
 - ``reconstruct(imgs, pred, mask)``: the prediction as images in pixel space (norm-pix undone
   with each target patch's own mean and variance); ``unpatchify`` for any patch grid.
@@ -33,30 +42,32 @@ and official training scripts run unchanged. What it adds:
 
 from __future__ import annotations
 
-import itertools
+import math
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from fastmim.models.masking import MaskGenerator, Masks, make_masks, mask_generator
 from fastmim.models.presets import ViTPreset, register_method
 from fastmim.models.vit import (
     Block,
     FusedBlock,
+    ModelOps,
     PatchEmbed,
     check_images,
-    check_mask_ratio,
     check_patch_grid,
     get_2d_sincos_pos_embed,
     init_mae_weights,
+    resize_pos_embed,
     run_blocks,
+    vit_layer_norm,
 )
 
 
 class PackedTokens(NamedTuple):
-    """Variable-length token sequences packed along one axis (the per-sample mask ratio path).
+    """Variable-length token sequences packed along one axis (samples keeping different numbers of patches).
 
     ``tokens``: ``(B + T, D)``; sample ``b`` at rows ``cu_seqlens[b]:cu_seqlens[b + 1]``: its cls
     token, then its ``K_b`` visible tokens in shuffled order (the layout of
@@ -72,33 +83,11 @@ class PackedTokens(NamedTuple):
     visible_cu_seqlens: torch.Tensor
     num_visible: tuple[int, ...]
 
-
-class _Masking(NamedTuple):
-    ids_keep: torch.Tensor  # (B, K), or packed (T,) with cu_seqlens
-    ids_restore: torch.Tensor  # (B, L)
-    mask: torch.Tensor  # (B, L) float32, 1 = removed
-    cu_seqlens: torch.Tensor | None  # (B + 1,) int32 cumulative keep counts: packed only
-    num_visible: tuple[int, ...] | None  # per sample: packed only
-
-
-def _num_visible(num_patches: int, mask_ratio: float) -> int:
-    keep = int(num_patches * (1 - mask_ratio))
-    if keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {num_patches}")
-    return keep
-
-
-def _normalize_mask_ratio(mask_ratio: Any, batch: int) -> float | list[float]:
-    """A float, or one float per sample (a sequence or a 1-D tensor, read on the host)."""
-    if isinstance(mask_ratio, torch.Tensor):
-        if mask_ratio.dim() == 0:
-            return check_mask_ratio(float(mask_ratio))
-        mask_ratio = mask_ratio.detach().cpu().tolist()
-    if isinstance(mask_ratio, Sequence) and not isinstance(mask_ratio, str):
-        if len(mask_ratio) != batch:
-            raise ValueError(f"a per-sample mask_ratio must have one value per image ({batch}), got {len(mask_ratio)}")
-        return [check_mask_ratio(r, "mask_ratio[i]") for r in mask_ratio]
-    return check_mask_ratio(mask_ratio)
+    @classmethod
+    def of(cls, tokens: torch.Tensor, masks: Masks) -> PackedTokens:
+        """``gather_visible``'s packed output (cls rows included) for packed ``masks``."""
+        cls_rows = torch.arange(len(masks.num_visible) + 1, device=tokens.device, dtype=torch.int32)
+        return cls(tokens, masks.cu_seqlens + cls_rows, masks.max_seqlen + 1, masks.cu_seqlens, masks.num_visible)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -109,7 +98,9 @@ class MaskedAutoencoderViT(nn.Module):
     norm_pix_loss`` with the official defaults (ViT-L encoder, 512x8 decoder, ``nn.LayerNorm``
     with eps 1e-5: the factories pass eps 1e-6).
 
-    Args (fastmim, keyword only): ``fused`` (fastmim ops vs the official plain steps),
+    Args (fastmim, keyword only): ``fused`` (fastmim's fused ops, or their plain-PyTorch
+    references), ``masking`` (where the masks come from: ``"random"``, ``"official"``, ``"block"``,
+    ``"grid"``, a registered name or a generator; see :mod:`fastmim.models.masking`),
     ``attn_backend`` (``"fastmim" | "sdpa" | "xformers" | "reference" | None``; ``None``
     lets fastmim choose when fused, SDPA otherwise), ``pred_masked_only``, ``drop_path_rate``,
     ``decoder_mlp_ratio`` (the decoder blocks' MLP width over their width; default ``mlp_ratio``,
@@ -121,19 +112,24 @@ class MaskedAutoencoderViT(nn.Module):
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4., norm_layer: type[nn.Module] = nn.LayerNorm, norm_pix_loss: bool = False,
                  *, fused: bool = True, attn_backend: str | None = None, pred_masked_only: bool = False,
-                 drop_path_rate: float = 0.0, decoder_mlp_ratio: float | None = None):
+                 drop_path_rate: float = 0.0, decoder_mlp_ratio: float | None = None,
+                 masking: str | MaskGenerator = "random"):
         super().__init__()
         grid = check_patch_grid(img_size, patch_size)
         if not isinstance(patch_size, int):
             patch_size = patch_size[0]
         self.fused = fused
+        self.ops = ModelOps(fused)
+        mask_generator(masking)  # an unknown name fails here, not at the first forward
+        self.masking = masking
         self.pred_masked_only = pred_masked_only
         self.in_chans = in_chans
         block_backend = attn_backend if (attn_backend is not None or fused) else "sdpa"
         block_cls = FusedBlock if fused else Block  # same parameters, same function
 
         # ----- encoder
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        # strict_img_size=False: other image sizes run too (resize_pos_embed fits the position embeddings).
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)  # fixed
@@ -159,14 +155,6 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.grid_size = grid
         self.initialize_weights()
-
-    def _fused_op(self, name: str):
-        """The fastmim op ``name`` when this model runs fused (``None``: take the plain step)."""
-        if not self.fused:
-            return None
-        import fastmim.ops
-
-        return getattr(fastmim.ops, name, None)
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
@@ -274,172 +262,96 @@ class MaskedAutoencoderViT(nn.Module):
         return self.unpatchify(out, grid)
 
     # ------------------------------------------------------------------ masking
+    def masks(self, batch: int, grid_size: tuple[int, int], mask_ratio: Any = 0.75, *,
+              noise: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+              seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None,
+              device: torch.device | str = "cpu") -> Masks:
+        """This model's masks for ``batch`` images of a ``grid_size`` patch grid:
+        :func:`fastmim.models.masking.make_masks` with the model's ``masking`` (the sources: see
+        :meth:`forward`)."""
+        return make_masks(batch, grid_size, mask_ratio, masking=self.masking, noise=noise, mask=mask, seed=seed,
+                          offset=offset, device=device, reference=not self.fused)
+
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        """Official per-sample random masking by argsort of noise: ``(x_masked, mask, ids_restore)``.
+        """The official hook: ``x (B, L, D) -> (x_masked (B, K, D), mask (B, L), ids_restore (B, L))``.
 
-        ``x``: ``(B, L, D)``; keeps ``K = int(L * (1 - mask_ratio))`` tokens per sample; ``mask``
-        is 1 on removed patches. ``noise`` (``(B, L)``) replaces ``torch.rand`` when given.
+        The model's masks of the ``L`` tokens (``argsort(noise)`` when ``noise`` is given, the
+        official rule) and the kept tokens, ``mask`` 1 on removed ones. A subclass may override it
+        (as the official code invites): :meth:`forward_encoder` then masks with its output,
+        called as the official encoder calls it (on ``patch_embed(imgs) + pos_embed``), fused or not.
         """
-        n, length, d = x.shape
-        len_keep = _num_visible(length, check_mask_ratio(mask_ratio))
-        if noise is None:
-            noise = torch.rand(n, length, device=x.device)
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, d))
-        mask = torch.ones([n, length], device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, dim=1, index=ids_restore)
-        return x_masked, mask, ids_restore
+        masks = self.masks(x.shape[0], self._grid_of(x.shape[1]), mask_ratio, noise=noise, device=x.device)
+        x_masked = self.ops.gather_visible(x, masks.ids_keep, cu_seqlens=masks.cu_seqlens, max_seqlen=masks.max_seqlen)
+        return x_masked, masks.mask, masks.ids_restore
 
-    def _masking(self, batch: int, device: torch.device, mask_ratio: float | list[float],
-                 noise: torch.Tensor | None, seed: int | torch.Tensor | None = None,
-                 offset: int | torch.Tensor | None = None) -> _Masking:
-        """Keep indices, ``ids_restore`` and mask.
+    def _masks_from_hook(self) -> bool:
+        """A subclass overrides :meth:`random_masking`: its output is the masking."""
+        return type(self).random_masking is not MaskedAutoencoderViT.random_masking
 
-        ``noise`` given: ``argsort(noise)`` (the official rule, both paths). Otherwise the
-        counter-based RNG of fastmim's ``random_masking`` with ``seed`` (default: drawn from the
-        default torch generator) and ``offset`` (image ``b`` is sample ``offset + b``): the fused
-        op, or, not fused with a ``seed``, its reference (the same bits). Not fused and no seed:
-        the argsort of ``torch.rand`` noise (the official rule).
-        """
-        length = self.num_patches
-        _check_masking_source(noise, seed, offset, self.fused)
-        if noise is not None and tuple(noise.shape) != (batch, length):
-            raise ValueError(f"noise must be (B, L) = {(batch, length)}, got {tuple(noise.shape)}")
-        per_sample = not isinstance(mask_ratio, float)
-        counts = [_num_visible(length, r) for r in mask_ratio] if per_sample else _num_visible(length, mask_ratio)
-        offset = 0 if offset is None else offset
-        random_masking = self._fused_op("random_masking")
-        if noise is None and random_masking is not None:
-            if per_sample:
-                m = random_masking(batch, length, num_keep=counts, seed=seed, offset=offset, device=device)
-                return _Masking(m.ids_keep, m.ids_restore, m.mask, m.cu_seqlens, tuple(counts))
-            m = random_masking(batch, length, mask_ratio, seed=seed, offset=offset, device=device)
-            return _Masking(m.ids_keep, m.ids_restore, m.mask, None, None)
-        if noise is None and seed is not None:
-            from fastmim.ops.masking import random_permutation_reference
-
-            ids_shuffle, ids_restore = random_permutation_reference(batch, length, seed=seed, offset=offset,
-                                                                    device=device)
-        else:
-            if noise is None:
-                noise = torch.rand(batch, length, device=device)
-            ids_shuffle = torch.argsort(noise, dim=1)
-            ids_restore = torch.argsort(ids_shuffle, dim=1)
-        if not per_sample:
-            mask = (ids_restore >= counts).to(torch.float32)
-            return _Masking(ids_shuffle[:, :counts], ids_restore, mask, None, None)
-        keep = torch.tensor(counts, device=device)
-        mask = (ids_restore >= keep[:, None]).to(torch.float32)
-        # Packed keep indices built from host-known counts: no device sync.
-        rows = torch.cat([torch.arange(k) + b * length for b, k in enumerate(counts)]).to(device)
-        cu_seqlens = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=device)
-        return _Masking(ids_shuffle.reshape(-1)[rows], ids_restore, mask, cu_seqlens, tuple(counts))
+    def _grid_of(self, num_patches: int) -> tuple[int, int]:
+        """The patch grid of ``num_patches`` tokens: the model's own, else a square one, else one row."""
+        if num_patches == self.num_patches:
+            return self.grid_size
+        side = math.isqrt(num_patches)
+        return (side, side) if side * side == num_patches else (1, num_patches)
 
     # ------------------------------------------------------------------ encoder
-    def _check_inputs(self, imgs: torch.Tensor) -> None:
-        check_images(imgs, self.in_chans, self.patch_embed.img_size, self.patch_size)
+    def pos_embed_for(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """``pos_embed`` for images of a ``grid_size`` patch grid (resampled when it is not the model's)."""
+        return resize_pos_embed(self.pos_embed, grid_size, self.grid_size)
 
     def _run_blocks(self, x: torch.Tensor | PackedTokens, blocks: nn.ModuleList) -> torch.Tensor | PackedTokens:
         if isinstance(x, PackedTokens):
             return x._replace(tokens=run_blocks(blocks, x.tokens, cu_seqlens=x.cu_seqlens, max_seqlen=x.max_seqlen))
         return run_blocks(blocks, x)
 
-    def _gather_visible(self, x: torch.Tensor, masking: _Masking) -> torch.Tensor:
-        """``[cls + pos, visible tokens + pos]`` per sample: ``(B, K + 1, D)``, or packed ``(B + T, D)``."""
-        gather_visible = self._fused_op("gather_visible")
-        if gather_visible is not None:
-            max_seqlen = None if masking.num_visible is None else max(masking.num_visible)
-            return gather_visible(x, masking.ids_keep, self.pos_embed, cls_token=self.cls_token,
-                                  cu_seqlens=masking.cu_seqlens, max_seqlen=max_seqlen)
-        batch, length, dim = x.shape
-        x = x + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype)
-        if masking.num_visible is None:
-            x = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-            return torch.cat((cls.expand(batch, -1, -1), x), dim=1)
-        # Packed: sample b's rows are [cls, x[b, its kept ids]]; one index into the rows [cls; x].
-        counts = torch.tensor(masking.num_visible)
-        batch_of_row = torch.repeat_interleave(torch.arange(batch), counts).to(x.device)
-        out_rows = torch.arange(batch_of_row.shape[0], device=x.device) + batch_of_row + 1  # after b + 1 cls rows
-        src = torch.zeros(batch_of_row.shape[0] + batch, dtype=torch.long, device=x.device)
-        src = src.index_put((out_rows,), masking.ids_keep + batch_of_row * length + 1)
-        return torch.cat([cls.reshape(1, dim), x.reshape(batch * length, dim)]).index_select(0, src)
-
-    def _encode_masked(self, imgs: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None,
-                       seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None,
-                       ) -> tuple[torch.Tensor | PackedTokens, torch.Tensor, torch.Tensor]:
-        """Encoder on the visible tokens, before the final norm: ``(x, mask, ids_restore)``."""
-        self._check_inputs(imgs)
-        mask_ratio = _normalize_mask_ratio(mask_ratio, imgs.shape[0])
-        x = self.patch_embed(imgs)
-        if isinstance(mask_ratio, float) and not self.fused and seed is None and offset is None:
-            # The official steps, in the official order (the same RNG draws as models_mae.py).
-            x = x + self.pos_embed[:, 1:, :]
-            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-            cls = self.cls_token + self.pos_embed[:, :1, :]
-            x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)
-            return self._run_blocks(x, self.blocks), mask, ids_restore
-        masking = self._masking(imgs.shape[0], imgs.device, mask_ratio, noise, seed, offset)
-        x = self._gather_visible(x, masking)
-        if masking.num_visible is not None:
-            with_cls = masking.cu_seqlens + torch.arange(imgs.shape[0] + 1, device=imgs.device, dtype=torch.int32)
-            x = PackedTokens(x, with_cls, max(masking.num_visible) + 1, masking.cu_seqlens, masking.num_visible)
-        return self._run_blocks(x, self.blocks), masking.mask, masking.ids_restore
-
     def _apply_norm(self, x: torch.Tensor | PackedTokens, norm: nn.Module) -> torch.Tensor | PackedTokens:
         return x._replace(tokens=norm(x.tokens)) if isinstance(x, PackedTokens) else norm(x)
 
-    def forward_encoder(self, x: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None = None, *,
-                        seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None):
-        """``imgs -> (latent, mask, ids_restore)``; ``latent`` is ``(B, K + 1, D)`` after the final norm.
-
-        With a per-sample ``mask_ratio`` the latent is a :class:`PackedTokens`. ``noise`` or
-        ``seed`` / ``offset`` choose the masks (see :meth:`forward`).
-        """
-        latent, mask, ids_restore = self._encode_masked(x, mask_ratio, noise, seed, offset)
-        return self._apply_norm(latent, self.norm), mask, ids_restore
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: Any, noise: torch.Tensor | None = None, *,
+                        mask: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
+                        offset: int | torch.Tensor | None = None):
+        """``imgs -> (latent, mask, ids_restore)``; ``latent`` is ``(B, K + 1, D)`` after the final norm,
+        a :class:`PackedTokens` when the images keep different numbers of patches. The masks: see
+        :meth:`forward`."""
+        grid = check_images(imgs, self.in_chans, self.patch_size)
+        pos_embed = self.pos_embed_for(grid)
+        x = self.patch_embed(imgs)
+        if mask is None and self._masks_from_hook():  # as the official forward_encoder calls it
+            x, mask, ids_restore = self.random_masking(x + pos_embed[:, 1:, :], mask_ratio, noise)
+            cls = (self.cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls.to(x.dtype), x], dim=1)
+        else:
+            masks = self.masks(imgs.shape[0], grid, mask_ratio, noise=noise, mask=mask, seed=seed, offset=offset,
+                               device=imgs.device)
+            x = self.ops.gather_visible(x, masks.ids_keep, pos_embed, cls_token=self.cls_token,
+                                        cu_seqlens=masks.cu_seqlens, max_seqlen=masks.max_seqlen)
+            x = x if masks.cu_seqlens is None else PackedTokens.of(x, masks)
+            mask, ids_restore = masks.mask, masks.ids_restore
+        x = self._run_blocks(x, self.blocks)
+        return self._apply_norm(x, self.norm), mask, ids_restore
 
     # ------------------------------------------------------------------ decoder
-    def _decoder_input(self, x: torch.Tensor | PackedTokens, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Decoder tokens ``(B, L + 1, Dd)``: visible tokens back in place, mask tokens elsewhere, + pos embed."""
-        packed = isinstance(x, PackedTokens)
-        tokens = self.decoder_embed(x.tokens if packed else x)
-        unshuffle = self._fused_op("unshuffle")
-        if unshuffle is not None:
-            return unshuffle(tokens, ids_restore, self.mask_token, self.decoder_pos_embed, has_cls=True,
-                             cu_seqlens=x.visible_cu_seqlens if packed else None)
-        if packed:  # scatter each sample's [cls, visible] rows into a (B, L + 1) shuffled sequence first
-            batch, length = ids_restore.shape
-            dim = tokens.shape[-1]
-            rows = torch.cat([torch.arange(k + 1) + b * (length + 1) for b, k in enumerate(x.num_visible)])
-            filler = self.mask_token.reshape(1, dim).to(tokens.dtype).expand(batch * (length + 1), dim)
-            full = filler.index_copy(0, rows.to(tokens.device), tokens).reshape(batch, length + 1, dim)
-            body = torch.gather(full[:, 1:], 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
-            return torch.cat([full[:, :1], body], dim=1) + self.decoder_pos_embed
-        x = tokens
-        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1)
-        return x + self.decoder_pos_embed
-
     def forward_decoder(self, x: torch.Tensor | PackedTokens, ids_restore: torch.Tensor,
-                        ids_masked: torch.Tensor | None = None) -> torch.Tensor:
+                        ids_masked: torch.Tensor | None = None, *,
+                        grid_size: tuple[int, int] | None = None) -> torch.Tensor:
         """``latent -> pred`` ``(B, L, p*p*C)``.
 
         With ``ids_masked`` (see :meth:`masked_ids`; ``forward`` passes it when
         ``pred_masked_only``) only those tokens reach ``decoder_pred``: ``(B, L - K, p*p*C)``, or
-        ``(total masked, p*p*C)`` for a packed latent, in ``mask.bool()`` order.
+        ``(total masked, p*p*C)`` for a packed latent, in ``mask.bool()`` order. ``grid_size``: the
+        images' patch grid (default: the model's, or a square one of ``L`` patches).
         """
-        tokens = self._decoder_input(x, ids_restore)
-        tokens = self._run_blocks(tokens, self.decoder_blocks)
-        tokens = self.decoder_norm(tokens)[:, 1:, :]
+        cu_seqlens = x.visible_cu_seqlens if isinstance(x, PackedTokens) else None
+        pos_embed = resize_pos_embed(self.decoder_pos_embed, grid_size or self._grid_of(ids_restore.shape[1]),
+                                     self.grid_size)
+        x = self.decoder_embed(x if cu_seqlens is None else x.tokens)
+        x = self.ops.unshuffle(x, ids_restore, self.mask_token, pos_embed, has_cls=True, cu_seqlens=cu_seqlens)
+        x = self._run_blocks(x, self.decoder_blocks)
+        x = self.decoder_norm(x)[:, 1:, :]
         if ids_masked is not None:
-            tokens = _take_rows(tokens, ids_masked)
-        return self.decoder_pred(tokens)
+            x = take_rows(x, ids_masked)
+        return self.decoder_pred(x)
 
     @staticmethod
     def masked_ids(mask: torch.Tensor, num_visible: int | Sequence[int] | None = None) -> torch.Tensor:
@@ -462,57 +374,50 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------ loss
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
                      ids_masked: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error on the removed patches (normalised per patch when ``norm_pix_loss``).
+        """Mean squared error on the removed patches (normalised per patch when ``norm_pix_loss``):
+        ``fastmim.ops.masked_patch_mse``. Nothing masked (``mask_ratio=0``) gives 0 with zero
+        gradients, where the official code divides 0 by 0.
 
         ``pred``: ``(B, L, p*p*C)``, or the rows at ``ids_masked`` only (``pred_masked_only``;
         when ``ids_masked`` is not given it is recomputed from ``mask``).
         """
         if ids_masked is None and not (pred.dim() == 3 and pred.shape[1] == mask.shape[1]):
             ids_masked = self.masked_ids(mask, mask.shape[1] - pred.shape[1] if pred.dim() == 3 else None)
-        masked_patch_mse = self._fused_op("masked_patch_mse")
-        if masked_patch_mse is not None:
-            return masked_patch_mse(pred, imgs, None if ids_masked is not None else mask, patch_size=self.patch_size,
-                                    norm_pix=self.norm_pix_loss, ids_masked=ids_masked)
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6)**.5
-        # Nothing masked (mask_ratio=0) gives loss 0 and zero gradients, as the fused op, where the
-        # official code divides 0 by 0 (NaN).
-        if ids_masked is not None:  # every row of pred is a masked patch
-            loss = (pred - _take_rows(target, ids_masked)) ** 2
-            return loss.sum() / max(loss.numel(), 1)
-        loss = (pred - target) ** 2
-        loss = loss.mean(dim=-1)
-        return _masked_mean(loss, mask)
+        return self.ops.masked_patch_mse(pred, imgs, None if ids_masked is not None else mask,
+                                         patch_size=self.patch_size, norm_pix=self.norm_pix_loss, ids_masked=ids_masked)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: Any = 0.75, noise: torch.Tensor | None = None, *,
-                seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None):
+                mask: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
+                offset: int | torch.Tensor | None = None):
         """``(loss, pred, mask)`` as in the official model.
 
-        ``mask_ratio``: a float in [0, 1), or one per image (packed encoder). The masks, for
-        reproducible ones across models (give ``noise`` or ``seed`` / ``offset``, not both):
+        ``imgs``: ``(B, C, H, W)``, ``H`` and ``W`` any multiples of the patch size.
+        ``mask_ratio``: a float in [0, 1), or one per image (packed encoder). The masks, first given
+        first taken:
 
+        - ``mask`` (``(B, L)``, 1 = removed, bool or 0/1 floats): these masks (``mask_ratio`` unused);
+          images removing different numbers of patches run packed;
         - ``noise`` (``(B, L)``): the official rule, the argsort of the noise;
-        - ``seed`` (an int in ``[0, 2**63)`` or an int64 scalar tensor; no device sync either way)
-          and ``offset`` (default 0): fastmim's counter-based ``random_masking``, image ``b``
-          masked as sample ``offset + b`` of ``seed``; the same masks fused or not;
-        - neither: fused, ``random_masking`` seeded from the default torch generator; not fused,
-          the official ``torch.rand`` draw.
+        - the model's ``masking`` generator, with ``seed`` (an int in ``[0, 2**63)`` or an int64
+          scalar tensor; no device sync either way; default: drawn from torch's generator) and
+          ``offset`` (default 0): image ``b`` masked as sample ``offset + b`` of ``seed``, the same
+          masks fused or not. ``masking="official"`` takes neither (it draws ``torch.rand``).
+
+        A subclass's own ``random_masking`` replaces the last two (it gets ``noise``).
         """
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seed=seed, offset=offset)
-        ids_masked = self.masked_ids(mask, _visible_counts(latent)) if self.pred_masked_only else None
-        pred = self.forward_decoder(latent, ids_restore, ids_masked)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, mask=mask, seed=seed, offset=offset)
+        ids_masked = self.masked_ids(mask, visible_counts(latent)) if self.pred_masked_only else None
+        pred = self.forward_decoder(latent, ids_restore, ids_masked, grid_size=(imgs.shape[-2] // self.patch_size,
+                                                                                imgs.shape[-1] // self.patch_size))
         loss = self.forward_loss(imgs, pred, mask, ids_masked)
         return loss, pred, mask
 
     # ------------------------------------------------------------------ evaluation
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """All tokens of the unmasked image after the final norm: ``(B, L + 1, D)``."""
-        self._check_inputs(imgs)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        """All tokens of the unmasked image after the final norm: ``(B, L + 1, D)`` (any image size)."""
+        pos_embed = self.pos_embed_for(check_images(imgs, self.in_chans, self.patch_size))
+        x = self.patch_embed(imgs) + pos_embed[:, 1:, :]
+        cls = (self.cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = self._run_blocks(torch.cat((cls, x), dim=1), self.blocks)
         return self.norm(x)
 
@@ -525,30 +430,14 @@ class MaskedAutoencoderViT(nn.Module):
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
 
 
-def _check_masking_source(noise: torch.Tensor | None, seed: Any, offset: Any, fused: bool) -> None:
-    """``noise`` excludes ``seed`` / ``offset``; an ``offset`` numbers the samples of the counter-based
-    RNG, which the unfused model uses only with a ``seed`` (its official draw has no offset)."""
-    if noise is not None and (seed is not None or offset is not None):
-        raise ValueError("give noise or seed / offset, not both")
-    if offset is not None and seed is None and not fused:
-        raise ValueError("offset needs a seed when fused=False (the official torch.rand masking has no sample offset)")
-
-
-def _masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum(per_patch * mask) / sum(mask)``, and 0 (zero gradients) when the mask is all zero, as
-    :func:`fastmim.ops.masked_patch_mse`: the official ``/ mask.sum()`` gives NaN there."""
-    total = mask.sum()
-    return (per_patch * mask).sum() / torch.where(total == 0, torch.ones_like(total), total)
-
-
-def _take_rows(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def take_rows(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``t[b, ids[b, k]]`` for ``(B, K)`` ids, or ``t.flatten(0, 1)[ids]`` for packed ``(T,)`` ids."""
     if ids.dim() == 2:
         return torch.gather(t, 1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
     return t.reshape(-1, t.shape[-1]).index_select(0, ids)
 
 
-def _visible_counts(latent: torch.Tensor | PackedTokens) -> int | list[int]:
+def visible_counts(latent: torch.Tensor | PackedTokens) -> int | list[int]:
     """Visible patches per sample, from the latent's shape (dense) or its host-side lengths (packed)."""
     if isinstance(latent, PackedTokens):
         return list(latent.num_visible)
@@ -557,22 +446,19 @@ def _visible_counts(latent: torch.Tensor | PackedTokens) -> int | list[int]:
 
 # ---------------------------------------------------------------------------------- factories
 
-_ln = partial(nn.LayerNorm, eps=1e-6)
-
-
 def mae_vit_base_patch16_dec512d8b(**kwargs: Any) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
-                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_ln, **kwargs)
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=vit_layer_norm, **kwargs)
 
 
 def mae_vit_large_patch16_dec512d8b(**kwargs: Any) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
-                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_ln, **kwargs)
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=vit_layer_norm, **kwargs)
 
 
 def mae_vit_huge_patch14_dec512d8b(**kwargs: Any) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
-                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_ln, **kwargs)
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=vit_layer_norm, **kwargs)
 
 
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
@@ -582,7 +468,7 @@ mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
 
 @register_method("mae")
 def _build_mae(size: ViTPreset, /, **overrides: Any) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(**{**size.mae_kwargs(), "norm_layer": _ln, **overrides})
+    return MaskedAutoencoderViT(**{**size.mae_kwargs(), "norm_layer": vit_layer_norm, **overrides})
 
 
 # ---------------------------------------------------------------------------------- timm export
@@ -644,4 +530,6 @@ __all__ = [
     "mae_vit_huge_patch14_dec512d8b",
     "mae_vit_large_patch16",
     "mae_vit_large_patch16_dec512d8b",
+    "take_rows",
+    "visible_counts",
 ]

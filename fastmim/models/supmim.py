@@ -13,7 +13,7 @@ arXiv 2312.00950). One masked pass of the encoder (visible tokens only) feeds bo
   patch) with cross-entropy.
 
 ``loss = w_cls * CE(logits / logit_temperature, labels; label_smoothing) + w_mim * L_mim``.
-Recipes (``preset=``, explicit arguments override them):
+Recipes (``recipe=``, explicit arguments override them; ``preset=`` is its deprecated name):
 
 - ``"default"``: mask ratio 0.5, decoder depth 2, width 512, ``w_cls = w_mim = 1``, label
   smoothing 0.1, linear head (every value *chosen*: the paper's abstract fixes none).
@@ -28,18 +28,17 @@ classifier costs, and the encoder + linear head load into
 
 from __future__ import annotations
 
-from functools import partial
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmim.models.mae import MaskedAutoencoderViT, PackedTokens, _masked_mean, _take_rows, _visible_counts
+from fastmim.models.mae import MaskedAutoencoderViT, PackedTokens, take_rows, visible_counts
 from fastmim.models.presets import ViTPreset, register_method
-from fastmim.models.vit import check_mask_ratio, init_mae_weights
-
-_LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # timm's and MAE's ViT LayerNorm
+from fastmim.models.vit import init_mae_weights, vit_layer_norm
+from fastmim.ops import check_mask_ratio
 
 RECIPES: dict[str, dict[str, Any]] = {
     "default": dict(mask_ratio=0.5, decoder_depth=2, decoder_embed_dim=512, decoder_num_heads=16, w_cls=1.0,
@@ -54,14 +53,15 @@ class SupervisedMIM(MaskedAutoencoderViT):
 
     Args: the encoder arguments of :class:`MaskedAutoencoderViT`, and
         num_classes: classifier outputs.
-        preset: ``"default"`` or ``"supmae"``: fills every argument left ``None`` below.
+        recipe: ``"default"`` or ``"supmae"``: fills every argument left ``None`` below (``preset``:
+            the former name of this argument, deprecated; a preset is a model size elsewhere).
         mask_ratio: default mask ratio of :meth:`forward`.
         pool: ``"avg"`` (mean of the patch tokens after the final norm) or ``"cls"``.
         cls_input: ``"masked"`` (classify the masked pass) or ``"full"`` (a second, unmasked pass).
         w_cls, w_mim, label_smoothing, logit_temperature: the loss (module doc).
         head_hidden_dim: 0 for a linear head, else ``Linear -> BatchNorm1d -> ReLU -> Linear``.
         tokenizer, tokenizer_vocab_size: reconstruct a frozen tokenizer's ids instead of pixels.
-        fused, attn_backend, pred_masked_only, drop_path_rate: as :class:`MaskedAutoencoderViT`.
+        fused, masking, attn_backend, pred_masked_only, drop_path_rate: as :class:`MaskedAutoencoderViT`.
 
     Decoder width *(default chosen)*: docs/METHODS.md's 512 (16 heads) is the width built here and by
     ``create_model("supmim", preset)`` for the 224-px presets. The small-image presets
@@ -77,20 +77,24 @@ class SupervisedMIM(MaskedAutoencoderViT):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, decoder_embed_dim: int | None = None,
                  decoder_depth: int | None = None, decoder_num_heads: int | None = None, mlp_ratio: float = 4.,
-                 norm_layer: type[nn.Module] = _LayerNorm, norm_pix_loss: bool = True, *,
-                 num_classes: int = 1000, preset: str = "default", mask_ratio: float | None = None,
+                 norm_layer: type[nn.Module] = vit_layer_norm, norm_pix_loss: bool = True, *,
+                 num_classes: int = 1000, recipe: str = "default", mask_ratio: float | None = None,
                  pool: str = "avg", cls_input: str = "masked", w_cls: float | None = None,
                  w_mim: float | None = None, label_smoothing: float | None = None,
                  logit_temperature: float | None = None, head_hidden_dim: int | None = None,
                  tokenizer: nn.Module | None = None, tokenizer_vocab_size: int | None = None,
-                 fused: bool = True, attn_backend: str | None = None, pred_masked_only: bool = False,
-                 drop_path_rate: float = 0.0):
-        if preset not in RECIPES:
-            raise ValueError(f"preset must be one of {sorted(RECIPES)}, got {preset!r}")
+                 fused: bool = True, masking: Any = "random", attn_backend: str | None = None,
+                 pred_masked_only: bool = False, drop_path_rate: float = 0.0, preset: str | None = None):
+        if preset is not None:
+            warnings.warn("SupervisedMIM(preset=...) is deprecated: the recipe is recipe=... (a preset is a model "
+                          "size in fastmim)", DeprecationWarning, stacklevel=2)
+            recipe = preset
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
         given = dict(mask_ratio=mask_ratio, decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
                      decoder_num_heads=decoder_num_heads, w_cls=w_cls, w_mim=w_mim, label_smoothing=label_smoothing,
                      logit_temperature=logit_temperature, head_hidden_dim=head_hidden_dim)
-        cfg = {k: (RECIPES[preset][k] if v is None else v) for k, v in given.items()}
+        cfg = {k: (RECIPES[recipe][k] if v is None else v) for k, v in given.items()}
         if pool not in ("avg", "cls"):
             raise ValueError(f"pool must be 'avg' or 'cls', got {pool!r}")
         if cls_input not in ("masked", "full"):
@@ -99,9 +103,9 @@ class SupervisedMIM(MaskedAutoencoderViT):
             raise ValueError("give both tokenizer and tokenizer_vocab_size, or neither")
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, cfg["decoder_embed_dim"],
                          cfg["decoder_depth"], cfg["decoder_num_heads"], mlp_ratio, norm_layer, norm_pix_loss,
-                         fused=fused, attn_backend=attn_backend, pred_masked_only=pred_masked_only,
+                         fused=fused, masking=masking, attn_backend=attn_backend, pred_masked_only=pred_masked_only,
                          drop_path_rate=drop_path_rate)
-        self.preset = preset
+        self.recipe = recipe
         self.mask_ratio = check_mask_ratio(cfg["mask_ratio"])
         self.pool = pool
         self.cls_input = cls_input
@@ -145,33 +149,36 @@ class SupervisedMIM(MaskedAutoencoderViT):
             target = self.tokenizer(imgs).long()  # (B, L)
         # Nothing masked (mask_ratio=0): loss 0 and zero gradients, as the pixel loss, not 0 / 0.
         if ids_masked is not None:  # pred rows are the masked patches
-            target = _take_rows(target.unsqueeze(-1), ids_masked).squeeze(-1)
+            target = take_rows(target.unsqueeze(-1), ids_masked).squeeze(-1)
             per_row = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1), reduction="none")
             return per_row.sum() / max(per_row.numel(), 1)
         per_patch = F.cross_entropy(pred.transpose(1, 2).float(), target, reduction="none")  # (B, L)
-        return _masked_mean(per_patch, mask)
+        total = mask.sum()
+        return (per_patch * mask).sum() / torch.where(total == 0, torch.ones_like(total), total)
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor, mask_ratio: Any = None,
-                noise: torch.Tensor | None = None, *, seed: int | torch.Tensor | None = None,
-                offset: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                noise: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                seed: int | torch.Tensor | None = None, offset: int | torch.Tensor | None = None,
+                ) -> dict[str, torch.Tensor]:
         """One training step's losses.
 
         Args:
             imgs: ``(B, C, H, W)``.
             labels: ``(B,)`` class indices, or ``(B, num_classes)`` class probabilities (mixup).
             mask_ratio: default ``self.mask_ratio``; a float in [0, 1) or one per image.
-            noise: optional ``(B, L)`` masking noise (reproducible masks).
-            seed, offset: or fastmim's counter-based masking, image ``b`` as sample ``offset + b``
-                of ``seed`` (see :meth:`MaskedAutoencoderViT.forward`).
+            noise, mask: optional ``(B, L)`` masking noise (the official rule) or masks (1 = removed).
+            seed, offset: or the model's generator, image ``b`` as sample ``offset + b`` of ``seed``
+                (see :meth:`MaskedAutoencoderViT.forward`).
 
         Returns a dict: ``loss`` (the total), ``loss_cls``, ``loss_mim``, ``logits`` ``(B, classes)``,
         ``pred`` (decoder output, as MAE's) and ``mask`` ``(B, L)``.
         """
         if mask_ratio is None:
             mask_ratio = self.mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, seed=seed, offset=offset)
-        ids_masked = self.masked_ids(mask, _visible_counts(latent)) if self.pred_masked_only else None
-        pred = self.forward_decoder(latent, ids_restore, ids_masked)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, mask=mask, seed=seed, offset=offset)
+        ids_masked = self.masked_ids(mask, visible_counts(latent)) if self.pred_masked_only else None
+        grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
+        pred = self.forward_decoder(latent, ids_restore, ids_masked, grid_size=grid)
         loss_mim = self._mim_loss(imgs, pred, mask, ids_masked)
         feats = self._pooled(latent) if self.cls_input == "masked" else self.encode(imgs)
         logits = self.head(feats)
@@ -201,8 +208,8 @@ def _build_supmim(size: ViTPreset, /, **overrides: Any) -> SupervisedMIM:
 
 @register_method("supmae")
 def _build_supmae(size: ViTPreset, /, **overrides: Any) -> SupervisedMIM:
-    """``create_model("supmae", size)``: :class:`SupervisedMIM` with ``preset="supmae"``."""
-    return _build_supmim(size, **{"preset": "supmae", **overrides})
+    """``create_model("supmae", size)``: :class:`SupervisedMIM` with ``recipe="supmae"``."""
+    return _build_supmim(size, **{"recipe": "supmae", **overrides})
 
 
 __all__ = ["RECIPES", "SupervisedMIM"]

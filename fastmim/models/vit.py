@@ -12,17 +12,47 @@ A block runs on a dense batch ``(B, N, C)`` or on packed variable-length sequenc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from timm.layers import Mlp, PatchEmbed  # noqa: F401  (re-exported: the models build on them)
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
+import fastmim.ops as ops
 from fastmim.ops._dispatch import forced_backend, select_backend
 from fastmim.ops.attention_router import ATTN_BACKENDS, attention_qkvpacked
 from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear, linear_add, norm_linear, norm_mlp_add
+
+# --------------------------------------------------------------------------------------------
+# The ops a model calls, its LayerNorm
+# --------------------------------------------------------------------------------------------
+
+#: timm's and MAE's ViT LayerNorm (eps 1e-6; ``nn.LayerNorm``'s default is 1e-5).
+vit_layer_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class ModelOps:
+    """The token ops a model calls: fastmim's fused ops (``fused=True``) or their plain-PyTorch
+    references (``fused=False``), which define the same results, with the same arguments. Looked
+    up in :mod:`fastmim.ops` at each call. The masks are chosen in :mod:`fastmim.models.masking`."""
+
+    def __init__(self, fused: bool):
+        self.fused = fused
+
+    @property
+    def gather_visible(self):
+        return ops.gather_visible if self.fused else ops.gather_visible_reference
+
+    @property
+    def unshuffle(self):
+        return ops.unshuffle if self.fused else ops.unshuffle_reference
+
+    @property
+    def masked_patch_mse(self):
+        return ops.masked_patch_mse if self.fused else ops.masked_patch_mse_reference
+
 
 # --------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos position embeddings (MAE's util/pos_embed.py, computed in float64)
@@ -244,11 +274,14 @@ def patch_features(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     """``(B, L, D)``: the last block's patch tokens of the unmasked images, before the final norm.
 
     Works for any fastmim MAE-family model (``patch_embed``, ``cls_token``, ``pos_embed``,
-    ``blocks``). ContrastiveCrop's heat maps are their channel sums: after the final LayerNorm
+    ``blocks``), at any image size that is a multiple of the patch size (:func:`resize_pos_embed`).
+    ContrastiveCrop's heat maps are their channel sums: after the final LayerNorm
     each token's channel sum is ``sum(beta) + sum(gamma * x_hat)`` with ``sum(x_hat) = 0``,
     nearly the same constant for every token, a flat map."""
-    x = model.patch_embed(imgs) + model.pos_embed[:, 1:, :]
-    cls = (model.cls_token + model.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
+    pos_embed = resize_pos_embed(model.pos_embed, image_grid(imgs, model.patch_embed.patch_size[0]),
+                                 model.patch_embed.grid_size)
+    x = model.patch_embed(imgs) + pos_embed[:, 1:, :]
+    cls = (model.cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)
     return run_blocks(model.blocks, x)[:, 1:, :]
 
@@ -300,8 +333,9 @@ def check_patch_grid(img_size: int | Sequence[int], patch_size: int | Sequence[i
     return h // ph, w // pw
 
 
-def check_images(imgs: torch.Tensor, in_chans: int, img_size: tuple[int, int], patch_size: int) -> None:
-    """``ValueError`` unless ``imgs`` is ``(B, in_chans, H, W)`` with the size the model was built for."""
+def check_images(imgs: torch.Tensor, in_chans: int, patch_size: int) -> tuple[int, int]:
+    """The patch grid of ``imgs``; ``ValueError`` unless they are ``(B, in_chans, H, W)`` with ``H`` and
+    ``W`` multiples of the patch size (any size: the models resample their position embeddings)."""
     if not isinstance(imgs, torch.Tensor):
         raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
     if imgs.dim() != 4 or imgs.shape[0] == 0:
@@ -309,19 +343,31 @@ def check_images(imgs: torch.Tensor, in_chans: int, img_size: tuple[int, int], p
     h, w = imgs.shape[-2:]
     if h % patch_size != 0 or w % patch_size != 0:
         raise ValueError(f"image size {(h, w)} is not divisible by the patch size {patch_size}")
-    if imgs.shape[1] != in_chans or (h, w) != tuple(img_size):
-        raise ValueError(f"imgs must be (B, {in_chans}, {img_size[0]}, {img_size[1]}) for this model "
-                         f"(in_chans={in_chans}, img_size={tuple(img_size)}), got {tuple(imgs.shape)}")
+    if imgs.shape[1] != in_chans:
+        raise ValueError(f"imgs must be (B, {in_chans}, H, W) for this model (in_chans={in_chans}), "
+                         f"got {tuple(imgs.shape)}")
     if not imgs.is_floating_point():
         raise TypeError(f"imgs must be a floating-point tensor, got {imgs.dtype}")
+    return h // patch_size, w // patch_size
 
 
-def check_mask_ratio(mask_ratio: float, name: str = "mask_ratio") -> float:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {mask_ratio!r}")
-    if not 0.0 <= float(mask_ratio) < 1.0 or math.isnan(mask_ratio):
-        raise ValueError(f"{name} must be in [0, 1), got {mask_ratio}")
-    return float(mask_ratio)
+def image_grid(imgs: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """``(H / p, W / p)``: the patch grid of ``(B, C, H, W)`` images."""
+    return imgs.shape[-2] // patch_size, imgs.shape[-1] // patch_size
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int], base_grid: tuple[int, int],
+                     ) -> torch.Tensor:
+    """``pos_embed`` ``(1, 1 + gh * gw, D)`` (cls slot first), built for a ``base_grid`` of patches,
+    for images of a ``grid_size`` grid: itself when the grids agree, else its patch rows resampled
+    by bicubic interpolation (square or not; fixed sin-cos or learned alike), the cls slot kept.
+    timm's ``resample_abs_pos_embed``, as :func:`~fastmim.models.load_encoder_into_timm` resamples
+    for a timm ViT of another size, so both give the same features."""
+    if tuple(grid_size) == tuple(base_grid):
+        return pos_embed
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(pos_embed, new_size=list(grid_size), old_size=list(base_grid), num_prefix_tokens=1)
 
 
 def init_mae_weights(module: nn.Module) -> None:

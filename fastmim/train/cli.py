@@ -72,9 +72,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=_S, help="linear warmup steps (default: 5%% of the run)")
     g.add_argument("--weight-decay", type=float, default=_S, help=f"AdamW weight decay (default: {d.weight_decay})")
     g.add_argument("--clip-grad", type=float, default=_S, help="clip the gradient norm (default: off)")
-    g.add_argument("--mask-ratio", type=float, default=_S, help="masked fraction (default: the method's)")
-    g.add_argument("--norm-pix-loss", action="store_true", default=_S,
-                   help="reconstruct per-patch normalised pixels (MAE's recipe; default: plain pixels)")
+    g.add_argument("--mask-ratio", type=float, default=_S,
+                   help="masked fraction in [0, 1) (default: the method's: 0.5 for supmim, 0.75 for the others)")
+    g.add_argument("--mask-type", "--masking", dest="masking", default=_S, metavar="random|block|grid|official",
+                   help="where the masks come from: random (the fused counter-based masking), block (BEiT's "
+                        "rectangles), grid (one visible patch per 2x2 cell; mask ratio 0.75), official (torch.rand "
+                        "and argsort, as the official MAE) (default: random)")
+    g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=_S,
+                   help="reconstruct per-patch normalised pixels, or plain pixels with --no-norm-pix-loss "
+                        "(default: the method's: plain for mae, as the official model; normalised for supmim, "
+                        "supmae, cmae and lut)")
     g.add_argument("--seed", type=int, default=_S, help="seed of init, data order, augmentation, masks (default: 0)")
     g = p.add_argument_group("data")
     g.add_argument("--image-size", type=int, default=_S, help="input size in pixels (default: the preset's)")
@@ -185,6 +192,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                         "linear and classifier where there is one (default: knn)")
     p.add_argument("--data", default=None, metavar="PATH|default",
                    help="dataset (default: the one the checkpoint was trained on); its held-out split is scored")
+    p.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
+                   help="evaluate at this input size, a multiple of the patch size: the model's position "
+                        "embeddings are resampled (bicubic) for it (default: the training size)")
     p.add_argument("--k", type=int, default=20, help="neighbours for k-NN (default: 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default: 0.07)")
     p.add_argument("--pool", choices=("cls", "mean", "avg"), default=None,
@@ -236,7 +246,12 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
         raise CLIError(str(exc)) from None
     ckpt = load_checkpoint(args.checkpoint, device)
     meta = ckpt.metadata
-    source, train_set, test_set = evaluation_data(meta, args.data)
+    image_size = args.image_size or meta["image_size"]
+    patch_size = ckpt.module.patch_embed.patch_size[0]
+    if image_size <= 0 or image_size % patch_size:
+        raise CLIError(f"--image-size must be a positive multiple of the model's patch size {patch_size}, "
+                       f"got {image_size}")
+    source, train_set, test_set = evaluation_data(meta, args.data, image_size=image_size)
     train_idx = subset_indices(train_set.labels, args.limit_train)
     test_idx = subset_indices(test_set.labels, args.limit_test)
     common = {"batch_size": args.batch_size, "device": device, "num_workers": args.num_workers, "pool": args.pool}
@@ -259,7 +274,7 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
                                       device=device, num_workers=args.num_workers)
             detail = "the checkpoint's own classifier, unmasked images"
         elif protocol == "finetune":
-            views = [ViewTransform(meta["image_size"], meta["mean"], meta["std"],
+            views = [ViewTransform(image_size, meta["mean"], meta["std"],
                                    crop_sampler=RandomResizedCropSampler(scale=(0.08, 1.0)))]
             recipe = _finetune_config(args)
             acc = finetune(ckpt.module, ckpt.adapter, source.split("train", views), test_set,
@@ -283,7 +298,7 @@ def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list
                         "probe_epochs": args.probe_epochs if protocol == "linear" else None,
                         "checkpoint": str(ckpt.path), "step": meta.get("step"), "method": meta["method"],
                         "preset": meta["preset"], "data": source.name, "num_train": num_train,
-                        "num_test": num_test, "pool": args.pool})
+                        "num_test": num_test, "pool": args.pool, "image_size": image_size})
         if protocol == "finetune":
             results[-1]["finetune"] = {k: getattr(recipe, k) for k in FINETUNE_LOGGED}
     return ckpt, results

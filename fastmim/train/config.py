@@ -50,7 +50,10 @@ class TrainConfig:
     mask_ratio: float | None = None
     image_size: int | None = None
     channels: int = 3  # image folders; the bundled data has 1
-    norm_pix_loss: bool = False
+    # None: the method's default (the model's: off for MAE, as the official model; on for supmim,
+    # supmae, CMAE and LUT); True / False: the model's norm_pix_loss either way.
+    norm_pix_loss: bool | None = None
+    masking: str = "random"  # where the masks come from (fastmim.models.masking): random, block, grid, official
     model_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     # An official MAE main_pretrain.py checkpoint-*.pth to start from: its weights, AdamW state and
@@ -89,6 +92,10 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d.setdefault("input", "torchvision")  # saved before the option existed: the runs of that path
+        if "masking" not in d and d.get("norm_pix_loss") is False:
+            # Saved before --no-norm-pix-loss existed (with --masking): False meant "not asked for",
+            # which built each method's default.
+            d["norm_pix_loss"] = None
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
@@ -128,8 +135,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.ckpt_every < 0:
         raise TrainError(f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
-    if cfg.mask_ratio is not None and not 0.0 < cfg.mask_ratio < 1.0:
-        raise TrainError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+    if cfg.mask_ratio is not None:
+        from fastmim.ops import check_mask_ratio  # the one check of a mask ratio (torch: imported when a run starts)
+
+        try:
+            check_mask_ratio(cfg.mask_ratio, "--mask-ratio")
+        except (TypeError, ValueError) as exc:
+            raise TrainError(str(exc)) from None
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise TrainError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     if cfg.channels not in (1, 3):

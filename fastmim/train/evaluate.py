@@ -175,13 +175,15 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return float((preds == test_labels).float().mean())
 
 
-def evaluation_data(meta: dict[str, Any], data: str | None = None, on_corrupt: str = "skip"):
-    """The checkpoint's dataset (or ``data``) with its deterministic evaluation view."""
+def evaluation_data(meta: dict[str, Any], data: str | None = None, on_corrupt: str = "skip",
+                    image_size: int | None = None):
+    """The checkpoint's dataset (or ``data``) with its deterministic evaluation view, at the
+    checkpoint's image size or ``image_size`` (the models resample their position embeddings)."""
     data = data if data is not None else meta["data"]
     source = open_data(data, channels=meta["channels"], on_corrupt=on_corrupt)
     if source.channels != meta["channels"]:
         raise ValueError(f"data {data} has {source.channels} channel(s) but the checkpoint expects {meta['channels']}")
-    view = EvalTransform(meta["image_size"], meta["mean"], meta["std"], source.eval_crop_pct)
+    view = EvalTransform(image_size or meta["image_size"], meta["mean"], meta["std"], source.eval_crop_pct)
     return source, source.split("train", [view]), source.split("test", [view])
 
 

@@ -48,6 +48,11 @@ __all__ = [
 ]
 
 
+# The last key of the masks' seeds, derive_seed(run seed, step, micro-step, MASKING_SALT): it keeps
+# their stream apart from the other streams derived from the run seed (the data order's, the loader's).
+MASKING_SALT = 0x3A5C
+
+
 @dataclass
 class StepContext:
     """What an adapter may need besides the batch."""
@@ -68,7 +73,7 @@ class StepContext:
         A tensor rather than an int: a compiled model specialises on an int argument, and a new
         one at every step would recompile it; a host tensor also costs the op no device sync.
         """
-        return torch.tensor(derive_seed(self.seed, self.step, self.micro_step, 0x3A5C), dtype=torch.int64)
+        return torch.tensor(derive_seed(self.seed, self.step, self.micro_step, MASKING_SALT), dtype=torch.int64)
 
     def masking_offset(self, batch_size: int) -> int:
         """Index of this rank's first image in the global batch (ranks hold consecutive shares of
@@ -77,7 +82,7 @@ class StepContext:
 
     def masking_noise(self, batch_size: int, num_patches: int, device: torch.device | str) -> torch.Tensor:
         """``float32 (batch_size, num_patches)`` uniform noise: this rank's rows of the global batch's noise."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.step, self.micro_step, 0x3A5C))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.step, self.micro_step, MASKING_SALT))
         noise = torch.rand(batch_size * self.world_size, num_patches, generator=generator)
         rows = noise[self.rank * batch_size:(self.rank + 1) * batch_size]
         return rows.to(device, non_blocking=True)
@@ -386,7 +391,9 @@ def resolve_model(cfg: TrainConfig, adapter: MethodAdapter, channels: int,
         raise TrainError(f"image size {image_size} is not divisible by the patch size {preset.patch_size} "
                          f"of {preset.name}; pick --image-size as a multiple of {preset.patch_size}")
     kwargs = adapter.model_overrides(channels, image_size if image_size != preset.img_size else None, num_classes)
-    if cfg.norm_pix_loss:
-        kwargs["norm_pix_loss"] = True
+    if cfg.norm_pix_loss is not None:
+        kwargs["norm_pix_loss"] = cfg.norm_pix_loss
+    if cfg.masking != "random":
+        kwargs["masking"] = cfg.masking
     kwargs.update(cfg.model_overrides)
     return kwargs, image_size, preset.patch_size
