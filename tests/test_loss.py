@@ -139,9 +139,13 @@ def test_unpatchify_rejects_a_wrong_shape():
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_reference_is_the_official_forward_loss(norm_pix):
     pred, imgs, mask, _ = make_inputs(2, 3, 32, 32, 8, torch.float32, "cpu")
-    ours = masked_patch_mse_reference(pred, imgs, mask, patch_size=8, norm_pix=norm_pix)
+    ours = masked_patch_mse_reference(pred, imgs, mask, patch_size=8, norm_pix_loss=norm_pix)
     official = official_forward_loss(imgs, pred, mask, 8, norm_pix)
     assert torch.equal(ours, official)
+    for loss in (masked_patch_mse, masked_patch_mse_reference):  # the former keyword: the same loss, a warning
+        with pytest.warns(DeprecationWarning, match="norm_pix_loss"):
+            assert torch.equal(loss(pred, imgs, mask, patch_size=8, norm_pix=norm_pix),
+                               loss(pred, imgs, mask, patch_size=8, norm_pix_loss=norm_pix))
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
@@ -152,7 +156,7 @@ def test_reference_gradcheck_float64(norm_pix, selected):
     if selected:
         pred = pred.gather(1, ids_masked[..., None].expand(-1, -1, pred.shape[-1]))
     pred.requires_grad_(True)
-    kwargs = dict(patch_size=2, norm_pix=norm_pix, ids_masked=ids_masked if selected else None)
+    kwargs = dict(patch_size=2, norm_pix_loss=norm_pix, ids_masked=ids_masked if selected else None)
     fn = lambda pred, imgs: masked_patch_mse_reference(pred, imgs, mask, **kwargs)
     assert torch.autograd.gradcheck(fn, (pred, imgs))
 
@@ -178,7 +182,7 @@ def test_reference_all_visible_is_zero_with_zero_gradient():
 def test_triton_matches_reference(device, dtype, geometry, norm_pix):
     batch, channels, height, width, p = geometry
     pred, imgs, mask, _ = make_inputs(batch, channels, height, width, p, dtype, device)
-    kwargs = dict(patch_size=p, norm_pix=norm_pix)
+    kwargs = dict(patch_size=p, norm_pix_loss=norm_pix)
     grad_output = torch.tensor(3.0, device=device)  # not 1, so backward really scales
     loss, grad = run_op(pred, imgs, mask, grad_output, **kwargs)
     ref_loss, ref_grad = reference_loss_and_grad(pred, imgs, mask, grad_output, **kwargs)
@@ -423,7 +427,7 @@ def _bad(**overrides):
     (dict(eps=-1.0), ValueError, "eps must be a float >= 0"),
     (dict(patch_size=0), ValueError, "patch_size must be a positive int"),
     (dict(pred=torch.randn(2, 16, 1), imgs=torch.randn(2, 1, 4, 4), mask=torch.ones(2, 16), patch_size=1),
-     ValueError, "norm_pix needs at least 2 values per patch"),
+     ValueError, "norm_pix_loss needs at least 2 values per patch"),
     (dict(pred=torch.randn(2, 12, 48), ids_masked=torch.zeros(2, 12)), TypeError, "ids_masked must be int64 or int32"),
     (dict(pred=torch.randn(2, 12, 48), ids_masked=torch.zeros(2, 11, dtype=torch.long)), ValueError,
      r"ids_masked must have shape \(B, K\) = \(2, 12\)"),
@@ -775,7 +779,7 @@ def _build_case(case, device):
         ids_masked = ids_masked.to(case["ids_dtype"]).to(device)
     grad_output = (torch.randn(rows, generator=gen) if case["reduction"] == "none"
                    else torch.rand((), generator=gen) + 0.5)
-    kwargs = dict(patch_size=p, norm_pix=case["norm_pix"], reduction=case["reduction"], ids_masked=ids_masked)
+    kwargs = dict(patch_size=p, norm_pix_loss=case["norm_pix"], reduction=case["reduction"], ids_masked=ids_masked)
     return (leaf, pred, imgs.to(dtype).to(device), None if case["mask"] is None else mask.to(device),
             grad_output.to(device), kwargs)
 

@@ -180,7 +180,7 @@ def masked_patch_mse_forward(
     *,
     layout: int,
     patch_size: int,
-    norm_pix: bool,
+    norm_pix_loss: bool,
     eps: float,
     reduction: str,
     compute_grad: bool,
@@ -261,7 +261,7 @@ def masked_patch_mse_forward(
         stride_ids_sample, stride_ids_row,
         float(eps), float(row_scale),
         PATCH=p, CHANNELS=channels,
-        LAYOUT=layout, HAS_WEIGHT=weight is not None, NORM_PIX=norm_pix,
+        LAYOUT=layout, HAS_WEIGHT=weight is not None, NORM_PIX=norm_pix_loss,
         SCALE_BY_WEIGHT_SUM=scale_by_weight_sum, COMPUTE_GRAD=compute_grad,
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
     )

@@ -383,8 +383,9 @@ class MaskedAutoencoderViT(nn.Module):
         """
         if ids_masked is None and not (pred.dim() == 3 and pred.shape[1] == mask.shape[1]):
             ids_masked = self.masked_ids(mask, mask.shape[1] - pred.shape[1] if pred.dim() == 3 else None)
-        return self.ops.masked_patch_mse(pred, imgs, None if ids_masked is not None else mask,
-                                         patch_size=self.patch_size, norm_pix=self.norm_pix_loss, ids_masked=ids_masked)
+        mask = None if ids_masked is not None else mask
+        return self.ops.masked_patch_mse(pred, imgs, mask, patch_size=self.patch_size,
+                                         norm_pix_loss=self.norm_pix_loss, ids_masked=ids_masked)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: Any = 0.75, noise: torch.Tensor | None = None, *,
                 mask: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,

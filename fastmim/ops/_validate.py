@@ -244,7 +244,7 @@ def check_image_geometry(imgs: torch.Tensor, patch_size: int, name: str) -> None
                          f"got {height}x{width}")
 
 
-def validate_masked_patch_mse(pred, imgs, mask, patch_size, norm_pix, eps, reduction,
+def validate_masked_patch_mse(pred, imgs, mask, patch_size, norm_pix_loss, eps, reduction,
                               ids_masked) -> torch.Tensor | None:
     """The arguments of :func:`fastmim.ops.masked_patch_mse`; returns ``mask`` as a float tensor (or ``None``)."""
     if not isinstance(pred, torch.Tensor):
@@ -263,8 +263,8 @@ def validate_masked_patch_mse(pred, imgs, mask, patch_size, norm_pix, eps, reduc
     p = patch_size
     num_patches = (height // p) * (width // p)
     n = p * p * channels
-    if norm_pix and n < 2:
-        raise ValueError(f"norm_pix needs at least 2 values per patch (p*p*C = {n}): the unbiased variance "
+    if norm_pix_loss and n < 2:
+        raise ValueError(f"norm_pix_loss needs at least 2 values per patch (p*p*C = {n}): the unbiased variance "
                          "of one value is undefined")
     if ids_masked is None:
         expected = (batch, num_patches, n)

@@ -14,7 +14,7 @@ definition of the op's result.
 Registered ops (for ``torch.compile`` and for other backends to implement):
 
 - ``fastmim::masked_patch_mse(Tensor pred, Tensor imgs, Tensor? mask, Tensor? ids_masked,
-  int patch_size, bool norm_pix, float eps, str reduction, bool compute_grad)
+  int patch_size, bool norm_pix_loss, float eps, str reduction, bool compute_grad)
   -> (Tensor loss, Tensor grad_pred)``: ``grad_pred`` is the gradient of ``loss`` (summed
   over rows for ``"none"``) with respect to ``pred``, contiguous, dtype of ``pred``; an empty
   tensor when ``compute_grad`` is false. Inputs already validated, ``mask`` a float tensor,
@@ -27,6 +27,8 @@ Registered ops (for ``torch.compile`` and for other backends to implement):
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -82,11 +84,11 @@ def _loss_dtype(pred: torch.Tensor, imgs: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(pred.dtype, imgs.dtype), torch.float32)
 
 
-def _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps):
-    """The target of each row of ``pred`` (official patchify and norm_pix) and its weight."""
+def _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps):
+    """The target of each row of ``pred`` (official patchify and norm_pix_loss) and its weight."""
     compute_dtype = _loss_dtype(pred, imgs)
     target = patchify(imgs, patch_size).to(compute_dtype)           # (B, L, N)
-    if norm_pix and target.numel():  # an empty batch has nothing to normalise (torch.var warns on it)
+    if norm_pix_loss and target.numel():  # an empty batch has nothing to normalise (torch.var warns on it)
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)                        # unbiased (N - 1)
         target = (target - mean) / (var + eps) ** 0.5
@@ -105,8 +107,9 @@ def _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps):
 
 
 def masked_patch_mse_reference(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor | None = None, *,
-                               patch_size: int, norm_pix: bool = True, eps: float = 1e-6, reduction: str = "mean",
-                               ids_masked: torch.Tensor | None = None) -> torch.Tensor:
+                               patch_size: int, norm_pix_loss: bool = True, eps: float = 1e-6,
+                               reduction: str = "mean", ids_masked: torch.Tensor | None = None,
+                               norm_pix: bool | None = None) -> torch.Tensor:
     """The definition of :func:`masked_patch_mse` in plain PyTorch (differentiable).
 
     The official MAE ``forward_loss``, computed in float32 (float64 if an input is float64)
@@ -114,7 +117,8 @@ def masked_patch_mse_reference(pred: torch.Tensor, imgs: torch.Tensor, mask: tor
     rows of ``pred`` may be a selection of patches (``ids_masked``), and an all-zero mask
     gives 0 instead of 0 / 0.
     """
-    target, weight = _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps)
+    norm_pix_loss = _norm_pix_loss(norm_pix_loss, norm_pix)
+    target, weight = _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps)
     loss = (pred.to(target.dtype) - target) ** 2
     loss = loss.mean(dim=-1)                                         # mean loss per patch
     loss = loss * weight
@@ -131,9 +135,18 @@ def masked_patch_mse_reference(pred: torch.Tensor, imgs: torch.Tensor, mask: tor
 # --------------------------------------------------------------------------------------------
 
 
-def _reference_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad):
+def _norm_pix_loss(norm_pix_loss: bool, norm_pix: bool | None) -> bool:
+    """``norm_pix_loss``, or the value given under its former name ``norm_pix`` (with a warning)."""
+    if norm_pix is None:
+        return norm_pix_loss
+    warnings.warn("masked_patch_mse(norm_pix=...) is deprecated: pass norm_pix_loss=..., the models' and "
+                  "fastmim train's name", DeprecationWarning, stacklevel=3)
+    return norm_pix
+
+
+def _reference_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps, reduction, compute_grad):
     """Loss and its closed-form gradient: d/dpred of w * mean_j (pred_j - t_j)^2 = 2 w (pred - t) / N."""
-    target, weight = _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps)
+    target, weight = _target_rows(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps)
     diff = pred.to(target.dtype) - target
     row_loss = (diff * diff).mean(dim=-1) * weight
     if reduction == "mean":
@@ -150,7 +163,7 @@ def _reference_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, 
     return loss, grad
 
 
-def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad):
+def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps, reduction, compute_grad):
     from fastmim.kernels import loss as kernels
 
     if ids_masked is None:
@@ -160,28 +173,28 @@ def _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, red
     else:
         layout = kernels.LAYOUT_PACKED
     loss, grad = kernels.masked_patch_mse_forward(
-        pred, imgs, mask, ids_masked, layout=layout, patch_size=patch_size, norm_pix=norm_pix, eps=eps,
+        pred, imgs, mask, ids_masked, layout=layout, patch_size=patch_size, norm_pix_loss=norm_pix_loss, eps=eps,
         reduction=reduction, compute_grad=compute_grad)
     return loss, grad
 
 
 @torch.library.custom_op("fastmim::masked_patch_mse", mutates_args=())
 def _masked_patch_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor | None,
-                         ids_masked: torch.Tensor | None, patch_size: int, norm_pix: bool, eps: float, reduction: str,
-                         compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         ids_masked: torch.Tensor | None, patch_size: int, norm_pix_loss: bool, eps: float,
+                         reduction: str, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     backend = select_backend("masked_patch_mse", pred.device, implemented=_BACKENDS, prefer_cpu=_CPU_DEFAULT)
     if backend == "csrc" and pred.dtype in _TRITON_DTYPES and imgs.dtype in _TRITON_DTYPES:
         return torch.ops.fastmim.csrc_masked_patch_mse(
             pred.contiguous(), imgs.contiguous(), mask, None if ids_masked is None else ids_masked.contiguous(),
-            patch_size, norm_pix, eps, reduction, compute_grad)
+            patch_size, norm_pix_loss, eps, reduction, compute_grad)
     if backend == "triton" and pred.dtype in _TRITON_DTYPES and imgs.dtype in _TRITON_DTYPES:
-        return _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad)
+        return _triton_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps, reduction, compute_grad)
     # float64 inputs always take the reference (the kernels compute in fp32).
-    return _reference_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad)
+    return _reference_forward(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps, reduction, compute_grad)
 
 
 @_masked_patch_mse_op.register_fake
-def _(pred, imgs, mask, ids_masked, patch_size, norm_pix, eps, reduction, compute_grad):
+def _(pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, eps, reduction, compute_grad):
     loss_shape = pred.shape[:-1] if reduction == "none" else ()
     loss = pred.new_empty(loss_shape, dtype=_loss_dtype(pred, imgs))
     grad = pred.new_empty(pred.shape) if compute_grad else pred.new_empty(0)  # contiguous
@@ -236,13 +249,13 @@ torch.library.register_autograd("fastmim::masked_patch_mse", _backward, setup_co
 
 
 def masked_patch_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor | None = None, *, patch_size: int,
-                     norm_pix: bool = True, eps: float = 1e-6, reduction: str = "mean",
-                     ids_masked: torch.Tensor | None = None) -> torch.Tensor:
+                     norm_pix_loss: bool = True, eps: float = 1e-6, reduction: str = "mean",
+                     ids_masked: torch.Tensor | None = None, norm_pix: bool | None = None) -> torch.Tensor:
     """MAE's reconstruction loss straight from the image, forward and backward in one pass.
 
     With ``N = patch_size**2 * C`` and ``L = (H / p) * (W / p)``, per patch ``l`` of sample
     ``b``: ``t`` = the patch of ``imgs`` (row, column, channel order, as :func:`patchify`);
-    with ``norm_pix``, ``t = (t - mean(t)) / sqrt(var(t) + eps)`` with the unbiased variance;
+    with ``norm_pix_loss``, ``t = (t - mean(t)) / sqrt(var(t) + eps)`` with the unbiased variance;
     ``patch_loss = mean_j (pred_j - t_j)**2``. Then ``"mean"`` gives
     ``sum(mask * patch_loss) / sum(mask)`` (the official loss), ``"sum"`` the numerator,
     ``"none"`` ``mask * patch_loss`` per row of ``pred``.
@@ -265,7 +278,8 @@ def masked_patch_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor 
             are checked as ``ids_masked``'s, see there). With ``ids_masked`` it is optional:
             the weight of a row is ``mask[b, l]`` of its patch, or 1 without ``mask``.
         patch_size: ``p``.
-        norm_pix: normalise each target patch (MAE's ``norm_pix_loss``).
+        norm_pix_loss: normalise each target patch (the models' ``norm_pix_loss``, one name from
+            ``fastmim train --norm-pix-loss`` to here). ``norm_pix``: its former name, deprecated.
         eps: added to the variance inside the square root (a constant patch gives a finite
             loss and gradient).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
@@ -295,8 +309,9 @@ def masked_patch_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor 
     Statistics and sums are fp32 for bf16/fp16 inputs. No host sync (unless index checks are
     on for accelerator tensors, see ``ids_masked``).
     """
-    mask = validate_masked_patch_mse(pred, imgs, mask, patch_size, norm_pix, eps, reduction, ids_masked)
+    norm_pix_loss = _norm_pix_loss(norm_pix_loss, norm_pix)
+    mask = validate_masked_patch_mse(pred, imgs, mask, patch_size, norm_pix_loss, eps, reduction, ids_masked)
     compute_grad = pred.requires_grad and torch.is_grad_enabled()
     loss, _ = torch.ops.fastmim.masked_patch_mse(
-        pred, imgs, mask, ids_masked, patch_size, norm_pix, float(eps), reduction, compute_grad)
+        pred, imgs, mask, ids_masked, patch_size, norm_pix_loss, float(eps), reduction, compute_grad)
     return loss

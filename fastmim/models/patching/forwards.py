@@ -284,7 +284,7 @@ class _OfficialMAEPatch(_Patch):
         if "forward_loss" not in self._fastmim_methods:
             return super().forward_loss(imgs, pred, mask)
         return masked_patch_mse(pred, imgs, mask, patch_size=_patch_size(self.patch_embed),
-                                norm_pix=bool(self.norm_pix_loss))
+                                norm_pix_loss=bool(self.norm_pix_loss))
 
 
 def _patch_size(patch_embed: nn.Module) -> int:
@@ -350,7 +350,7 @@ class _HFViTMAEForPreTrainingPatch(_Patch):
         logits = self.decoder(latent, ids_restore, interpolate_pos_encoding=interpolate_pos_encoding).logits
         patch_size = _patch_size(self.vit.embeddings.patch_embeddings)
         loss = masked_patch_mse(logits, pixel_values, mask, patch_size=patch_size,
-                                norm_pix=bool(self.config.norm_pix_loss))
+                                norm_pix_loss=bool(self.config.norm_pix_loss))
         output = self._fastmim_output_cls(loss=loss, logits=logits, mask=mask, ids_restore=ids_restore,
                                           hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return output if return_dict else output.to_tuple()
