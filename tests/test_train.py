@@ -340,7 +340,7 @@ def _cli_error(capsys, argv) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("method", ["mae", "cmae"])
+@pytest.mark.parametrize("method", ["mae", "cmae", "lut"])
 def test_mask_type_and_norm_pix_loss_reach_the_model(method):
     """--mask-type and --norm-pix-loss / --no-norm-pix-loss (unset: the method's own default)."""
     from fastmim.cli import build_parser
@@ -354,8 +354,19 @@ def test_mask_type_and_norm_pix_loss_reach_the_model(method):
         cfg = TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
         kwargs, _, _ = resolve_model(cfg, adapter, 1, 3)
         with torch.device("meta"):
+            if method == "lut" and masking != "random":  # its views cut one permutation per image
+                with pytest.raises(TrainError, match="masking must be 'random' or 'official'"):
+                    build_model(method, cfg.model, {**kwargs, "depth": 1})
+                continue
             model = build_model(method, cfg.model, {**kwargs, "depth": 1})
         assert (model.masking, model.norm_pix_loss) == (masking, norm_pix_loss)
+    # the official rule in training: the step's noise, argsorted (no seed / offset for it)
+    torch.manual_seed(0)
+    model = build_model(method, "vit_tiny_patch4_32", {**adapter.model_overrides(1, None, 3), **TINY,
+                                                       "masking": "official"})
+    views = [torch.randn(2, 1, 32, 32) for _ in range(adapter.num_views)]
+    ctx = StepContext(step=1, max_steps=2, micro_step=0, mask_ratio=adapter.default_mask_ratio, seed=3)
+    assert torch.isfinite(adapter.loss(model, {"views": views, "label": torch.tensor([0, 1])}, ctx)["loss"])
     # a config saved before --no-norm-pix-loss, where False meant "not asked for"
     assert TrainConfig.from_json({"method": "cmae", "norm_pix_loss": False}).norm_pix_loss is None
 

@@ -152,7 +152,9 @@ class CMAE(MaskedAutoencoderViT):
         """``{"loss", "loss_mim", "loss_con", "loss_pos"}`` (scalars) for two views ``(B, C, H, W)``.
 
         ``mask`` or ``noise`` ``(2B, L)`` (view 1's rows first), or ``seed`` and ``offset`` (the
-        index of image 0 in the global batch) fix the masks (see :meth:`two_view_masking`). Views of
+        index of image 0 in the global batch) fix the masks (see :meth:`two_view_masking`); a given
+        ``mask`` lists each row's visible patches in patch order, so the position-free ones are
+        the first in that order, not a random subset. Views of
         another size than the model's work when ``pos_fraction`` is 0 (the position task predicts
         one of the model's ``L`` patch indices).
         """

@@ -95,14 +95,17 @@ def _accepts(fn: Any, name: str) -> bool:
         return False
 
 
-def _masking_kwargs(module: nn.Module, ctx: StepContext, batch_size: int,
-                    device: torch.device | str) -> dict[str, Any]:
+def _masking_kwargs(module: nn.Module, ctx: StepContext, batch_size: int, device: torch.device | str,
+                    noise_rows: int | None = None) -> dict[str, Any]:
     """How ``module`` is told its masks: ``seed`` and ``offset`` when its forward takes them
-    (fastmim's fused masking), else ``noise`` when it takes that, else nothing."""
-    if _accepts(module.forward, "seed") and _accepts(module.forward, "offset"):
+    (fastmim's counter-based masking), else ``noise`` (``noise_rows`` rows, default one per image)
+    when it takes that or masks by the official rule (``masking="official"``: the argsort of
+    noise, here the step's noise rather than torch's generator), else nothing."""
+    official = getattr(module, "masking", None) == "official"
+    if not official and _accepts(module.forward, "seed") and _accepts(module.forward, "offset"):
         return {"seed": ctx.masking_seed(), "offset": ctx.masking_offset(batch_size)}
     if _accepts(module.forward, "noise"):
-        return {"noise": ctx.masking_noise(batch_size, module.patch_embed.num_patches, device)}
+        return {"noise": ctx.masking_noise(noise_rows or batch_size, module.patch_embed.num_patches, device)}
     return {}
 
 
@@ -307,8 +310,8 @@ class CMAEAdapter(TwoViewAdapter):
 
     def loss(self, model, batch, ctx):
         view1, view2 = batch["views"]
-        return _as_dict(model(view1, view2, ctx.mask_ratio, seed=ctx.masking_seed(),
-                              offset=ctx.masking_offset(view1.shape[0])))
+        masks = _masking_kwargs(unwrap(model), ctx, view1.shape[0], view1.device, noise_rows=2 * view1.shape[0])
+        return _as_dict(model(view1, view2, ctx.mask_ratio, **masks))
 
 
 class LUTAdapter(TwoViewAdapter):
@@ -322,8 +325,8 @@ class LUTAdapter(TwoViewAdapter):
 
     def loss(self, model, batch, ctx):
         view1, view2 = batch["views"]
-        return _as_dict(model(view1, view2, ctx.mask_ratio, seed=ctx.masking_seed(),
-                              offset=ctx.masking_offset(view1.shape[0])))
+        masks = _masking_kwargs(unwrap(model), ctx, view1.shape[0], view1.device)
+        return _as_dict(model(view1, view2, ctx.mask_ratio, **masks))
 
 
 def _as_dict(out: Any) -> dict[str, torch.Tensor]:
