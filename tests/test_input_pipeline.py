@@ -24,7 +24,9 @@ from fastmim.data.pipeline import (
     views_on_device,
 )
 from fastmim.ops import random_resized_crop_box, resized_crop_flip_normalize_reference
+from fastmim.testing import TINY_TRAIN_MODEL
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -207,16 +209,7 @@ def test_encoded_batches_need_a_gpu_and_replace_undecodable_images(tmp_path):
 # ----------------------------------------------------------------------------- fastmim train
 
 
-TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
-        "decoder_num_heads": 2, "patch_size": 4}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = {**TINY_TRAIN_MODEL, "patch_size": 4}
 
 
 def _train_config(tmp_path, data, **kw):

@@ -70,6 +70,7 @@ from torch import Tensor
 
 from fastmim.ops._dispatch import select_backend
 from fastmim.ops._validate import values_checked
+from fastmim.ops.masking import _M32, _MIX_MULTIPLIER_1, _MIX_MULTIPLIER_2, PATCH_STRIDE, SEED_HIGH_SALT, _mix32
 
 __all__ = [
     "CropBoxes",
@@ -201,7 +202,37 @@ def resized_crop_flip_normalize_reference(images: Tensor | Sequence[Tensor] | Pa
     return torch.stack(outs)
 
 
-# ============================================================================ the op
+# ============================================================================ the registered op
+
+
+@torch.library.custom_op("fastmim::resized_crop_flip_normalize", mutates_args=())
+def _resized_crop_op(images: Tensor, layout: Tensor, boxes: Tensor, flip: Tensor | None, channels: int, out_h: int,
+                     out_w: int, mean: Tensor, std: Tensor, extent: int, dtype: torch.dtype) -> Tensor:
+    """``images``: the uint8 tensor every ``layout`` offset is relative to (``extent`` elements
+    addressable from its first one); ``layout (B, 6)`` int64, ``boxes (B, 4)``, ``flip (B,)`` bool,
+    ``mean``/``std (C,)`` float32, all on one device and validated by the public op."""
+    # The compiled kernel is CPU-only: on an accelerator forcing csrc keeps the default backend.
+    implemented = _BACKENDS if images.device.type == "cpu" else ("reference", "triton")
+    backend = select_backend(_OP, images.device, implemented=implemented, prefer_cpu=_CPU_DEFAULT)
+    if backend == "triton":
+        from fastmim.kernels import resized_crop as kernels
+
+        return kernels.resized_crop_flip_normalize_forward(images, layout, boxes, flip, channels, out_h, out_w,
+                                                           mean, std, extent, dtype)
+    if backend == "csrc":
+        return torch.ops.fastmim.csrc_resized_crop_flip_normalize(images, layout, boxes, flip, out_h, out_w, mean,
+                                                                  std, dtype)
+    packed = PackedImages(images.as_strided((max(extent, 1),), (1,)) if extent else images.reshape(-1)[:0],
+                          layout, channels)
+    return resized_crop_flip_normalize_reference(packed, boxes, (out_h, out_w), flip, mean, std, dtype=dtype)
+
+
+@_resized_crop_op.register_fake
+def _(images, layout, boxes, flip, channels, out_h, out_w, mean, std, extent, dtype):
+    return images.new_empty((layout.shape[0], channels, out_h, out_w), dtype=dtype)
+
+
+# ============================================================================ the public op
 
 
 def resized_crop_flip_normalize(images: Tensor | Sequence[Tensor] | PackedImages, boxes: Tensor,
@@ -383,55 +414,19 @@ def _check_boxes(boxes: Tensor, heights: Tensor, widths: Tensor) -> None:
                          f"top + height <= H, left + width <= W)")
 
 
-@torch.library.custom_op("fastmim::resized_crop_flip_normalize", mutates_args=())
-def _resized_crop_op(images: Tensor, layout: Tensor, boxes: Tensor, flip: Tensor | None, channels: int, out_h: int,
-                     out_w: int, mean: Tensor, std: Tensor, extent: int, dtype: torch.dtype) -> Tensor:
-    """``images``: the uint8 tensor every ``layout`` offset is relative to (``extent`` elements
-    addressable from its first one); ``layout (B, 6)`` int64, ``boxes (B, 4)``, ``flip (B,)`` bool,
-    ``mean``/``std (C,)`` float32, all on one device and validated by the public op."""
-    # The compiled kernel is CPU-only: on an accelerator forcing csrc keeps the default backend.
-    implemented = _BACKENDS if images.device.type == "cpu" else ("reference", "triton")
-    backend = select_backend(_OP, images.device, implemented=implemented, prefer_cpu=_CPU_DEFAULT)
-    if backend == "triton":
-        from fastmim.kernels import resized_crop as kernels
-
-        return kernels.resized_crop_flip_normalize_forward(images, layout, boxes, flip, channels, out_h, out_w,
-                                                           mean, std, extent, dtype)
-    if backend == "csrc":
-        return torch.ops.fastmim.csrc_resized_crop_flip_normalize(images, layout, boxes, flip, out_h, out_w, mean,
-                                                                  std, dtype)
-    packed = PackedImages(images.as_strided((max(extent, 1),), (1,)) if extent else images.reshape(-1)[:0],
-                          layout, channels)
-    return resized_crop_flip_normalize_reference(packed, boxes, (out_h, out_w), flip, mean, std, dtype=dtype)
-
-
-@_resized_crop_op.register_fake
-def _(images, layout, boxes, flip, channels, out_h, out_w, mean, std, extent, dtype):
-    return images.new_empty((layout.shape[0], channels, out_h, out_w), dtype=dtype)
-
-
 # ============================================================================ crop boxes
 
-_M32 = 0xFFFFFFFF
 _TABLE_BITS = 12
 _WORDS = 41  # 10 tries x (area, aspect, top, left) + the flip
 _SEED_LIMIT = 2**63
 
 
 def _mix32_int(x: int) -> int:
-    """The RNG's 32-bit avalanche (``fastmim.ops.masking._mix32``) on one Python int."""
+    """The RNG's 32-bit avalanche (:func:`fastmim.ops.masking._mix32`) on one Python int."""
     x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
+    x = (x * _MIX_MULTIPLIER_1) & _M32
     x ^= x >> 15
-    x = (x * 0x2C1B3C6D) & _M32
-    return x ^ (x >> 16)
-
-
-def _mix32(x: Tensor) -> Tensor:
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
+    x = (x * _MIX_MULTIPLIER_2) & _M32
     return x ^ (x >> 16)
 
 
@@ -489,11 +484,11 @@ def random_resized_crop_box(height: int, width: int, *, seed: int, counter: int 
         _check_key("counter", counter)
     if isinstance(height, bool) or isinstance(width, bool) or height < 1 or width < 1:
         raise ValueError(f"height and width must be ints >= 1, got {height}x{width}")
-    seed_key = _mix32_int(seed & _M32) ^ _mix32_int(((seed >> 32) & _M32) ^ 0x1B873593)
+    seed_key = _mix32_int(seed & _M32) ^ _mix32_int(((seed >> 32) & _M32) ^ SEED_HIGH_SALT)
     row_key = _mix32_int(seed_key ^ _mix32_int(counter & _M32))
 
     def word(k: int) -> int:
-        return _mix32_int(row_key ^ ((k * 0x2545F491) & _M32))
+        return _mix32_int(row_key ^ ((k * PATCH_STRIDE) & _M32))
 
     flip = word(_WORDS - 1) < threshold
     area = float(height * width)
@@ -560,10 +555,10 @@ def random_resized_crop_boxes(heights: Tensor | Sequence[int], widths: Tensor | 
     counters = _key_tensor("offset", offset, batch, device)
     if counters.numel() == 1:  # row b is sample offset + b (for B = 1 the same as a per-row offset)
         counters = counters + torch.arange(batch, dtype=torch.int64, device=device)
-    seed_key = _mix32(seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ 0x1B873593)
+    seed_key = _mix32(seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ SEED_HIGH_SALT)
     row_key = _mix32(seed_key ^ _mix32(counters & _M32))  # (B,) or broadcast (1,) with (B,)
     k = torch.arange(_WORDS, dtype=torch.int64, device=device)
-    words = _mix32(row_key.reshape(-1, 1) ^ ((k * 0x2545F491) & _M32)).expand(batch, _WORDS)
+    words = _mix32(row_key.reshape(-1, 1) ^ ((k * PATCH_STRIDE) & _M32)).expand(batch, _WORDS)
     areas, aspects = _tables(scale, ratio)
     area_table = torch.tensor(areas, dtype=torch.float64, device=device)
     aspect_table = torch.tensor(aspects, dtype=torch.float64, device=device)
