@@ -1,6 +1,7 @@
 """Build script of fastmim.
 
-The C++/CUDA extension ``fastmim._C`` (sources in ``csrc/``) is optional: it is built with
+The C++/CUDA extension ``fastmim._C`` (sources in ``csrc/``; on x86-64 also ``fastmim._C_avx2``,
+the same sources with AVX2 and FMA, which the loader picks on CPUs that run them) is optional: it is built with
 ninja through ``torch.utils.cpp_extension`` when torch is importable in the build
 environment (``pip install --no-build-isolation .``) and a C++ compiler is present; its CUDA
 sources only when ``nvcc`` and a CUDA build of torch are there. ``FASTMIM_NO_EXT=1`` skips
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -47,14 +49,19 @@ def _extension_build():
     csrc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(csrc)
     with_cuda = csrc.cuda_buildable()
-    kwargs = csrc.extension_kwargs(with_cuda)
-    if with_cuda:
-        extension = cpp_extension.CUDAExtension("fastmim._C", **kwargs)
-    else:
-        extension = cpp_extension.CppExtension("fastmim._C", **kwargs)
-    _log(f"building fastmim._C ({'CPU + CUDA' if with_cuda else 'CPU only'}, torch {torch.__version__})")
+    # Both CPU builds on x86-64 (the loader picks the AVX2 one where the CPU runs it), the default elsewhere.
+    variants = ["default"] + (["avx2"] if platform.machine().lower() in ("x86_64", "amd64") else [])
+    extensions = []
+    for variant in variants:
+        kwargs = csrc.extension_kwargs(with_cuda, variant)
+        name = csrc.module_name(variant)
+        if with_cuda:
+            extensions.append(cpp_extension.CUDAExtension(name, **kwargs))
+        else:
+            extensions.append(cpp_extension.CppExtension(name, **kwargs))
+        _log(f"building {name} ({'CPU + CUDA' if with_cuda else 'CPU only'}, torch {torch.__version__})")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [extension], {"build_ext": build_ext}
+    return extensions, {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = _extension_build()

@@ -102,3 +102,25 @@ def test_extension_cache_folder_is_keyed_by_the_sources():
     assert folder.name.endswith(digest)
     changed = dict(kwargs, extra_compile_args={"cxx": ["-O2"]})
     assert _csrc._sources_digest(changed) != digest
+
+
+def test_the_cpu_build_follows_the_cpu_capability():
+    """Two CPU builds of the extension: the default (x86-64 baseline) and AVX2 (ATen's AVX2 flags and
+    capability macro), each in its own cache folder; the one loaded is the CPU's."""
+    import platform
+
+    from fastmim.ops import _csrc
+
+    default, avx2 = (_csrc.extension_kwargs(False, variant) for variant in ("default", "avx2"))
+    assert {"-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"} <= set(avx2["extra_compile_args"]["cxx"])
+    assert not any(flag.startswith("-mavx") for flag in default["extra_compile_args"]["cxx"])
+    assert default["sources"] == avx2["sources"]
+    assert _csrc._sources_digest(default) != _csrc._sources_digest(avx2)
+    assert (_csrc.module_name("default"), _csrc.module_name("avx2")) == ("fastmim._C", "fastmim._C_avx2")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    expected = "avx2" if x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "default"
+    assert _csrc.cpu_variant() == expected
+    if _csrc.load_error() is None:  # a prebuilt default build may stand in for a missing AVX2 one
+        assert _csrc.loaded_variant() in (expected, "default")
+    with pytest.raises(ValueError, match="variant"):
+        _csrc.extension_kwargs(False, "sse9")

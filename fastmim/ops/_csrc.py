@@ -12,9 +12,16 @@ Loading it registers the ``torch.ops.fastmim.csrc_*`` ops. In order:
    other's build lock). The first build takes a minute or two (a message says so); later
    processes reuse it, and a failed build is remembered so it is not retried on every import.
 
+The CPU code comes in two builds: the default one (x86-64 baseline: ATen's ``at::vec`` falls back
+to its generic, SSE2-level code) and, on x86-64, an AVX2 one (``-mavx2 -mfma -mf16c`` with ATen's
+``CPU_CAPABILITY_AVX2``, as ATen builds its own AVX2 kernels): ``fastmim._C`` and
+``fastmim._C_avx2``. :func:`cpu_variant` chooses at run time, from the CPU capability torch detects
+(``torch.backends.cpu.get_cpu_capability()``: AVX2 or AVX512 load the AVX2 build), and only the
+chosen build is loaded (both register the same ops); a just-in-time build compiles only that one.
+
 The package works without the extension: the dispatcher falls back to the other backends and
 :func:`load_error` says why (``fastmim info`` prints it). ``setup.py`` builds the same sources
-with the same flags through :func:`extension_kwargs`.
+with the same flags through :func:`extension_kwargs` (both CPU builds on x86-64).
 """
 
 from __future__ import annotations
@@ -52,13 +59,41 @@ def cuda_arch_flags() -> list[str]:
     return flags
 
 
-def extension_kwargs(with_cuda: bool) -> dict:
-    """Sources (relative to the repository root) and compiler flags of the extension.
+# ATen's own flags for its AVX2 kernels (cmake/Codegen.cmake): the vector code of at::vec, and every
+# loop the compiler vectorises, use 256-bit AVX2 with fused multiply-adds.
+_AVX2_CXX = ("-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
+CPU_VARIANTS = ("default", "avx2")
 
-    ``setup.py`` passes them to ``CppExtension``/``CUDAExtension("fastmim._C", **kwargs)``;
+
+def cpu_variant() -> str:
+    """The CPU build to load here: ``"avx2"`` on an x86-64 CPU torch runs at AVX2 or AVX512, else
+    ``"default"``."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "default"
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return "default"
+    return "avx2" if capability in ("AVX2", "AVX512") else "default"
+
+
+def module_name(variant: str = "default") -> str:
+    """The prebuilt module of a CPU build: ``fastmim._C`` or ``fastmim._C_avx2``."""
+    return "fastmim._C" if variant == "default" else f"fastmim._C_{variant}"
+
+
+def extension_kwargs(with_cuda: bool, variant: str = "default") -> dict:
+    """Sources (relative to the repository root) and compiler flags of the extension's ``variant``
+    (:data:`CPU_VARIANTS`).
+
+    ``setup.py`` passes them to ``CppExtension``/``CUDAExtension(module_name(variant), **kwargs)``;
     the just-in-time build uses the same ones.
     """
-    cxx = ["-O3"]
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"variant must be one of {CPU_VARIANTS}, got {variant!r}")
+    cxx = ["-O3", *(_AVX2_CXX if variant == "avx2" else ())]
     sources = list(_CPU_SOURCES)
     extra: dict[str, list[str]] = {"cxx": cxx}
     if with_cuda:
@@ -93,25 +128,26 @@ def _sources_digest(kwargs: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _jit_build() -> None:
-    """Compile ``csrc/`` with ``torch.utils.cpp_extension.load`` (cached) and load it."""
+def _jit_build(variant: str = "default") -> None:
+    """Compile ``csrc/`` (the CPU build ``variant``) with ``torch.utils.cpp_extension.load`` (cached) and load it."""
     from torch.utils import cpp_extension
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise ImportError("no C++ compiler found (set CXX or install g++/clang++)")
     with_cuda = cuda_buildable() and torch.cuda.is_available()
-    kwargs = extension_kwargs(with_cuda)
+    kwargs = extension_kwargs(with_cuda, variant)
     build_dir = _cache_dir(with_cuda, _sources_digest(kwargs))
     build_dir.mkdir(parents=True, exist_ok=True)
     failed_marker = build_dir / "failed.txt"
     if failed_marker.exists():
         raise ImportError(f"an earlier build of these sources failed (log: {failed_marker}; delete it to retry)")
-    if not (build_dir / f"{_JIT_NAME}.so").exists():
+    name = _JIT_NAME if variant == "default" else f"{_JIT_NAME}_{variant}"
+    if not (build_dir / f"{name}.so").exists():
         print(f"fastmim: compiling the C++ extension once into {build_dir} (a minute or two)...", file=sys.stderr)
     flags = kwargs["extra_compile_args"]
     try:
         cpp_extension.load(
-            name=_JIT_NAME,
+            name=name,
             sources=[str(_REPO_ROOT / s) for s in kwargs["sources"]],
             extra_cflags=flags["cxx"],
             extra_cuda_cflags=flags.get("nvcc"),
@@ -157,18 +193,36 @@ def load_error() -> str | None:
 
     if environment.extension_disabled():
         return "disabled by FASTMIM_NO_EXT=1"
-    try:
-        importlib.import_module("fastmim._C")
-    except ImportError as exc:
-        prebuilt_error = f"fastmim._C is not built ({exc})"
-        if not (_CSRC / "registration.cpp").exists():
-            return prebuilt_error
+    variant = cpu_variant()
+    errors = []
+    # The CPU's build first; a prebuilt default build still runs on any x86-64 CPU.
+    for name in dict.fromkeys((module_name(variant), module_name("default"))):
         try:
-            _jit_build()
-        except ImportError as jit_exc:
-            return f"{prebuilt_error}; just-in-time build: {jit_exc}"
+            importlib.import_module(name)
+        except ImportError as exc:
+            errors.append(f"{name} is not built ({exc})")
+            continue
+        _LOADED["variant"] = variant if name == module_name(variant) else "default"
+        _register_fakes()
+        return None
+    prebuilt_error = "; ".join(errors)
+    if not (_CSRC / "registration.cpp").exists():
+        return prebuilt_error
+    try:
+        _jit_build(variant)
+    except ImportError as jit_exc:
+        return f"{prebuilt_error}; just-in-time build: {jit_exc}"
+    _LOADED["variant"] = variant
     _register_fakes()
     return None
+
+
+_LOADED: dict[str, str] = {}
+
+
+def loaded_variant() -> str | None:
+    """The CPU build that was loaded (``"default"`` or ``"avx2"``), ``None`` when none is."""
+    return _LOADED.get("variant") if load_error() is None else None
 
 
 def has_cuda() -> bool:
