@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
 
-from fastmim.ops import gather_visible, random_masking, unshuffle, use_backend  # noqa: E402
+from fastmim.ops import gather_visible, random_masking, unshuffle  # noqa: E402
 from fastmim.ops._dispatch import backend_status, select_backend  # noqa: E402
 
 MASK_RATIO = 0.75
@@ -178,10 +178,9 @@ def main(argv=None):
                         a.requires_grad_(with_grad)
             name = f"{kind}-D{D}-{'fwd+bwd' if with_grad else 'fwd'}"
             bytes_moved = fwd_bytes + (bwd_bytes if with_grad else 0)
-            for provider, (fn, backend) in providers(kind, args.smoke, device).items():
-                run = step(fn, kind, with_grad)
-                with use_backend(backend):
-                    ms = harness.time_ms(run, arg_sets, device=device, smoke=args.smoke)
+            runs = {provider: harness.with_backend(step(fn, kind, with_grad), backend)
+                    for provider, (fn, backend) in providers(kind, args.smoke, device).items()}
+            for provider, ms in harness.time_providers(runs, arg_sets, device=device, smoke=args.smoke).items():
                 shape = dict(B=B, L=L, D=D, K=int(L * (1 - MASK_RATIO)), mask_ratio=MASK_RATIO,
                              dtype=str(dtype).removeprefix("torch."), cls=True)
                 records.append(harness.Record(name, provider, ms, shape, bytes_moved=bytes_moved))

@@ -7,6 +7,8 @@ Providers, per case, measured in the same run:
 - ``compile``: ``torch.compile`` of that same function (inductor; ``aot_eager`` in smoke
   runs, which only check that the script works and time forward + backward only).
 
+On CPU the providers of a case take turns call by call (``harness.time_providers``).
+
 Cases: MAE ViT-B pretraining (B=256, 224x224, p=16) and small images (B=1024, 32x32, p=4),
 mask ratio 0.75, decoder output ``pred`` in bf16 and images in fp32 on CUDA (as under
 autocast), fp32 on CPU; each with every patch predicted (``full``) and with only the masked
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
 
-from fastmim.ops import masked_patch_mse, masked_patch_mse_reference, patchify, use_backend  # noqa: E402
+from fastmim.ops import masked_patch_mse, masked_patch_mse_reference, patchify  # noqa: E402
 from fastmim.ops._dispatch import backend_status, select_backend  # noqa: E402
 
 MASK_RATIO = 0.75
@@ -154,11 +156,12 @@ def main(argv=None):
                 grad_bytes = case["grad_bytes"] if with_grad else 0
                 bytes_moved = case["read_once"] + grad_bytes
                 masked_rows_bytes = case["masked_rows"] + grad_bytes
-                for provider, (fn, backend) in peers.items():
-                    run = step(fn, with_grad)
-                    with use_backend(backend):
-                        ms = harness.time_ms(run, arg_sets, device=device, smoke=args.smoke)
-                        peak = peak_extra_mb(run, arg_sets[0], device)
+                runs = {provider: harness.with_backend(step(fn, with_grad), backend)
+                        for provider, (fn, backend) in peers.items()}
+                times = harness.time_providers(runs, arg_sets, device=device, smoke=args.smoke)
+                for provider, run in runs.items():
+                    ms = times[provider]
+                    peak = peak_extra_mb(run, arg_sets[0], device)
                     shape = dict(B=batch, C=3, H=size, W=size, p=p, mask_ratio=MASK_RATIO, layout=layout,
                                  pred_dtype=str(pred_dtype).removeprefix("torch."),
                                  imgs_dtype=str(imgs_dtype).removeprefix("torch."))

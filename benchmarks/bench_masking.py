@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
 
-from fastmim.ops import random_masking, use_backend  # noqa: E402
+from fastmim.ops import random_masking  # noqa: E402
 from fastmim.ops._dispatch import backend_status, select_backend  # noqa: E402
 
 MASK_RATIO = 0.75
@@ -86,9 +86,9 @@ def main(argv=None):
         keep = int(length * (1 - MASK_RATIO))
         bytes_moved = batch * keep * 8 + batch * length * 8 + batch * length * 4
         shape = dict(B=batch, L=length, K=keep, mask_ratio=MASK_RATIO)
-        for provider, (fn, backend) in providers(args.smoke, device).items():
-            with use_backend(backend), torch.no_grad():
-                ms = harness.time_ms(fn, [(batch, length)], device=device, smoke=args.smoke)
+        runs = {provider: harness.with_backend(fn, backend, no_grad=True)
+                for provider, (fn, backend) in providers(args.smoke, device).items()}
+        for provider, ms in harness.time_providers(runs, [(batch, length)], device=device, smoke=args.smoke).items():
             records.append(harness.Record(f"masking-L{length}", provider, ms, shape, bytes_moved=bytes_moved))
     notes = ("bytes = the outputs every provider writes (ids_keep, ids_restore int64; mask fp32); mask ratio 0.75; "
              "forward only (the masking has no gradient)")

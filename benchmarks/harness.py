@@ -7,6 +7,8 @@
   cache flushed between repetitions); on CPU a perf-counter median over repetitions. Pass
   several argument sets and the calls rotate through them, so a small working set does not
   sit in cache between calls.
+- ``time_providers``: every provider of a case; on CPU interleaved, the providers taking turns
+  call by call (a slow moment of the machine hits all of them), on CUDA each in turn.
 - ``Record`` / ``write_results``: one JSON per run in ``benchmarks/results/`` with the
   device, torch/triton/CUDA versions, git commit, and each figure with its roofline
   fraction and its ratio to the best peer measured in the same run.
@@ -94,6 +96,31 @@ def time_interleaved_ms(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[t
             fn(*arg_sets[i % len(arg_sets)])
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def time_providers(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[tuple] = ((),), *,
+                   device: torch.device | str, smoke: bool = False, rounds: int = 30) -> dict[str, float]:
+    """Median milliseconds of each provider ``fns[name](*args)`` in one case.
+
+    CPU (full runs): interleaved, the providers taking turns call by call (:func:`time_interleaved_ms`);
+    CUDA and smoke runs: each in turn with :func:`time_ms` (on CUDA ``do_bench`` flushes the L2 cache
+    between calls, so one provider's data is not left in cache for another)."""
+    if torch.device(device).type == "cpu" and not smoke:
+        return time_interleaved_ms(fns, arg_sets, rounds=rounds)
+    return {name: time_ms(fn, arg_sets, device=device, smoke=smoke) for name, fn in fns.items()}
+
+
+def with_backend(fn: Callable[..., Any], backend: str | None, *, no_grad: bool = False) -> Callable[..., Any]:
+    """``fn`` called under ``fastmim.ops.use_backend(backend)`` (and ``torch.no_grad()``), for the timers."""
+    import contextlib
+
+    from fastmim.ops import use_backend
+
+    def call(*args):
+        with use_backend(backend), (torch.no_grad() if no_grad else contextlib.nullcontext()):
+            return fn(*args)
+
+    return call
 
 
 def measure_ceilings(device: torch.device | str, smoke: bool = False) -> dict[str, float]:

@@ -183,7 +183,8 @@ BYTE_FORMULAS["aten::native_layer_norm_backward"] = _native_layer_norm_backward_
 # Triton GEMMs (fastmim's fused ones), charged at the device's Triton-vs-cuBLAS efficiency.
 TRITON_GEMM_OPS: set[str] = set()
 # fastmim's ops: family by name (csrc_* variants share their op's family).
-FASTMIM_FAMILY_RULES = (("gemm", "gemm"), ("attention", "attention"), ("mse", "loss"), ("loss", "loss"), ("masking", "masking"),
+FASTMIM_FAMILY_RULES = (("gemm", "gemm"), ("attention", "attention"), ("mse", "loss"), ("loss", "loss"),
+                        ("masking", "masking"),
                         ("permutation", "masking"), ("gather", "masking"), ("unshuffle", "masking"),
                         ("layer_norm", "layernorm"), ("gelu", "activation"), ("residual", "elementwise"))
 
