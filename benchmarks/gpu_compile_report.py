@@ -214,8 +214,15 @@ def _other_paths(batch: int, width: int, img_size: int, patch_size: int) -> None
     kernels around cuBLAS GEMMs that blocks off the fused-GEMM path take (LayerScale, drop-path), and the
     three-kernel attention backward of sequences longer than one key block (the encoder on whole images:
     fine-tuning, 197 tokens at head dim 64)."""
-    from fastmim.ops import add_layer_norm, add_layer_norm_linear, bias_gelu, bias_gelu_linear, layer_norm
-    from fastmim.ops import masked_patch_mse, visible_attention_qkvpacked
+    from fastmim.ops import (
+        add_layer_norm,
+        add_layer_norm_linear,
+        bias_gelu,
+        bias_gelu_linear,
+        layer_norm,
+        masked_patch_mse,
+        visible_attention_qkvpacked,
+    )
 
     bf16 = torch.bfloat16
     patches = (img_size // patch_size) ** 2
