@@ -81,8 +81,11 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lut": ("lut", {}),
     "supmim": ("supmim", {"w_mim": 1.0}),
     "supervised": ("supmim", {"w_mim": 0.0}),
+    "init": ("mae", {}),  # a reference, no training: MAE's encoder at its initialisation (seed s)
 }
-RUN_ORDER = ("mae", "cmae", "lut", "supmim", "supervised")  # per seed: pairs complete early
+RUN_ORDER = ("mae", "cmae", "lut", "supmim", "supervised", "init")  # per seed: pairs complete early
+REFERENCE = {"run": "init", "metrics": ["knn", "linear", "finetune"],
+             "label": "untrained encoder (MAE's initialisation, the same seed)"}
 
 # The comparisons: method arm against baseline arm, their metrics (headline first) and the
 # paper's figures (differences in top-1 points, method minus baseline, and the reported context).
@@ -253,6 +256,8 @@ def train_run(run: str, seed: int, settings: dict[str, Any], args: argparse.Name
     from fastmim.train.loop import train
 
     method, overrides = RUNS[run]
+    if run == REFERENCE["run"]:
+        return init_run(seed, args, run_dir, out=run_dir.parent)
     steps = settings["steps"]
     done = _trained_step(run_dir)
     resume = done is not None and (run_dir / "train_state.pt").exists()
@@ -269,6 +274,26 @@ def train_run(run: str, seed: int, settings: dict[str, Any], args: argparse.Name
     return {"method": method, "model_overrides": cfg.model_overrides, "steps": result.step,
             "final_loss": result.loss, "seconds": result.seconds, "resumed_from_step": done if resume else 0,
             "skipped_steps": getattr(result, "skipped", None)}
+
+
+def init_run(seed: int, args: argparse.Namespace, run_dir: Path, out: Path) -> dict[str, Any]:
+    """The untrained reference: the MAE model built as ``fastmim train`` builds it at ``seed``
+    (``torch.manual_seed(seed)``, then the model), saved as a checkpoint with the metadata of a
+    finished MAE run of this folder, so ``fastmim eval`` scores it as any other."""
+    from fastmim.train.checkpoint import read_metadata, save_weights
+    from fastmim.train.loop import build_model
+
+    trained = sorted(out.glob("mae-seed*/checkpoint.safetensors"))
+    if not trained:
+        raise RuntimeError("the untrained reference takes its metadata from a finished MAE run; none yet")
+    meta = read_metadata(trained[0])
+    meta = {k: v for k, v in meta.items() if k not in ("state_sha256", "tensors_sha256", "format")}
+    torch.manual_seed(seed)
+    module = build_model(meta["method"], meta["preset"], meta["model_kwargs"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(module, run_dir / "checkpoint.safetensors", {**meta, "step": 0, "seed": seed})
+    return {"method": "mae", "model_overrides": meta["model_kwargs"], "steps": 0, "final_loss": None,
+            "seconds": 0.0, "resumed_from_step": 0, "skipped_steps": 0}
 
 
 def _eval(run_dir: Path, protocol: str, seed: int, settings: dict[str, Any], args: argparse.Namespace,
@@ -300,6 +325,8 @@ def _eval(run_dir: Path, protocol: str, seed: int, settings: dict[str, Any], arg
 
 def needed_metrics(run: str) -> list[str]:
     """Every metric some comparison reads from this run."""
+    if run == REFERENCE["run"]:
+        return list(REFERENCE["metrics"])
     out: list[str] = []
     for comp in COMPARISONS:
         if run in (comp["treatment"], comp["baseline"]):
@@ -376,7 +403,7 @@ def _do_run(key, run, seed, settings, args, out, progress, on_record, record_pat
     start = time.perf_counter()
     if record["train"] is None:
         print(f"{progress} {key}: training {RUNS[run][0]} for {settings['steps']} steps", flush=True)
-        record["train"] = train_run(run, seed, settings, args, run_dir)
+        record["train"] = {**train_run(run, seed, settings, args, run_dir), "commit": _source_commit()[0]}
         _write_json(record_path, record)
         print(f"{progress} {key}: trained in {record['train']['seconds']:.0f} s, final loss "
               f"{record['train']['final_loss']}", flush=True)
@@ -393,7 +420,7 @@ def _do_run(key, run, seed, settings, args, out, progress, on_record, record_pat
         for r in results:
             record["metrics"][r["protocol"]] = {"top1": r["top1"], "num_train": r["num_train"],
                                                 "num_test": r["num_test"], "step": r["step"],
-                                                "eval_seconds": seconds}
+                                                "eval_seconds": seconds, "commit": _source_commit()[0]}
         _write_json(record_path, record)
         on_record()
     shown = ", ".join(f"{m} {100 * record['metrics'][m]['top1']:.2f}%" for m in metrics if m in record["metrics"])
@@ -426,7 +453,8 @@ def assemble(out: Path, settings: dict[str, Any], args: argparse.Namespace, env:
                                     "metric": metric, "top1": m["top1"], "num_train": m["num_train"],
                                     "num_test": m["num_test"], "pretrain_steps": rec["train"]["steps"],
                                     "train_seconds": rec["train"]["seconds"], "eval_seconds": m["eval_seconds"],
-                                    "final_train_loss": rec["train"]["final_loss"], "run": run_key(arm, seed)})
+                                    "final_train_loss": rec["train"]["final_loss"], "run": run_key(arm, seed),
+                                    "train_commit": rec["train"].get("commit"), "eval_commit": m.get("commit")})
             paper = comp["paper"].get(metric)
             summary.append({
                 "method": comp["method"], "comparison": comp["label"], "metric": metric,
@@ -434,11 +462,29 @@ def assemble(out: Path, settings: dict[str, Any], args: argparse.Namespace, env:
                 "treatment": {"arm": comp["treatment"], **summarize(list(values["treatment"].values()))},
                 "difference": paired_difference(values["treatment"], values["baseline"]),
                 "paper": paper})
+    reference = {"run": REFERENCE["run"], "label": REFERENCE["label"], "metrics": {}}
+    for metric in REFERENCE["metrics"]:
+        values = {}
+        for seed in settings["seeds"]:
+            rec = runs.get(run_key(REFERENCE["run"], seed))
+            m = (rec or {}).get("metrics", {}).get(metric)
+            if m is None:
+                missing.append({"method": "reference", "arm": REFERENCE["run"], "seed": seed, "metric": metric})
+                continue
+            values[seed] = m["top1"]
+            records.append({"method": "reference", "arm": REFERENCE["run"], "role": "reference", "seed": seed,
+                            "metric": metric, "top1": m["top1"], "num_train": m["num_train"],
+                            "num_test": m["num_test"], "pretrain_steps": 0, "train_seconds": 0.0,
+                            "eval_seconds": m["eval_seconds"], "final_train_loss": None,
+                            "run": run_key(REFERENCE["run"], seed), "train_commit": None,
+                            "eval_commit": m.get("commit")})
+        reference["metrics"][metric] = summarize(list(values.values()))
     return {"benchmark": NAME, "kind": "smoke" if args.smoke else "measured-cpu", "environment": env,
             "settings": {**settings, "data": args.data, "channels": args.channels, "image_size": args.image_size,
                          "runs": {k: {"method": m, "overrides": o} for k, (m, o) in RUNS.items()},
                          "comparisons": COMPARISONS},
-            "complete": not missing, "missing": missing, "summary": summary, "records": records}
+            "complete": not missing, "missing": missing, "summary": summary, "reference": reference,
+            "records": records}
 
 
 def _pct(x: float | None, sd: float | None = None) -> str:
@@ -466,6 +512,12 @@ def markdown_table(payload: dict[str, Any]) -> str:
         lines.append(f"| {s['comparison']} | {METRIC_NAMES[s['metric']]} | {s['baseline']['arm']} "
                      f"{_pct(s['baseline']['mean'], s['baseline']['sd'])} | {s['treatment']['arm']} "
                      f"{_pct(s['treatment']['mean'], s['treatment']['sd'])} | {diff} | {d['n']} | {paper_text} |")
+    ref = payload.get("reference")
+    if ref is not None:
+        shown = ", ".join(f"{METRIC_NAMES[m]} {_pct(v['mean'], v['sd'])} ({v['n']} seeds)"
+                          for m, v in ref["metrics"].items() if v["mean"] is not None)
+        if shown:
+            lines.append(f"\nReference, {ref['label']}: {shown}.")
     return "\n".join(lines) + "\n"
 
 
@@ -494,6 +546,10 @@ def plot(payload: dict[str, Any], path: Path) -> None:
                            label=arm["arm"] if i == 0 else None)
                 pts = per_seed.get((comp["method"], s["metric"], role), [])
                 ax.plot([x] * len(pts), pts, "k.", markersize=4)
+            ref = payload.get("reference", {}).get("metrics", {}).get(s["metric"])
+            if comp["baseline"] == "mae" and ref is not None and ref["mean"] is not None:
+                ax.hlines(100 * ref["mean"], i - 0.4, i + 0.4, colors="tab:red", linestyles="dashed",
+                          label="untrained encoder" if i == 0 else None)
             d = s["difference"]
             if d["mean"] is not None:
                 text = f"{100 * d['mean']:+.1f}"
@@ -585,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     comps = [c for c in COMPARISONS if args.only is None or c["method"] in args.only]
     wanted = {arm for c in comps for arm in (c["treatment"], c["baseline"])}
+    if "mae" in wanted:
+        wanted.add(REFERENCE["run"])
     plan = [(seed, run) for seed in settings["seeds"] for run in RUN_ORDER if run in wanted]
     print(f"{NAME}: {len(plan)} runs ({len(settings['seeds'])} seeds x {len(wanted)} arms), {settings['steps']} "
           f"steps each, batch {settings['batch_size']}, encoder {settings['size']} on {settings['model']}, "

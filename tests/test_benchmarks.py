@@ -78,10 +78,13 @@ def test_reproduce_methods_smoke_writes_one_record_per_method_arm_seed_and_metri
                 for m in ("classifier", "knn", "linear")}
     expected |= {(method, arm, s, m) for method in ("cmae", "lut") for arm in (method, "mae") for s in seeds
                  for m in ("knn", "linear", "finetune")}
+    expected |= {("reference", "init", s, m) for s in seeds for m in ("knn", "linear", "finetune")}
     got = [(r["method"], r["arm"], r["seed"], r["metric"]) for r in payload["records"]]
     assert sorted(got) == sorted(expected)
     for record in payload["records"]:
-        assert 0.0 <= record["top1"] <= 1.0 and record["pretrain_steps"] == payload["settings"]["steps"]
+        steps = 0 if record["arm"] == "init" else payload["settings"]["steps"]
+        assert 0.0 <= record["top1"] <= 1.0 and record["pretrain_steps"] == steps
+    assert payload["reference"]["metrics"]["knn"]["n"] == len(seeds)
     # The two comparisons against MAE read the same MAE runs.
     mae = {(r["method"], r["seed"], r["metric"]): r["top1"] for r in payload["records"] if r["arm"] == "mae"}
     assert all(mae[("cmae", s, m)] == mae[("lut", s, m)] for s in seeds for m in ("knn", "linear", "finetune"))
@@ -92,7 +95,7 @@ def test_reproduce_methods_smoke_writes_one_record_per_method_arm_seed_and_metri
     # Resumable: nothing left to train or evaluate.
     again = run_until_stalled(cmd, env=env)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("done before, skipped") == 10 and "training" not in again.stdout
+    assert again.stdout.count("done before, skipped") == 12 and "training" not in again.stdout
 
 
 def test_reproduce_methods_paired_interval():
