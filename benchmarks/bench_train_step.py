@@ -24,8 +24,9 @@ device's dense bf16 spec where known (``extra.mfu_vs_spec``).
 
 ``--device cpu`` runs a small preset (``vit_tiny_patch4_32``, batch 32, fp32; ``--config
 mae_vit_tiny_p16_224 --batch 16`` for ViT-Tiny/16 at 224 px), timing the providers interleaved:
-after a warm-up, ``--rounds`` rounds of one step each, the median per provider. ``--smoke`` runs a
-2-block toy model.
+after a warm-up, ``--rounds`` rounds of one step each, the median per provider; ``--threads 1 --clock
+cpu`` times the process's CPU time on one thread, which the load of other processes on a shared
+machine disturbs far less than wall time. ``--smoke`` runs a 2-block toy model.
 """
 
 from __future__ import annotations
@@ -139,9 +140,15 @@ def main(argv=None) -> None:
                             help="model (default: mae_vit_b16 on CUDA, mae_vit_tiny_p4_32 on CPU)")
         parser.add_argument("--rounds", type=int, default=10,
                             help="CPU: interleaved rounds (each provider one step per round); the median is reported")
+        parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
+        parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                            help="CPU: wall time, or the process's CPU time (with --threads 1: the load of other "
+                                 "processes on a shared machine counts less)")
 
     args = harness.parse_args(__doc__.splitlines()[0], argv, extra=extra_args)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         name, batch = "smoke", 4
     elif device.type == "cuda":
@@ -178,7 +185,8 @@ def main(argv=None) -> None:
     flops = mae_step_flops(cfg, batch)
     spec = spec_tflops(device)
     case = f"{name}_b{batch}_{'bf16' if dtype is not None else 'fp32'}_step"
-    shape = {**cfg, "batch": batch, "mask_ratio": MASK_RATIO, "dtype": str(dtype or torch.float32)}
+    shape = {**cfg, "batch": batch, "mask_ratio": MASK_RATIO, "dtype": str(dtype or torch.float32),
+             "threads": torch.get_num_threads(), "clock": args.clock if device.type == "cpu" else "cuda events"}
     records = []
 
     def record(provider: str, ms: float, peak: float | None) -> None:
@@ -195,7 +203,7 @@ def main(argv=None) -> None:
             model.train()
             steps[provider] = make_step(model, device, dtype)
             steps[provider](imgs[0])  # first call: compilation
-        for provider, ms in harness.time_interleaved_ms(steps, arg_sets, rounds=args.rounds).items():
+        for provider, ms in harness.time_interleaved_ms(steps, arg_sets, rounds=args.rounds, clock=args.clock).items():
             record(provider, ms, None)
     else:
         for provider, model in models.items():
