@@ -106,11 +106,8 @@ def main(argv=None) -> None:
         flops = block_flops(width, tokens, batch)
         for fn in providers.values():  # compilation, autotuning, the attention backend's choice
             fn(*arg_sets[0])
-        if device.type == "cpu" and not args.smoke:
-            times = harness.time_interleaved_ms(providers, arg_sets)
-        else:
-            times = {provider: harness.time_ms(fn, arg_sets, device=device, smoke=args.smoke)
-                     for provider, fn in providers.items()}
+        times = harness.time_providers(providers, arg_sets, device=device, smoke=args.smoke, rounds=10,
+                                       clock=args.clock)
         fused_path = blocks["fastmim-fused"].stream_fusable(arg_sets[0][0])
         for provider, ms in times.items():
             extra = {"fused_gemm_path": fused_path} if provider.startswith("fastmim") else {}

@@ -180,7 +180,8 @@ def main(argv=None):
             bytes_moved = fwd_bytes + (bwd_bytes if with_grad else 0)
             runs = {provider: harness.with_backend(step(fn, kind, with_grad), backend)
                     for provider, (fn, backend) in providers(kind, args.smoke, device).items()}
-            for provider, ms in harness.time_providers(runs, arg_sets, device=device, smoke=args.smoke).items():
+            times = harness.time_providers(runs, arg_sets, device=device, smoke=args.smoke, clock=args.clock)
+            for provider, ms in times.items():
                 shape = dict(B=B, L=L, D=D, K=int(L * (1 - MASK_RATIO)), mask_ratio=MASK_RATIO,
                              dtype=str(dtype).removeprefix("torch."), cls=True)
                 records.append(harness.Record(name, provider, ms, shape, bytes_moved=bytes_moved))

@@ -158,7 +158,7 @@ def main(argv=None):
                 masked_rows_bytes = case["masked_rows"] + grad_bytes
                 runs = {provider: harness.with_backend(step(fn, with_grad), backend)
                         for provider, (fn, backend) in peers.items()}
-                times = harness.time_providers(runs, arg_sets, device=device, smoke=args.smoke)
+                times = harness.time_providers(runs, arg_sets, device=device, smoke=args.smoke, clock=args.clock)
                 for provider, run in runs.items():
                     ms = times[provider]
                     peak = peak_extra_mb(run, arg_sets[0], device)

@@ -88,7 +88,8 @@ def main(argv=None):
         shape = dict(B=batch, L=length, K=keep, mask_ratio=MASK_RATIO)
         runs = {provider: harness.with_backend(fn, backend, no_grad=True)
                 for provider, (fn, backend) in providers(args.smoke, device).items()}
-        for provider, ms in harness.time_providers(runs, [(batch, length)], device=device, smoke=args.smoke).items():
+        times = harness.time_providers(runs, [(batch, length)], device=device, smoke=args.smoke, clock=args.clock)
+        for provider, ms in times.items():
             records.append(harness.Record(f"masking-L{length}", provider, ms, shape, bytes_moved=bytes_moved))
     notes = ("bytes = the outputs every provider writes (ids_keep, ids_restore int64; mask fp32); mask ratio 0.75; "
              "forward only (the masking has no gradient)")

@@ -140,15 +140,9 @@ def main(argv=None) -> None:
                             help="model (default: mae_vit_b16 on CUDA, mae_vit_tiny_p4_32 on CPU)")
         parser.add_argument("--rounds", type=int, default=10,
                             help="CPU: interleaved rounds (each provider one step per round); the median is reported")
-        parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
-        parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                            help="CPU: wall time, or the process's CPU time (with --threads 1: the load of other "
-                                 "processes on a shared machine counts less)")
 
     args = harness.parse_args(__doc__.splitlines()[0], argv, extra=extra_args)
     device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.smoke:
         name, batch = "smoke", 4
     elif device.type == "cuda":

@@ -1,6 +1,7 @@
 """The harness every benchmark script shares.
 
-- ``parse_args``: common flags (``--smoke`` for tiny sizes, ``--device``, ``--output``).
+- ``parse_args``: common flags (``--smoke`` for tiny sizes, ``--device``, ``--output``; on CPU
+  ``--threads`` and ``--clock cpu``, the process's CPU time instead of wall time).
 - ``measure_ceilings``: the device's ceilings measured in the same run: a large copy in
   GB/s (read + write counted) and a large matmul in TFLOP/s (bf16 on CUDA, fp32 on CPU).
 - ``time_ms``: median milliseconds; on CUDA ``triton.testing.do_bench`` (warm-up, the L2
@@ -42,9 +43,15 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
                         help="tiny sizes, a few repetitions: checks the script runs (CI); figures mean nothing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR, help="folder for the results JSON")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="CPU: wall time, or the process's CPU time (with --threads 1: the load of other "
+                             "processes on a shared machine counts less)")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not args.smoke and args.device == "cpu":
         print("note: running on CPU; these figures are CPU timings, not GPU ones")
     return args
@@ -102,14 +109,15 @@ def time_interleaved_ms(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[t
 
 
 def time_providers(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[tuple] = ((),), *,
-                   device: torch.device | str, smoke: bool = False, rounds: int = 30) -> dict[str, float]:
+                   device: torch.device | str, smoke: bool = False, rounds: int = 30,
+                   clock: str = "wall") -> dict[str, float]:
     """Median milliseconds of each provider ``fns[name](*args)`` in one case.
 
     CPU (full runs): interleaved, the providers taking turns call by call (:func:`time_interleaved_ms`);
     CUDA and smoke runs: each in turn with :func:`time_ms` (on CUDA ``do_bench`` flushes the L2 cache
     between calls, so one provider's data is not left in cache for another)."""
     if torch.device(device).type == "cpu" and not smoke:
-        return time_interleaved_ms(fns, arg_sets, rounds=rounds)
+        return time_interleaved_ms(fns, arg_sets, rounds=rounds, clock=clock)
     return {name: time_ms(fn, arg_sets, device=device, smoke=smoke) for name, fn in fns.items()}
 
 
