@@ -402,7 +402,9 @@ def _do_run(key, run, seed, settings, args, out, progress, on_record, record_pat
     run_dir = out / "runs" / key
     start = time.perf_counter()
     if record["train"] is None:
-        print(f"{progress} {key}: training {RUNS[run][0]} for {settings['steps']} steps", flush=True)
+        what = ("saving the untrained model" if run == REFERENCE["run"]
+                else f"training {RUNS[run][0]} for {settings['steps']} steps")
+        print(f"{progress} {key}: {what}", flush=True)
         record["train"] = {**train_run(run, seed, settings, args, run_dir), "commit": _source_commit()[0]}
         _write_json(record_path, record)
         print(f"{progress} {key}: trained in {record['train']['seconds']:.0f} s, final loss "

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from fastmim.models import LUT, EMATeacher, create_model
-from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss
 from fastmim.models.ema import ema_momentum
+from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss
 from fastmim.ops import use_backend
 from fastmim.testing import (
     assert_bf16_autocast_close,
