@@ -173,7 +173,7 @@ def _charged_as_unpacked_backward(formula):
     return charge
 
 
-# ----------------------------------------------------------------------------- fused block
+# ----------------------------------------------------------------------------- norm_act (the single-pass row ops)
 def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
     return x.numel() // max(1, x.shape[-1]), x.shape[-1]
 
@@ -186,7 +186,7 @@ def _layer_norm_backward_bytes(args, kwargs, out):
     x = args[1]
     rows, cols = _rows_cols(x)
     try:
-        from fastmim.kernels.fused_block import layer_norm_backward_programs
+        from fastmim.kernels.norm_act import layer_norm_backward_programs
     except ImportError:  # triton missing: the launcher's rule
         def layer_norm_backward_programs(n):
             return max(1, min(n, 256))
@@ -199,13 +199,13 @@ def _bias_gelu_backward_bytes(args, kwargs, out):
     x = args[1]
     rows, cols = _rows_cols(x)
     try:
-        from fastmim.kernels.fused_block import bias_gelu_blocks
+        from fastmim.kernels.norm_act import bias_gelu_blocks
     except ImportError:
         return cm.op_bytes_generic(args, kwargs, out, "bias_gelu_backward")
     return cm.op_bytes_generic(args, kwargs, out, "bias_gelu_backward") + bias_gelu_blocks(rows, cols)[2] * cols * 4
 
 
-# ----------------------------------------------------------------------------- fused GEMMs
+# ----------------------------------------------------------------------------- fused_block (the fused GEMMs)
 # Each operand once, each output once (the generic rule): a GEMM re-reads its A and B tiles from L2
 # across its programs, as cuBLAS's do (charged the same way). The per-tile row statistics (12 bytes a
 # 64-column tile), the LayerNorm backward's fp32 partial sums and their reduction in the weight-gradient

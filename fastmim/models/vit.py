@@ -23,7 +23,8 @@ from torch import nn
 import fastmim.ops as ops
 from fastmim.ops._dispatch import forced_backend, select_backend
 from fastmim.ops.attention_router import ATTN_BACKENDS, attention_qkvpacked
-from fastmim.ops.fused_block import add_layer_norm_linear, bias_gelu_linear, linear_add, norm_linear, norm_mlp_add
+from fastmim.ops.fused_block import linear_add, norm_linear, norm_mlp_add
+from fastmim.ops.norm_act import add_layer_norm_linear, bias_gelu_linear
 
 # --------------------------------------------------------------------------------------------
 # The ops a model calls, its LayerNorm

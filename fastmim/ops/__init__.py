@@ -10,15 +10,6 @@ from fastmim.ops._validate import check_indices
 from fastmim.ops.attention import visible_attention, visible_attention_qkvpacked, visible_attention_reference
 from fastmim.ops.attention_router import ATTN_BACKENDS, attention, attention_qkvpacked, choose_attn_backend
 from fastmim.ops.fused_block import (
-    add_layer_norm,
-    add_layer_norm_linear,
-    add_layer_norm_reference,
-    bias_gelu,
-    bias_gelu_linear,
-    bias_gelu_reference,
-    layer_norm,
-    layer_norm_linear,
-    layer_norm_reference,
     layer_norm_stats,
     linear_add,
     linear_add_reference,
@@ -41,6 +32,17 @@ from fastmim.ops.masking import (
     random_permutation,
     random_permutation_reference,
 )
+from fastmim.ops.norm_act import (
+    add_layer_norm,
+    add_layer_norm_linear,
+    add_layer_norm_reference,
+    bias_gelu,
+    bias_gelu_linear,
+    bias_gelu_reference,
+    layer_norm,
+    layer_norm_linear,
+    layer_norm_reference,
+)
 from fastmim.ops.resized_crop import (
     CropBoxes,
     PackedImages,
@@ -55,9 +57,9 @@ __all__ = ["BACKENDS", "backend_status", "check_indices", "forced_backend", "sel
 __all__ += ["ATTN_BACKENDS", "attention", "attention_qkvpacked", "choose_attn_backend", "visible_attention",
             "visible_attention_qkvpacked", "visible_attention_reference"]
 __all__ += ["add_layer_norm", "add_layer_norm_linear", "add_layer_norm_reference", "bias_gelu", "bias_gelu_linear",
-            "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference", "layer_norm_stats",
-            "linear_add", "linear_add_reference", "norm_linear", "norm_linear_reference", "norm_mlp_add",
-            "norm_mlp_add_reference"]
+            "bias_gelu_reference", "layer_norm", "layer_norm_linear", "layer_norm_reference"]
+__all__ += ["layer_norm_stats", "linear_add", "linear_add_reference", "norm_linear", "norm_linear_reference",
+            "norm_mlp_add", "norm_mlp_add_reference"]
 __all__ += ["masked_patch_mse", "masked_patch_mse_reference", "patchify", "unpatchify"]
 __all__ += ["CropBoxes", "PackedImages", "pack_images", "random_resized_crop_box", "random_resized_crop_boxes",
             "resized_crop_flip_normalize", "resized_crop_flip_normalize_reference"]
