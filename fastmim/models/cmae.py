@@ -42,7 +42,7 @@ from torch import nn
 from fastmim.models.heads import info_nce, mlp_head
 from fastmim.models.mae import MaskedAutoencoderViT
 from fastmim.models.presets import ViTPreset, register_method
-from fastmim.models.vit import check_images, vit_layer_norm
+from fastmim.models.vit import check_two_views, vit_layer_norm
 
 __all__ = ["CMAE"]
 
@@ -139,12 +139,6 @@ class CMAE(MaskedAutoencoderViT):
         return torch.cat([free, placed.to(free.dtype)], dim=1)
 
     # ------------------------------------------------------------------ forward
-    def _check_view(self, name: str, imgs: torch.Tensor) -> tuple[int, int]:
-        try:
-            return check_images(imgs, self.in_chans, self.patch_size)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{name}: {err}") from None
-
     def forward(self, imgs1: torch.Tensor, imgs2: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
                 offset: int | torch.Tensor | None = None, *,
@@ -158,11 +152,7 @@ class CMAE(MaskedAutoencoderViT):
         another size than the model's work when ``pos_fraction`` is 0 (the position task predicts
         one of the model's ``L`` patch indices).
         """
-        grid = self._check_view("imgs1", imgs1)
-        self._check_view("imgs2", imgs2)
-        if imgs1.shape != imgs2.shape:
-            raise ValueError(f"the two views must have the same shape, got {tuple(imgs1.shape)} and "
-                             f"{tuple(imgs2.shape)}")
+        grid = check_two_views(imgs1, imgs2, self.in_chans, self.patch_size)
         if grid != self.grid_size and self.pos_fraction > 0:
             raise ValueError(f"CMAE's position task predicts one of the {self.num_patches} patches of a "
                              f"{self.grid_size} grid: views of a {grid} grid need pos_fraction=0")

@@ -48,7 +48,7 @@ from fastmim.models.heads import cosine_loss, mlp_head
 from fastmim.models.mae import MaskedAutoencoderViT
 from fastmim.models.masking import keep_count, make_permutation
 from fastmim.models.presets import ViTPreset, register_method
-from fastmim.models.vit import check_images, vit_layer_norm
+from fastmim.models.vit import check_two_views, vit_layer_norm
 from fastmim.ops import check_mask_ratio
 
 __all__ = ["LUT"]
@@ -186,12 +186,6 @@ class LUT(MaskedAutoencoderViT):
         return self.ops.gather_visible(x, ids_keep, pos_embed, cls_token=self.cls_token)
 
     # ------------------------------------------------------------------ forward
-    def _check_view(self, name: str, imgs: torch.Tensor) -> tuple[int, int]:
-        try:
-            return check_images(imgs, self.in_chans, self.patch_size)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{name}: {err}") from None
-
     def forward(self, imgs1: torch.Tensor, imgs2: torch.Tensor, mask_ratio: float = 0.75,
                 noise: torch.Tensor | None = None, seed: int | torch.Tensor | None = None,
                 offset: int | torch.Tensor | None = None, *,
@@ -204,11 +198,7 @@ class LUT(MaskedAutoencoderViT):
         gives both views' masks. The views may have another size than the model's (a multiple
         of the patch size).
         """
-        grid = self._check_view("imgs1", imgs1)
-        self._check_view("imgs2", imgs2)
-        if imgs1.shape != imgs2.shape:
-            raise ValueError(f"the two views must have the same shape, got {tuple(imgs1.shape)} and "
-                             f"{tuple(imgs2.shape)}")
+        grid = check_two_views(imgs1, imgs2, self.in_chans, self.patch_size)
         if check_mask_ratio(mask_ratio) < 0.5 and mask is None:
             raise ValueError(f"LUT needs mask_ratio >= 0.5 (the two views keep disjoint sets of K = int(L * (1 - "
                              f"mask_ratio)) patches each, so 2K <= L), got {mask_ratio}")

@@ -352,6 +352,21 @@ def check_images(imgs: torch.Tensor, in_chans: int, patch_size: int) -> tuple[in
     return h // patch_size, w // patch_size
 
 
+def check_two_views(imgs1: torch.Tensor, imgs2: torch.Tensor, in_chans: int, patch_size: int) -> tuple[int, int]:
+    """The patch grid of two views of the same images (as :func:`check_images`, each error naming
+    the view, ``imgs1`` or ``imgs2``); ``ValueError`` unless the two have the same shape."""
+    grids = []
+    for name, imgs in (("imgs1", imgs1), ("imgs2", imgs2)):
+        try:
+            grids.append(check_images(imgs, in_chans, patch_size))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
+    if imgs1.shape != imgs2.shape:
+        raise ValueError(f"the two views must have the same shape, got {tuple(imgs1.shape)} and "
+                         f"{tuple(imgs2.shape)}")
+    return grids[0]
+
+
 def image_grid(imgs: torch.Tensor, patch_size: int) -> tuple[int, int]:
     """``(H / p, W / p)``: the patch grid of ``(B, C, H, W)`` images."""
     return imgs.shape[-2] // patch_size, imgs.shape[-1] // patch_size
