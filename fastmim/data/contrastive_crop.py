@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmim.data.transforms import RandomResizedCropSampler, resized_crop
+from fastmim.ops.resized_crop import resized_crop_rule
 
 __all__ = ["ContrastiveCrop", "heatmap_boxes", "whole_image"]
 
@@ -183,24 +184,18 @@ class ContrastiveCrop:
     def crop_in_box(self, box: Sequence[float], height: int, width: int,
                     generator: torch.Generator) -> tuple[int, int, int, int]:
         """``(top, left, crop_h, crop_w)``: RandomResizedCrop's size, position from the box."""
+        top0, left0, top1, left1 = (float(v) for v in box)
+
+        def place(t: int, h: int, w: int) -> tuple[int, int]:
+            ch0 = min(max(int(height * top0) - h // 2, 0), height - h)
+            ch1 = min(max(int(height * top1) - h // 2, 0), height - h)
+            cw0 = min(max(int(width * left0) - w // 2, 0), width - w)
+            cw1 = min(max(int(width * left1) - w // 2, 0), width - w)
+            top = ch0 + int((ch1 - ch0) * _beta(generator, self.alpha))
+            return top, cw0 + int((cw1 - cw0) * _beta(generator, self.alpha))
+
         rrc = self.random_resized_crop
-        area = height * width
-        log_ratio = (math.log(rrc.ratio[0]), math.log(rrc.ratio[1]))
-        for _ in range(10):
-            target_area = area * _uniform(generator, *rrc.scale)
-            aspect = math.exp(_uniform(generator, *log_ratio))
-            w = round(math.sqrt(target_area * aspect))
-            h = round(math.sqrt(target_area / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                top0, left0, top1, left1 = (float(v) for v in box)
-                ch0 = min(max(int(height * top0) - h // 2, 0), height - h)
-                ch1 = min(max(int(height * top1) - h // 2, 0), height - h)
-                cw0 = min(max(int(width * left0) - w // 2, 0), width - w)
-                cw1 = min(max(int(width * left1) - w // 2, 0), width - w)
-                top = ch0 + int((ch1 - ch0) * _beta(generator, self.alpha))
-                left = cw0 + int((cw1 - cw0) * _beta(generator, self.alpha))
-                return top, left, h, w
-        return _central(height, width, rrc.ratio)
+        return resized_crop_rule(height, width, rrc.ratio, rrc.tries(generator), place)
 
     def __call__(self, index: int, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
         if not self.use_boxes:
@@ -227,18 +222,3 @@ class ContrastiveCrop:
         return (f"ContrastiveCrop(images={self.boxes.shape[0]}, alpha={self.alpha}, threshold={self.threshold}, "
                 f"warmup={self.warmup}, box_update_every={self.box_update_every}, use_boxes={self.use_boxes})")
 
-
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
-
-
-def _central(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's fallback: the central crop clamped to ``ratio``."""
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w

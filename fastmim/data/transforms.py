@@ -14,11 +14,13 @@ ContrastiveCrop (CMAE) plugs in here with its per-image boxes, keyed by ``index`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from fastmim.ops.resized_crop import resized_crop_rule
 
 __all__ = [
     "CropSampler",
@@ -57,27 +59,21 @@ class RandomResizedCropSampler:
         self.scale = scale
         self.ratio = ratio
 
-    def __call__(self, index: int, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
-        del index  # position-independent; ContrastiveCrop uses it
-        area = height * width
+    def tries(self, generator: torch.Generator) -> Iterator[tuple[float, float]]:
+        """The 10 tries' ``(area_fraction, aspect)`` draws from ``generator``, each drawn when asked
+        for (the ``tries`` of :func:`~fastmim.ops.resized_crop.resized_crop_rule`)."""
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
-            target_area = area * _uniform(generator, *self.scale)
-            aspect = math.exp(_uniform(generator, *log_ratio))
-            w = round(math.sqrt(target_area * aspect))
-            h = round(math.sqrt(target_area / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (), generator=generator))
-                left = int(torch.randint(0, width - w + 1, (), generator=generator))
-                return top, left, h, w
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            w, h = width, round(width / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            h, w = height, round(height * self.ratio[1])
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
+            yield _uniform(generator, *self.scale), math.exp(_uniform(generator, *log_ratio))
+
+    def __call__(self, index: int, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+        del index  # position-independent; ContrastiveCrop uses it
+
+        def place(t: int, h: int, w: int) -> tuple[int, int]:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            return top, int(torch.randint(0, width - w + 1, (), generator=generator))
+
+        return resized_crop_rule(height, width, self.ratio, self.tries(generator), place)
 
     def __repr__(self) -> str:
         return f"RandomResizedCropSampler(scale={self.scale}, ratio={tuple(round(r, 4) for r in self.ratio)})"

@@ -17,10 +17,10 @@ to ``uint8`` and the training device does the rest in one pass per batch:
   after the passes, then flip and ``(x / 255 - mean) / std``: within 0.5/255 mean absolute error
   of torchvision's ``uint8`` result (whose own rounding is up to ~1/255 per pixel).
 - :func:`random_resized_crop_boxes` (a batch, tensors) and :func:`random_resized_crop_box` (one
-  image, Python ints, what a data-loader worker calls): RandomResizedCrop's rule (area fraction
-  uniform in ``scale``, aspect ratio log-uniform in ``ratio``, 10 tries, then the central crop
-  clamped to ``ratio``) and a flip, drawn from the counter-based RNG of
-  :mod:`fastmim.ops.masking` keyed by ``(seed, sample)``. See "Crop boxes" below.
+  image, Python ints, what a data-loader worker calls): RandomResizedCrop's rule
+  (:func:`resized_crop_rule`: area fraction uniform in ``scale``, aspect ratio log-uniform in
+  ``ratio``, 10 tries, then the central crop clamped to ``ratio``) and a flip, drawn from the
+  counter-based RNG of :mod:`fastmim.ops.masking` keyed by ``(seed, sample)``. See "Crop boxes" below.
 
 Backends of :func:`resized_crop_flip_normalize`: the reference (per image: crop view, PyTorch's
 ``interpolate(mode="bicubic", antialias=True)``, clamp, flip, normalise; any device), Triton
@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -72,15 +72,9 @@ from fastmim.ops._dispatch import select_backend
 from fastmim.ops._validate import values_checked
 from fastmim.ops.masking import _M32, _MIX_MULTIPLIER_1, _MIX_MULTIPLIER_2, PATCH_STRIDE, SEED_HIGH_SALT, _mix32
 
-__all__ = [
-    "CropBoxes",
-    "PackedImages",
-    "pack_images",
-    "random_resized_crop_box",
-    "random_resized_crop_boxes",
-    "resized_crop_flip_normalize",
-    "resized_crop_flip_normalize_reference",
-]
+__all__ = ["CropBoxes", "PackedImages", "central_crop", "pack_images", "random_resized_crop_box",
+           "random_resized_crop_boxes", "resized_crop_flip_normalize", "resized_crop_flip_normalize_reference",
+           "resized_crop_rule"]
 
 _OP = "resized_crop_flip_normalize"
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -491,17 +485,32 @@ def random_resized_crop_box(height: int, width: int, *, seed: int, counter: int 
         return _mix32_int(row_key ^ ((k * PATCH_STRIDE) & _M32))
 
     flip = word(_WORDS - 1) < threshold
-    area = float(height * width)
     shift = 32 - _TABLE_BITS
-    for t in range(10):
-        target = area * areas[word(4 * t) >> shift]
-        aspect = aspects[word(4 * t + 1) >> shift]
+    tries = ((areas[word(4 * t) >> shift], aspects[word(4 * t + 1) >> shift]) for t in range(10))
+    place = lambda t, h, w: ((word(4 * t + 2) * (height - h + 1)) >> 32, (word(4 * t + 3) * (width - w + 1)) >> 32)
+    return (*resized_crop_rule(height, width, ratio, tries, place), flip)
+
+
+def resized_crop_rule(height: int, width: int, ratio: Sequence[float], tries: Iterable[tuple[float, float]],
+                      place: Callable[[int, int, int], tuple[int, int]]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box ``(top, left, crop_height, crop_width)``, whatever the random source (the
+    counter RNG here, a ``torch.Generator`` in :mod:`fastmim.data`'s crop samplers). ``tries``: the
+    ``(area_fraction, aspect)`` draws (10), consumed lazily: try ``t`` is ``w = round(sqrt(A * aspect))``,
+    ``h = round(sqrt(A / aspect))``, ``A = height * width * area_fraction``; the first inside the image
+    is placed at ``place(t, h, w) -> (top, left)``; if none fits, :func:`central_crop`."""
+    area = float(height * width)
+    for t, (fraction, aspect) in enumerate(tries):
+        target = area * fraction
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            top = (word(4 * t + 2) * (height - h + 1)) >> 32
-            left = (word(4 * t + 3) * (width - w + 1)) >> 32
-            return top, left, h, w, flip
+            top, left = place(t, h, w)
+            return top, left, h, w
+    return central_crop(height, width, ratio)
+
+
+def central_crop(height: int, width: int, ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's fallback ``(top, left, crop_height, crop_width)``: the central crop clamped to ``ratio``."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, round(width / ratio[0])
@@ -509,7 +518,7 @@ def random_resized_crop_box(height: int, width: int, *, seed: int, counter: int 
         h, w = height, round(height * ratio[1])
     else:
         w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w, flip
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def _key_tensor(name: str, value: int | Tensor, batch: int, device: torch.device) -> Tensor:
