@@ -445,14 +445,18 @@ def _gather_visible_setup(ctx, inputs, output):
     ctx.cls_dtype = x.dtype if cls_token is None else cls_token.dtype
 
 
+def _input_grads(ctx, backward_op, *args) -> tuple[Tensor | None, ...]:
+    """Gradients of the op's inputs 0, 2, 3 (of six) from ``backward_op(*args, need_0, need_2, need_3)``."""
+    needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
+    grads = [grad if need else None for grad, need in zip(backward_op(*args, *needs), needs, strict=True)]
+    return grads[0], None, grads[1], grads[2], None, None
+
+
 def _gather_visible_backward(ctx, grad_out):
     ids_keep, cu_seqlens = ctx.saved_tensors
-    need_x, _, need_pos, need_cls = ctx.needs_input_grad[:4]
-    grad_x, grad_pos, grad_cls = torch.ops.fastmim.gather_visible_backward(
-        grad_out, ids_keep, cu_seqlens, ctx.max_seqlen, ctx.batch, ctx.num_patches, ctx.has_cls, ctx.pos_rows,
-        ctx.x_dtype, ctx.pos_dtype, ctx.cls_dtype, need_x, need_pos, need_cls)
-    return (grad_x if need_x else None, None, grad_pos if need_pos else None, grad_cls if need_cls else None,
-            None, None)
+    return _input_grads(ctx, torch.ops.fastmim.gather_visible_backward, grad_out, ids_keep, cu_seqlens, ctx.max_seqlen,
+                        ctx.batch, ctx.num_patches, ctx.has_cls, ctx.pos_rows, ctx.x_dtype, ctx.pos_dtype,
+                        ctx.cls_dtype)
 
 
 _gather_visible_op.register_autograd(_gather_visible_backward, setup_context=_gather_visible_setup)
@@ -470,12 +474,8 @@ def _unshuffle_setup(ctx, inputs, output):
 
 def _unshuffle_backward(ctx, grad_out):
     ids_restore, cu_seqlens = ctx.saved_tensors
-    need_x, _, need_mask, need_pos = ctx.needs_input_grad[:4]
-    grad_x, grad_mask, grad_pos = torch.ops.fastmim.unshuffle_backward(
-        grad_out, ids_restore, cu_seqlens, ctx.visible_rows, ctx.has_cls, ctx.pos_rows, ctx.x_dtype, ctx.mask_dtype,
-        ctx.pos_dtype, need_x, need_mask, need_pos)
-    return (grad_x if need_x else None, None, grad_mask if need_mask else None, grad_pos if need_pos else None,
-            None, None)
+    return _input_grads(ctx, torch.ops.fastmim.unshuffle_backward, grad_out, ids_restore, cu_seqlens, ctx.visible_rows,
+                        ctx.has_cls, ctx.pos_rows, ctx.x_dtype, ctx.mask_dtype, ctx.pos_dtype)
 
 
 _unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
