@@ -51,20 +51,8 @@ from typing import Any
 
 from torch import nn
 
-from fastmim.models.patching.core import (
-    _STATE_PREFIX,
-    ATTENTION,
-    BLOCK,
-    CHAIN,
-    LOSS,
-    MASKING,
-    UNSHUFFLE,
-    PatchReport,
-    _on_meta,
-    _original_class,
-    _Patch,
-    _probe,
-)
+from fastmim.models.patching import core as _core
+from fastmim.models.patching.core import ATTENTION, BLOCK, CHAIN, LOSS, MASKING, UNSHUFFLE, PatchReport
 from fastmim.models.patching.forwards import _OfficialMAEPatch
 from fastmim.models.patching.plans import _plan
 from fastmim.ops import ATTN_BACKENDS
@@ -120,7 +108,7 @@ def patch(model: nn.Module, *, attn_backend: str | None = None, verify: bool = T
     if _is_patched(target):
         unpatch(target)
         plan = _plan(target, attn_backend)
-    on_meta = _on_meta(target)
+    on_meta = _core._on_meta(target)
     probed: dict[Any, str | None] = {}
     patched, left = [], list(plan.left)
     verified = verify and not on_meta
@@ -136,7 +124,7 @@ def patch(model: nn.Module, *, attn_backend: str | None = None, verify: bool = T
             key = unit.probe_key if unit.probe_key is not None else id(unit)
             if key not in probed:
                 try:
-                    probed[key] = _probe(unit)
+                    probed[key] = _core._probe(unit)
                 except Exception as exc:  # noqa: BLE001 - a probe that cannot run keeps the original
                     probed[key] = f"probe failed: {type(exc).__name__}: {exc}"
             why = probed[key]
@@ -146,8 +134,8 @@ def patch(model: nn.Module, *, attn_backend: str | None = None, verify: bool = T
         elif unit.what:
             patched.append((unit.path, unit.what))
     if isinstance(target, _OfficialMAEPatch) and not target._fastmim_methods:
-        target.__class__ = _original_class(target)
-    report = PatchReport(model=_original_class(target).__name__, kind=plan.kind, patched=tuple(patched),
+        target.__class__ = _core._original_class(target)
+    report = PatchReport(model=_core._original_class(target).__name__, kind=plan.kind, patched=tuple(patched),
                          left=tuple(left), verified=verified)
     target.__dict__["_fastmim_report"] = report
     (logger.warning if left else logger.info)("%s", report.summary())
@@ -155,7 +143,7 @@ def patch(model: nn.Module, *, attn_backend: str | None = None, verify: bool = T
 
 
 def _is_patched(model: nn.Module) -> bool:
-    return any(isinstance(m, _Patch) for m in model.modules()) or "_fastmim_report" in model.__dict__
+    return any(isinstance(m, _core._Patch) for m in model.modules()) or "_fastmim_report" in model.__dict__
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -163,9 +151,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     and drop what it added; returns ``model``. A model that is not patched is returned as it is."""
     target = _unwrap(model)
     for module in target.modules():
-        if isinstance(module, _Patch):
-            module.__class__ = _original_class(module)
-        for name in [n for n in module.__dict__ if n.startswith(_STATE_PREFIX)]:
+        if isinstance(module, _core._Patch):
+            module.__class__ = _core._original_class(module)
+        for name in [n for n in module.__dict__ if n.startswith(_core._STATE_PREFIX)]:
             del module.__dict__[name]
     return model
 
