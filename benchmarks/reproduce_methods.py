@@ -25,12 +25,12 @@ seed); per arm the mean and sample standard deviation over seeds, per comparison
 the per-seed differences (method - baseline) with a 95% paired t-interval
 (``mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n)``).
 
-Budget (the default settings): the whole run (15 trainings, their evaluations) fits in about
-1.5 hours on a quiet 2-core CPU, and in about 2 hours of two single-threaded invocations (one
-per share of the seeds, same ``--output``) on a busy one. Encoder ``embed_dim=128, depth=6,
+Budget (the default settings): the whole run (15 trainings, the untrained reference, their
+evaluations) is about 3.8 hours of one busy core's time: about 2 hours of two single-threaded
+invocations (same ``--output``: they share the runs) on a busy 2-core machine. Encoder ``embed_dim=128, depth=6,
 num_heads=4`` (head dim 32) on the ``vit_tiny_patch4_32`` preset (32 px, patch 4, 64
 tokens) with the preset's decoders (2 blocks, 128 wide for MAE, LUT and supervised + MIM;
-CMAE's builder a smaller one); batch 64; 500 pretraining steps (3.6 epochs of the 9,000
+CMAE's builder a smaller one); batch 32; 600 pretraining steps (2.1 epochs of the 9,000
 bundled train images); 3 seeds. Why this size: at the preset's own 12-block, 192-wide
 encoder a step costs about 2.5x more and the budget would buy some 200 steps, too few for
 any method to leave its initialisation; narrower than 128 the encoder is smaller than its
