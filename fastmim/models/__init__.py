@@ -12,22 +12,12 @@
   (:mod:`fastmim.models.convert`).
 """
 
+from fastmim.models import mae
 from fastmim.models.cmae import CMAE
 from fastmim.models.convert import from_hf_vitmae, hf_vitmae_config, load_timm_vit_into, to_hf_vitmae
 from fastmim.models.ema import EMATeacher
 from fastmim.models.lut import LUT
-from fastmim.models.mae import (
-    MaskedAutoencoderViT,
-    PackedTokens,
-    encoder_state_dict_for_timm,
-    load_encoder_into_timm,
-    mae_vit_base_patch16,
-    mae_vit_base_patch16_dec512d8b,
-    mae_vit_huge_patch14,
-    mae_vit_huge_patch14_dec512d8b,
-    mae_vit_large_patch16,
-    mae_vit_large_patch16_dec512d8b,
-)
+from fastmim.models.mae import *  # noqa: F403  (the names of mae.__all__)
 from fastmim.models.masking import MaskRequest, list_mask_generators, make_masks, register_mask_generator
 from fastmim.models.presets import (
     DEFAULT_PRESET,
@@ -50,14 +40,11 @@ __all__ = [
     "EMATeacher",
     "LUT",
     "MaskRequest",
-    "MaskedAutoencoderViT",
     "PRESETS",
-    "PackedTokens",
     "RECIPES",
     "SupervisedMIM",
     "ViTPreset",
     "create_model",
-    "encoder_state_dict_for_timm",
     "from_hf_vitmae",
     "get_2d_sincos_pos_embed",
     "get_preset",
@@ -65,17 +52,10 @@ __all__ = [
     "list_mask_generators",
     "list_methods",
     "list_presets",
-    "load_encoder_into_timm",
     "load_timm_vit_into",
-    "mae_vit_base_patch16",
-    "mae_vit_base_patch16_dec512d8b",
-    "mae_vit_huge_patch14",
-    "mae_vit_huge_patch14_dec512d8b",
-    "mae_vit_large_patch16",
-    "mae_vit_large_patch16_dec512d8b",
     "make_masks",
     "register_mask_generator",
     "register_method",
     "set_attn_backend",
     "to_hf_vitmae",
-]
+] + mae.__all__

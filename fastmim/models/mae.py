@@ -531,6 +531,4 @@ __all__ = [
     "mae_vit_huge_patch14_dec512d8b",
     "mae_vit_large_patch16",
     "mae_vit_large_patch16_dec512d8b",
-    "take_rows",
-    "visible_counts",
 ]
