@@ -8,6 +8,7 @@ kernel that skips an element cannot pass by inheriting a correct value.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -15,7 +16,8 @@ import subprocess
 import tempfile
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 
@@ -28,6 +30,9 @@ TOLERANCES = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
+
+# The floating dtypes the kernels are compared with their references in.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # A model small enough that a training step takes milliseconds (the training tests check the
@@ -296,3 +301,129 @@ def assert_same_losses_and_grads(model: torch.nn.Module, reference: torch.nn.Mod
     assert g.keys() == g_ref.keys()
     for name in g:
         assert_rel_close(g[name], g_ref[name], torch.float32, name=name)
+
+
+def parameter_groups(model: torch.nn.Module, **prefixes: str | tuple[str, ...]) -> dict[str, set[str]]:
+    """The names of ``model``'s trainable parameters, by group: each keyword names a group and the
+    name prefixes of its parameters; ``"rest"`` holds the parameters of no group, ``"all"`` all."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    groups = {group: {n for n in names if n.startswith(prefix)} for group, prefix in prefixes.items()}
+    return {**groups, "rest": names.difference(*groups.values()), "all": names}
+
+
+def params_with_grad(model: torch.nn.Module, loss: torch.Tensor) -> set[str]:
+    """The names of the parameters of ``model`` that ``loss`` (alone: earlier gradients are cleared)
+    gives a nonzero gradient."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def assert_each_loss_reaches(model: torch.nn.Module, expected: dict[str, set[str]], *args, **kwargs) -> None:
+    """For each loss ``key`` of ``expected``, a fresh ``model(*args, **kwargs)[key]`` gives a nonzero
+    gradient to exactly the parameters ``expected[key]``."""
+    for key, names in expected.items():
+        reached = params_with_grad(model, model(*args, **kwargs)[key])
+        assert reached == names, (key, sorted(reached ^ names))
+
+
+def overfit_history(model: torch.nn.Module, *args, steps: int = 25, lr: float = 2e-3,
+                    after_step: Callable[[int], object] | None = None, **kwargs) -> list[dict[str, float]]:
+    """``steps`` AdamW steps (``lr``, no weight decay) on ``model(*args, **kwargs)["loss"]``, the same
+    inputs every step; ``after_step(step)`` runs after each. Returns every step's losses, as floats."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    history = []
+    for step in range(steps):
+        out = model(*args, **kwargs)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        history.append({k: float(v.detach()) for k, v in out.items()})
+    return history
+
+
+# ---------------------------------------------------------------------------------- two-view methods
+
+# What the tiny models of the two-view methods (CMAE, LUT) share: 20 px / patch 4 gives L = 25 patches
+# (odd), and mask ratio 0.75 keeps K = 6 per view.
+TINY_TWO_VIEW = dict(img_size=20, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                     decoder_depth=1, decoder_num_heads=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+
+
+def two_views(batch: int = 4, seed: int = 1, size: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches of ``batch`` random 3-channel ``size`` x ``size`` images, the views of a two-view
+    method, from one generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g), torch.randn(batch, 3, size, size, generator=g)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoViewMethod:
+    """A two-view method under test (CMAE, LUT): ``model(imgs1, imgs2, mask_ratio, seed=... | noise=...)``
+    returns a dict of its ``losses``, ``"loss"`` their weighted sum.
+
+    ``make_model(**overrides)`` builds a tiny model of :data:`TINY_TWO_VIEW`'s size from a fixed seed
+    (``fused=False``: the reference path); an image takes ``noise_rows`` rows of masking noise (2: one
+    per view, 1: one permutation the views share); ``mask_seed`` seeds the masks of the fused ==
+    reference check. :meth:`checks` are what every such method passes.
+    """
+
+    make_model: Callable[..., torch.nn.Module]
+    losses: tuple[str, ...]
+    noise_rows: int
+    mask_seed: int
+
+    def noise(self, model: torch.nn.Module, batch: int) -> torch.Tensor:
+        return torch.rand(self.noise_rows * batch, model.num_patches)
+
+    def fused_and_reference(self, device: str | torch.device = "cpu", fused_only: dict | None = None,
+                            **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """``make_model(**kwargs, **fused_only)`` and the reference path ``make_model(fused=False,
+        **kwargs)`` with its weights, both on ``device``."""
+        fused = self.make_model(**kwargs, **(fused_only or {})).to(device)
+        ref = self.make_model(fused=False, **kwargs).to(device)
+        ref.load_state_dict(fused.state_dict())
+        return fused, ref
+
+    def assert_triton_step_matches_reference(self, fused: torch.nn.Module, ref: torch.nn.Module,
+                                             imgs1: torch.Tensor, imgs2: torch.Tensor, seed: int) -> None:
+        """A training step (forward, backward of ``"loss"``) of ``fused`` with its token ops on the
+        Triton backend and one of ``ref``, on the same views masked by ``seed``: the same losses (fp32
+        tolerance). The gradients are left in the models for the caller's rule."""
+        from fastmim.ops import use_backend
+
+        with use_backend("triton"):
+            out_f = fused(imgs1, imgs2, 0.75, seed=seed)
+            out_f["loss"].backward()
+        out_r = ref(imgs1, imgs2, 0.75, seed=seed)
+        out_r["loss"].backward()
+        for key in self.losses:
+            assert_rel_close(out_f[key], out_r[key], torch.float32, name=key)
+
+    def assert_fused_matches_reference(self, masks: str, pred_masked_only: bool) -> None:
+        """The fused and the reference path give the same losses and gradients, the masks drawn from
+        ``mask_seed`` (``masks="seed"``) or from given noise (``"noise"``)."""
+        fused, ref = self.fused_and_reference(pred_masked_only=pred_masked_only)
+        a, b = two_views(batch=3)
+        kwargs = {"seed": self.mask_seed} if masks == "seed" else {"noise": self.noise(fused, 3)}
+        assert_same_losses_and_grads(fused, ref, self.losses, a, b, 0.75, **kwargs)
+
+    def assert_bf16_autocast_close(self) -> None:
+        model = self.make_model()
+        assert_bf16_autocast_close(model, *two_views(batch=4), 0.75, noise=self.noise(model, 4))
+
+    def assert_compiled_step_matches_eager(self) -> None:
+        model = self.make_model()
+        assert_compiled_step_matches_eager(model, *two_views(batch=4), 0.75, noise=self.noise(model, 4))
+
+    def checks(self) -> dict[str, Callable[[], None]]:
+        """The checks every two-view method passes, by name: fused == reference (seeded masks or noise,
+        every patch predicted or the masked ones only), bf16 autocast close to fp32, torch.compile ==
+        eager."""
+        checks = {f"fused_matches_reference-{masks}-pred_masked_only={only}":
+                  partial(self.assert_fused_matches_reference, masks, only)
+                  for only in (False, True) for masks in ("seed", "noise")}
+        return {**checks, "bf16_autocast_close_to_fp32": self.assert_bf16_autocast_close,
+                "compiled_step_matches_eager": self.assert_compiled_step_matches_eager}

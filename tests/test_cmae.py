@@ -3,7 +3,6 @@
 
 import os
 import socket
-from functools import partial
 
 import pytest
 import torch
@@ -12,21 +11,21 @@ from torch import nn
 
 from fastmim.models import CMAE, create_model, get_preset, list_presets
 from fastmim.models.heads import HeadBatchNorm1d, all_gather_with_grad, info_nce, mlp_head
-from fastmim.ops import use_backend
 from fastmim.testing import (
-    assert_bf16_autocast_close,
-    assert_compiled_step_matches_eager,
+    TINY_TWO_VIEW,
+    TwoViewMethod,
+    assert_each_loss_reaches,
     assert_every_loss_falls,
     assert_rel_close,
-    assert_same_losses_and_grads,
     grads,
     kernel_devices,
+    overfit_history,
+    parameter_groups,
+    two_views,
 )
 
-# 20 px / patch 4: L = 25 patches (odd); mask 0.75 keeps K = 6, 4 of them without position.
-TINY = dict(img_size=20, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6), proj_hidden_dim=48,
-            proj_dim=16)
+# mask 0.75 keeps K = 6 of the L = 25 patches, 4 of them without position.
+TINY = {**TINY_TWO_VIEW, "proj_hidden_dim": 48, "proj_dim": 16}
 
 
 def tiny_cmae(seed: int = 0, **kwargs) -> CMAE:
@@ -34,38 +33,19 @@ def tiny_cmae(seed: int = 0, **kwargs) -> CMAE:
     return CMAE(**{**TINY, **kwargs})
 
 
-def views(batch: int = 4, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, 20, 20, generator=g), torch.randn(batch, 3, 20, 20, generator=g)
+# Noise: a row per view (2B rows for B images).
+METHOD = TwoViewMethod(tiny_cmae, ("loss", "loss_mim", "loss_con", "loss_pos"), noise_rows=2, mask_seed=1234)
 
 
 # ---------------------------------------------------------------------------------- fused == reference
-
-
-@pytest.mark.parametrize("masks", ["seed", "noise"])
-@pytest.mark.parametrize("pred_masked_only", [False, True])
-def test_fused_and_reference_paths_compute_the_same_losses_and_gradients(masks, pred_masked_only):
-    fused = tiny_cmae(pred_masked_only=pred_masked_only)
-    ref = tiny_cmae(fused=False, pred_masked_only=pred_masked_only)
-    ref.load_state_dict(fused.state_dict())
-    a, b = views(batch=3)
-    kwargs = {"seed": 1234} if masks == "seed" else {"noise": torch.rand(6, 25)}
-    assert_same_losses_and_grads(fused, ref, ("loss", "loss_mim", "loss_con", "loss_pos"), a, b, 0.75, **kwargs)
+# (and the other checks of every two-view method: test_passes_the_checks_of_every_two_view_method)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_fused_token_ops_on_the_triton_backend_match_the_reference_path(device):
-    fused = tiny_cmae(attn_backend="sdpa").to(device)
-    ref = tiny_cmae(fused=False).to(device)
-    ref.load_state_dict(fused.state_dict())
-    a, b = (v.to(device) for v in views(batch=2))
-    with use_backend("triton"):
-        out_f = fused(a, b, 0.75, seed=99)
-        out_f["loss"].backward()
-    out_r = ref(a, b, 0.75, seed=99)
-    out_r["loss"].backward()
-    for key in ("loss", "loss_mim", "loss_con", "loss_pos"):
-        assert_rel_close(out_f[key], out_r[key], torch.float32)
+    fused, ref = METHOD.fused_and_reference(device, {"attn_backend": "sdpa"})
+    a, b = (v.to(device) for v in two_views(batch=2))
+    METHOD.assert_triton_step_matches_reference(fused, ref, a, b, seed=99)
     g_r = grads(ref)
     for name, g in grads(fused).items():
         assert_rel_close(g, g_r[name], torch.float32)
@@ -83,7 +63,7 @@ def test_both_views_are_masked_by_one_random_masking_call(monkeypatch):
 
     monkeypatch.setattr(fastmim.ops, "random_masking", counting)
     model = tiny_cmae()
-    model(*views(batch=3), 0.75, seed=5)
+    model(*two_views(batch=3), 0.75, seed=5)
     assert calls == [(6, 25)]
 
 
@@ -112,7 +92,7 @@ def test_offset_masks_each_image_as_one_process_with_the_whole_batch_would(fused
     else:
         assert calls == []
     with pytest.raises(ValueError, match="give noise or seed / offset, not both"):
-        model(*views(batch=2), 0.75, noise=torch.rand(4, 25), offset=1)
+        model(*two_views(batch=2), 0.75, noise=torch.rand(4, 25), offset=1)
 
 
 # ---------------------------------------------------------------------------------- the encoder input
@@ -136,7 +116,7 @@ def test_the_first_num_free_visible_tokens_carry_no_position_embedding(fused):
 
 def test_position_head_targets_are_the_patch_indices_of_the_free_tokens():
     model = tiny_cmae()
-    a, b = views(batch=2)
+    a, b = two_views(batch=2)
     noise = torch.rand(4, 25)
     ids_keep = torch.argsort(noise, dim=1)[:, :6]
     captured = {}
@@ -150,7 +130,7 @@ def test_position_head_targets_are_the_patch_indices_of_the_free_tokens():
 
 def test_pos_fraction_zero_disables_the_position_task():
     model = tiny_cmae(pos_fraction=0.0)
-    out = model(*views(batch=2), 0.75, seed=3)
+    out = model(*two_views(batch=2), 0.75, seed=3)
     assert float(out["loss_pos"]) == 0.0
     out["loss"].backward()
     assert model.pos_head.weight.grad is None
@@ -159,36 +139,20 @@ def test_pos_fraction_zero_disables_the_position_task():
 # ---------------------------------------------------------------------------------- where gradients go
 
 
-def _params_with_grad(model: nn.Module, loss: torch.Tensor) -> set[str]:
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-
-
 def test_each_loss_reaches_exactly_the_parameters_that_should_learn_from_it():
     model = tiny_cmae()
-    a, b = views(batch=4)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    decoder = {n for n in names if n.startswith(("decoder_", "mask_token"))}
-    projector = {n for n in names if n.startswith("projector.")}
-    pos_head = {n for n in names if n.startswith("pos_head.")}
-    encoder = names - decoder - projector - pos_head
-    assert "pos_embed" not in names  # fixed sin-cos
-
-    mim = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss_mim"])
-    assert mim == encoder | decoder
-    con = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss_con"])
-    assert con == encoder | projector
+    groups = parameter_groups(model, decoder=("decoder_", "mask_token"), projector="projector.", pos_head="pos_head.")
+    encoder = groups["rest"]
+    assert "pos_embed" not in groups["all"]  # fixed sin-cos
     # cls_token reaches the position logits only through attention; it does, as every encoder weight
-    pos = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss_pos"])
-    assert pos == encoder | pos_head
-    total = _params_with_grad(model, model(a, b, 0.75, seed=7)["loss"])
-    assert total == names
+    assert_each_loss_reaches(model, {"loss_mim": encoder | groups["decoder"], "loss_con": encoder | groups["projector"],
+                                     "loss_pos": encoder | groups["pos_head"], "loss": groups["all"]},
+                             *two_views(batch=4), 0.75, seed=7)
 
 
 def test_loss_is_the_weighted_sum_of_its_parts_and_weights_are_options():
     model = tiny_cmae(w_mim=0.5, w_con=2.0, w_pos=0.25)
-    out = model(*views(batch=3), 0.75, seed=11)
+    out = model(*two_views(batch=3), 0.75, seed=11)
     torch.testing.assert_close(out["loss"], 0.5 * out["loss_mim"] + 2.0 * out["loss_con"] + 0.25 * out["loss_pos"])
     assert all(torch.isfinite(v) for v in out.values())
 
@@ -280,7 +244,7 @@ def test_negatives_and_batchnorm_statistics_span_ranks_like_one_process_with_the
 
 def test_bad_inputs_raise_clear_errors():
     model = tiny_cmae()
-    a, b = views(batch=2)
+    a, b = two_views(batch=2)
     with pytest.raises(ValueError, match="imgs2"):
         model(a, torch.randn(2, 1, 40, 40))  # another size is fine (a multiple of the patch), not other channels
     with pytest.raises(ValueError, match="same shape"):
@@ -330,15 +294,14 @@ def test_cmae_decoder_is_smaller_than_maes_at_every_preset(preset):
     assert decoder_params(cmae) < decoder_params(mae)
 
 
-# ---------------------------------------------------------------------------------- precision, compile
+# ---------------------------------------------------------------------------------- fused, precision, compile
 
 
-def test_bf16_autocast_step_is_finite_and_close_to_fp32():
-    assert_bf16_autocast_close(tiny_cmae(), *views(batch=4), 0.75, noise=torch.rand(8, 25))
-
-
-def test_torch_compile_of_the_training_step_matches_eager():
-    assert_compiled_step_matches_eager(tiny_cmae(), *views(batch=4), 0.75, noise=torch.rand(8, 25))
+@pytest.mark.parametrize("check", METHOD.checks())
+def test_passes_the_checks_of_every_two_view_method(check):
+    """Fused == reference (seeded masks or noise, every patch predicted or the masked ones only),
+    a bf16 autocast step finite and close to fp32, torch.compile of the training step == eager."""
+    METHOD.checks()[check]()
 
 
 # ---------------------------------------------------------------------------------- sanity
@@ -346,13 +309,5 @@ def test_torch_compile_of_the_training_step_matches_eager():
 
 def test_every_loss_decreases_when_overfitting_a_fixed_batch():
     model = tiny_cmae(pos_fraction=0.75)
-    a, b = views(batch=8, seed=3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    history = []
-    for _ in range(25):
-        out = model(a, b, 0.75, seed=123)  # the same masks every step
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-        history.append({k: float(v.detach()) for k, v in out.items()})
-    assert_every_loss_falls(history, ("loss", "loss_mim", "loss_con", "loss_pos"))
+    history = overfit_history(model, *two_views(batch=8, seed=3), 0.75, seed=123)  # the same masks every step
+    assert_every_loss_falls(history, METHOD.losses)

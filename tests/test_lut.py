@@ -3,7 +3,6 @@ eval mode, one foreach update, momentum schedule), where gradients go, bf16, tor
 and an overfitting check."""
 
 import copy
-from functools import partial
 
 import pytest
 import torch
@@ -12,21 +11,21 @@ from torch import nn
 from fastmim.models import LUT, EMATeacher, create_model
 from fastmim.models.ema import ema_momentum
 from fastmim.models.heads import FrozenBatchNorm1d, cosine_loss
-from fastmim.ops import use_backend
 from fastmim.testing import (
-    assert_bf16_autocast_close,
-    assert_compiled_step_matches_eager,
+    TINY_TWO_VIEW,
+    TwoViewMethod,
+    assert_each_loss_reaches,
     assert_every_loss_falls,
-    assert_rel_close,
-    assert_same_losses_and_grads,
     grads,
     kernel_devices,
+    overfit_history,
+    parameter_groups,
     rel_error,
+    two_views,
 )
 
-# 20 px / patch 4: L = 25 patches (odd); mask 0.75 keeps K = 6 per view, 12 of 25 seen in all.
-TINY = dict(img_size=20, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6), head_hidden_dim=48)
+# mask 0.75 keeps K = 6 of the L = 25 patches per view, 12 of 25 seen in all.
+TINY = {**TINY_TWO_VIEW, "head_hidden_dim": 48}
 
 
 def tiny_lut(seed: int = 0, **kwargs) -> LUT:
@@ -34,9 +33,8 @@ def tiny_lut(seed: int = 0, **kwargs) -> LUT:
     return LUT(**{**TINY, **kwargs})
 
 
-def views(batch: int = 4, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, 20, 20, generator=g), torch.randn(batch, 3, 20, 20, generator=g)
+# Noise: a row per image (one permutation, its disjoint slices the two views' masks).
+METHOD = TwoViewMethod(tiny_lut, ("loss", "loss_mae", "loss_bc"), noise_rows=1, mask_seed=77)
 
 
 # ---------------------------------------------------------------------------------- masking
@@ -51,7 +49,7 @@ def test_the_views_keep_disjoint_slices_of_one_permutation(fused, mask_ratio, mo
     real = model._visible_tokens
     monkeypatch.setattr(model, "_visible_tokens", lambda x, ids, pos: seen.append(ids) or real(x, ids, pos))
     ids_shuffle, _ = model.two_view_permutation(3, torch.device("cpu"), seed=42)
-    model(*views(batch=3), mask_ratio, seed=42)
+    model(*two_views(batch=3), mask_ratio, seed=42)
     (ids_keep,) = seen
     assert ids_keep.shape == (6, keep)
     torch.testing.assert_close(ids_keep[:3], ids_shuffle[:, :keep], rtol=0, atol=0)
@@ -66,7 +64,7 @@ def test_one_random_permutation_call_serves_both_views(monkeypatch):
     calls = []
     real = fastmim.ops.random_permutation
     monkeypatch.setattr(fastmim.ops, "random_permutation", lambda *a, **k: calls.append(a) or real(*a, **k))
-    tiny_lut()(*views(batch=3), 0.75, seed=1)
+    tiny_lut()(*two_views(batch=3), 0.75, seed=1)
     assert calls == [(3, 25)]
 
 
@@ -87,39 +85,21 @@ def test_offset_permutes_each_image_as_one_process_with_the_whole_batch_would(fu
 def test_mask_ratio_below_one_half_is_refused_with_a_clear_error():
     model = tiny_lut()
     with pytest.raises(ValueError, match=r"mask_ratio >= 0\.5.*got 0\.4"):
-        model(*views(batch=2), 0.4)
+        model(*two_views(batch=2), 0.4)
 
 
 # ---------------------------------------------------------------------------------- fused == reference
-
-
-@pytest.mark.parametrize("masks", ["seed", "noise"])
-@pytest.mark.parametrize("pred_masked_only", [False, True])
-def test_fused_and_reference_paths_compute_the_same_losses_and_gradients(masks, pred_masked_only):
-    fused = tiny_lut(pred_masked_only=pred_masked_only)
-    ref = tiny_lut(fused=False, pred_masked_only=pred_masked_only)
-    ref.load_state_dict(fused.state_dict())
-    a, b = views(batch=3)
-    kwargs = {"seed": 77} if masks == "seed" else {"noise": torch.rand(3, 25)}
-    assert_same_losses_and_grads(fused, ref, ("loss", "loss_mae", "loss_bc"), a, b, 0.75, **kwargs)
+# (and the other checks of every two-view method: test_passes_the_checks_of_every_two_view_method)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_fused_token_ops_on_the_triton_backend_match_the_reference_path(device):
-    fused = tiny_lut(attn_backend="sdpa").to(device)
-    ref = tiny_lut(fused=False).to(device)
-    ref.load_state_dict(fused.state_dict())
+    fused, ref = METHOD.fused_and_reference(device, {"attn_backend": "sdpa"})
     exact = copy.deepcopy(ref).double()
-    a, b = (v.to(device) for v in views(batch=2))
-    with use_backend("triton"):
-        out_f = fused(a, b, 0.75, seed=5)
-        out_f["loss"].backward()
-    out_r = ref(a, b, 0.75, seed=5)
-    out_r["loss"].backward()
+    a, b = (v.to(device) for v in two_views(batch=2))
+    METHOD.assert_triton_step_matches_reference(fused, ref, a, b, seed=5)
     out_x = exact(a.double(), b.double(), 0.75, seed=5)
     out_x["loss"].backward()
-    for key in ("loss", "loss_mae", "loss_bc"):
-        assert_rel_close(out_f[key], out_r[key], torch.float32)
     # The heads' BatchNorm over a batch of 2 amplifies fp32 rounding in the gradients (an input
     # perturbed by 1e-7 moves them by 1e-5): each gradient must be as close to the float64 result as
     # the fp32 reference path's own, within a small multiple (the flash-attention test rule).
@@ -135,7 +115,7 @@ def test_fused_token_ops_on_the_triton_backend_match_the_reference_path(device):
 
 def test_contextualisation_matches_the_teacher_on_the_other_unmasked_view():
     model = tiny_lut(w_mae=0.7, w_bc=0.3)
-    a, b = views(batch=4)
+    a, b = two_views(batch=4)
     captured = []
     model.predictor.register_forward_hook(lambda m, i, o: captured.append(o))
     out = model(a, b, 0.75, seed=9)
@@ -156,22 +136,12 @@ def test_cosine_loss_is_two_minus_two_cosine():
     assert float(cosine_loss(p, 3 * p)) < 1e-6
 
 
-def _params_with_grad(model: nn.Module, loss: torch.Tensor) -> set[str]:
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-
-
 def test_each_loss_reaches_exactly_the_parameters_that_should_learn_and_the_teacher_none():
     model = tiny_lut()
-    a, b = views(batch=4)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    decoder = {n for n in names if n.startswith(("decoder_", "mask_token"))}
-    heads = {n for n in names if n.startswith(("projector.", "predictor."))}
-    encoder = names - decoder - heads
-    assert _params_with_grad(model, model(a, b, 0.75, seed=3)["loss_mae"]) == encoder | decoder
-    assert _params_with_grad(model, model(a, b, 0.75, seed=3)["loss_bc"]) == encoder | heads
-    assert _params_with_grad(model, model(a, b, 0.75, seed=3)["loss"]) == names
+    groups = parameter_groups(model, decoder=("decoder_", "mask_token"), heads=("projector.", "predictor."))
+    encoder = groups["rest"]
+    assert_each_loss_reaches(model, {"loss_mae": encoder | groups["decoder"], "loss_bc": encoder | groups["heads"],
+                                     "loss": groups["all"]}, *two_views(batch=4), 0.75, seed=3)
     assert not any(t.requires_grad or t.grad is not None for t in model.teacher.buffers())
 
 
@@ -194,7 +164,7 @@ def test_teacher_is_outside_the_parameters_the_optimizer_sees_but_inside_the_sta
     # an optimizer step moves the student but not the teacher
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(*views(batch=4), 0.75, seed=1)["loss"].backward()
+    model(*two_views(batch=4), 0.75, seed=1)["loss"].backward()
     optimizer.step()
     for k, v in model.teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -214,14 +184,14 @@ def test_teacher_stays_in_eval_mode():
     model.teacher.train()
     assert not model.teacher.training
     # eval mode: each row's target is independent of the rest of the batch (running statistics)
-    a, _ = views(batch=4)
+    a, _ = two_views(batch=4)
     torch.testing.assert_close(model.teacher(a)[:2], model.teacher(a[:2]))
 
 
 def test_ema_update_is_one_foreach_call_over_parameters_and_running_statistics(monkeypatch):
     model = tiny_lut()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(*views(batch=4), 0.75, seed=2)["loss"].backward()  # also moves the BN running stats
+    model(*two_views(batch=4), 0.75, seed=2)["loss"].backward()  # also moves the BN running stats
     optimizer.step()
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     student = model.state_dict()
@@ -239,7 +209,7 @@ def test_ema_update_is_one_foreach_call_over_parameters_and_running_statistics(m
 def _student_step(model: LUT, seed: int) -> None:
     """An SGD step of the student (its BatchNorm running statistics move too)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(*views(batch=4, seed=seed), 0.75, seed=seed)["loss"].backward()
+    model(*two_views(batch=4, seed=seed), 0.75, seed=seed)["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -393,7 +363,7 @@ def test_registry_builds_lut_with_the_documented_defaults():
 
 def test_bad_views_raise_clear_errors():
     model = tiny_lut()
-    a, b = views(batch=2)
+    a, b = two_views(batch=2)
     with pytest.raises(ValueError, match="imgs1"):
         model(torch.randn(2, 1, 20, 20), b)
     with pytest.raises(ValueError, match="same shape"):
@@ -402,15 +372,14 @@ def test_bad_views_raise_clear_errors():
         model(a, b, 0.75, noise=torch.rand(4, 25))
 
 
-# ---------------------------------------------------------------------------------- precision, compile
+# ---------------------------------------------------------------------------------- fused, precision, compile
 
 
-def test_bf16_autocast_step_is_finite_and_close_to_fp32():
-    assert_bf16_autocast_close(tiny_lut(), *views(batch=4), 0.75, noise=torch.rand(4, 25))
-
-
-def test_torch_compile_of_the_student_step_matches_eager():
-    assert_compiled_step_matches_eager(tiny_lut(), *views(batch=4), 0.75, noise=torch.rand(4, 25))
+@pytest.mark.parametrize("check", METHOD.checks())
+def test_passes_the_checks_of_every_two_view_method(check):
+    """Fused == reference (seeded masks or noise, every patch predicted or the masked ones only),
+    a bf16 autocast step finite and close to fp32, torch.compile of the student step == eager."""
+    METHOD.checks()[check]()
 
 
 # ---------------------------------------------------------------------------------- sanity
@@ -418,18 +387,10 @@ def test_torch_compile_of_the_student_step_matches_eager():
 
 def test_every_loss_decreases_when_overfitting_a_fixed_batch_with_the_teacher_following():
     model = tiny_lut()
-    a, b = views(batch=8, seed=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    history = []
-    steps = 25
-    for step in range(steps):
-        out = model(a, b, 0.75, seed=321)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-        model.update_teacher(step + 1, steps, momentum=0.9)  # a fast teacher for a short run
-        history.append({k: float(v.detach()) for k, v in out.items()})
-    assert_every_loss_falls(history, ("loss", "loss_mae", "loss_bc"))
+    steps = 25  # the teacher follows every step: a fast one (momentum 0.9) for a short run
+    history = overfit_history(model, *two_views(batch=8, seed=4), 0.75, seed=321, steps=steps,
+                              after_step=lambda step: model.update_teacher(step + 1, steps, momentum=0.9))
+    assert_every_loss_falls(history, METHOD.losses)
 
 
 def test_ddp_skips_the_teacher_buffers_but_keeps_the_student_ones(tmp_path):
@@ -442,7 +403,7 @@ def test_ddp_skips_the_teacher_buffers_but_keeps_the_student_ones(tmp_path):
         ignored = ddp.parameters_to_ignore
         assert {n for n, _ in model.named_buffers() if n.startswith("teacher.")} <= ignored
         assert "projector.1.running_mean" not in ignored
-        out = ddp(*views(batch=2), 0.75, seed=1)
+        out = ddp(*two_views(batch=2), 0.75, seed=1)
         out["loss"].backward()
         model.reset_teacher()
         assert set(model._ddp_params_and_buffers_to_ignore) == {f"teacher.{n}" for n, _ in
