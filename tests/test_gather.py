@@ -16,6 +16,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,8 +41,10 @@ from fastmim.ops import (
 )
 from fastmim.ops.masking import masking_noise_reference
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from peers.official_mae import MaskedAutoencoderViT as OfficialMAE  # noqa: E402
+
 DEVICES = testing.kernel_devices()
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RATIOS = [0.0, 0.5, 0.75, 0.9]
 CSRC_ERROR = backend_status("cpu")["csrc"]
 _LAUNCHERS = ("gather_visible_forward", "gather_visible_backward", "unshuffle_forward", "unshuffle_backward")
@@ -93,28 +97,41 @@ def official_encoder_masking(x, pos_embed, cls_token, mask_ratio, noise):
 
 
 def official_decoder_unshuffle(x, ids_restore, mask_token, decoder_pos_embed):
-    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-    x = torch.cat([x[:, :1, :], x_], dim=1)
-    return x + decoder_pos_embed
+    """models_mae's forward_decoder from the mask tokens to ``+ decoder_pos_embed``: the official
+    model's (benchmarks/peers), its embedding, norm and head identities, what its blocks get."""
+    identity, blocks_input = torch.nn.Identity(), []
+    decoder = types.SimpleNamespace(decoder_embed=identity, mask_token=mask_token, decoder_pos_embed=decoder_pos_embed,
+                                    decoder_blocks=[lambda t: blocks_input.append(t) or t], decoder_norm=identity,
+                                    decoder_pred=identity)
+    OfficialMAE.forward_decoder(decoder, x, ids_restore)
+    return blocks_input[0]
 
 
 # ----------------------------------------------------------------------------- gather_visible
+
+
+def _strided(t, strided):
+    """``t`` itself, or an equal tensor laid out with its last two dims swapped in memory."""
+    if not strided or t.dim() < 2:
+        return t
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _pos_embed(kind, L, D, dtype, strided, g):
+    """A position embedding of ``kind``: "none", "L" (L, D), "L+1" (L + 1, D), "1L" (1, L, D), "1L+1"."""
+    if kind == "none":
+        return None
+    pos = _strided(torch.randn(L + kind.endswith("+1"), D, generator=g).to(dtype), strided)
+    return pos[None] if kind.startswith("1") else pos
 
 
 def _make_gather_inputs(B, L, D, K, dtype, device, pos_kind, with_cls, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype)
     ids_keep = random_masking_reference(B, L, num_keep=K, seed=seed + 1).ids_keep.to(device)
-    pos_rows = {"none": 0, "L": L, "1L": L, "1L+1": L + 1}[pos_kind]
-    pos = None
-    if pos_rows:
-        pos = torch.randn(pos_rows, D, generator=g).to(device=device, dtype=dtype)
-        if pos_kind.startswith("1"):
-            pos = pos[None]
+    pos = _pos_embed(pos_kind, L, D, dtype, False, g)
     cls = torch.randn(1, 1, D, generator=g).to(device=device, dtype=dtype) if with_cls else None
-    return x, ids_keep, pos, cls
+    return x, ids_keep, None if pos is None else pos.to(device), cls
 
 
 def _grads(fn, inputs, grad_out_seed=5, grad_out=None):
@@ -146,27 +163,48 @@ def _assert_matches_reference(fast, reference, inputs, backend, grad_out=None, d
     return out
 
 
+def _triton_case(op, B, L, D, K, dtype, device, pos_kind, cls):
+    """``(fast, reference, inputs, output shape)`` of a case of ``op``; the fast op takes int32 indices."""
+    if op == "gather_visible":
+        x, ids_keep, pos, cls_token = _make_gather_inputs(B, L, D, K, dtype, device, pos_kind, cls)
+        return (lambda x, p, c: gather_visible(x, ids_keep.int(), p, cls_token=c),
+                lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c), (x, pos, cls_token),
+                (B, K + cls, D))
+    x, ids_restore, mask_token, pos = _make_unshuffle_inputs(B, L, D, K, dtype, device, pos_kind, cls)
+    return (lambda x, m, p: unshuffle(x, ids_restore.int(), m, p, has_cls=cls),
+            lambda x, m, p: unshuffle_reference(x, ids_restore, m, p, has_cls=cls), (x, mask_token, pos),
+            (B, L + cls, D))
+
+
+# (op, B, L, D, K, pos_kind, cls token): each on every kernel device, in every kernel dtype
+_TRITON_CASES = [
+    ("gather_visible", 1, 49, 64, 12, "1L+1", True),
+    ("gather_visible", 3, 197, 48, 49, "L", False),
+    ("gather_visible", 2, 49, 96, 49, "1L", True),
+    ("gather_visible", 2, 16, 32, 4, "none", False),
+    ("unshuffle", 1, 49, 64, 12, "1L+1", True),
+    ("unshuffle", 3, 197, 48, 19, "L", False),
+    ("unshuffle", 2, 49, 96, 0, "1L", True),
+    ("unshuffle", 2, 16, 32, 16, "none", False),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,L,D,K,pos_kind,with_cls", [
-    (1, 49, 64, 12, "1L+1", True),
-    (3, 197, 48, 49, "L", False),
-    (2, 49, 96, 49, "1L", True),
-    (2, 16, 32, 4, "none", False),
-])
-def test_gather_visible_triton_matches_reference(device, dtype, B, L, D, K, pos_kind, with_cls, triton_calls):
-    x, ids_keep, pos, cls = _make_gather_inputs(B, L, D, K, dtype, device, pos_kind, with_cls)
-    ref_out, ref_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids_keep, p, cls_token=c), (x, pos, cls))
+@pytest.mark.parametrize("dtype", testing.KERNEL_DTYPES)
+@pytest.mark.parametrize("op,B,L,D,K,pos_kind,cls", _TRITON_CASES)
+def test_triton_matches_reference(device, dtype, op, B, L, D, K, pos_kind, cls, triton_calls):
+    fast, reference, inputs, shape = _triton_case(op, B, L, D, K, dtype, device, pos_kind, cls)
+    ref_out, ref_grads = _grads(reference, inputs)
     # The backward op picks its backend when it runs: the gradient must be taken inside the block.
     with use_backend("triton"):
-        out, grads = _grads(lambda x, p, c: gather_visible(x, ids_keep.int(), p, cls_token=c), (x, pos, cls))
-    assert triton_calls["gather_visible_forward"] == 1 and triton_calls["gather_visible_backward"] == 1
-    assert out.shape == (B, K + with_cls, D) and out.dtype == ref_out.dtype
+        out, grads = _grads(fast, inputs)
+    assert triton_calls[f"{op}_forward"] == 1 and triton_calls[f"{op}_backward"] == 1
+    assert out.shape == shape and out.dtype == ref_out.dtype
     _assert_same_values(out, ref_out, device)
-    assert torch.equal(grads[0], ref_grads[0])  # grad_x is a pure scatter
+    assert torch.equal(grads[0], ref_grads[0])  # the gradient of x (gather) or x_visible (unshuffle): index copies
     for got, want in zip(grads[1:], ref_grads[1:], strict=True):
         assert got.dtype == want.dtype
-        testing.assert_rel_close(got, want, dtype, name="pos/cls grad")
+        testing.assert_rel_close(got, want, dtype, name=f"{op}: pos/cls/mask_token grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -318,13 +356,8 @@ def _make_unshuffle_inputs(B, L, D, K, dtype, device, pos_kind, has_cls, seed=0)
     x = torch.randn(B, K + has_cls, D, generator=g).to(device=device, dtype=dtype)
     ids_restore = random_masking_reference(B, L, num_keep=K, seed=seed + 1).ids_restore.to(device)
     mask_token = torch.randn(1, 1, D, generator=g).to(device=device, dtype=dtype)
-    pos_rows = {"none": 0, "L": L, "1L": L, "1L+1": L + 1}[pos_kind]
-    pos = None
-    if pos_rows:
-        pos = torch.randn(pos_rows, D, generator=g).to(device=device, dtype=dtype)
-        if pos_kind.startswith("1"):
-            pos = pos[None]
-    return x, ids_restore, mask_token, pos
+    pos = _pos_embed(pos_kind, L, D, dtype, False, g)
+    return x, ids_restore, mask_token, None if pos is None else pos.to(device)
 
 
 def test_unshuffle_equals_official_decoder_chain():
@@ -339,30 +372,6 @@ def test_unshuffle_equals_official_decoder_chain():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,L,D,K,pos_kind,has_cls", [
-    (1, 49, 64, 12, "1L+1", True),
-    (3, 197, 48, 19, "L", False),
-    (2, 49, 96, 0, "1L", True),
-    (2, 16, 32, 16, "none", False),
-])
-def test_unshuffle_triton_matches_reference(device, dtype, B, L, D, K, pos_kind, has_cls, triton_calls):
-    x, ids_restore, mask_token, pos = _make_unshuffle_inputs(B, L, D, K, dtype, device, pos_kind, has_cls)
-    ref_out, ref_grads = _grads(lambda x, m, p: unshuffle_reference(x, ids_restore, m, p, has_cls=has_cls),
-                                (x, mask_token, pos))
-    with use_backend("triton"):
-        out, grads = _grads(lambda x, m, p: unshuffle(x, ids_restore.int(), m, p, has_cls=has_cls),
-                            (x, mask_token, pos))
-    assert triton_calls["unshuffle_forward"] == 1 and triton_calls["unshuffle_backward"] == 1
-    assert out.shape == (B, L + has_cls, D)
-    _assert_same_values(out, ref_out, device)
-    assert torch.equal(grads[0], ref_grads[0])  # grad_x_visible is a pure gather
-    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        assert got.dtype == want.dtype
-        testing.assert_rel_close(got, want, dtype, name="mask/pos grad")
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D", [192, 384, 512, 768, 1024, 1280, 200])
 def test_model_widths_forward_and_backward(device, D):
     # the ViT widths (768 and 1280 are not powers of two: 3 and 5 blocks of 256) and an odd one
@@ -373,12 +382,9 @@ def test_model_widths_forward_and_backward(device, D):
                                     (x, pos, cls), "triton")
     restore = random_masking_reference(B, L, num_keep=K, seed=1).ids_restore.to(device)
     mt = torch.randn(D, device=device)
-    ref_out, ref_grads = _grads(lambda v, m, p: unshuffle_reference(v, restore, m, p, has_cls=True), (out, mt, pos))
-    with use_backend("triton"):
-        dec, grads = _grads(lambda v, m, p: unshuffle(v, restore, m, p, has_cls=True), (out, mt, pos))
-    assert torch.equal(dec, ref_out) and torch.equal(grads[0], ref_grads[0])
-    for got, want in zip(grads[1:], ref_grads[1:], strict=True):
-        testing.assert_rel_close(got, want, torch.float32)
+    _assert_matches_reference(lambda v, m, p: unshuffle(v, restore, m, p, has_cls=True),
+                              lambda v, m, p: unshuffle_reference(v, restore, m, p, has_cls=True), (out, mt, pos),
+                              "triton")
 
 
 # ----------------------------------------------------------------------------- varlen
@@ -754,11 +760,27 @@ def _assert_unmarked(*tensors):
 # (bad value, ids dtype): just outside [0, L), far outside, and int32's extremes
 OUT_OF_RANGE = [(-1, torch.int64), (8, torch.int64), (2**40, torch.int64), (-(2**40), torch.int64),
                 (2**31 - 1, torch.int32), (-(2**31), torch.int32)]
+# each on every kernel device, dense and packed (varlen)
+_OUT_OF_RANGE_CASES = [(device, varlen, bad, ids_dtype) for device in DEVICES for varlen in (False, True)
+                       for bad, ids_dtype in OUT_OF_RANGE]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("varlen", [False, True])
-@pytest.mark.parametrize("bad,ids_dtype", OUT_OF_RANGE)
+def _direct_triton_call(op, ids, inputs, args, g, triton_calls):
+    """``torch.ops.fastmim.<op>(inputs[0], ids, *inputs[1:], *args)`` on Triton: the registered op
+    called directly, which skips the host check, its inputs and the incoming gradient (drawn from
+    ``g``) fenced by markers. Each launcher ran once and nothing returned holds a marker; returns
+    the output, the incoming gradient and the gradients of ``inputs``."""
+    leaves = [_fenced(t).requires_grad_() for t in inputs]
+    with use_backend("triton"):
+        out = getattr(torch.ops.fastmim, op)(leaves[0], ids, *leaves[1:], *args)
+        grad_out = _fenced(torch.randn(out.shape, generator=g).to(out.device))
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert triton_calls[f"{op}_forward"] == 1 and triton_calls[f"{op}_backward"] == 1
+    _assert_unmarked(out, *grads)
+    return out, grad_out, grads
+
+
+@pytest.mark.parametrize("device,varlen,bad,ids_dtype", _OUT_OF_RANGE_CASES)
 def test_triton_gather_reads_zeros_for_out_of_range_ids(device, varlen, bad, ids_dtype, triton_calls):
     # The registered op called directly skips the host check: the bad row gathers zeros (no
     # position embedding either), its gradient goes nowhere, every other row is unaffected.
@@ -774,13 +796,8 @@ def test_triton_gather_reads_zeros_for_out_of_range_ids(device, varlen, bad, ids
         bad_row = (K + 1 + 2,)
     g = torch.Generator().manual_seed(0)
     x, pos, cls = (torch.randn(shape, generator=g).to(device) for shape in ((B, L, D), (L + 1, D), (D,)))
-    leaves = [_fenced(t).requires_grad_() for t in (x, pos, cls)]
-    with use_backend("triton"):
-        out = torch.ops.fastmim.gather_visible(leaves[0], bad_ids.to(ids_dtype), leaves[1], leaves[2], cu, max_seqlen)
-        grad_out = _fenced(torch.randn(out.shape, generator=g).to(device))
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    assert triton_calls["gather_visible_forward"] == 1 and triton_calls["gather_visible_backward"] == 1
-    _assert_unmarked(out, *grads)
+    out, grad_out, grads = _direct_triton_call("gather_visible", bad_ids.to(ids_dtype), (x, pos, cls), (cu, max_seqlen),
+                                               g, triton_calls)
     kept_grad = grad_out.clone()
     kept_grad[bad_row] = 0
     want, want_grads = _grads(lambda x, p, c: gather_visible_reference(x, ids, p, cls_token=c, cu_seqlens=cu),
@@ -792,9 +809,7 @@ def test_triton_gather_reads_zeros_for_out_of_range_ids(device, varlen, bad, ids
         testing.assert_rel_close(got, ref, torch.float32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("varlen", [False, True])
-@pytest.mark.parametrize("bad,ids_dtype", OUT_OF_RANGE)
+@pytest.mark.parametrize("device,varlen,bad,ids_dtype", _OUT_OF_RANGE_CASES)
 def test_triton_unshuffle_reads_a_zero_token_for_out_of_range_ranks(device, varlen, bad, ids_dtype, triton_calls):
     # A masked position's rank replaced by an out-of-range one (the visible ranks keep one position
     # each, so every row of the x_visible gradient is still written): that position reads a zero
@@ -809,13 +824,8 @@ def test_triton_unshuffle_reads_a_zero_token_for_out_of_range_ranks(device, varl
     g = torch.Generator().manual_seed(0)
     xv = torch.randn((2 * (K + 1), D) if varlen else (B, K + 1, D), generator=g).to(device)
     mt, pos = torch.randn(D, generator=g).to(device), torch.randn(L + 1, D, generator=g).to(device)
-    leaves = [_fenced(t).requires_grad_() for t in (xv, mt, pos)]
-    with use_backend("triton"):
-        out = torch.ops.fastmim.unshuffle(leaves[0], bad_restore.to(ids_dtype), leaves[1], leaves[2], cu, True)
-        grad_out = _fenced(torch.randn(out.shape, generator=g).to(device))
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    assert triton_calls["unshuffle_forward"] == 1 and triton_calls["unshuffle_backward"] == 1
-    _assert_unmarked(out, *grads)
+    out, grad_out, grads = _direct_triton_call("unshuffle", bad_restore.to(ids_dtype), (xv, mt, pos), (cu, True), g,
+                                               triton_calls)
     want, want_grads = _grads(lambda x, m, p: unshuffle_reference(x, ids_restore, m, p, has_cls=True, cu_seqlens=cu),
                               (xv, mt, pos), grad_out=grad_out)
     want[1, 1 + i] = pos[1 + i]
@@ -978,13 +988,6 @@ def _keep(draw, B, L, varlen):
     return draw(st.one_of(ratio_keep, st.integers(0, L)))
 
 
-def _strided(t, strided):
-    """``t`` itself, or an equal tensor laid out with its last two dims swapped in memory."""
-    if not strided or t.dim() < 2:
-        return t
-    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
 @st.composite
 def _gather_cases(draw):
     B, L, D = (draw(s) for s in _sizes)
@@ -995,13 +998,6 @@ def _gather_cases(draw):
             "dtype": dtype, "aux_dtype": draw(st.sampled_from([dtype, torch.float32])),
             "ids_dtype": draw(st.sampled_from([torch.int64, torch.int32])), "strided": draw(st.booleans()),
             "seed": draw(st.integers(0, 2**32 - 1))}
-
-
-def _pos_embed(kind, L, D, dtype, strided, g):
-    if kind == "none":
-        return None
-    pos = _strided(torch.randn(L + kind.endswith("+1"), D, generator=g).to(dtype), strided)
-    return pos[None] if kind.startswith("1") else pos
 
 
 @pytest.mark.parametrize("backend,device", testing.backend_devices())

@@ -26,7 +26,6 @@ from fastmim.ops import (
 from fastmim.ops._dispatch import backend_status
 
 DEVICES = testing.kernel_devices()
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # (B, C, H, W, p): every patch size the issue names, one and three channels, non-square
 # images, batch 1, and patch lengths p*p*C that are not powers of two (12, 48, 588, 768).
@@ -176,7 +175,7 @@ def test_reference_all_visible_is_zero_with_zero_gradient():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", testing.KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "B{}C{}_{}x{}_p{}".format(*g))
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_triton_matches_reference(device, dtype, geometry, norm_pix):
@@ -213,7 +212,7 @@ def test_triton_mask_ratios_and_reductions(device, mask_ratio, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", testing.KERNEL_DTYPES, ids=str)
 def test_triton_constant_patches_are_finite(device, dtype):
     pred, imgs, mask, _ = make_inputs(2, 3, 16, 16, 4, dtype, device, mask_ratio=1.0)
     # Patch values k/4 sum exactly in every dtype: the centred patch is exactly 0 on both sides.
