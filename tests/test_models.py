@@ -96,6 +96,15 @@ def test_sincos_pos_embed_matches_the_official_formula():
 
 # ---------------------------------------------------------------------------------- MAE vs official
 
+def _official_block_keys(prefix: str, dim: int) -> dict[str, tuple[int, ...]]:
+    """The state dict of a timm 0.3.2 ``Block`` of width ``dim`` (mlp ratio 4, qkv bias) at ``prefix``."""
+    shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+              "attn.qkv.bias": (3 * dim,), "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+              "norm2.weight": (dim,), "norm2.bias": (dim,), "mlp.fc1.weight": (4 * dim, dim),
+              "mlp.fc1.bias": (4 * dim,), "mlp.fc2.weight": (dim, 4 * dim), "mlp.fc2.bias": (dim,)}
+    return {f"{prefix}.{key}": shape for key, shape in shapes.items()}
+
+
 # The official models_mae.py state dict (timm 0.3.2 blocks) for img 32, patch 8, 3 channels,
 # embed 64, depth 1, 4 heads, decoder 32 wide, depth 1, mlp ratio 4: every key and shape.
 OFFICIAL_KEYS_TINY = {
@@ -103,36 +112,14 @@ OFFICIAL_KEYS_TINY = {
     "pos_embed": (1, 17, 64),
     "patch_embed.proj.weight": (64, 3, 8, 8),
     "patch_embed.proj.bias": (64,),
-    "blocks.0.norm1.weight": (64,),
-    "blocks.0.norm1.bias": (64,),
-    "blocks.0.attn.qkv.weight": (192, 64),
-    "blocks.0.attn.qkv.bias": (192,),
-    "blocks.0.attn.proj.weight": (64, 64),
-    "blocks.0.attn.proj.bias": (64,),
-    "blocks.0.norm2.weight": (64,),
-    "blocks.0.norm2.bias": (64,),
-    "blocks.0.mlp.fc1.weight": (256, 64),
-    "blocks.0.mlp.fc1.bias": (256,),
-    "blocks.0.mlp.fc2.weight": (64, 256),
-    "blocks.0.mlp.fc2.bias": (64,),
+    **_official_block_keys("blocks.0", 64),
     "norm.weight": (64,),
     "norm.bias": (64,),
     "mask_token": (1, 1, 32),
     "decoder_pos_embed": (1, 17, 32),
     "decoder_embed.weight": (32, 64),
     "decoder_embed.bias": (32,),
-    "decoder_blocks.0.norm1.weight": (32,),
-    "decoder_blocks.0.norm1.bias": (32,),
-    "decoder_blocks.0.attn.qkv.weight": (96, 32),
-    "decoder_blocks.0.attn.qkv.bias": (96,),
-    "decoder_blocks.0.attn.proj.weight": (32, 32),
-    "decoder_blocks.0.attn.proj.bias": (32,),
-    "decoder_blocks.0.norm2.weight": (32,),
-    "decoder_blocks.0.norm2.bias": (32,),
-    "decoder_blocks.0.mlp.fc1.weight": (128, 32),
-    "decoder_blocks.0.mlp.fc1.bias": (128,),
-    "decoder_blocks.0.mlp.fc2.weight": (32, 128),
-    "decoder_blocks.0.mlp.fc2.bias": (32,),
+    **_official_block_keys("decoder_blocks.0", 32),
     "decoder_norm.weight": (32,),
     "decoder_norm.bias": (32,),
     "decoder_pred.weight": (192, 32),
