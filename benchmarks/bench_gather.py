@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
+from peers.official_mae import MaskedAutoencoderViT as OfficialMAE  # noqa: E402
 
 from fastmim.ops import gather_visible, random_masking, unshuffle  # noqa: E402
 from fastmim.ops._dispatch import backend_status, select_backend  # noqa: E402
@@ -52,16 +53,8 @@ MASK_RATIO = 0.75
 def official_encoder_masking(x, pos_embed, cls_token, mask_ratio):
     """facebookresearch/mae ``forward_encoder`` from ``x + pos_embed`` to the cls ``cat``."""
     x = x + pos_embed[:, 1:, :]
-    N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    noise = torch.rand(N, L, device=x.device)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones([N, L], device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
+    # the peer's random_masking (torch.rand noise, argsort, gather) reads nothing from the model
+    x, mask, ids_restore = OfficialMAE.random_masking(None, x, mask_ratio)
     cls = cls_token + pos_embed[:, :1, :]
     x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)
     return x, mask, ids_restore
@@ -135,7 +128,6 @@ def providers(kind, smoke, device):
     backend = select_backend(op, torch.device(device))
     if smoke and torch.device(device).type == "cpu" and backend_status("cpu")["triton"] is None:
         backend = "triton"  # the interpreter: exercise the kernel path
-    compile_backend = "aot_eager" if smoke else "inductor"
     ours = fastmim_encoder if kind == "encoder" else fastmim_decoder
     if kind == "encoder":
         def eager(x, pos, cls):
@@ -145,13 +137,7 @@ def providers(kind, smoke, device):
             return ours(x, pos, cls, MASK_RATIO)
     else:
         eager, fast = official_decoder_unshuffle, ours
-    csrc = {} if backend == "csrc" or backend_status(device)["csrc"] is not None else {"fastmim-csrc": (fast, "csrc")}
-    return {
-        f"fastmim-{backend}": (fast, backend),
-        **csrc,  # the compiled C++/CUDA kernels, when fastmim._C is built
-        "eager": (eager, None),
-        "compile": (torch.compile(eager, backend=compile_backend, dynamic=False), None),
-    }
+    return harness.op_providers(fast, eager, backend, device, smoke)
 
 
 def main(argv=None):

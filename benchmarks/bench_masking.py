@@ -53,7 +53,6 @@ def providers(smoke: bool, device: str):
                              prefer_cpu=("csrc",))
     if smoke and torch.device(device).type == "cpu" and backend_status("cpu")["triton"] is None:
         backend = "triton"  # the interpreter: exercise the kernel path
-    compile_backend = "aot_eager" if smoke else "inductor"
 
     def fast(batch, length):
         return random_masking(batch, length, MASK_RATIO, device=device)
@@ -61,13 +60,7 @@ def providers(smoke: bool, device: str):
     def eager(batch, length):
         return official_random_masking(batch, length, MASK_RATIO, torch.device(device))
 
-    csrc = {} if backend == "csrc" or backend_status(device)["csrc"] is not None else {"fastmim-csrc": (fast, "csrc")}
-    return {
-        f"fastmim-{backend}": (fast, backend),
-        **csrc,  # the compiled C++/CUDA kernels, when fastmim._C is built
-        "eager": (eager, None),
-        "compile": (torch.compile(eager, backend=compile_backend, dynamic=False), None),
-    }
+    return harness.op_providers(fast, eager, backend, device, smoke)
 
 
 def main(argv=None):

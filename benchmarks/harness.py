@@ -10,6 +10,9 @@
   sit in cache between calls.
 - ``time_providers``: every provider of a case; on CPU interleaved, the providers taking turns
   call by call (a slow moment of the machine hits all of them), on CUDA each in turn.
+- ``op_providers`` / ``with_backend``: the providers of a fastmim op's case (fastmim on its
+  backend and on csrc when built, the eager peer chain, its ``torch.compile``), each called
+  under its backend.
 - ``Record`` / ``write_results``: one JSON per run in ``benchmarks/results/`` with the
   device, torch/triton/CUDA versions, git commit, and each figure with its roofline
   fraction and its ratio to the best peer measured in the same run.
@@ -132,6 +135,26 @@ def with_backend(fn: Callable[..., Any], backend: str | None, *, no_grad: bool =
             return fn(*args)
 
     return call
+
+
+def op_providers(fast: Callable[..., Any], eager: Callable[..., Any], backend: str, device: torch.device | str,
+                 smoke: bool = False) -> dict[str, tuple[Callable[..., Any], str | None]]:
+    """The providers of a fastmim op's case, ``{name: (fn, backend)}`` for :func:`with_backend`.
+
+    ``fastmim-<backend>`` runs ``fast`` on the chosen backend; ``fastmim-csrc`` runs it on the
+    compiled C++/CUDA kernels too, when ``fastmim._C`` is built and csrc is not already the chosen
+    backend; ``eager`` is the peer's chain and ``compile`` its ``torch.compile`` (inductor;
+    ``aot_eager`` in smoke runs, which only check that the script works)."""
+    from fastmim.ops._dispatch import backend_status
+
+    compile_backend = "aot_eager" if smoke else "inductor"
+    csrc = {} if backend == "csrc" or backend_status(device)["csrc"] is not None else {"fastmim-csrc": (fast, "csrc")}
+    return {
+        f"fastmim-{backend}": (fast, backend),
+        **csrc,
+        "eager": (eager, None),
+        "compile": (torch.compile(eager, backend=compile_backend, dynamic=False), None),
+    }
 
 
 def measure_ceilings(device: torch.device | str, smoke: bool = False) -> dict[str, float]:

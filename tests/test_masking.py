@@ -1,12 +1,16 @@
 """Masking ops: the counter-based RNG, random_permutation, random_masking and the keep count.
 
 Every backend (Triton through the interpreter on CPU, csrc when built) is compared with the
-plain-PyTorch references, and the references with the official MAE's ``random_masking`` fed the
-same noise. Index results must be identical. The Triton launcher's buffers are poisoned and lie
-between poisoned guard bands (see ``fastmim.testing.guarded_allocations``).
+plain-PyTorch references, and the references with the official MAE's ``random_masking`` (the
+peer, ``benchmarks/peers/official_mae.py``) fed the same noise. Index results must be identical.
+The Triton launcher's buffers are poisoned and lie between poisoned guard bands (see
+``fastmim.testing.guarded_allocations``).
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,10 @@ from fastmim import ops
 from fastmim.kernels import masking as kernels
 from fastmim.ops.masking import masking_noise_reference
 from fastmim.testing import backend_devices, count_calls, guarded_allocations, is_poison, kernel_devices
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from peers.official_mae import MaskedAutoencoderViT as Official  # noqa: E402
 
 DEVICES = kernel_devices()
 RATIOS = [0.0, 0.5, 0.75, 0.9]
@@ -39,20 +47,6 @@ def test_launcher_buffers_are_poisoned():
 def _backends(device):
     """(backend, device) pairs to run: the reference on CPU, Triton on every kernel device."""
     return [("reference", "cpu")] + [("triton", d) for d in DEVICES]
-
-
-def official_random_masking(x, mask_ratio, noise):
-    """models_mae.MaskedAutoencoderViT.random_masking with the noise passed in."""
-    N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones([N, L], device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
 
 
 # ----------------------------------------------------------------------------- RNG and masking
@@ -112,7 +106,10 @@ def test_random_masking_matches_reference_and_official(mask_ratio, batch, num_pa
     # the official MAE's random_masking fed with the same noise gives the same keep set and mask
     x = torch.randn(batch, num_patches, 3)
     noise = masking_noise_reference(seed, batch, num_patches)
-    x_masked, mask, ids_restore = official_random_masking(x, mask_ratio, noise)
+    # distinct values: the official (unstable) argsort has only one order to find
+    assert all(row.unique().numel() == num_patches for row in noise)
+    # the peer's random_masking reads nothing from the model: called on the class
+    x_masked, mask, ids_restore = Official.random_masking(None, x, mask_ratio, noise)
     assert torch.equal(ref.ids_restore, ids_restore)
     assert torch.equal(ref.mask, mask)
     assert torch.equal(x[torch.arange(batch)[:, None], ref.ids_keep], x_masked)
