@@ -291,24 +291,16 @@ def markdown(records: list[Record], targets: list[dict[str, Any]], env: dict[str
         lines.append(f"| {r.method} | {r.model} | {r.config} | {r.batch} | {r.flops / 1e9:.0f} | {_gb(r.hbm_bytes)} | "
                      f"{_gb(r.non_gemm_bytes)} | {r.launches} | {_gb(r.activation_bytes)} | {_gb(r.peak_bytes)} | "
                      f"{r.projected_ms:.2f} |")
-    lines += ["", "## Bytes moved (GB) by op family", "",
-              "| method | model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
-              "|---|---|---|" + "---|" * len(cm.FAMILIES)]
-    for r in records:
-        lines.append(f"| {r.method} | {r.model} | {r.config} | "
-                     + " | ".join(_gb(r.by_family[f]["bytes"]) for f in cm.FAMILIES) + " |")
-    lines += ["", "## Projected time (ms) by op family", "",
-              "| method | model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
-              "|---|---|---|" + "---|" * len(cm.FAMILIES)]
-    for r in records:
-        lines.append(f"| {r.method} | {r.model} | {r.config} | "
-                     + " | ".join(f"{r.by_family[f]['time_s'] * 1e3:.2f}" for f in cm.FAMILIES) + " |")
-    lines += ["", "## Launches by op family", "",
-              "| method | model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
-              "|---|---|---|" + "---|" * len(cm.FAMILIES)]
-    for r in records:
-        lines.append(f"| {r.method} | {r.model} | {r.config} | "
-                     + " | ".join(f"{r.by_family[f]['launches']:.0f}" for f in cm.FAMILIES) + " |")
+    family_tables = (("Bytes moved (GB)", lambda v: _gb(v["bytes"])),
+                     ("Projected time (ms)", lambda v: f"{v['time_s'] * 1e3:.2f}"),
+                     ("Launches", lambda v: f"{v['launches']:.0f}"))
+    for title, cell in family_tables:
+        lines += ["", f"## {title} by op family", "",
+                  "| method | model | config | " + " | ".join(cm.FAMILY_LABELS[f] for f in cm.FAMILIES) + " |",
+                  "|---|---|---|" + "---|" * len(cm.FAMILIES)]
+        for r in records:
+            lines.append(f"| {r.method} | {r.model} | {r.config} | "
+                         + " | ".join(cell(r.by_family[f]) for f in cm.FAMILIES) + " |")
     if gains:
         lines += ["", "## fastmim.patch: modelled gain over the unpatched model", "",
                   "| method | model | config | over | projected speedup | activations | HBM bytes | non-GEMM bytes "

@@ -388,12 +388,16 @@ class StepCost:
         return dict(out)
 
 
-class _FunctionMode(TorchFunctionMode):
-    """Sends SDPA on meta tensors to the fused kernel a GPU runs; tags new autograd nodes with the region."""
+class _CounterMode:
+    """The counter a torch mode reports to (mixed in before ``TorchFunctionMode`` / ``TorchDispatchMode``)."""
 
     def __init__(self, counter: StepCounter):
         super().__init__()
         self.counter = counter
+
+
+class _FunctionMode(_CounterMode, TorchFunctionMode):
+    """Sends SDPA on meta tensors to the fused kernel a GPU runs; tags new autograd nodes with the region."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -416,10 +420,8 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
                                                                   is_causal, scale=scale)[0]
 
 
-class _DispatchMode(TorchDispatchMode):
-    def __init__(self, counter: StepCounter):
-        super().__init__()
-        self.counter = counter
+class _DispatchMode(_CounterMode, TorchDispatchMode):
+    """Hands every op the dispatcher runs to ``StepCounter.record``."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
