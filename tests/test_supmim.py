@@ -155,7 +155,7 @@ def test_w_mim_zero_is_the_same_supervised_training_without_the_mim_branch(fused
     out_off["loss"].backward()
     on.zero_grad()
     out_on["loss_cls"].backward()  # the classification loss alone, through the same forward
-    for (name, p_off), (_, p_on) in zip(off.named_parameters(), on.named_parameters()):
+    for (name, p_off), (_, p_on) in zip(off.named_parameters(), on.named_parameters(), strict=True):
         if name.startswith(("decoder_", "mask_token")):
             assert p_off.grad is None or not p_off.grad.any(), name
         elif p_on.grad is None:
