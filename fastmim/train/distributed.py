@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean", "resolve_device", "local_tensor",
-           "shard_fsdp"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean", "all_gather", "resolve_device",
+           "local_tensor", "shard_fsdp", "full_state", "load_full_weights", "load_optimizer_state"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t / info.world_size
 
 
+def all_gather(obj: Any, info: DistInfo) -> Any:
+    """Every rank's ``obj``, in rank order (a collective); ``obj`` itself in a single process."""
+    if not info.enabled:
+        return obj
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,3 +100,37 @@ def shard_fsdp(module: nn.Module) -> None:
                 if any(p.requires_grad for p in block.parameters()):
                     fully_shard(block)
     fully_shard(module)
+
+
+def full_state(module: nn.Module, optimizer: torch.optim.Optimizer,
+               fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The whole model's and optimizer's state dicts. Under FSDP a collective: every rank
+    gathers the unsharded tensors, to the CPU."""
+    if not fsdp:
+        return module.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_full_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Whole (unsharded) weights into a module FSDP sharded: every rank loads all of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         fsdp: bool) -> None:
+    """A whole optimizer state dict into ``optimizer``; under FSDP each rank takes its shards' part."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmim.train.config import TrainError
+
 __all__ = ["OfficialCheckpoint", "OfficialStart", "init_from_official", "official_optimizer_state",
-           "official_parameter_order", "read_official_checkpoint"]
+           "official_parameter_order", "read_official_checkpoint", "start_run_from_official"]
 
 # The official MAE's parameters that never train (fixed sin-cos embeddings): not in its optimizer.
 FROZEN = ("pos_embed", "decoder_pos_embed")
@@ -191,6 +193,19 @@ def init_from_official(source: str | Path | Mapping[str, Any] | OfficialCheckpoi
         step, loaded = (max(steps) if steps else 0), True
     epoch = 0 if ckpt.epoch is None else ckpt.epoch + 1
     return OfficialStart(step=step, epoch=epoch, optimizer_loaded=loaded, scaler=ckpt.scaler, args=ckpt.args)
+
+
+def start_run_from_official(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> OfficialStart:
+    """``fastmim train --init-from-official PATH``: :func:`init_from_official` into the run's
+    model and fused AdamW, a file that does not fit being a :class:`TrainError`. The optimizer
+    stays fused, the implementation that takes the non-finite guard's ``found_inf``."""
+    try:
+        start = init_from_official(path, model, optimizer)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise TrainError(f"--init-from-official {path}: {exc}") from None
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)
+    return start
 
 
 _MAE_PARTS = {"cls_token", "pos_embed", "patch_embed", "blocks", "norm", "decoder_embed", "mask_token",

@@ -31,7 +31,7 @@ from fastmim.train.config import CONFIG_NAME, EVAL_LOG_NAME, METRICS_NAME, RUNTI
 from fastmim.train.distributed import DistInfo
 from fastmim.train.plots import read_metrics
 
-__all__ = ["RUN_FILES", "append_metrics", "create_output", "merge_resumed_config", "prepare_output",
+__all__ = ["RUN_FILES", "append_metrics", "create_output", "merge_resumed_config", "prepare_output", "start_run_files",
            "truncate_metrics"]
 
 
@@ -90,6 +90,18 @@ def merge_resumed_config(cfg: TrainConfig, saved: dict[str, Any], explicit: set[
     for name in RUNTIME_FIELDS:
         setattr(saved_cfg, name, getattr(cfg, name))
     return saved_cfg
+
+
+def start_run_files(out: Path, cfg: TrainConfig, resolved: dict[str, Any], resumed_at: int | None) -> None:
+    """Write ``config.json`` (the settings and what they resolved to) and start the metrics log:
+    a resumed run drops the records past its checkpoint's step ``resumed_at``, a new one starts
+    without any."""
+    atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(
+        {**cfg.to_json(), "resolved": resolved}, indent=2) + "\n"))
+    if resumed_at is not None:
+        truncate_metrics(out, resumed_at)
+    elif (out / METRICS_NAME).exists():
+        (out / METRICS_NAME).unlink()
 
 
 def append_metrics(out: Path, record: dict[str, Any]) -> None:

@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["scaled_lr", "cosine_lr", "default_warmup_steps"]
+__all__ = ["scaled_lr", "cosine_lr", "default_warmup_steps", "total_steps"]
 
 
 def scaled_lr(blr: float, global_batch: int) -> float:
     """MAE's linear scaling rule: the absolute lr of base lr ``blr`` at ``global_batch`` images per step."""
     return blr * (global_batch / 256)  # the same float as (blr * global_batch) / 256, without its overflow
+
+
+def total_steps(max_steps: int | None, epochs: float | None, *, micro_per_epoch: int, accum_steps: int,
+                default: int) -> int:
+    """The run's optimizer steps: ``max_steps`` if given, else ``epochs`` passes over the data of
+    ``micro_per_epoch`` micro-batches (at least one step), else ``default``."""
+    if max_steps is not None:
+        return max_steps
+    if epochs is not None:
+        return max(1, math.ceil(epochs * micro_per_epoch / accum_steps))
+    return default
 
 
 def default_warmup_steps(max_steps: int) -> int:
