@@ -1,4 +1,6 @@
-"""``fastmim train`` and ``fastmim eval`` (listed in ``fastmim.cli.SUBCOMMANDS``).
+"""``fastmim train`` and ``fastmim eval`` (listed in ``fastmim.cli.SUBCOMMANDS``): their
+arguments, and the calls into :func:`fastmim.train.loop.train` and
+:func:`fastmim.train.evaluate.evaluate_checkpoint`.
 
 Heavy imports (torch, the models) happen inside the ``run_*`` functions so ``fastmim --help``
 stays fast. Every expected failure becomes a one-line :class:`fastmim.errors.CLIError`.
@@ -225,89 +227,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL file the results are appended to (default: eval.jsonl beside the checkpoint)")
 
 
-def _evaluate(args: argparse.Namespace, protocols: list[str]) -> tuple[Any, list[dict[str, Any]]]:
-    """``(checkpoint, one result record per protocol)``; prints each accuracy."""
-    from fastmim.data import RandomResizedCropSampler, ViewTransform
-    from fastmim.train.distributed import resolve_device
-    from fastmim.train.evaluate import (
-        classifier_accuracy,
-        evaluation_data,
-        extract_features,
-        finetune,
-        knn_accuracy,
-        linear_probe,
-        load_checkpoint,
-        subset_indices,
-    )
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    ckpt = load_checkpoint(args.checkpoint, device)
-    meta = ckpt.metadata
-    image_size = args.image_size or meta["image_size"]
-    patch_size = ckpt.module.patch_embed.patch_size[0]
-    if image_size <= 0 or image_size % patch_size:
-        raise CLIError(f"--image-size must be a positive multiple of the model's patch size {patch_size}, "
-                       f"got {image_size}")
-    source, train_set, test_set = evaluation_data(meta, args.data, image_size=image_size)
-    train_idx = subset_indices(train_set.labels, args.limit_train)
-    test_idx = subset_indices(test_set.labels, args.limit_test)
-    common = {"batch_size": args.batch_size, "device": device, "num_workers": args.num_workers, "pool": args.pool}
-    has_classifier = callable(getattr(ckpt.module, "classify", None))
-    if protocols == ["classifier"] and not has_classifier:
-        raise CLIError(f"{meta['method']} checkpoints have no classifier; use knn, linear or finetune")
-    if not has_classifier and "classifier" in protocols:
-        protocols.remove("classifier")
-    num_classes = len(source.classes)
-    if meta.get("num_classes") not in (None, num_classes) and "classifier" in protocols:
-        raise CLIError(f"the checkpoint's classifier has {meta['num_classes']} classes, the data {num_classes}")
-    if any(p in protocols for p in ("knn", "linear")):
-        train_f, train_y = extract_features(ckpt.module, ckpt.adapter, train_set, indices=train_idx, **common)
-        test_f, test_y = extract_features(ckpt.module, ckpt.adapter, test_set, indices=test_idx, **common)
-    num_train, num_test = len(train_idx), len(test_idx)
-    results = []
-    for protocol in protocols:
-        if protocol == "classifier":
-            acc = classifier_accuracy(ckpt.module, test_set, indices=test_idx, batch_size=args.batch_size,
-                                      device=device, num_workers=args.num_workers)
-            detail = "the checkpoint's own classifier, unmasked images"
-        elif protocol == "finetune":
-            views = [ViewTransform(image_size, meta["mean"], meta["std"],
-                                   crop_sampler=RandomResizedCropSampler(scale=(0.08, 1.0)))]
-            recipe = _finetune_config(args)
-            acc = finetune(ckpt.module, ckpt.adapter, source.split("train", views), test_set,
-                           num_classes=num_classes, config=recipe, device=device, seed=args.seed,
-                           train_indices=train_idx, test_indices=test_idx, num_workers=args.num_workers).top1
-            detail = (f"{args.finetune_epochs} epochs of fine-tuning, blr {args.finetune_blr:g}, layer decay "
-                      f"{recipe.layer_decay:g}, mixup {recipe.mixup:g}, cutmix {recipe.cutmix:g}, smoothing "
-                      f"{recipe.label_smoothing:g}, drop path {recipe.drop_path:g}")
-        elif protocol == "knn":
-            acc = knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes, k=args.k,
-                               temperature=args.temperature)
-            detail = f"k={args.k}, T={args.temperature:g}"
-        else:
-            acc = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=args.probe_epochs,
-                               seed=args.seed)
-            detail = f"{args.probe_epochs} epochs, BN + linear on frozen features"
-        print(f"{protocol} top-1: {100 * acc:.2f}% ({detail}) on {num_test} held-out images of {source.name}, "
-              f"{num_train} train images; chance {100 / num_classes:.1f}%")
-        results.append({"protocol": protocol, "top1": acc, "k": args.k if protocol == "knn" else None,
-                        "temperature": args.temperature if protocol == "knn" else None,
-                        "probe_epochs": args.probe_epochs if protocol == "linear" else None,
-                        "checkpoint": str(ckpt.path), "step": meta.get("step"), "method": meta["method"],
-                        "preset": meta["preset"], "data": source.name, "num_train": num_train,
-                        "num_test": num_test, "pool": args.pool, "image_size": image_size})
-        if protocol == "finetune":
-            results[-1]["finetune"] = {k: getattr(recipe, k) for k in FINETUNE_LOGGED}
-    return ckpt, results
-
-
-# The fine-tuning settings an eval record keeps.
-FINETUNE_LOGGED = ("epochs", "batch_size", "blr", "layer_decay", "mixup", "cutmix", "label_smoothing", "drop_path")
-
-
 def _finetune_config(args: argparse.Namespace) -> Any:
     """The :class:`fastmim.train.finetuning.FinetuneConfig` of the command line (``ValueError`` if it cannot run)."""
     from fastmim.train.finetuning import FinetuneConfig
@@ -319,6 +238,7 @@ def _finetune_config(args: argparse.Namespace) -> Any:
 
 def run_eval(args: argparse.Namespace) -> int:
     from fastmim.train.config import EVAL_LOG_NAME
+    from fastmim.train.evaluate import evaluate_checkpoint
 
     protocols = {"knn": ["knn"], "linear": ["linear"], "classifier": ["classifier"], "finetune": ["finetune"],
                  "all": ["knn", "linear", "classifier"]}.get(args.protocol)
@@ -334,13 +254,18 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in ("temperature", "finetune_blr"):
         if not getattr(args, name) > 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    recipe = None
     if "finetune" in protocols:
         try:
-            _finetune_config(args)
+            recipe = _finetune_config(args)
         except ValueError as exc:
             raise CLIError(f"fine-tuning: {exc}") from None
     with _user_errors_as_one_line(), _warnings_as_one_line():
-        ckpt, results = _evaluate(args, protocols)
+        ckpt, results = evaluate_checkpoint(
+            args.checkpoint, protocols, data=args.data, image_size=args.image_size, device=args.device,
+            pool=args.pool, k=args.k, temperature=args.temperature, probe_epochs=args.probe_epochs,
+            finetune_config=recipe, limit_train=args.limit_train, limit_test=args.limit_test,
+            batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed)
     log = Path(args.log) if args.log else ckpt.path.parent / EVAL_LOG_NAME
     try:
         with open(log, "a") as f:

@@ -15,6 +15,9 @@
 
 Features come from ``adapter.encode(module, imgs)``, i.e. the model's ``encode`` (``(B, D)``:
 MAE's cls token after the final norm unless ``pool="mean"``).
+
+:func:`evaluate_checkpoint` runs the protocols ``fastmim eval`` asks for on a checkpoint and
+gives one record per protocol (the lines of the eval log).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fastmim.data import EvalTransform, ImageDataset, open_data
+from fastmim.data import EvalTransform, ImageDataset, RandomResizedCropSampler, ViewTransform, open_data
 from fastmim.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_weights, read_metadata
-from fastmim.train.finetuning import FinetuneConfig, finetune  # noqa: F401  (re-exported: fastmim eval's protocol)
+from fastmim.train.distributed import resolve_device
+from fastmim.train.finetuning import FinetuneConfig, finetune
 from fastmim.train.methods import MethodAdapter, get_adapter
 
 __all__ = [
@@ -45,10 +49,13 @@ __all__ = [
     "subset_indices",
     "classifier_accuracy",
     "finetune",
+    "evaluate_checkpoint",
 ]
 
 # What evaluation reads from a checkpoint's metadata (fastmim train writes them all).
 METADATA_KEYS = ("method", "preset", "model_kwargs", "data", "channels", "image_size", "mean", "std")
+# The fine-tuning settings an eval record keeps.
+FINETUNE_LOGGED = ("epochs", "batch_size", "blr", "layer_decay", "mixup", "cutmix", "label_smoothing", "drop_path")
 
 
 @dataclass
@@ -203,3 +210,75 @@ def classifier_accuracy(module: nn.Module, dataset: ImageDataset, *, indices: li
         correct += int((logits.argmax(dim=1).cpu() == batch["label"]).sum())
         total += batch["label"].shape[0]
     return correct / max(1, total)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, protocols: list[str], *, data: str | None = None,
+                        image_size: int | None = None, device: str = "auto", pool: str | None = None, k: int = 20,
+                        temperature: float = 0.07, probe_epochs: int = 90,
+                        finetune_config: FinetuneConfig | None = None, limit_train: int | None = None,
+                        limit_test: int | None = None, batch_size: int = 256, num_workers: int = 0,
+                        seed: int = 0) -> tuple[LoadedCheckpoint, list[dict[str, Any]]]:
+    """``fastmim eval``: ``(the checkpoint, one result record per protocol)``; prints each accuracy.
+
+    ``protocols``: ``knn``, ``linear``, ``classifier`` (left out for a checkpoint without a
+    classifier, unless it is the only one asked for) and ``finetune`` (with ``finetune_config``).
+    Scores the held-out split of the checkpoint's dataset, or of ``data``, at ``image_size``
+    (default: the training size); ``ValueError`` for settings that cannot run on this checkpoint.
+    """
+    device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, device)
+    meta = ckpt.metadata
+    image_size = image_size or meta["image_size"]
+    patch_size = ckpt.module.patch_embed.patch_size[0]
+    if image_size <= 0 or image_size % patch_size:
+        raise ValueError(f"--image-size must be a positive multiple of the model's patch size {patch_size}, "
+                         f"got {image_size}")
+    source, train_set, test_set = evaluation_data(meta, data, image_size=image_size)
+    train_idx = subset_indices(train_set.labels, limit_train)
+    test_idx = subset_indices(test_set.labels, limit_test)
+    common = {"batch_size": batch_size, "device": device, "num_workers": num_workers, "pool": pool}
+    has_classifier = callable(getattr(ckpt.module, "classify", None))
+    if protocols == ["classifier"] and not has_classifier:
+        raise ValueError(f"{meta['method']} checkpoints have no classifier; use knn, linear or finetune")
+    protocols = [p for p in protocols if has_classifier or p != "classifier"]
+    num_classes = len(source.classes)
+    if meta.get("num_classes") not in (None, num_classes) and "classifier" in protocols:
+        raise ValueError(f"the checkpoint's classifier has {meta['num_classes']} classes, the data {num_classes}")
+    if any(p in protocols for p in ("knn", "linear")):
+        train_f, train_y = extract_features(ckpt.module, ckpt.adapter, train_set, indices=train_idx, **common)
+        test_f, test_y = extract_features(ckpt.module, ckpt.adapter, test_set, indices=test_idx, **common)
+    num_train, num_test = len(train_idx), len(test_idx)
+    results = []
+    for protocol in protocols:
+        if protocol == "classifier":
+            acc = classifier_accuracy(ckpt.module, test_set, indices=test_idx, batch_size=batch_size, device=device,
+                                      num_workers=num_workers)
+            detail = "the checkpoint's own classifier, unmasked images"
+        elif protocol == "finetune":
+            recipe = finetune_config if finetune_config is not None else FinetuneConfig(pool=pool).validate()
+            views = [ViewTransform(image_size, meta["mean"], meta["std"],
+                                   crop_sampler=RandomResizedCropSampler(scale=(0.08, 1.0)))]
+            acc = finetune(ckpt.module, ckpt.adapter, source.split("train", views), test_set,
+                           num_classes=num_classes, config=recipe, device=device, seed=seed,
+                           train_indices=train_idx, test_indices=test_idx, num_workers=num_workers).top1
+            detail = (f"{recipe.epochs} epochs of fine-tuning, blr {recipe.blr:g}, layer decay "
+                      f"{recipe.layer_decay:g}, mixup {recipe.mixup:g}, cutmix {recipe.cutmix:g}, smoothing "
+                      f"{recipe.label_smoothing:g}, drop path {recipe.drop_path:g}")
+        elif protocol == "knn":
+            acc = knn_accuracy(train_f, train_y, test_f, test_y, num_classes=num_classes, k=k, temperature=temperature)
+            detail = f"k={k}, T={temperature:g}"
+        else:
+            acc = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=probe_epochs,
+                               seed=seed)
+            detail = f"{probe_epochs} epochs, BN + linear on frozen features"
+        print(f"{protocol} top-1: {100 * acc:.2f}% ({detail}) on {num_test} held-out images of {source.name}, "
+              f"{num_train} train images; chance {100 / num_classes:.1f}%")
+        results.append({"protocol": protocol, "top1": acc, "k": k if protocol == "knn" else None,
+                        "temperature": temperature if protocol == "knn" else None,
+                        "probe_epochs": probe_epochs if protocol == "linear" else None,
+                        "checkpoint": str(ckpt.path), "step": meta.get("step"), "method": meta["method"],
+                        "preset": meta["preset"], "data": source.name, "num_train": num_train,
+                        "num_test": num_test, "pool": pool, "image_size": image_size})
+        if protocol == "finetune":
+            results[-1]["finetune"] = {name: getattr(recipe, name) for name in FINETUNE_LOGGED}
+    return ckpt, results
