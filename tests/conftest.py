@@ -40,3 +40,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def train_defaults():
+    """Settings a test module's ``train_config`` starts from, beyond the common ones; a module
+    overrides this fixture to set its own."""
+    return {}
+
+
+@pytest.fixture
+def train_config(tmp_path, train_defaults):
+    """A factory of ``TrainConfig``s for the training tests: the tiny model of
+    ``fastmim.testing.TINY_TRAIN_MODEL`` writing to ``tmp_path / "run"``, no DataLoader workers,
+    no progress bar, then the module's ``train_defaults``; keywords override them all."""
+    from fastmim.testing import TINY_TRAIN_MODEL
+    from fastmim.train.config import TrainConfig
+
+    def make(**kw):
+        base = {"output": str(tmp_path / "run"), "num_workers": 0, "progress": False,
+                "model_overrides": dict(TINY_TRAIN_MODEL), **train_defaults}
+        return TrainConfig(**{**base, **kw})
+
+    return make

@@ -33,10 +33,10 @@ from fastmim.train.schedule import cosine_lr, default_warmup_steps, scaled_lr
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _config(tmp_path, **kw) -> TrainConfig:
-    base = {"output": str(tmp_path / "run"), "max_steps": 5, "batch_size": 8, "num_workers": 0, "progress": False,
-            "model_overrides": dict(TINY), "log_every": 2}
-    return TrainConfig(**{**base, **kw})
+@pytest.fixture
+def train_defaults():
+    """train_config's defaults here (tests/conftest.py): five steps of batch 8, a record every two."""
+    return {"max_steps": 5, "batch_size": 8, "log_every": 2}
 
 
 def _image_folder(root, classes=2, per_class=10, size=(20, 20), seed=0):
@@ -160,8 +160,8 @@ def _check_run_outputs(out, steps):
     return records
 
 
-def test_train_mae_five_steps(tmp_path):
-    result = train(_config(tmp_path))
+def test_train_mae_five_steps(tmp_path, train_config):
+    result = train(train_config())
     assert result.finished and result.step == 5 and math.isfinite(result.loss)
     records = _check_run_outputs(tmp_path / "run", 5)
     assert [r["step"] for r in records] == [1, 2, 4, 5]
@@ -171,19 +171,19 @@ def test_train_mae_five_steps(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["supmim", "supmae", "cmae", "lut"])
-def test_train_other_methods_five_steps(tmp_path, method):
-    result = train(_config(tmp_path, method=method))
+def test_train_other_methods_five_steps(tmp_path, train_config, method):
+    result = train(train_config(method=method))
     assert result.finished
     _check_run_outputs(tmp_path / "run", 5)
 
 
-def test_adapter_state_is_saved_and_restored_on_resume(tmp_path, monkeypatch):
+def test_adapter_state_is_saved_and_restored_on_resume(tmp_path, train_config, monkeypatch):
     """CMAE's ContrastiveCrop boxes and schedule live in its adapter: they travel with the checkpoint."""
     from fastmim.train.checkpoint import STATE_NAME, load_state
     from fastmim.train.methods import CMAEAdapter
 
     common = {"method": "cmae", "max_steps": 4, "figures": False}
-    train(_config(tmp_path, stop_after=2, **common))
+    train(train_config(stop_after=2, **common))
     saved = load_state(tmp_path / "run" / STATE_NAME)["adapter"]
     assert "contrastive_crop" in saved
     restored = []
@@ -194,13 +194,13 @@ def test_adapter_state_is_saved_and_restored_on_resume(tmp_path, monkeypatch):
         original(self, state)
 
     monkeypatch.setattr(CMAEAdapter, "load_state_dict", record)
-    result = train(_config(tmp_path, resume=True, **common))
+    result = train(train_config(resume=True, **common))
     assert result.finished and result.step == 4
     assert len(restored) == 1 and restored[0].keys() == saved.keys()
 
 
-def test_loss_decreases_on_the_bundled_data(tmp_path):
-    result = train(_config(tmp_path, max_steps=40, batch_size=16, blr=1e-2, figures=False, log_every=5))
+def test_loss_decreases_on_the_bundled_data(tmp_path, train_config):
+    result = train(train_config(max_steps=40, batch_size=16, blr=1e-2, figures=False, log_every=5))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result.loss < 0.8 * records[0]["loss"]
 
@@ -209,13 +209,13 @@ def _params(path):
     return load_file(str(path))
 
 
-def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, train_config, monkeypatch):
     """Ctrl-C (SIGINT) during step 3 of 6, resume: same parameters as an uninterrupted run.
     An image folder of 18 train images with batch 4 x accumulation 2 crosses epochs mid-run."""
     data = str(_image_folder(tmp_path / "data"))
     common = {"data": data, "max_steps": 6, "batch_size": 4, "accum_steps": 2, "figures": False, "image_size": 16,
               "model_overrides": {**TINY, "patch_size": 4}}
-    full = train(_config(tmp_path, output=str(tmp_path / "full"), **common))
+    full = train(train_config(output=str(tmp_path / "full"), **common))
     assert full.finished
 
     original = MAEAdapter.after_step
@@ -227,11 +227,11 @@ def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MAEAdapter, "after_step", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tmp_path, output=str(tmp_path / "part"), **common))
+        train(train_config(output=str(tmp_path / "part"), **common))
     monkeypatch.setattr(MAEAdapter, "after_step", original)
     assert read_metadata(tmp_path / "part" / "checkpoint.safetensors")["step"] == 3
     # The resumed half loads with 2 DataLoader workers: the batches do not depend on them.
-    resumed = train(_config(tmp_path, output=str(tmp_path / "part"), resume=True, num_workers=2, **common))
+    resumed = train(train_config(output=str(tmp_path / "part"), resume=True, num_workers=2, **common))
     assert resumed.finished and resumed.step == 6
     a, b = _params(tmp_path / "full" / "checkpoint.safetensors"), _params(tmp_path / "part" / "checkpoint.safetensors")
     assert a.keys() == b.keys()
@@ -246,14 +246,15 @@ def test_interrupted_and_resumed_run_is_bit_exact(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("crashed_rename", ["checkpoint.safetensors", "train_state.pt"])
-def test_crash_between_checkpoint_writes_resumes_from_the_last_complete_pair(tmp_path, monkeypatch, crashed_rename):
+def test_crash_between_checkpoint_writes_resumes_from_the_last_complete_pair(tmp_path, train_config, monkeypatch,
+                                                                            crashed_rename):
     """The save at step 4 of 6 dies just before its weights or its state replace the old file:
     resuming continues from the newest complete pair, to the parameters of a run that never
     crashed. (Renaming the weights and then dying left new weights beside the old state.)"""
     from fastmim.train import checkpoint
 
     common = {"max_steps": 6, "ckpt_every": 2, "figures": False}
-    full = train(_config(tmp_path, output=str(tmp_path / "full"), **common))
+    full = train(train_config(output=str(tmp_path / "full"), **common))
     assert full.finished
     real_replace = os.replace
     renames = []
@@ -267,12 +268,12 @@ def test_crash_between_checkpoint_writes_resumes_from_the_last_complete_pair(tmp
 
     monkeypatch.setattr(checkpoint.os, "replace", crash_on_second_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(_config(tmp_path, **common))
+        train(train_config(**common))
     monkeypatch.setattr(checkpoint.os, "replace", real_replace)
     run = tmp_path / "run"
     assert read_metadata(run / "checkpoint.safetensors")["step"] == (4 if crashed_rename == "train_state.pt" else 2)
     shutil.copytree(run, tmp_path / "crashed")
-    resumed = train(_config(tmp_path, resume=True, **common))
+    resumed = train(train_config(resume=True, **common))
     assert resumed.finished and resumed.step == 6
     a, b = _params(tmp_path / "full" / "checkpoint.safetensors"), _params(run / "checkpoint.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -285,10 +286,10 @@ def test_crash_between_checkpoint_writes_resumes_from_the_last_complete_pair(tmp
             checkpoint.load_checkpoint_state(tmp_path / "crashed")
 
 
-def test_compile_and_bf16_autocast_run(tmp_path):
-    compiled = train(_config(tmp_path, output=str(tmp_path / "c"), max_steps=2, compile="eager", figures=False))
+def test_compile_and_bf16_autocast_run(tmp_path, train_config):
+    compiled = train(train_config(output=str(tmp_path / "c"), max_steps=2, compile="eager", figures=False))
     assert compiled.finished and math.isfinite(compiled.loss)
-    bf16 = train(_config(tmp_path, output=str(tmp_path / "b"), max_steps=2, precision="bf16", figures=False))
+    bf16 = train(train_config(output=str(tmp_path / "b"), max_steps=2, precision="bf16", figures=False))
     assert bf16.finished and math.isfinite(bf16.loss)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "bf16"
 
@@ -620,7 +621,7 @@ def test_two_view_methods_under_ddp_and_fsdp_match_one_process(tmp_path, method)
             assert (boxes_a["boxes"] != torch.tensor([0.0, 0.0, 1.0, 1.0])).any(dim=1).sum() >= 5
 
 
-def test_init_from_official_starts_at_its_weights_optimizer_and_step(tmp_path):
+def test_init_from_official_starts_at_its_weights_optimizer_and_step(tmp_path, train_config):
     """A new run from an official main_pretrain.py checkpoint: its weights and AdamW state are
     the run's start and its optimizer steps count as done (the schedule goes on from there)."""
     import argparse
@@ -643,7 +644,7 @@ def test_init_from_official_starts_at_its_weights_optimizer_and_step(tmp_path):
                 "args": argparse.Namespace(blr=1e-3, batch_size=4)}, path)
 
     # max_steps = the official steps: nothing left to train, the saved weights are the official ones.
-    done = train(_config(tmp_path, output=str(tmp_path / "start"), max_steps=2, init_from_official=str(path),
+    done = train(train_config(output=str(tmp_path / "start"), max_steps=2, init_from_official=str(path),
                          figures=False))
     assert done.step == 2 and done.finished
     saved = read_weights(tmp_path / "start" / "checkpoint.safetensors")
@@ -652,7 +653,7 @@ def test_init_from_official_starts_at_its_weights_optimizer_and_step(tmp_path):
     assert load_state(tmp_path / "start" / "train_state.pt")["step"] == 2
 
     # Two more steps: records from step 3, Adam's step counts going on from 2.
-    more = train(_config(tmp_path, output=str(tmp_path / "more"), max_steps=4, log_every=1,
+    more = train(train_config(output=str(tmp_path / "more"), max_steps=4, log_every=1,
                          init_from_official=str(path), figures=False))
     steps = [json.loads(x)["step"] for x in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
     assert more.step == 4 and steps == [3, 4]
@@ -660,4 +661,4 @@ def test_init_from_official_starts_at_its_weights_optimizer_and_step(tmp_path):
                   .values()}
     assert adam_steps == {4}
     with pytest.raises(TrainError, match="--method mae"):
-        train(_config(tmp_path, output=str(tmp_path / "lut"), method="lut", init_from_official=str(path)))
+        train(train_config(output=str(tmp_path / "lut"), method="lut", init_from_official=str(path)))

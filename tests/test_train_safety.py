@@ -19,7 +19,6 @@ from safetensors.torch import load, load_file, save_file
 
 import fastmim
 from fastmim.cli import main
-from fastmim.testing import TINY_TRAIN_MODEL as TINY
 from fastmim.testing import TINY_TRAIN_MODEL_ARGS as TINY_ARGS
 from fastmim.train import loop
 from fastmim.train.checkpoint import (
@@ -32,17 +31,16 @@ from fastmim.train.checkpoint import (
     save_weights,
     save_weights_dict,
 )
-from fastmim.train.config import TrainConfig
 from fastmim.train.loop import train
 from fastmim.train.methods import LUTAdapter, MAEAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _config(tmp_path, **kw) -> TrainConfig:
-    base = {"output": str(tmp_path / "run"), "max_steps": 4, "batch_size": 4, "num_workers": 0, "progress": False,
-            "model_overrides": dict(TINY), "log_every": 1, "figures": False}
-    return TrainConfig(**{**base, **kw})
+@pytest.fixture
+def train_defaults():
+    """train_config's defaults here (tests/conftest.py): short runs, a record each step, no figures."""
+    return {"max_steps": 4, "batch_size": 4, "log_every": 1, "figures": False}
 
 
 def _cli_error(capsys, argv) -> str:
@@ -125,13 +123,13 @@ def test_impossible_settings_are_one_line_errors_before_anything_is_written(tmp_
     assert "--device tpu is not a device name" in msg
 
 
-def test_a_skipped_step_changes_nothing_and_is_counted(tmp_path, monkeypatch, capsys):
+def test_a_skipped_step_changes_nothing_and_is_counted(tmp_path, train_config, monkeypatch, capsys):
     """The nan step 3 leaves weights and optimizer state (step count included) bit-identical to
     step 2's; the records count it, the progress bar shows it, and the next steps train."""
-    reference = train(_config(tmp_path, output=str(tmp_path / "ref"), max_steps=6, stop_after=2))
+    reference = train(train_config(output=str(tmp_path / "ref"), max_steps=6, stop_after=2))
     nan_steps = {3}
     _nan_loss_on(monkeypatch, MAEAdapter, nan_steps)
-    skipped = train(_config(tmp_path, max_steps=6, stop_after=3))
+    skipped = train(train_config(max_steps=6, stop_after=3))
     assert reference.skipped == 0 and skipped.skipped == 1 and skipped.step == 3
     run, ref = tmp_path / "run", tmp_path / "ref"
     a, b = load_file(str(ref / CHECKPOINT_NAME)), load_file(str(run / CHECKPOINT_NAME))
@@ -142,7 +140,7 @@ def test_a_skipped_step_changes_nothing_and_is_counted(tmp_path, monkeypatch, ca
         assert all(torch.equal(state_a[i][k], state_b[i][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert _optimizer_steps(run) == {2.0}
 
-    resumed = train(_config(tmp_path, max_steps=6, resume=True, progress=True))
+    resumed = train(train_config(max_steps=6, resume=True, progress=True))
     assert resumed.finished and resumed.skipped == 1 and math.isfinite(resumed.loss)
     records = _records(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -153,9 +151,9 @@ def test_a_skipped_step_changes_nothing_and_is_counted(tmp_path, monkeypatch, ca
     assert "skipped=1" in err and "1 skipped (non-finite loss or gradient)" in err
 
 
-def test_an_ema_teacher_takes_in_nothing_from_a_skipped_step(tmp_path, monkeypatch):
+def test_an_ema_teacher_takes_in_nothing_from_a_skipped_step(tmp_path, train_config, monkeypatch):
     _nan_loss_on(monkeypatch, LUTAdapter, {2})
-    result = train(_config(tmp_path, method="lut", max_steps=3))
+    result = train(train_config(method="lut", max_steps=3))
     assert result.finished and result.skipped == 1
     tensors = read_weights(tmp_path / "run" / CHECKPOINT_NAME)  # refuses non-finite ones
     assert any(name.startswith("teacher.") for name in tensors)
@@ -174,7 +172,7 @@ def test_stop_ends_with_one_line_after_max_skips(tmp_path, monkeypatch, capsys):
     assert read_metadata(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 2
 
 
-def test_rollback_reloads_the_last_checkpoint_with_a_fresh_data_order(tmp_path, monkeypatch):
+def test_rollback_reloads_the_last_checkpoint_with_a_fresh_data_order(tmp_path, train_config, monkeypatch):
     """Steps 5 and 6 are nan on their first try: at step 6 the run goes back to its step-3
     checkpoint and retries with other batches, to the end. A copy stopped at step 7 and resumed
     ends with the same weights: the rollback count travels in the state."""
@@ -189,7 +187,7 @@ def test_rollback_reloads_the_last_checkpoint_with_a_fresh_data_order(tmp_path, 
     common = {"max_steps": 8, "ckpt_every": 3, "max_skips": 2, "on_nonfinite": "rollback"}
     _nan_loss_on(monkeypatch, MAEAdapter, {5, 6})
     with pytest.warns(UserWarning, match="to step 6.*rolled back to the checkpoint of step 3, going on with a fresh"):
-        result = train(_config(tmp_path, **common))
+        result = train(train_config(**common))
     assert result.finished and result.step == 8 and result.skipped == 2
     run = tmp_path / "run"
     records = _records(run)
@@ -202,14 +200,14 @@ def test_rollback_reloads_the_last_checkpoint_with_a_fresh_data_order(tmp_path, 
 
     _nan_loss_on(monkeypatch, MAEAdapter, {5, 6})
     with pytest.warns(UserWarning, match="rolled back"):
-        train(_config(tmp_path, output=str(tmp_path / "part"), stop_after=7, **common))
-    train(_config(tmp_path, output=str(tmp_path / "part"), resume=True, **common))
+        train(train_config(output=str(tmp_path / "part"), stop_after=7, **common))
+    train(train_config(output=str(tmp_path / "part"), resume=True, **common))
     a, b = load_file(str(run / CHECKPOINT_NAME)), load_file(str(tmp_path / "part" / CHECKPOINT_NAME))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("clip_grad", [None, 1.0])
-def test_the_guard_adds_no_host_sync_per_step(tmp_path, monkeypatch, clip_grad):
+def test_the_guard_adds_no_host_sync_per_step(train_config, monkeypatch, clip_grad):
     """Reading a tensor's value on the host (``.item()``, ``bool()``, ``.cpu()``, ...) from the
     training code happens at the metrics records, never in the steps between them. (The model's
     ops and the data pipeline read host tensors of their own: they are not the loop's.)"""
@@ -237,7 +235,7 @@ def test_the_guard_adds_no_host_sync_per_step(tmp_path, monkeypatch, clip_grad):
         finished_step[0] = ctx.step + 1
 
     monkeypatch.setattr(MAEAdapter, "after_step", note_step)
-    train(_config(tmp_path, max_steps=8, log_every=4, clip_grad=clip_grad))
+    train(train_config(max_steps=8, log_every=4, clip_grad=clip_grad))
     # A read tagged k comes after step k's update and before step k + 1's: records follow steps 1, 4, 8.
     assert [read for read in reads if read[0] not in (0, 1, 4, 8)] == []
     assert any(step == 4 for step, _ in reads)  # the record's one read is seen
@@ -245,13 +243,14 @@ def test_the_guard_adds_no_host_sync_per_step(tmp_path, monkeypatch, clip_grad):
 
 # ---------------------------------------------------------------------------- verified loads
 
-def _short_run(tmp_path) -> Path:
-    train(_config(tmp_path, max_steps=2, stop_after=1))
-    return tmp_path / "run"
+def _short_run(train_config) -> Path:
+    cfg = train_config(max_steps=2, stop_after=1)
+    train(cfg)
+    return Path(cfg.output)
 
 
-def test_eval_and_resume_refuse_nonfinite_weights_naming_the_tensor(tmp_path, capsys):
-    run = _short_run(tmp_path)
+def test_eval_and_resume_refuse_nonfinite_weights_naming_the_tensor(train_config, capsys):
+    run = _short_run(train_config)
     path = run / CHECKPOINT_NAME
     tensors = load_file(str(path))
     # As a run before this guard wrote them: every value nan, with a valid checksum.
@@ -270,8 +269,8 @@ def _flip_16_bytes(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_flipped_bytes_are_detected_by_resume_and_eval(tmp_path, capsys):
-    run = _short_run(tmp_path)
+def test_flipped_bytes_are_detected_by_resume_and_eval(train_config, capsys):
+    run = _short_run(train_config)
     weights, state = run / CHECKPOINT_NAME, run / STATE_NAME
     good = weights.read_bytes()
     (header_size,) = struct.unpack("<Q", good[:8])
@@ -307,9 +306,9 @@ def test_a_checkpoint_without_checksums_loads_with_a_warning(tmp_path):
         load_weights(copy, path)
 
 
-def test_a_run_saved_before_checksums_resumes_with_a_warning(tmp_path):
+def test_a_run_saved_before_checksums_resumes_with_a_warning(train_config):
     """As an older version left it: no checksums or skip counts, a foreach AdamW's state."""
-    run = _short_run(tmp_path)
+    run = _short_run(train_config)
     state = load_state(run / STATE_NAME)
     for group in state["optimizer"]["param_groups"]:
         group.update(fused=None, foreach=None)
@@ -319,7 +318,7 @@ def test_a_run_saved_before_checksums_resumes_with_a_warning(tmp_path):
     save_file(load_file(str(run / CHECKPOINT_NAME)), str(run / CHECKPOINT_NAME),
               metadata={"fastmim": json.dumps(meta)})
     with pytest.warns(UserWarning, match="has no checksum"):
-        result = train(_config(tmp_path, max_steps=2, resume=True))
+        result = train(train_config(max_steps=2, resume=True))
     assert result.finished and result.skipped == 0 and _optimizer_steps(run) == {2.0}
 
 
@@ -327,19 +326,19 @@ LEFTOVERS = (".checkpoint.safetensors.k2j4h5g6.tmp", "..train_state.pt.pending.a
              ".train_state.pt.zzzzzzzz.tmp", ".metrics.jsonl.q1w2e3r4.tmp")
 
 
-def test_leftover_temporary_files_are_removed_and_the_pair_shares_permissions(tmp_path):
+def test_leftover_temporary_files_are_removed_and_the_pair_shares_permissions(train_config):
     umask = os.umask(0o027)
     try:
-        run = _short_run(tmp_path)
+        run = _short_run(train_config)
     finally:
         os.umask(umask)
     assert {(run / name).stat().st_mode & 0o777 for name in (CHECKPOINT_NAME, STATE_NAME)} == {0o640}
     mine = ("notes.tmp", ".checkpoint.safetensors.bak")
     for name in (*LEFTOVERS, *mine):
         (run / name).write_bytes(b"\0" * 1000)
-    train(_config(tmp_path, max_steps=2, resume=True))
+    train(train_config(max_steps=2, resume=True))
     assert not any((run / name).exists() for name in LEFTOVERS) and all((run / name).exists() for name in mine)
     for name in LEFTOVERS:
         (run / name).write_bytes(b"\0" * 1000)
-    train(_config(tmp_path, max_steps=1, overwrite=True))
+    train(train_config(max_steps=1, overwrite=True))
     assert not any((run / name).exists() for name in LEFTOVERS) and all((run / name).exists() for name in mine)
