@@ -31,6 +31,7 @@ ALLOWED = {
     "__main__": {"cli"},
 }
 KERNEL_IMPORTS = {"torch", "triton"} | set(sys.stdlib_module_names)
+MAX_MODULE_LINES = 600  # docs/DESIGN.md: past this, a module holds more than one responsibility
 
 
 def _layer(path: Path) -> str:
@@ -85,3 +86,10 @@ def test_environment_variables_are_read_in_one_place_and_documented():
         for line_number, line in enumerate(path.read_text().splitlines(), 1):
             assert not (("os.environ" in line or "getenv" in line) and "FASTMIM_" in line), (
                 f"{path.relative_to(PACKAGE)}:{line_number} reads a FASTMIM_ variable: use fastmim.environment")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_is_over_600_lines(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, (f"{path.relative_to(PACKAGE)} has {lines} lines (at most {MAX_MODULE_LINES}): "
+                                       f"split it by responsibility")
