@@ -26,12 +26,16 @@ device's dense bf16 spec where known (``extra.mfu_vs_spec``).
 mae_vit_tiny_p16_224 --batch 16`` for ViT-Tiny/16 at 224 px), timing the providers interleaved:
 after a warm-up, ``--rounds`` rounds of one step each, the median per provider; ``--threads 1 --clock
 cpu`` times the process's CPU time on one thread, which the load of other processes on a shared
-machine disturbs far less than wall time. ``--smoke`` runs a 2-block toy model.
+machine disturbs far less than wall time. Each fastmim provider's record also carries its speed-up
+over ``eager`` and ``compile`` computed round by round (``extra.paired_speedup``: geometric mean and
+95% interval, :func:`harness.paired_speedup`), which says whether a difference is more than noise.
+``--smoke`` runs a 2-block toy model.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -48,6 +52,7 @@ from peers import eager_sdpa, official_mae  # noqa: E402
 from fastmim.models import MaskedAutoencoderViT  # noqa: E402
 
 MASK_RATIO = 0.75
+PAIRED_PEERS = ("eager", "compile")  # CPU: fastmim's providers' speed-up over these, with a 95% interval
 LN = partial(nn.LayerNorm, eps=1e-6)
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
@@ -183,8 +188,10 @@ def main(argv=None) -> None:
              "threads": torch.get_num_threads(), "clock": args.clock if device.type == "cpu" else "cuda events"}
     records = []
 
-    def record(provider: str, ms: float, peak: float | None) -> None:
+    def record(provider: str, ms: float, peak: float | None, paired: dict | None = None) -> None:
         extra = {"img_per_s": batch / (ms * 1e-3), "peak_mem_gb": peak}
+        if paired:
+            extra["paired_speedup"] = paired
         if spec is not None:
             extra["mfu_vs_spec"] = flops / (ms * 1e-3) / (spec * 1e12)
         records.append(harness.Record(case, provider, ms, shape, flops=flops, extra=extra))
@@ -197,8 +204,12 @@ def main(argv=None) -> None:
             model.train()
             steps[provider] = make_step(model, device, dtype)
             steps[provider](imgs[0])  # first call: compilation
-        for provider, ms in harness.time_interleaved_ms(steps, arg_sets, rounds=args.rounds, clock=args.clock).items():
-            record(provider, ms, None)
+        samples = harness.time_interleaved_samples(steps, arg_sets, rounds=args.rounds, clock=args.clock)
+        for provider, values in samples.items():
+            # fastmim's providers against the eager model and its compiled form, round by round
+            paired = {peer: harness.paired_speedup(samples[peer], values) for peer in PAIRED_PEERS
+                      if provider.startswith("fastmim") and peer in samples}
+            record(provider, statistics.median(values), None, paired)
     else:
         for provider, model in models.items():
             model.to(device).train()

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -90,9 +91,9 @@ def time_ms(fn: Callable[..., Any], arg_sets: Sequence[tuple] = ((),), *, device
     return statistics.median(samples)
 
 
-def time_interleaved_ms(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[tuple] = ((),), *,
-                        rounds: int = 10, warmup: int = 2, clock: str = "wall") -> dict[str, float]:
-    """CPU: median milliseconds of each ``fns[name](*args)``, the providers taking turns call by call.
+def time_interleaved_samples(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[tuple] = ((),), *,
+                             rounds: int = 10, warmup: int = 2, clock: str = "wall") -> dict[str, list[float]]:
+    """CPU: milliseconds of each ``fns[name](*args)`` in every round, the providers taking turns call by call.
 
     Round after round every provider runs once, so a slow phase of the machine (another process, a
     frequency change) lands on all of them alike instead of on whichever ran then. ``clock="cpu"``
@@ -108,7 +109,38 @@ def time_interleaved_ms(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[t
             start = timer()
             fn(*arg_sets[i % len(arg_sets)])
             samples[name].append((timer() - start) * 1e3)
+    return samples
+
+
+def time_interleaved_ms(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[tuple] = ((),), *,
+                        rounds: int = 10, warmup: int = 2, clock: str = "wall") -> dict[str, float]:
+    """CPU: median milliseconds of each provider, interleaved (:func:`time_interleaved_samples`)."""
+    samples = time_interleaved_samples(fns, arg_sets, rounds=rounds, warmup=warmup, clock=clock)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (scipy.stats.t.ppf(0.975, df));
+# past 30 the normal quantile's 1.96 is within 3%.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+         18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
+         26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
+
+
+def paired_speedup(baseline_ms: Sequence[float], provider_ms: Sequence[float]) -> dict[str, float | int]:
+    """How much faster a provider is than a baseline timed in the same rounds: ``baseline / provider``
+    round by round (both ran back to back, so the machine's state is shared), summarised as the
+    geometric mean with a 95% t-interval over the rounds' log-ratios. An interval that contains 1
+    means the two are not told apart by this run."""
+    if len(baseline_ms) != len(provider_ms) or len(baseline_ms) < 2:
+        raise ValueError(f"need the same number (>= 2) of rounds for both, got {len(baseline_ms)} and "
+                         f"{len(provider_ms)}")
+    logs = [math.log(b / p) for b, p in zip(baseline_ms, provider_ms, strict=True)]
+    n = len(logs)
+    mean = statistics.fmean(logs)
+    half = _T975.get(n - 1, 1.96) * statistics.stdev(logs) / math.sqrt(n)
+    return {"speedup": math.exp(mean), "ci95_low": math.exp(mean - half), "ci95_high": math.exp(mean + half),
+            "rounds": n}
 
 
 def time_providers(fns: dict[str, Callable[..., Any]], arg_sets: Sequence[tuple] = ((),), *,

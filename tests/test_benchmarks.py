@@ -1,6 +1,7 @@
 """The benchmark harness, and every benchmark script run in smoke mode (tiny sizes, CPU)."""
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,32 @@ def test_time_ms_rotates_through_argument_sets():
     seen = []
     harness.time_ms(lambda i: seen.append(i), [(0,), (1,), (2,)], device="cpu", warmup=10, rep=30)
     assert set(seen) == {0, 1, 2}
+
+
+def test_interleaved_timing_takes_turns_round_by_round():
+    calls = []
+    samples = harness.time_interleaved_samples({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                               rounds=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert {name: len(values) for name, values in samples.items()} == {"a": 3, "b": 3}
+
+
+def test_paired_speedup_is_the_geometric_mean_of_the_rounds_ratios_with_its_interval():
+    exact = harness.paired_speedup([10.0, 20.0, 40.0], [5.0, 10.0, 20.0])  # 2x in every round
+    assert exact["speedup"] == pytest.approx(2.0) and exact["rounds"] == 3
+    assert exact["ci95_low"] == pytest.approx(2.0) and exact["ci95_high"] == pytest.approx(2.0)
+    # log-ratios +-log(1.1) around log(1.5): geometric mean 1.5; t(0.975, 3) = 3.182
+    noisy = harness.paired_speedup([1.5 * 1.1, 1.5 / 1.1, 1.5 * 1.1, 1.5 / 1.1], [1.0] * 4)
+    half = 3.182 * math.log(1.1) * math.sqrt(4 / 3) / 2
+    assert noisy["speedup"] == pytest.approx(1.5)
+    assert noisy["ci95_low"] == pytest.approx(1.5 * math.exp(-half), rel=1e-3)
+    assert noisy["ci95_high"] == pytest.approx(1.5 * math.exp(half), rel=1e-3)
+    # a machine whose speed drifts round to round does not hide that the two are the same
+    drift = [100.0, 140.0, 90.0, 180.0, 120.0]
+    same = harness.paired_speedup(drift, [d * r for d, r in zip(drift, [1.02, 0.97, 1.01, 0.99, 1.0], strict=True)])
+    assert same["ci95_low"] < 1.0 < same["ci95_high"]
+    with pytest.raises(ValueError, match="same number"):
+        harness.paired_speedup([1.0, 2.0], [1.0])
 
 
 def test_ceilings_are_positive_on_cpu():
