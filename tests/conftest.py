@@ -63,3 +63,20 @@ def train_config(tmp_path, train_defaults):
         return TrainConfig(**{**base, **kw})
 
     return make
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Runs ``fastmim`` with ``argv`` and returns its error line, checking that the command failed
+    the way every bad input must: exit code 2, exactly one ``fastmim: error:`` line, no traceback."""
+    from fastmim.cli import main
+
+    def run(argv) -> str:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if line.startswith("fastmim: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    return run

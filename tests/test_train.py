@@ -294,7 +294,7 @@ def test_compile_and_bf16_autocast_run(tmp_path, train_config):
     assert json.loads((tmp_path / "b" / "config.json").read_text())["precision"] == "bf16"
 
 
-def test_diverged_loss_stops_with_a_clear_error(tmp_path, monkeypatch, capsys):
+def test_diverged_loss_stops_with_a_clear_error(tmp_path, monkeypatch, cli_error):
     original = MAEAdapter.loss
 
     def nan_loss(self, model, batch, ctx):
@@ -305,7 +305,7 @@ def test_diverged_loss_stops_with_a_clear_error(tmp_path, monkeypatch, capsys):
     argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "6", "--batch-size", "4", "--log-every", "2",
             "--ckpt-every", "2", "--on-nonfinite", "stop", "--max-skips", "2", "--no-progress", "--no-figures",
             *TINY_ARGS]
-    assert "the last 2 steps (to step 4) had a non-finite loss" in _cli_error(capsys, argv)
+    assert "the last 2 steps (to step 4) had a non-finite loss" in cli_error(argv)
     assert read_metadata(tmp_path / "run" / "checkpoint.safetensors")["step"] == 2  # the last good checkpoint
 
 
@@ -331,14 +331,6 @@ def test_stop_after_then_resume_via_cli(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ bad input
-
-def _cli_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("fastmim: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("method", ["mae", "cmae", "lut"])
@@ -372,25 +364,25 @@ def test_mask_type_and_norm_pix_loss_reach_the_model(method):
     assert TrainConfig.from_json({"method": "cmae", "norm_pix_loss": False}).norm_pix_loss is None
 
 
-def test_bad_input_one_line_errors(tmp_path, capsys):
+def test_bad_input_one_line_errors(tmp_path, cli_error):
     out = ["--output", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *TINY_ARGS]
-    assert "does not exist" in _cli_error(capsys, ["train", "--data", str(tmp_path / "nope"), *out])
+    assert "does not exist" in cli_error(["train", "--data", str(tmp_path / "nope"), *out])
     (tmp_path / "empty").mkdir()
-    assert "no class sub-folders" in _cli_error(capsys, ["train", "--data", str(tmp_path / "empty"), *out])
+    assert "no class sub-folders" in cli_error(["train", "--data", str(tmp_path / "empty"), *out])
     data = _image_folder(tmp_path / "data")
     (data / "class0" / "bad.png").write_bytes(b"garbage")
-    assert "corrupt image" in _cli_error(capsys, ["train", "--data", str(data), "--on-corrupt", "error", *out])
-    assert "not divisible by the patch size 4" in _cli_error(capsys, ["train", "--image-size", "30", *out])
-    assert "unknown method 'maee'" in _cli_error(capsys, ["train", "--method", "maee", *out])
-    assert "unknown preset 'vit_tiny_patch4_33'" in _cli_error(capsys, ["train", "--model", "vit_tiny_patch4_33", *out])
-    assert "--mask-ratio must be in [0, 1), got 1.5" in _cli_error(capsys, ["train", "--mask-ratio", "1.5", *out])
+    assert "corrupt image" in cli_error(["train", "--data", str(data), "--on-corrupt", "error", *out])
+    assert "not divisible by the patch size 4" in cli_error(["train", "--image-size", "30", *out])
+    assert "unknown method 'maee'" in cli_error(["train", "--method", "maee", *out])
+    assert "unknown preset 'vit_tiny_patch4_33'" in cli_error(["train", "--model", "vit_tiny_patch4_33", *out])
+    assert "--mask-ratio must be in [0, 1), got 1.5" in cli_error(["train", "--mask-ratio", "1.5", *out])
     # A model's own validation (LUT's disjoint views need half the patches masked) is one line too.
-    assert "mask_ratio" in _cli_error(capsys, ["train", "--method", "lut", "--mask-ratio", "0.3", "--batch-size", "2",
+    assert "mask_ratio" in cli_error(["train", "--method", "lut", "--mask-ratio", "0.3", "--batch-size", "2",
                                                "--output", str(tmp_path / "lut"), "--max-steps", "1", "--no-progress",
                                                "--no-figures", *TINY_ARGS])
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    msg = _cli_error(capsys, ["train", *out[2:], "--output", str(blocker / "run")])
+    msg = cli_error(["train", *out[2:], "--output", str(blocker / "run")])
     assert "not writable" in msg or "not a folder" in msg
     assert not (tmp_path / "run").exists()  # nothing was created by the attempts that failed early
 
@@ -404,51 +396,51 @@ def test_corrupt_file_skipped_with_warning(tmp_path, capsys):
         assert main(argv) == 0
 
 
-def test_existing_run_is_never_overwritten(tmp_path, capsys):
+def test_existing_run_is_never_overwritten(tmp_path, cli_error):
     argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4", "--no-progress",
             "--no-figures", *TINY_ARGS]
     assert main(argv) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    assert "already holds a training run" in _cli_error(capsys, argv)
+    assert "already holds a training run" in cli_error(argv)
     # Resuming with another model: refused before anything is touched.
-    assert "--model vit_tiny_patch8_64 differs" in _cli_error(capsys, [*argv, "--resume", "--model",
+    assert "--model vit_tiny_patch8_64 differs" in cli_error([*argv, "--resume", "--model",
                                                                       "vit_tiny_patch8_64"])
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
-def test_resume_rejects_weights_of_another_model(tmp_path, capsys):
+def test_resume_rejects_weights_of_another_model(tmp_path, cli_error):
     argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-progress",
             "--no-figures", "--stop-after", "1", *TINY_ARGS]
     assert main(argv) == 0
     other = torch.nn.Linear(2, 2)
     meta = read_metadata(tmp_path / "run" / "checkpoint.safetensors")
     save_weights(other, tmp_path / "run" / "checkpoint.safetensors", meta)
-    msg = _cli_error(capsys, ["train", "--output", str(tmp_path / "run"), "--resume", "--no-progress"])
+    msg = cli_error(["train", "--output", str(tmp_path / "run"), "--resume", "--no-progress"])
     assert "does not fit mae vit_tiny_patch4_32" in msg
 
 
-def test_small_image_folder_holds_out_one_image_per_class(tmp_path, capsys):
+def test_small_image_folder_holds_out_one_image_per_class(tmp_path, capsys, cli_error):
     """Three images per class: 10% rounds to none, yet the figures need held-out images."""
     rest = ["--max-steps", "1", "--batch-size", "2", "--image-size", "16", "--no-progress", *TINY_ARGS]
     data = str(_image_folder(tmp_path / "data", per_class=3))
     assert main(["train", "--data", data, "--output", str(tmp_path / "run"), *rest]) == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "reconstruction.png").is_file()
     single = str(_image_folder(tmp_path / "single", per_class=1))
-    msg = _cli_error(capsys, ["train", "--data", single, "--output", str(tmp_path / "single_run"), *rest])
+    msg = cli_error(["train", "--data", single, "--output", str(tmp_path / "single_run"), *rest])
     assert "one image per class, so none can be held out" in msg
 
 
-def test_overwrite_replaces_a_run_and_only_its_files(tmp_path, capsys):
+def test_overwrite_replaces_a_run_and_only_its_files(tmp_path, cli_error):
     out = tmp_path / "run"
     argv = ["train", "--output", str(out), "--batch-size", "4", "--no-progress", "--no-figures", *TINY_ARGS]
     assert main([*argv, "--max-steps", "2"]) == 0
     (out / "eval.jsonl").write_text("{}\n")  # the old checkpoint's scores
     (out / "notes.txt").write_text("mine")
-    assert "already holds a training run" in _cli_error(capsys, [*argv, "--max-steps", "1"])
+    assert "already holds a training run" in cli_error([*argv, "--max-steps", "1"])
     assert read_metadata(out / "checkpoint.safetensors")["step"] == 2
-    assert "pass one of them" in _cli_error(capsys, [*argv, "--max-steps", "1", "--overwrite", "--resume"])
+    assert "pass one of them" in cli_error([*argv, "--max-steps", "1", "--overwrite", "--resume"])
     # A replacement that cannot start leaves the old run.
-    assert "cannot build" in _cli_error(capsys, [*argv, "--max-steps", "1", "--overwrite", "--model-arg", "bogus=1"])
+    assert "cannot build" in cli_error([*argv, "--max-steps", "1", "--overwrite", "--model-arg", "bogus=1"])
     assert (out / "eval.jsonl").exists() and read_metadata(out / "checkpoint.safetensors")["step"] == 2
     assert main([*argv, "--max-steps", "1", "--overwrite"]) == 0
     assert read_metadata(out / "checkpoint.safetensors")["step"] == 1
@@ -471,12 +463,12 @@ def test_the_demo_command_runs_twice(tmp_path, capsys):
         assert main(argv) == 0, capsys.readouterr().err
 
 
-def test_resume_rejects_a_state_that_is_not_fastmims(tmp_path, capsys):
+def test_resume_rejects_a_state_that_is_not_fastmims(tmp_path, cli_error):
     argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-progress",
             "--no-figures", "--stop-after", "1", *TINY_ARGS]
     assert main(argv) == 0
     torch.save({"step": 1, "config": {}}, tmp_path / "run" / "train_state.pt")
-    msg = _cli_error(capsys, ["train", "--output", str(tmp_path / "run"), "--resume", "--no-progress"])
+    msg = cli_error(["train", "--output", str(tmp_path / "run"), "--resume", "--no-progress"])
     assert "lacks epoch, position, optimizer, rng" in msg
 
 

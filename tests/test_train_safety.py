@@ -43,14 +43,6 @@ def train_defaults():
     return {"max_steps": 4, "batch_size": 4, "log_every": 1, "figures": False}
 
 
-def _cli_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("fastmim: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
 
 def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -77,7 +69,7 @@ def _optimizer_steps(run: Path) -> set[float]:
 
 # ------------------------------------------------------------------------------- divergence
 
-def test_a_diverging_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_a_diverging_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys, cli_error):
     """lr 1e20 with a checkpoint every step: step 1 is the last one whose loss is finite; every
     later step is skipped, none of them replaces its checkpoint, and the run fails at the end."""
     run = tmp_path / "run"
@@ -92,7 +84,7 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, c
     argv = ["train", "--output", str(run), "--lr", "1e20", "--ckpt-every", "1", "--max-steps", "8", "--max-skips", "4",
             "--batch-size", "4", "--log-every", "1", "--no-progress", "--no-figures", *TINY_ARGS]
     with pytest.warns(UserWarning, match=r"the last 4 steps \(to step 5\) .* were skipped; going on"):
-        msg = _cli_error(capsys, argv)
+        msg = cli_error(argv)
     assert "the last 7 steps (to step 8) had a non-finite loss or gradient" in msg
     assert f"the checkpoint of step 1 in {run} is kept" in msg
     assert [step for step, _, _ in written] == [1]
@@ -106,7 +98,7 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, c
     assert read_metadata(run / CHECKPOINT_NAME)["step"] == 2 and all(torch.equal(good[k], resumed[k]) for k in good)
 
 
-def test_impossible_settings_are_one_line_errors_before_anything_is_written(tmp_path, capsys):
+def test_impossible_settings_are_one_line_errors_before_anything_is_written(tmp_path, cli_error):
     out = ["--output", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *TINY_ARGS]
     for args, expected in ((["--blr", "inf"], "--blr must be a finite number, got inf"),
                            (["--lr", "nan"], "--lr must be a finite number, got nan"),
@@ -117,9 +109,9 @@ def test_impossible_settings_are_one_line_errors_before_anything_is_written(tmp_
                            (["--max-skips", "0"], "--max-skips must be positive"),
                            (["--on-nonfinite", "rollback"], "pass --ckpt-every N too"),
                            (["--device", "tpu"], "--device tpu is not a device name")):
-        assert expected in _cli_error(capsys, ["train", *args, *out])
+        assert expected in cli_error(["train", *args, *out])
     assert not (tmp_path / "run").exists()
-    msg = _cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--device", "tpu"])
+    msg = cli_error(["eval", "--checkpoint", str(tmp_path / "run"), "--device", "tpu"])
     assert "--device tpu is not a device name" in msg
 
 
@@ -160,12 +152,12 @@ def test_an_ema_teacher_takes_in_nothing_from_a_skipped_step(tmp_path, train_con
     assert _optimizer_steps(tmp_path / "run") == {2.0}
 
 
-def test_stop_ends_with_one_line_after_max_skips(tmp_path, monkeypatch, capsys):
+def test_stop_ends_with_one_line_after_max_skips(tmp_path, monkeypatch, cli_error):
     _nan_loss_on(monkeypatch, MAEAdapter, set(range(3, 9)))
     argv = ["train", "--output", str(tmp_path / "run"), "--max-steps", "8", "--batch-size", "4", "--log-every", "1",
             "--ckpt-every", "2", "--on-nonfinite", "stop", "--max-skips", "3", "--no-progress", "--no-figures",
             *TINY_ARGS]
-    msg = _cli_error(capsys, argv)
+    msg = cli_error(argv)
     assert "the last 3 steps (to step 5) had a non-finite loss or gradient and were skipped" in msg
     assert "training diverged" in msg and "the checkpoint of step 2" in msg
     # Step 4 was skipped, so its checkpoint was not written over step 2's.
@@ -249,7 +241,7 @@ def _short_run(train_config) -> Path:
     return Path(cfg.output)
 
 
-def test_eval_and_resume_refuse_nonfinite_weights_naming_the_tensor(train_config, capsys):
+def test_eval_and_resume_refuse_nonfinite_weights_naming_the_tensor(train_config, cli_error):
     run = _short_run(train_config)
     path = run / CHECKPOINT_NAME
     tensors = load_file(str(path))
@@ -257,9 +249,9 @@ def test_eval_and_resume_refuse_nonfinite_weights_naming_the_tensor(train_config
     save_weights_dict({k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in tensors.items()},
                       path, read_metadata(path))
     first = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
-    msg = _cli_error(capsys, ["eval", "--checkpoint", str(run), "--limit-train", "20", "--limit-test", "10"])
+    msg = cli_error(["eval", "--checkpoint", str(run), "--limit-train", "20", "--limit-test", "10"])
     assert f"holds non-finite weights (nan or inf) in {first}" in msg
-    msg = _cli_error(capsys, ["train", "--output", str(run), "--resume", "--no-progress"])
+    msg = cli_error(["train", "--output", str(run), "--resume", "--no-progress"])
     assert f"holds non-finite weights (nan or inf) in {first}" in msg
 
 
@@ -269,15 +261,15 @@ def _flip_16_bytes(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_flipped_bytes_are_detected_by_resume_and_eval(train_config, capsys):
+def test_flipped_bytes_are_detected_by_resume_and_eval(train_config, cli_error):
     run = _short_run(train_config)
     weights, state = run / CHECKPOINT_NAME, run / STATE_NAME
     good = weights.read_bytes()
     (header_size,) = struct.unpack("<Q", good[:8])
     _flip_16_bytes(weights, 8 + header_size + 64)  # in the tensor data
-    msg = _cli_error(capsys, ["eval", "--checkpoint", str(run), "--limit-train", "20", "--limit-test", "10"])
+    msg = cli_error(["eval", "--checkpoint", str(run), "--limit-train", "20", "--limit-test", "10"])
     assert f"{weights} is corrupt: its tensor data does not match the checksum" in msg
-    msg = _cli_error(capsys, ["train", "--output", str(run), "--resume", "--no-progress"])
+    msg = cli_error(["train", "--output", str(run), "--resume", "--no-progress"])
     assert f"{weights} is corrupt" in msg
 
     weights.write_bytes(good)
@@ -288,7 +280,7 @@ def test_flipped_bytes_are_detected_by_resume_and_eval(train_config, capsys):
         name_size, extra_size = struct.unpack("<HH", f.read(4))
     _flip_16_bytes(state, record.header_offset + 30 + name_size + extra_size + 64)
     assert load_state(state)["step"] == 1  # torch.load itself does not notice
-    msg = _cli_error(capsys, ["train", "--output", str(run), "--resume", "--no-progress"])
+    msg = cli_error(["train", "--output", str(run), "--resume", "--no-progress"])
     assert f"{state} is corrupt: it does not match the checksum recorded in {weights}" in msg
 
 
