@@ -71,6 +71,18 @@ def _taps(first, count, center, inv, j0, TAPS: tl.constexpr):
 
 
 @triton.jit
+def _normaliser(first, count, center, inv, support, TAPS: tl.constexpr):
+    """``(taps, norm)`` of an axis: how many taps the widest output index has (a bound from the
+    support), and per output index ``1 / (sum of its weights)``, 0 where they sum to 0."""
+    taps = (2.0 * support).to(tl.int32) + 2
+    total = tl.zeros_like(center)
+    for j0 in range(0, taps, TAPS):
+        _, w, _ = _taps(first, count, center, inv, j0, TAPS)
+        total += tl.sum(w, axis=1)
+    return taps, tl.where(total != 0.0, 1.0 / tl.where(total != 0.0, total, 1.0), 0.0)
+
+
+@triton.jit
 def _row_weight(r, first, count, center, inv, norm):
     """Normalised weight of crop row ``r`` for each output row (0 outside its taps)."""
     w = _cubic((r - center + 0.5) * inv) * norm
@@ -113,22 +125,12 @@ def _resized_crop_kernel(
         flipped = tl.load(flip_ptr + b) != 0
         xs = tl.where(flipped, OW - 1 - xo, xo)
     cx, x_first, x_count, inv_x, support_x = _axis(xs, crop_w, OW)
-    taps_x = (2.0 * support_x).to(tl.int32) + 2
-    total_x = tl.zeros([BLOCK_X], dtype=tl.float32)
-    for j0 in range(0, taps_x, TAPS):
-        _, wx, _ = _taps(x_first, x_count, cx, inv_x, j0, TAPS)
-        total_x += tl.sum(wx, axis=1)
-    norm_x = tl.where(total_x != 0.0, 1.0 / tl.where(total_x != 0.0, total_x, 1.0), 0.0)
+    taps_x, norm_x = _normaliser(x_first, x_count, cx, inv_x, support_x, TAPS)
 
     y0 = tl.program_id(1) * BLOCK_Y
     yo = y0 + tl.arange(0, BLOCK_Y)
     cy, y_first, y_count, inv_y, support_y = _axis(yo, crop_h, OH)
-    taps_y = (2.0 * support_y).to(tl.int32) + 2
-    total_y = tl.zeros([BLOCK_Y], dtype=tl.float32)
-    for i0 in range(0, taps_y, TAPS):
-        _, wy, _ = _taps(y_first, y_count, cy, inv_y, i0, TAPS)
-        total_y += tl.sum(wy, axis=1)
-    norm_y = tl.where(total_y != 0.0, 1.0 / tl.where(total_y != 0.0, total_y, 1.0), 0.0)
+    taps_y, norm_y = _normaliser(y_first, y_count, cy, inv_y, support_y, TAPS)
     # Crop rows the tile reads: from the first tap of its first row to the last tap of its last.
     y_last = tl.minimum(y0 + BLOCK_Y, OH) - 1
     scale_y = crop_h.to(tl.float32) / OH
