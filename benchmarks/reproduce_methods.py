@@ -71,6 +71,10 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAME = "reproduce_methods"
 
@@ -146,22 +150,6 @@ SMOKE = {
 
 
 # ---------------------------------------------------------------------------------------- statistics
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
-
-
-def t_quantile_975(df: int) -> float:
-    """Student's t 97.5% quantile (two-sided 95%): a table to 30 degrees of freedom, then the
-    Cornish-Fisher expansion (within 1e-3)."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
 def summarize(values: list[float]) -> dict[str, Any]:
     """``n``, ``mean`` and the sample standard deviation ``sd`` (None below 2 values)."""
     n = len(values)
@@ -177,7 +165,7 @@ def paired_difference(treatment: dict[int, float], baseline: dict[int, float]) -
     out = {"seeds": seeds, "differences": diffs, **summarize(diffs), "ci95": None,
            "interval": "paired t, 95%, n-1 degrees of freedom"}
     if len(diffs) > 1:
-        half = t_quantile_975(len(diffs) - 1) * out["sd"] / math.sqrt(len(diffs))
+        half = harness.t_quantile_975(len(diffs) - 1) * out["sd"] / math.sqrt(len(diffs))
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
     return out
 
